@@ -1,0 +1,55 @@
+//! The service clock. Everything the service dates (default and effective expiry, lastModified,
+//! state transition times) reads it; authentication freshness never does (it uses the wall clock).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use time::{Duration, OffsetDateTime};
+
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> OffsetDateTime;
+}
+
+/// Wall-clock time plus an offset that only moves forward: the emulator's time-travel control.
+/// With a zero offset it is the wall clock.
+#[derive(Debug, Default)]
+pub struct ServiceClock {
+    offset_nanos: AtomicI64,
+}
+
+impl ServiceClock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Moves the clock forward by `by` (negative durations are ignored: time never runs back,
+    /// so expiry that has happened stays happened).
+    pub fn advance(&self, by: Duration) {
+        let nanos = by.whole_nanoseconds().clamp(0, i64::MAX as i128) as i64;
+        self.offset_nanos.fetch_add(nanos, Ordering::SeqCst);
+    }
+
+    pub fn offset(&self) -> Duration {
+        Duration::nanoseconds(self.offset_nanos.load(Ordering::SeqCst))
+    }
+}
+
+impl Clock for ServiceClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc() + self.offset()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_moves_forward_only() {
+        let c = ServiceClock::new();
+        let before = c.now();
+        c.advance(Duration::days(2));
+        c.advance(Duration::days(-5));
+        let after = c.now();
+        assert!(after - before >= Duration::days(2));
+        assert!(after - before < Duration::days(2) + Duration::minutes(1));
+    }
+}

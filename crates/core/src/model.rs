@@ -1,0 +1,216 @@
+//! The domain model: pools, compute nodes and node users, as the service owns and stores them.
+//! JSON DTOs for the wire live in the wire crate; these serialize only for the store.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Os {
+    Linux,
+    Windows,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolState {
+    Active,
+    Deleting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocationState {
+    Steady,
+    Resizing,
+    Stopping,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Idle,
+    Rebooting,
+    Reimaging,
+    Running,
+    Unusable,
+    Creating,
+    Starting,
+    WaitingForStartTask,
+    StartTaskFailed,
+    Unknown,
+    LeavingPool,
+    Offline,
+    Preempted,
+}
+
+impl NodeState {
+    pub const ALL: [NodeState; 13] = [
+        NodeState::Idle,
+        NodeState::Rebooting,
+        NodeState::Reimaging,
+        NodeState::Running,
+        NodeState::Unusable,
+        NodeState::Creating,
+        NodeState::Starting,
+        NodeState::WaitingForStartTask,
+        NodeState::StartTaskFailed,
+        NodeState::Unknown,
+        NodeState::LeavingPool,
+        NodeState::Offline,
+        NodeState::Preempted,
+    ];
+
+    /// The wire spelling (`waitingforstarttask`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Idle => "idle",
+            NodeState::Rebooting => "rebooting",
+            NodeState::Reimaging => "reimaging",
+            NodeState::Running => "running",
+            NodeState::Unusable => "unusable",
+            NodeState::Creating => "creating",
+            NodeState::Starting => "starting",
+            NodeState::WaitingForStartTask => "waitingforstarttask",
+            NodeState::StartTaskFailed => "starttaskfailed",
+            NodeState::Unknown => "unknown",
+            NodeState::LeavingPool => "leavingpool",
+            NodeState::Offline => "offline",
+            NodeState::Preempted => "preempted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulingState {
+    Enabled,
+    Disabled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pool {
+    /// As given, case preserved (unique case-insensitively).
+    pub id: String,
+    /// The PoolAddParameter as given (validated); Get returns it with defaults filled in.
+    pub spec: Map<String, Value>,
+    pub os: Os,
+    /// `cloudServiceConfiguration` pools (no remote login settings).
+    pub cloud_service: bool,
+    pub vm_size: String,
+    pub state: PoolState,
+    pub allocation_state: AllocationState,
+    pub target_dedicated: u32,
+    pub target_low_priority: u32,
+    pub etag: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_modified: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub creation_time: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub state_transition_time: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub allocation_state_transition_time: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub state: NodeState,
+    pub scheduling_state: SchedulingState,
+    #[serde(with = "time::serde::rfc3339")]
+    pub state_transition_time: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub allocation_time: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub last_boot_time: Option<OffsetDateTime>,
+    pub ip_address: String,
+    pub is_dedicated: bool,
+    /// The node's SSH port (Linux nodes), kept across restarts.
+    pub ssh_port: Option<u16>,
+    /// Revision of the node's accounts; every user change takes the next one.
+    pub users_revision: u64,
+    pub etag: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_modified: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUser {
+    pub name: String,
+    pub is_admin: bool,
+    /// crypt(3) hash only; the password itself is never stored.
+    pub password_hash: Option<String>,
+    pub ssh_public_key: Option<String>,
+    /// As requested (or defaulted to now + 1 day).
+    #[serde(with = "time::serde::rfc3339")]
+    pub expiry_time: OffsetDateTime,
+    /// What the node enforces: login refused from this instant (Linux: day precision).
+    #[serde(with = "time::serde::rfc3339")]
+    pub login_refused_from: OffsetDateTime,
+    /// The node revision that last changed this user.
+    pub revision: u64,
+    pub etag: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_modified: OffsetDateTime,
+}
+
+impl NodeUser {
+    pub fn to_account(&self) -> crate::NodeAccount {
+        crate::NodeAccount {
+            name: self.name.clone(),
+            is_admin: self.is_admin,
+            password_hash: self.password_hash.clone(),
+            ssh_public_key: self.ssh_public_key.clone(),
+            login_refused_from: self.login_refused_from,
+        }
+    }
+}
+
+/// A new ETag as Azure writes them (`0x8D…`, unquoted): 100 ns ticks since 1601 (FILETIME), made
+/// strictly increasing within the process so two writes in one tick still differ.
+pub fn new_etag(now: OffsetDateTime) -> String {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let ticks = ((now.unix_timestamp_nanos() / 100) as i128 + 116_444_736_000_000_000)
+        .clamp(0, u64::MAX as i128) as u64;
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = ticks.max(prev + 1);
+        match LAST.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return format!("0x8D{:013X}", next & 0x000F_FFFF_FFFF_FFFF),
+            Err(p) => prev = p,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_look_like_azure_and_never_repeat() {
+        let now = OffsetDateTime::now_utc();
+        let a = new_etag(now);
+        let b = new_etag(now);
+        assert_ne!(a, b);
+        assert!(a.starts_with("0x8D") && a.len() == 17, "{a}");
+        assert!(a[2..].chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn node_states_round_trip() {
+        for st in NodeState::ALL {
+            assert_eq!(NodeState::parse(st.as_str()), Some(st));
+            let json = serde_json::to_string(&st).unwrap();
+            assert_eq!(json, format!("\"{}\"", st.as_str()));
+        }
+    }
+}
