@@ -1,1 +1,51 @@
+//! bluebatch-store: durable state as ordered key/value records.
+//!
+//! The service owns the state in memory and writes every change through a [`Backend`] before it
+//! answers. [`GroupCommit`] gives the backends group commit: one writer thread takes every change
+//! queued while the previous transaction was syncing and commits them in one transaction, so the
+//! throughput is not bounded by the disk's fsync rate.
 
+mod group;
+mod sqlite;
+
+pub use group::{Done, GroupCommit};
+pub use sqlite::SqliteBackend;
+
+use std::fmt;
+
+/// One change to the stored records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: String,
+    },
+    /// Deletes every key that starts with `prefix`, which must end with `/`.
+    DeletePrefix {
+        prefix: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "store: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A storage backend. Every backend must pass `tests/conformance.rs`.
+pub trait Backend: Send + 'static {
+    /// Every record, in key order (start-up).
+    fn load_all(&mut self) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Applies `ops` in order as one durable transaction: all or nothing, synced before return.
+    fn commit(&mut self, ops: &[Op]) -> Result<()>;
+}
