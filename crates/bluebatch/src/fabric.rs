@@ -1,0 +1,43 @@
+//! The embedded SSH provider plugged into the service's node fabric.
+
+use bluebatch_core::{AccountChange, NodeAccount};
+use bluebatch_node::SshNodes;
+use bluebatch_service::{BoxFuture, NodeFabric};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub struct SshFabric(pub Arc<SshNodes>);
+
+impl NodeFabric for SshFabric {
+    fn start_node<'a>(
+        &'a self,
+        key: &'a str,
+        port: Option<u16>,
+    ) -> BoxFuture<'a, io::Result<SocketAddr>> {
+        Box::pin(self.0.start_node(key, port))
+    }
+    fn stop_node<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.0.stop_node(key))
+    }
+    fn remove_node<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.0.remove_node(key))
+    }
+    fn reimage_node<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(self.0.reimage_node(key))
+    }
+    fn apply(&self, key: &str, revision: u64, change: AccountChange) -> u64 {
+        let change = match change {
+            AccountChange::Upsert(a) => bluebatch_node::AccountChange::Upsert(a),
+            AccountChange::Remove(n) => bluebatch_node::AccountChange::Remove(n),
+            AccountChange::ReplaceAll(all) => bluebatch_node::AccountChange::ReplaceAll(all),
+        };
+        self.0.apply(key, revision, change)
+    }
+    fn applied_revision(&self, key: &str) -> Option<u64> {
+        self.0.applied_revision(key)
+    }
+    fn accounts(&self, key: &str) -> Vec<NodeAccount> {
+        self.0.accounts(key)
+    }
+}

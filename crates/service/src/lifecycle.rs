@@ -1,0 +1,245 @@
+//! Nodes living a Batch node's life: each transitional state moves on after one configured step
+//! (creating → starting → idle, rebooting → idle, reimaging → idle, leavingpool → gone), the pool's
+//! allocation state follows, and a deleted pool goes once its nodes have left. After a restart the
+//! same steps resume from what the store holds.
+
+use crate::pools::set_node_state;
+use crate::state::{
+    NodeEntry, node_key, node_record, node_users_prefix, pool_nodes_prefix, pool_record,
+    pool_users_prefix,
+};
+use crate::{Service, accounts_of, put_json};
+use bluebatch_core::AccountChange;
+use bluebatch_core::model::{AllocationState, NodeState, Os, PoolState};
+use bluebatch_store::Op;
+use std::collections::HashMap;
+
+fn is_transitional(s: NodeState) -> bool {
+    matches!(
+        s,
+        NodeState::Creating
+            | NodeState::Starting
+            | NodeState::WaitingForStartTask
+            | NodeState::Rebooting
+            | NodeState::Reimaging
+            | NodeState::LeavingPool
+    )
+}
+
+/// (account, pool, node), fabric key, port, users revision, accounts.
+type Endpoint = (
+    (String, String, String),
+    String,
+    Option<u16>,
+    u64,
+    Vec<bluebatch_core::NodeAccount>,
+);
+
+impl Service {
+    /// Moves the pool's transitional nodes one step after `node_step`.
+    pub(crate) fn schedule(&self, account: &str, pool_key: &str) {
+        let svc = self.clone();
+        let (account, pool_key) = (account.to_string(), pool_key.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(svc.inner.config.node_step).await;
+            svc.advance_pool(&account, &pool_key).await;
+        });
+    }
+
+    async fn advance_pool(&self, account: &str, pool_key: &str) {
+        // Linux nodes finishing `creating` get their SSH endpoint first (binding is async).
+        let to_start: Vec<(String, String, Option<u16>)> = {
+            let st = self.lock();
+            let Some(entry) = st.pool(account, pool_key) else {
+                return;
+            };
+            if entry.pool.os != Os::Linux {
+                Vec::new()
+            } else {
+                entry
+                    .nodes
+                    .values()
+                    .filter(|n| n.node.state == NodeState::Creating)
+                    .map(|n| {
+                        (
+                            n.node.id.clone(),
+                            node_key(account, &entry.pool.id, &n.node.id),
+                            n.node.ssh_port,
+                        )
+                    })
+                    .collect()
+            }
+        };
+        let mut ports = HashMap::new();
+        for (id, key, preferred) in to_start {
+            match self.inner.nodes.start_node(&key, preferred).await {
+                Ok(addr) => {
+                    ports.insert(id, Some(addr.port()));
+                }
+                Err(e) => {
+                    tracing::warn!(node = %id, "node endpoint did not start: {e}");
+                    ports.insert(id, None);
+                }
+            }
+        }
+        let now = self.now();
+        let (pending, removed, again) = {
+            let mut st = self.lock();
+            let Some(acct) = st.accounts.get_mut(account) else {
+                return;
+            };
+            let Some(entry) = acct.pools.get_mut(pool_key) else {
+                return;
+            };
+            let pool_id = entry.pool.id.clone();
+            let mut ops = Vec::new();
+            let mut removed = Vec::new();
+            for n in entry.nodes.values_mut() {
+                let next = match n.node.state {
+                    NodeState::Creating => match ports.get(&n.node.id) {
+                        Some(None) => NodeState::Unusable,
+                        Some(Some(port)) => {
+                            n.node.ssh_port = Some(*port);
+                            NodeState::Starting
+                        }
+                        None => NodeState::Starting, // Windows: no endpoint
+                    },
+                    NodeState::Starting
+                    | NodeState::WaitingForStartTask
+                    | NodeState::Rebooting
+                    | NodeState::Reimaging => {
+                        n.node.last_boot_time = Some(now);
+                        NodeState::Idle
+                    }
+                    NodeState::LeavingPool => {
+                        removed.push(n.node.id.clone());
+                        continue;
+                    }
+                    _ => continue,
+                };
+                set_node_state(&mut n.node, next, now);
+                ops.push(put_json(
+                    node_record(account, &pool_id, &n.node.id),
+                    &n.node,
+                ));
+            }
+            for id in &removed {
+                entry.nodes.remove(id);
+                ops.push(Op::Delete {
+                    key: node_record(account, &pool_id, id),
+                });
+                ops.push(Op::DeletePrefix {
+                    prefix: node_users_prefix(account, &pool_id, id),
+                });
+            }
+            let again = entry.nodes.values().any(|n| is_transitional(n.node.state));
+            let mut pool_gone = false;
+            if !again {
+                if entry.pool.state == PoolState::Deleting && entry.nodes.is_empty() {
+                    pool_gone = true;
+                } else if entry.pool.allocation_state != AllocationState::Steady {
+                    entry.pool.allocation_state = AllocationState::Steady;
+                    entry.pool.allocation_state_transition_time = now;
+                    ops.push(put_json(pool_record(account, &pool_id), &entry.pool));
+                }
+            }
+            if pool_gone {
+                acct.pools.remove(pool_key);
+                ops.push(Op::Delete {
+                    key: pool_record(account, &pool_id),
+                });
+                ops.push(Op::DeletePrefix {
+                    prefix: pool_nodes_prefix(account, &pool_id),
+                });
+                ops.push(Op::DeletePrefix {
+                    prefix: pool_users_prefix(account, &pool_id),
+                });
+            }
+            let removed: Vec<String> = removed
+                .iter()
+                .map(|id| node_key(account, &pool_id, id))
+                .collect();
+            (self.submit(ops), removed, again)
+        };
+        for key in removed {
+            self.inner.nodes.remove_node(&key).await;
+        }
+        // Nobody waits on these writes; a failure stops the process like any other.
+        let _ = pending.durable().await;
+        if again {
+            self.schedule(account, pool_key);
+        }
+    }
+
+    /// After a restart: every Linux node that has an endpoint gets it back, on its port, with
+    /// its stored accounts; pools with nodes between states carry on.
+    pub(crate) async fn recover(&self) {
+        let mut endpoints = Vec::new();
+        let mut pools = Vec::new();
+        {
+            let st = self.lock();
+            for (account, acct) in &st.accounts {
+                for (pkey, entry) in &acct.pools {
+                    let busy = entry.pool.state == PoolState::Deleting
+                        || entry.pool.allocation_state != AllocationState::Steady
+                        || entry.nodes.values().any(|n| is_transitional(n.node.state));
+                    if busy {
+                        pools.push((account.clone(), pkey.clone()));
+                    }
+                    if entry.pool.os != Os::Linux {
+                        continue;
+                    }
+                    for n in entry.nodes.values() {
+                        if n.node.ssh_port.is_some() && n.node.state != NodeState::LeavingPool {
+                            endpoints.push(Self::endpoint_of(account, &entry.pool.id, n));
+                        }
+                    }
+                }
+            }
+        }
+        for (at, key, port, revision, accounts) in endpoints {
+            match self.inner.nodes.start_node(&key, port).await {
+                Ok(addr) if Some(addr.port()) != port => {
+                    // The old port was taken meanwhile: record the new one.
+                    let (account, pool_id, node_id) = at;
+                    let pending = {
+                        let mut st = self.lock();
+                        st.pool_mut(&account, &pool_id)
+                            .and_then(|p| p.nodes.get_mut(&node_id))
+                            .map(|n| {
+                                n.node.ssh_port = Some(addr.port());
+                                self.submit(vec![put_json(
+                                    node_record(&account, &pool_id, &node_id),
+                                    &n.node,
+                                )])
+                            })
+                    };
+                    if let Some(p) = pending {
+                        let _ = p.durable().await;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(node = %key, "node endpoint did not restart: {e}");
+                    continue;
+                }
+            }
+            self.inner
+                .nodes
+                .apply(&key, revision, AccountChange::ReplaceAll(accounts));
+        }
+        for (account, pkey) in pools {
+            self.schedule(&account, &pkey);
+        }
+    }
+
+    fn endpoint_of(account: &str, pool_id: &str, n: &NodeEntry) -> Endpoint {
+        (
+            (account.to_string(), pool_id.to_string(), n.node.id.clone()),
+            node_key(account, pool_id, &n.node.id),
+            n.node.ssh_port,
+            n.node.users_revision,
+            accounts_of(&n.users),
+        )
+    }
+}

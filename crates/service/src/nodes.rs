@@ -1,0 +1,269 @@
+//! Compute node operations: Get, List, Get Remote Login Settings, Reboot, Reimage,
+//! Disable/Enable Scheduling; and the emulator's node controls.
+
+use crate::pools::set_node_state;
+use crate::state::{NodeEntry, PoolEntry, node_key, node_record, node_users_prefix, pool_key};
+use crate::{Service, node_not_found, pool_not_found, put_json};
+use bluebatch_core::AccountChange;
+use bluebatch_core::NodeAccount;
+use bluebatch_core::error::{BatchError, Code, Result};
+use bluebatch_core::model::{Node, NodeState, NodeUser, Os, SchedulingState};
+use bluebatch_core::users::check_node_state_for_users;
+use bluebatch_store::Op;
+use serde_json::Value;
+
+/// A node as Get and List show it, with what it takes from its pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub node: Node,
+    pub pool_id: String,
+    pub os: Os,
+    pub vm_size: String,
+    /// The pool's `virtualMachineConfiguration.imageReference`, if any.
+    pub image_reference: Option<Value>,
+}
+
+fn view(entry: &PoolEntry, n: &NodeEntry) -> NodeView {
+    NodeView {
+        node: n.node.clone(),
+        pool_id: entry.pool.id.clone(),
+        os: entry.pool.os,
+        vm_size: entry.pool.vm_size.clone(),
+        image_reference: entry
+            .pool
+            .spec
+            .get("virtualMachineConfiguration")
+            .and_then(|v| v.get("imageReference"))
+            .cloned(),
+    }
+}
+
+/// What Reboot and Reimage do besides the state change.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    Reboot,
+    Reimage,
+}
+
+/// A node's users as the emulator's inspect control shows them (never a password).
+#[derive(Debug, Clone)]
+pub struct AppliedUsers {
+    pub stored: Vec<NodeUser>,
+    pub applied_revision: Option<u64>,
+    pub applied: Vec<NodeAccount>,
+}
+
+impl Service {
+    pub fn get_node(&self, account: &str, pool: &str, node: &str) -> Result<NodeView> {
+        let st = self.lock();
+        let entry = st.pool(account, pool).ok_or_else(pool_not_found)?;
+        let n = entry.nodes.get(node).ok_or_else(node_not_found)?;
+        Ok(view(entry, n))
+    }
+
+    /// Up to `max` nodes matching `keep`, in id order, after the node `after`; and whether more
+    /// follow.
+    pub fn list_nodes(
+        &self,
+        account: &str,
+        pool: &str,
+        keep: &dyn Fn(&NodeView) -> bool,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<(Vec<NodeView>, bool)> {
+        let st = self.lock();
+        let entry = st.pool(account, pool).ok_or_else(pool_not_found)?;
+        let mut out = Vec::new();
+        let iter = entry
+            .nodes
+            .iter()
+            .filter(|(id, _)| after.is_none_or(|a| id.as_str() > a));
+        for (_, n) in iter {
+            let v = view(entry, n);
+            if keep(&v) {
+                if out.len() == max {
+                    return Ok((out, true));
+                }
+                out.push(v);
+            }
+        }
+        Ok((out, false))
+    }
+
+    /// (address, port) to log in to a Linux node, or the RDP endpoint of a Windows VM node.
+    pub fn remote_login_settings(
+        &self,
+        account: &str,
+        pool: &str,
+        node: &str,
+    ) -> Result<(String, u16, NodeView)> {
+        let st = self.lock();
+        let entry = st.pool(account, pool).ok_or_else(pool_not_found)?;
+        let n = entry.nodes.get(node).ok_or_else(node_not_found)?;
+        if entry.pool.cloud_service {
+            return Err(BatchError::new(Code::OperationNotValidOnPool).message(
+                "Remote login settings are not available for cloudServiceConfiguration pools; use Get Remote Desktop.",
+            ));
+        }
+        let ip = self.inner.config.remote_login_ip.clone();
+        let port = match entry.pool.os {
+            Os::Linux => n.node.ssh_port.ok_or_else(|| {
+                BatchError::new(Code::NodeBeingCreated)
+                    .message("The node has no remote login endpoint yet; it is being created.")
+            })?,
+            Os::Windows => 3389,
+        };
+        Ok((ip, port, view(entry, n)))
+    }
+
+    pub async fn reboot_node(&self, account: &str, pool: &str, node: &str) -> Result<()> {
+        self.restart(account, pool, node, Restart::Reboot).await
+    }
+
+    pub async fn reimage_node(&self, account: &str, pool: &str, node: &str) -> Result<()> {
+        self.restart(account, pool, node, Restart::Reimage).await
+    }
+
+    async fn restart(&self, account: &str, pool: &str, node: &str, how: Restart) -> Result<()> {
+        let now = self.now();
+        let (pending, key, linux) = {
+            let mut st = self.lock();
+            let entry = st.pool_mut(account, pool).ok_or_else(pool_not_found)?;
+            let (pool_id, os) = (entry.pool.id.clone(), entry.pool.os);
+            let n = entry.nodes.get_mut(node).ok_or_else(node_not_found)?;
+            check_node_state_for_users(n.node.state)?;
+            let key = node_key(account, &pool_id, node);
+            let mut ops = Vec::new();
+            let state = match how {
+                Restart::Reboot => NodeState::Rebooting,
+                Restart::Reimage => {
+                    // A reimaged node comes back as a fresh image: no user accounts.
+                    n.node.users_revision += 1;
+                    n.users.clear();
+                    if os == Os::Linux {
+                        self.inner.nodes.apply(
+                            &key,
+                            n.node.users_revision,
+                            AccountChange::ReplaceAll(Vec::new()),
+                        );
+                    }
+                    ops.push(Op::DeletePrefix {
+                        prefix: node_users_prefix(account, &pool_id, node),
+                    });
+                    NodeState::Reimaging
+                }
+            };
+            set_node_state(&mut n.node, state, now);
+            ops.push(put_json(node_record(account, &pool_id, node), &n.node));
+            (self.submit(ops), key, os == Os::Linux)
+        };
+        pending.durable().await?;
+        if linux {
+            // The reboot drops every session; the endpoint is back (same port) when the node is.
+            let port = self
+                .get_node(account, pool, node)
+                .ok()
+                .and_then(|v| v.node.ssh_port);
+            self.inner.nodes.stop_node(&key).await;
+            if how == Restart::Reimage
+                && let Err(e) = self.inner.nodes.reimage_node(&key).await
+            {
+                tracing::warn!(node = %key, "reimage of the node's files failed: {e}");
+            }
+            if let Err(e) = self.inner.nodes.start_node(&key, port).await {
+                tracing::warn!(node = %key, "node endpoint did not restart: {e}");
+            }
+        }
+        self.schedule(account, &pool_key(pool));
+        Ok(())
+    }
+
+    pub async fn disable_scheduling(&self, account: &str, pool: &str, node: &str) -> Result<()> {
+        self.set_scheduling(account, pool, node, SchedulingState::Disabled)
+            .await
+    }
+
+    pub async fn enable_scheduling(&self, account: &str, pool: &str, node: &str) -> Result<()> {
+        self.set_scheduling(account, pool, node, SchedulingState::Enabled)
+            .await
+    }
+
+    async fn set_scheduling(
+        &self,
+        account: &str,
+        pool: &str,
+        node: &str,
+        to: SchedulingState,
+    ) -> Result<()> {
+        let now = self.now();
+        let pending = {
+            let mut st = self.lock();
+            let entry = st.pool_mut(account, pool).ok_or_else(pool_not_found)?;
+            let pool_id = entry.pool.id.clone();
+            let n = entry.nodes.get_mut(node).ok_or_else(node_not_found)?;
+            if n.node.scheduling_state == to {
+                return Err(BatchError::new(Code::NodeAlreadyInTargetSchedulingState));
+            }
+            n.node.scheduling_state = to;
+            // With no task running, a node that may not take tasks is `offline`, and back.
+            match (to, n.node.state) {
+                (SchedulingState::Disabled, NodeState::Idle) => {
+                    set_node_state(&mut n.node, NodeState::Offline, now)
+                }
+                (SchedulingState::Enabled, NodeState::Offline) => {
+                    set_node_state(&mut n.node, NodeState::Idle, now)
+                }
+                _ => {
+                    n.node.etag = bluebatch_core::model::new_etag(now);
+                    n.node.last_modified = now;
+                }
+            }
+            self.submit(vec![put_json(
+                node_record(account, &pool_id, node),
+                &n.node,
+            )])
+        };
+        pending.durable().await
+    }
+
+    /// Emulator control: puts a node into any state (it stays there until something moves it).
+    pub async fn set_node_state(
+        &self,
+        account: &str,
+        pool: &str,
+        node: &str,
+        state: NodeState,
+    ) -> Result<()> {
+        let now = self.now();
+        let pending = {
+            let mut st = self.lock();
+            let entry = st.pool_mut(account, pool).ok_or_else(pool_not_found)?;
+            let pool_id = entry.pool.id.clone();
+            let n = entry.nodes.get_mut(node).ok_or_else(node_not_found)?;
+            set_node_state(&mut n.node, state, now);
+            self.submit(vec![put_json(
+                node_record(account, &pool_id, node),
+                &n.node,
+            )])
+        };
+        pending.durable().await
+    }
+
+    /// Emulator control: a node's users as stored and as the node applies them.
+    pub fn node_users(&self, account: &str, pool: &str, node: &str) -> Result<AppliedUsers> {
+        let (stored, key) = {
+            let st = self.lock();
+            let entry = st.pool(account, pool).ok_or_else(pool_not_found)?;
+            let n = entry.nodes.get(node).ok_or_else(node_not_found)?;
+            (
+                n.users.values().cloned().collect(),
+                node_key(account, &entry.pool.id, node),
+            )
+        };
+        Ok(AppliedUsers {
+            stored,
+            applied_revision: self.inner.nodes.applied_revision(&key),
+            applied: self.inner.nodes.accounts(&key),
+        })
+    }
+}

@@ -1,0 +1,144 @@
+//! The in-memory state the service owns, and the store keys of its records.
+
+use bluebatch_core::model::{Node, NodeUser, Os, Pool};
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Default)]
+pub struct State {
+    pub accounts: HashMap<String, AccountState>,
+}
+
+#[derive(Default)]
+pub struct AccountState {
+    /// Keyed by the lower-cased pool id (ids are unique case-insensitively).
+    pub pools: BTreeMap<String, PoolEntry>,
+}
+
+pub struct PoolEntry {
+    pub pool: Pool,
+    pub nodes: BTreeMap<String, NodeEntry>,
+}
+
+pub struct NodeEntry {
+    pub node: Node,
+    /// Keyed by [`user_key`].
+    pub users: BTreeMap<String, NodeUser>,
+}
+
+impl PoolEntry {
+    /// (dedicated, low priority) nodes currently in the pool.
+    pub fn current_nodes(&self) -> (u32, u32) {
+        let dedicated = self.nodes.values().filter(|n| n.node.is_dedicated).count() as u32;
+        (dedicated, self.nodes.len() as u32 - dedicated)
+    }
+}
+
+/// User names compare case-sensitively on Linux and case-insensitively on Windows.
+pub fn user_key(os: Os, name: &str) -> String {
+    match os {
+        Os::Linux => name.to_string(),
+        Os::Windows => name.to_lowercase(),
+    }
+}
+
+pub fn pool_key(id: &str) -> String {
+    id.to_ascii_lowercase()
+}
+
+// Store keys. '/' never occurs in account names, pool ids, node ids or user names.
+pub fn pool_record(account: &str, pool: &str) -> String {
+    format!("pool/{account}/{}", pool_key(pool))
+}
+pub fn node_record(account: &str, pool: &str, node: &str) -> String {
+    format!("node/{account}/{}/{node}", pool_key(pool))
+}
+pub fn user_record(account: &str, pool: &str, node: &str, ukey: &str) -> String {
+    format!("user/{account}/{}/{node}/{ukey}", pool_key(pool))
+}
+pub fn pool_nodes_prefix(account: &str, pool: &str) -> String {
+    format!("node/{account}/{}/", pool_key(pool))
+}
+pub fn pool_users_prefix(account: &str, pool: &str) -> String {
+    format!("user/{account}/{}/", pool_key(pool))
+}
+pub fn node_users_prefix(account: &str, pool: &str, node: &str) -> String {
+    format!("user/{account}/{}/{node}/", pool_key(pool))
+}
+
+/// The fabric's name for a node: filesystem-safe and unique across accounts.
+pub fn node_key(account: &str, pool: &str, node: &str) -> String {
+    format!("{account}.{}.{node}", pool_key(pool))
+}
+
+impl State {
+    /// Rebuilds the state from every stored record (key order puts nodes before pools and
+    /// users, so collect first and assemble after).
+    pub fn load(records: Vec<(String, Vec<u8>)>) -> Result<Self, String> {
+        let mut pools = Vec::new();
+        let mut nodes = Vec::new();
+        let mut users = Vec::new();
+        for (k, v) in records {
+            let parts: Vec<&str> = k.split('/').collect();
+            let bad = |e: serde_json::Error| format!("corrupt record {k}: {e}");
+            match parts.as_slice() {
+                ["pool", account, _] => pools.push((
+                    account.to_string(),
+                    serde_json::from_slice::<Pool>(&v).map_err(bad)?,
+                )),
+                ["node", account, pool, _] => nodes.push((
+                    account.to_string(),
+                    pool.to_string(),
+                    serde_json::from_slice::<Node>(&v).map_err(bad)?,
+                )),
+                ["user", account, pool, node, _] => users.push((
+                    account.to_string(),
+                    pool.to_string(),
+                    node.to_string(),
+                    serde_json::from_slice::<NodeUser>(&v).map_err(bad)?,
+                )),
+                _ => {} // other record kinds (future versions) are kept, not interpreted
+            }
+        }
+        let mut state = State::default();
+        for (account, pool) in pools {
+            state.accounts.entry(account).or_default().pools.insert(
+                pool_key(&pool.id),
+                PoolEntry {
+                    pool,
+                    nodes: BTreeMap::new(),
+                },
+            );
+        }
+        for (account, pool, node) in nodes {
+            if let Some(p) = state.pool_mut(&account, &pool) {
+                p.nodes.insert(
+                    node.id.clone(),
+                    NodeEntry {
+                        node,
+                        users: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+        for (account, pool, node, user) in users {
+            if let Some(p) = state.pool_mut(&account, &pool) {
+                let os = p.pool.os;
+                if let Some(n) = p.nodes.get_mut(&node) {
+                    n.users.insert(user_key(os, &user.name), user);
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    pub fn pool(&self, account: &str, pool: &str) -> Option<&PoolEntry> {
+        self.accounts.get(account)?.pools.get(&pool_key(pool))
+    }
+
+    pub fn pool_mut(&mut self, account: &str, pool: &str) -> Option<&mut PoolEntry> {
+        self.accounts
+            .get_mut(account)?
+            .pools
+            .get_mut(&pool_key(pool))
+    }
+}

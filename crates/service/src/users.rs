@@ -1,0 +1,153 @@
+//! Node-user operations: Add, Update (replace-all), Delete.
+
+use crate::state::{node_key, node_record, user_key, user_record};
+use crate::{Service, node_not_found, pool_not_found, put_json};
+use bluebatch_core::AccountChange;
+use bluebatch_core::error::{BatchError, Code, Result};
+use bluebatch_core::model::{NodeUser, new_etag};
+use bluebatch_core::users::{
+    UserBody, check_node_state_for_users, check_os_rules, default_expiry, login_refused_from,
+};
+use bluebatch_store::Op;
+
+/// What a successful write reports: the resource's new ETag and Last-Modified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub etag: String,
+    pub last_modified: time::OffsetDateTime,
+}
+
+/// Where a user lives.
+pub struct UserAddr<'a> {
+    pub account: &'a str,
+    pub pool: &'a str,
+    pub node: &'a str,
+}
+
+impl Service {
+    /// Add User. `password_hash` is the crypt hash of `body.password` (hashed by the caller off
+    /// the async workers).
+    pub async fn add_user(
+        &self,
+        at: UserAddr<'_>,
+        body: UserBody,
+        password_hash: Option<String>,
+    ) -> Result<Written> {
+        self.write_user(at, None, body, password_hash).await
+    }
+
+    /// Update User: replaces every updatable property; `isAdmin` keeps its value.
+    pub async fn update_user(
+        &self,
+        at: UserAddr<'_>,
+        name: &str,
+        body: UserBody,
+        password_hash: Option<String>,
+    ) -> Result<Written> {
+        self.write_user(at, Some(name), body, password_hash).await
+    }
+
+    async fn write_user(
+        &self,
+        at: UserAddr<'_>,
+        update: Option<&str>,
+        body: UserBody,
+        password_hash: Option<String>,
+    ) -> Result<Written> {
+        let now = self.now();
+        let pending = {
+            let mut st = self.lock();
+            let pool = st
+                .pool_mut(at.account, at.pool)
+                .ok_or_else(pool_not_found)?;
+            let (os, pool_id) = (pool.pool.os, pool.pool.id.clone());
+            let entry = pool.nodes.get_mut(at.node).ok_or_else(node_not_found)?;
+            let name = match update {
+                Some(n) => n.to_string(),
+                None => body.name.clone().unwrap_or_default(),
+            };
+            let ukey = user_key(os, &name);
+            if update.is_some() && !entry.users.contains_key(&ukey) {
+                return Err(BatchError::new(Code::NodeUserNotFound));
+            }
+            check_os_rules(os, &body)?;
+            check_node_state_for_users(entry.node.state)?;
+            let is_admin = match update {
+                Some(_) => entry.users[&ukey].is_admin,
+                None => {
+                    if entry.users.contains_key(&ukey) {
+                        return Err(BatchError::new(Code::NodeUserExists));
+                    }
+                    if entry.users.len() >= self.inner.config.max_users_per_node {
+                        return Err(BatchError::new(Code::OperationNotValidOnNode).message(
+                            format!(
+                                "The node already has the maximum of {} user accounts.",
+                                self.inner.config.max_users_per_node
+                            ),
+                        ));
+                    }
+                    body.is_admin
+                }
+            };
+            let expiry = body.expiry_time.unwrap_or_else(|| default_expiry(now));
+            let revision = entry.node.users_revision + 1;
+            let user = NodeUser {
+                // An update keeps the name as it was created (Windows names match any case).
+                name: entry.users.get(&ukey).map_or(name, |u| u.name.clone()),
+                is_admin,
+                password_hash,
+                ssh_public_key: body.ssh_public_key,
+                expiry_time: expiry,
+                login_refused_from: login_refused_from(os, expiry),
+                revision,
+                etag: new_etag(now),
+                last_modified: now,
+            };
+            let key = node_key(at.account, &pool_id, at.node);
+            self.apply_to_node(os, &key, revision, AccountChange::Upsert(user.to_account()))?;
+            entry.node.users_revision = revision;
+            let written = Written {
+                etag: user.etag.clone(),
+                last_modified: now,
+            };
+            let ops = vec![
+                put_json(user_record(at.account, &pool_id, at.node, &ukey), &user),
+                put_json(node_record(at.account, &pool_id, at.node), &entry.node),
+            ];
+            entry.users.insert(ukey, user);
+            (self.submit(ops), written)
+        };
+        let (pending, written) = pending;
+        pending.durable().await?;
+        Ok(written)
+    }
+
+    pub async fn delete_user(&self, at: UserAddr<'_>, name: &str) -> Result<()> {
+        let pending = {
+            let mut st = self.lock();
+            let pool = st
+                .pool_mut(at.account, at.pool)
+                .ok_or_else(pool_not_found)?;
+            let (os, pool_id) = (pool.pool.os, pool.pool.id.clone());
+            let entry = pool.nodes.get_mut(at.node).ok_or_else(node_not_found)?;
+            let ukey = user_key(os, name);
+            if !entry.users.contains_key(&ukey) {
+                return Err(BatchError::new(Code::NodeUserNotFound));
+            }
+            check_node_state_for_users(entry.node.state)?;
+            let revision = entry.node.users_revision + 1;
+            let stored_name = entry.users[&ukey].name.clone();
+            let key = node_key(at.account, &pool_id, at.node);
+            self.apply_to_node(os, &key, revision, AccountChange::Remove(stored_name))?;
+            entry.node.users_revision = revision;
+            entry.users.remove(&ukey);
+            self.submit(vec![
+                Op::Delete {
+                    key: user_record(at.account, &pool_id, at.node, &ukey),
+                },
+                put_json(node_record(at.account, &pool_id, at.node), &entry.node),
+            ])
+        };
+        pending.durable().await
+    }
+}

@@ -1,0 +1,436 @@
+//! One handler per Batch operation: turn the checked request into a service command and the
+//! outcome into Azure's answer.
+
+use crate::conditions::{Conditions, Failed};
+use crate::dto::{self, NODE_FILTER_FIELDS, POOL_FILTER_FIELDS};
+use crate::endpoint::Endpoint;
+use crate::odata::{parse_filter, select};
+use crate::percent::encode;
+use crate::query::Query;
+use crate::respond::{self, Ctx, empty, json_response, with_resource};
+use crate::server::App;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Response, StatusCode};
+use bluebatch_core::crypt::hash_password;
+use bluebatch_core::error::{BatchError, Code};
+use bluebatch_core::model::Pool;
+use bluebatch_core::pools::{parse_add_pool, parse_remove_nodes, parse_resize};
+use bluebatch_core::users::{parse_add_user, parse_object, parse_update_user};
+use bluebatch_service::{NodeView, PoolView, UserAddr};
+use serde_json::{Value, json};
+
+type Answer = Result<Response<Body>, BatchError>;
+
+/// Hashes off the async workers (SHA-512-crypt costs milliseconds).
+async fn hash(password: Option<&str>) -> Result<Option<String>, BatchError> {
+    match password {
+        None => Ok(None),
+        Some(p) => {
+            let p = p.to_string();
+            tokio::task::spawn_blocking(move || hash_password(&p))
+                .await
+                .map(Some)
+                .map_err(|_| BatchError::new(Code::InternalError))
+        }
+    }
+}
+
+fn next_link(ctx: &Ctx, path: &str, q: &Query, last: &str) -> String {
+    let mut params: Vec<String> = q
+        .for_next_link
+        .iter()
+        .map(|(n, v)| format!("{}={}", encode(n), encode(v)))
+        .collect();
+    params.push(format!("$skiptoken={}", encode(last)));
+    format!("{}{path}?{}", ctx.base, params.join("&"))
+}
+
+/// Optional bodies (Reboot, Reimage, Disable Scheduling): an object with only the known option.
+fn optional_option(body: &Bytes, property: &str, allowed: &[&str]) -> Result<(), BatchError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let map = parse_object(body)?;
+    for (k, v) in &map {
+        if k != property {
+            return Err(BatchError::new(Code::InvalidRequestBody)
+                .with("PropertyName", k.as_str())
+                .with(
+                    "Reason",
+                    format!("the property '{k}' is not allowed in this request body"),
+                ));
+        }
+        match v {
+            Value::Null => {}
+            Value::String(s) if allowed.iter().any(|a| a.eq_ignore_ascii_case(s)) => {}
+            Value::String(s) => {
+                return Err(BatchError::property(
+                    Code::InvalidPropertyValue,
+                    property,
+                    format!("one of {}", allowed.join(", ")),
+                )
+                .with("PropertyValue", s.chars().take(64).collect::<String>()));
+            }
+            _ => {
+                return Err(BatchError::new(Code::InvalidRequestBody)
+                    .with("PropertyName", property)
+                    .with(
+                        "Reason",
+                        format!("the property '{property}' must be a string"),
+                    ));
+            }
+        }
+    }
+    Ok(())
+}
+
+const DEALLOCATION: &[&str] = &["requeue", "terminate", "taskcompletion", "retaineddata"];
+
+pub async fn dispatch(
+    app: &App,
+    ctx: &Ctx,
+    account: &str,
+    endpoint: Endpoint,
+    q: &Query,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Answer {
+    let svc = &app.service;
+    let max_nodes = svc.config().max_nodes_per_pool;
+    match endpoint {
+        Endpoint::PoolAdd => {
+            let new = parse_add_pool(&body, max_nodes)?;
+            let id = new.id.clone();
+            svc.add_pool(account, new).await?;
+            let v = svc.get_pool(account, &id)?;
+            let url = dto::pool_url(&ctx.base, &v.pool.id);
+            Ok(with_resource(
+                empty(StatusCode::CREATED),
+                &v.pool.etag,
+                v.pool.last_modified,
+                Some(&url),
+            ))
+        }
+        Endpoint::PoolList => {
+            let filter = q
+                .filter
+                .as_deref()
+                .map(|f| parse_filter(f, POOL_FILTER_FIELDS))
+                .transpose()?;
+            let keep = |v: &PoolView| {
+                filter
+                    .as_ref()
+                    .is_none_or(|f| f.eval(&|k| dto::pool_field(v, k)))
+            };
+            let (pools, more) = svc.list_pools(
+                account,
+                &keep,
+                q.skip_token.as_deref(),
+                q.max_results as usize,
+            );
+            list_answer(
+                ctx,
+                "pools",
+                "/pools",
+                q,
+                more,
+                pools
+                    .iter()
+                    .map(|v| {
+                        (
+                            v.pool.id.clone(),
+                            dto::pool_json(&ctx.base, v),
+                            v.pool.etag.clone(),
+                            v.pool.last_modified,
+                        )
+                    })
+                    .collect(),
+            )
+        }
+        Endpoint::PoolGet { pool } | Endpoint::PoolExists { pool } => {
+            let conds = Conditions::parse(headers)?;
+            let v = match svc.get_pool(account, &pool) {
+                Ok(v) => v,
+                Err(e) if ctx.head => return Ok(respond::error(ctx, &e)),
+                Err(e) => return Err(e),
+            };
+            match conds.check(&v.pool.etag, v.pool.last_modified, true) {
+                Err(Failed::NotModified) => {
+                    return Ok(with_resource(
+                        empty(StatusCode::NOT_MODIFIED),
+                        &v.pool.etag,
+                        v.pool.last_modified,
+                        None,
+                    ));
+                }
+                Err(Failed::ConditionNotMet) => return Err(BatchError::new(Code::ConditionNotMet)),
+                Ok(()) => {}
+            }
+            let r = if ctx.head {
+                empty(StatusCode::OK)
+            } else {
+                let mut o = dto::pool_json(&ctx.base, &v);
+                select(&mut o, q.select.as_deref());
+                let mut out = serde_json::Map::new();
+                out.insert(
+                    "odata.metadata".into(),
+                    json!(format!("{}/$metadata#pools/@Element", ctx.base)),
+                );
+                out.extend(o);
+                json_response(Value::Object(out))
+            };
+            Ok(with_resource(r, &v.pool.etag, v.pool.last_modified, None))
+        }
+        Endpoint::PoolDelete { pool } => {
+            let conds = Conditions::parse(headers)?;
+            let pre = |p: &Pool| conds.check_write(&p.etag, p.last_modified);
+            svc.delete_pool(account, &pool, &pre).await?;
+            Ok(empty(StatusCode::ACCEPTED))
+        }
+        Endpoint::PoolResize { pool } => {
+            let conds = Conditions::parse(headers)?;
+            let resize = parse_resize(&body, max_nodes)?;
+            let pre = |p: &Pool| conds.check_write(&p.etag, p.last_modified);
+            svc.resize_pool(account, &pool, resize, &pre).await?;
+            pool_write_answer(ctx, svc.get_pool(account, &pool)?)
+        }
+        Endpoint::PoolRemoveNodes { pool } => {
+            let conds = Conditions::parse(headers)?;
+            let ids = parse_remove_nodes(&body)?;
+            let pre = |p: &Pool| conds.check_write(&p.etag, p.last_modified);
+            svc.remove_nodes(account, &pool, &ids, &pre).await?;
+            pool_write_answer(ctx, svc.get_pool(account, &pool)?)
+        }
+        Endpoint::ComputeNodeList { pool } => {
+            let filter = q
+                .filter
+                .as_deref()
+                .map(|f| parse_filter(f, NODE_FILTER_FIELDS))
+                .transpose()?;
+            let keep = |v: &NodeView| {
+                filter
+                    .as_ref()
+                    .is_none_or(|f| f.eval(&|k| dto::node_field(v, k)))
+            };
+            let (nodes, more) = svc.list_nodes(
+                account,
+                &pool,
+                &keep,
+                q.skip_token.as_deref(),
+                q.max_results as usize,
+            )?;
+            let ip = &svc.config().remote_login_ip;
+            let path = format!("/pools/{}/nodes", encode(&pool));
+            list_answer(
+                ctx,
+                "nodes",
+                &path,
+                q,
+                more,
+                nodes
+                    .iter()
+                    .map(|v| {
+                        (
+                            v.node.id.clone(),
+                            dto::node_json(&ctx.base, v, ip),
+                            v.node.etag.clone(),
+                            v.node.last_modified,
+                        )
+                    })
+                    .collect(),
+            )
+        }
+        Endpoint::ComputeNodeGet { pool, node } => {
+            let v = svc.get_node(account, &pool, &node)?;
+            let mut o = dto::node_json(&ctx.base, &v, &svc.config().remote_login_ip);
+            select(&mut o, q.select.as_deref());
+            let mut out = serde_json::Map::new();
+            out.insert(
+                "odata.metadata".into(),
+                json!(format!("{}/$metadata#nodes/@Element", ctx.base)),
+            );
+            out.extend(o);
+            Ok(with_resource(
+                json_response(Value::Object(out)),
+                &v.node.etag,
+                v.node.last_modified,
+                None,
+            ))
+        }
+        Endpoint::ComputeNodeAddUser { pool, node } => {
+            let user = parse_add_user(&body)?;
+            let name = user.name.clone().unwrap_or_default();
+            let hash = hash(user.password.as_deref()).await?;
+            let w = svc
+                .add_user(
+                    UserAddr {
+                        account,
+                        pool: &pool,
+                        node: &node,
+                    },
+                    user,
+                    hash,
+                )
+                .await?;
+            let url = user_url(svc, ctx, account, &pool, &node, &name);
+            Ok(with_resource(
+                empty(StatusCode::CREATED),
+                &w.etag,
+                w.last_modified,
+                Some(&url),
+            ))
+        }
+        Endpoint::ComputeNodeUpdateUser { pool, node, user } => {
+            let body = parse_update_user(&body)?;
+            let hash = hash(body.password.as_deref()).await?;
+            let w = svc
+                .update_user(
+                    UserAddr {
+                        account,
+                        pool: &pool,
+                        node: &node,
+                    },
+                    &user,
+                    body,
+                    hash,
+                )
+                .await?;
+            let url = user_url(svc, ctx, account, &pool, &node, &user);
+            Ok(with_resource(
+                empty(StatusCode::OK),
+                &w.etag,
+                w.last_modified,
+                Some(&url),
+            ))
+        }
+        Endpoint::ComputeNodeDeleteUser { pool, node, user } => {
+            svc.delete_user(
+                UserAddr {
+                    account,
+                    pool: &pool,
+                    node: &node,
+                },
+                &user,
+            )
+            .await?;
+            Ok(empty(StatusCode::OK))
+        }
+        Endpoint::ComputeNodeGetRemoteLoginSettings { pool, node } => {
+            let (ip, port, v) = svc.remote_login_settings(account, &pool, &node)?;
+            let r = json_response(json!({"remoteLoginIPAddress": ip, "remoteLoginPort": port}));
+            Ok(with_resource(r, &v.node.etag, v.node.last_modified, None))
+        }
+        Endpoint::ComputeNodeReboot { pool, node } => {
+            optional_option(&body, "nodeRebootOption", DEALLOCATION)?;
+            svc.reboot_node(account, &pool, &node).await?;
+            node_write_answer(svc, ctx, account, &pool, &node, StatusCode::ACCEPTED)
+        }
+        Endpoint::ComputeNodeReimage { pool, node } => {
+            optional_option(&body, "nodeReimageOption", DEALLOCATION)?;
+            svc.reimage_node(account, &pool, &node).await?;
+            node_write_answer(svc, ctx, account, &pool, &node, StatusCode::ACCEPTED)
+        }
+        Endpoint::ComputeNodeDisableScheduling { pool, node } => {
+            optional_option(
+                &body,
+                "nodeDisableSchedulingOption",
+                &["requeue", "terminate", "taskcompletion"],
+            )?;
+            svc.disable_scheduling(account, &pool, &node).await?;
+            node_write_answer(svc, ctx, account, &pool, &node, StatusCode::OK)
+        }
+        Endpoint::ComputeNodeEnableScheduling { pool, node } => {
+            svc.enable_scheduling(account, &pool, &node).await?;
+            node_write_answer(svc, ctx, account, &pool, &node, StatusCode::OK)
+        }
+    }
+}
+
+/// The user's URL with the pool id and user name as stored (case kept).
+fn user_url(
+    svc: &bluebatch_service::Service,
+    ctx: &Ctx,
+    account: &str,
+    pool: &str,
+    node: &str,
+    user: &str,
+) -> String {
+    let pool_id = svc
+        .get_pool(account, pool)
+        .map(|v| v.pool.id)
+        .unwrap_or_else(|_| pool.to_string());
+    dto::user_url(&ctx.base, &pool_id, node, user)
+}
+
+fn pool_write_answer(ctx: &Ctx, v: PoolView) -> Answer {
+    let url = dto::pool_url(&ctx.base, &v.pool.id);
+    Ok(with_resource(
+        empty(StatusCode::ACCEPTED),
+        &v.pool.etag,
+        v.pool.last_modified,
+        Some(&url),
+    ))
+}
+
+fn node_write_answer(
+    svc: &bluebatch_service::Service,
+    ctx: &Ctx,
+    account: &str,
+    pool: &str,
+    node: &str,
+    status: StatusCode,
+) -> Answer {
+    let v = svc.get_node(account, pool, node)?;
+    let url = dto::node_url(&ctx.base, &v.pool_id, &v.node.id);
+    Ok(with_resource(
+        empty(status),
+        &v.node.etag,
+        v.node.last_modified,
+        Some(&url),
+    ))
+}
+
+type Item = (
+    String,
+    serde_json::Map<String, Value>,
+    String,
+    time::OffsetDateTime,
+);
+
+/// A list page: `odata.metadata`, `value`, and `odata.nextLink` when more follow. ETag and
+/// Last-Modified are those of the newest item listed.
+fn list_answer(
+    ctx: &Ctx,
+    kind: &str,
+    path: &str,
+    q: &Query,
+    more: bool,
+    items: Vec<Item>,
+) -> Answer {
+    let mut out = serde_json::Map::new();
+    out.insert(
+        "odata.metadata".into(),
+        json!(format!("{}/$metadata#{kind}", ctx.base)),
+    );
+    let newest = items.iter().max_by_key(|i| i.3).map(|i| (i.2.clone(), i.3));
+    let last_id = items.last().map(|i| i.0.clone());
+    let values: Vec<Value> = items
+        .into_iter()
+        .map(|(_, mut o, _, _)| {
+            select(&mut o, q.select.as_deref());
+            Value::Object(o)
+        })
+        .collect();
+    out.insert("value".into(), Value::Array(values));
+    if more && let Some(last) = last_id {
+        out.insert(
+            "odata.nextLink".into(),
+            json!(next_link(ctx, path, q, &last)),
+        );
+    }
+    let r = json_response(Value::Object(out));
+    Ok(match newest {
+        Some((etag, lm)) => with_resource(r, &etag, lm, None),
+        None => r,
+    })
+}

@@ -1,0 +1,211 @@
+//! Query parameters: api-version, timeout and the OData list parameters.
+
+use crate::endpoint::Endpoint;
+use crate::percent::decode;
+use bluebatch_core::error::{BatchError, Code};
+
+/// Every published Batch data-plane version (the `stable/` folders of Azure's spec repository).
+/// They share the semantics of the operations in scope.
+pub const API_VERSIONS: &[&str] = &[
+    "2015-12-01.2.2",
+    "2016-02-01.3.0",
+    "2016-07-01.3.1",
+    "2017-01-01.4.0",
+    "2017-05-01.5.0",
+    "2017-06-01.5.1",
+    "2017-09-01.6.0",
+    "2018-03-01.6.1",
+    "2018-08-01.7.0",
+    "2018-12-01.8.0",
+    "2019-06-01.9.0",
+    "2019-08-01.10.0",
+    "2020-03-01.11.0",
+    "2020-09-01.12.0",
+    "2021-06-01.14.0",
+    "2022-01-01.15.0",
+    "2022-10-01.16.0",
+    "2023-05-01.17.0",
+    "2023-11-01.18.0",
+    "2024-02-01.19.0",
+    "2024-07-01.20.0",
+    "2025-06-01",
+];
+
+pub const DEFAULT_TIMEOUT: u32 = 30;
+pub const MAX_RESULTS: u32 = 1000;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    pub api_version: String,
+    pub timeout: u32,
+    pub filter: Option<String>,
+    pub select: Option<String>,
+    pub expand: Option<String>,
+    pub max_results: u32,
+    pub skip_token: Option<String>,
+    /// Parameters as sent (decoded), minus `$skiptoken`, to build `odata.nextLink`.
+    pub for_next_link: Vec<(String, String)>,
+}
+
+/// Decoded (name, value) pairs; a malformed escape is `InvalidQueryParameterValue`.
+fn pairs(raw: &str) -> Result<Vec<(String, String)>, BatchError> {
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (n, v) = p.split_once('=').unwrap_or((p, ""));
+            let n = decode(&n.replace('+', " "));
+            let v = decode(&v.replace('+', " "));
+            match (n, v) {
+                (Some(n), Some(v)) => Ok((n, v)),
+                (n, _) => Err(BatchError::new(Code::InvalidQueryParameterValue)
+                    .with("QueryParameterName", n.unwrap_or_default())
+                    .with("Reason", "the value is not correctly percent-encoded UTF-8")),
+            }
+        })
+        .collect()
+}
+
+/// The api-version check, which comes before authentication.
+pub fn api_version(raw: &str, accept_any: bool) -> Result<String, BatchError> {
+    let pairs = pairs(raw)?;
+    let v = pairs
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("api-version"))
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| {
+            BatchError::new(Code::MissingRequiredQueryParameter)
+                .with("QueryParameterName", "api-version")
+        })?;
+    if !accept_any && !API_VERSIONS.contains(&v.as_str()) {
+        return Err(BatchError::new(Code::UnsupportedRequestVersion)
+            .with("QueryParameterName", "api-version")
+            .with(
+                "QueryParameterValue",
+                v.chars().take(64).collect::<String>(),
+            ));
+    }
+    Ok(v)
+}
+
+/// Every query parameter of the request, checked against what the endpoint knows.
+pub fn parse(raw: &str, endpoint: &Endpoint, api_version: String) -> Result<Query, BatchError> {
+    let mut q = Query {
+        api_version,
+        timeout: DEFAULT_TIMEOUT,
+        max_results: MAX_RESULTS,
+        ..Query::default()
+    };
+    let extra = endpoint.extra_query_params();
+    for (name, value) in pairs(raw)? {
+        let lname = name.to_ascii_lowercase();
+        let bad = |code: Code, reason: &str| {
+            BatchError::new(code)
+                .with("QueryParameterName", name.as_str())
+                .with(
+                    "QueryParameterValue",
+                    value.chars().take(64).collect::<String>(),
+                )
+                .with("Reason", reason)
+        };
+        match lname.as_str() {
+            "api-version" => {}
+            "timeout" => {
+                let t: i64 = value.parse().map_err(|_| {
+                    bad(
+                        Code::InvalidQueryParameterValue,
+                        "timeout is a whole number of seconds",
+                    )
+                })?;
+                if t < 1 {
+                    return Err(bad(
+                        Code::OutOfRangeQueryParameterValue,
+                        "timeout must be at least 1",
+                    ));
+                }
+                q.timeout = t.min(i64::from(DEFAULT_TIMEOUT)) as u32;
+            }
+            n if extra.contains(&n) => match n {
+                "$filter" => q.filter = Some(value.clone()),
+                "$select" => q.select = Some(value.clone()),
+                "$expand" => q.expand = Some(value.clone()),
+                "$skiptoken" => q.skip_token = Some(value.clone()),
+                "maxresults" => {
+                    let m: i64 = value.parse().map_err(|_| {
+                        bad(
+                            Code::InvalidQueryParameterValue,
+                            "maxresults is a whole number",
+                        )
+                    })?;
+                    if !(1..=i64::from(MAX_RESULTS)).contains(&m) {
+                        return Err(bad(
+                            Code::OutOfRangeQueryParameterValue,
+                            "maxresults must be between 1 and 1000",
+                        ));
+                    }
+                    q.max_results = m as u32;
+                }
+                _ => unreachable!("every extra parameter is handled"),
+            },
+            _ => {
+                return Err(BatchError::new(Code::UnsupportedQueryParameter).with(
+                    "QueryParameterName",
+                    name.chars().take(64).collect::<String>(),
+                ));
+            }
+        }
+        if lname != "$skiptoken" {
+            q.for_next_link.push((name, value));
+        }
+    }
+    Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_version_rules() {
+        assert_eq!(
+            api_version("api-version=2025-06-01", false).unwrap(),
+            "2025-06-01"
+        );
+        assert_eq!(
+            api_version("timeout=3", false).unwrap_err().code,
+            Code::MissingRequiredQueryParameter
+        );
+        assert_eq!(
+            api_version("api-version=2099-01-01", false)
+                .unwrap_err()
+                .code,
+            Code::UnsupportedRequestVersion
+        );
+        assert_eq!(
+            api_version("api-version=2099-01-01", true).unwrap(),
+            "2099-01-01"
+        );
+    }
+
+    #[test]
+    fn timeout_and_list_parameters() {
+        let e = Endpoint::PoolList;
+        let q = parse(
+            "api-version=x&timeOut=90&maxresults=5&%24filter=state%20eq%20%27active%27",
+            &e,
+            "x".into(),
+        )
+        .unwrap();
+        assert_eq!((q.timeout, q.max_results), (30, 5));
+        assert_eq!(q.filter.as_deref(), Some("state eq 'active'"));
+        let code = |s: &str| parse(s, &e, "x".into()).unwrap_err().code;
+        assert_eq!(code("timeout=abc"), Code::InvalidQueryParameterValue);
+        assert_eq!(code("timeout=0"), Code::OutOfRangeQueryParameterValue);
+        assert_eq!(code("maxresults=1001"), Code::OutOfRangeQueryParameterValue);
+        assert_eq!(code("bogus=1"), Code::UnsupportedQueryParameter);
+        let get = Endpoint::PoolGet { pool: "p".into() };
+        assert_eq!(
+            parse("maxresults=5", &get, "x".into()).unwrap_err().code,
+            Code::UnsupportedQueryParameter
+        );
+    }
+}
