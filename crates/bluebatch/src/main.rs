@@ -2,17 +2,9 @@
 
 mod fabric;
 
-use bluebatch_core::ServiceClock;
-use bluebatch_node::{SshConfig, SshNodes};
-use bluebatch_service::{Config, Service};
-use bluebatch_store::SqliteBackend;
-use bluebatch_wire::{Accounts, App, DEV_ACCOUNT, DEV_KEY, WireConfig};
+mod serve;
+
 use clap::{Parser, Subcommand};
-use fabric::SshFabric;
-use std::net::IpAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -28,55 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the Batch API (pools, compute nodes, node users) and the nodes' SSH endpoints.
-    Serve(ServeArgs),
-}
-
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// Address to listen on for the Batch API.
-    #[arg(long, default_value = "127.0.0.1", env = "BLUEBATCH_HOST")]
-    host: IpAddr,
-    /// Port for the Batch API (0 picks a free one).
-    #[arg(long, default_value_t = 8521, env = "BLUEBATCH_PORT")]
-    port: u16,
-    /// Directory for the durable state (state.db) and the nodes' files (host keys, homes).
-    #[arg(long, default_value = "bluebatch-data", env = "BLUEBATCH_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Keep everything in memory (nothing survives a restart).
-    #[arg(long)]
-    in_memory: bool,
-    /// JSON file of accounts: {"accounts":[{"name":"myaccount","keys":["<base64>", …]}]}.
-    /// Keys never go on the command line. Also read from BLUEBATCH_ACCOUNTS as name:key,name:key.
-    #[arg(long, env = "BLUEBATCH_ACCOUNTS_FILE")]
-    accounts_file: Option<PathBuf>,
-    /// Do not create the well-known development account.
-    #[arg(long)]
-    no_dev_account: bool,
-    /// Accept any api-version (like Azurite's --skipApiVersionCheck).
-    #[arg(long)]
-    accept_any_api_version: bool,
-    /// Milliseconds each node state change takes (creating → starting → idle, reboot, …).
-    #[arg(long, default_value_t = 100)]
-    node_step_ms: u64,
-    /// Largest accepted request body, in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
-    max_body_bytes: usize,
-    /// Nodes per pool at most.
-    #[arg(long, default_value_t = 10_000)]
-    max_nodes_per_pool: u32,
-    /// Address the nodes' SSH endpoints listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    ssh_bind: IpAddr,
-    /// Address Get Remote Login Settings reports (defaults to --ssh-bind).
-    #[arg(long)]
-    remote_login_ip: Option<IpAddr>,
-    /// Port range of the nodes' SSH endpoints, FIRST-LAST (kept outside the kernel's ephemeral
-    /// range 32768–60999 by default).
-    #[arg(long, default_value = "20000-29999")]
-    ssh_ports: String,
-    /// Host account that SSH sessions run as when bluebatch runs as root.
-    #[arg(long, default_value = "nobody")]
-    session_user: String,
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,7 +37,7 @@ fn main() -> std::process::ExitCode {
         .build()
         .expect("building the tokio runtime");
     let result = match cli.command {
-        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Serve(args) => rt.block_on(serve::run(args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -102,134 +46,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn load_accounts(args: &ServeArgs) -> Result<Accounts, String> {
-    let mut accounts = if args.no_dev_account {
-        Accounts::default()
-    } else {
-        Accounts::dev()
-    };
-    if let Some(path) = &args.accounts_file {
-        #[derive(serde::Deserialize)]
-        struct File {
-            accounts: Vec<Entry>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Entry {
-            name: String,
-            keys: Vec<String>,
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let file: File =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        for a in file.accounts {
-            accounts.add(&a.name, &a.keys)?;
-        }
-    }
-    if let Ok(list) = std::env::var("BLUEBATCH_ACCOUNTS") {
-        for item in list.split(',').filter(|s| !s.trim().is_empty()) {
-            let (name, key) = item
-                .split_once(':')
-                .ok_or("BLUEBATCH_ACCOUNTS is name:key,name:key")?;
-            accounts.add(name.trim(), &[key.trim().to_string()])?;
-        }
-    }
-    if accounts.names().next().is_none() {
-        return Err("no accounts: drop --no-dev-account or give --accounts-file".into());
-    }
-    Ok(accounts)
-}
-
-fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
-    let (a, b) = s.split_once('-').ok_or("--ssh-ports is FIRST-LAST")?;
-    let (a, b): (u16, u16) = (
-        a.trim()
-            .parse()
-            .map_err(|_| "--ssh-ports: bad first port")?,
-        b.trim().parse().map_err(|_| "--ssh-ports: bad last port")?,
-    );
-    if a == 0 || a > b {
-        return Err("--ssh-ports: FIRST must be 1..=LAST".into());
-    }
-    Ok(a..=b)
-}
-
-async fn serve(args: ServeArgs) -> Result<(), String> {
-    let started = std::time::Instant::now();
-    let accounts = load_accounts(&args)?;
-    // In memory, the nodes' files still need a place: a directory removed at exit.
-    let temp;
-    let data_dir = if args.in_memory {
-        temp = tempfile::tempdir().map_err(|e| e.to_string())?;
-        temp.path().to_path_buf()
-    } else {
-        std::fs::create_dir_all(&args.data_dir)
-            .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
-        args.data_dir.clone()
-    };
-    let backend = if args.in_memory {
-        SqliteBackend::in_memory()
-    } else {
-        SqliteBackend::open(&data_dir.join("state.db"))
-    }
-    .map_err(|e| e.to_string())?;
-
-    let clock = Arc::new(ServiceClock::new());
-    let ssh = SshNodes::new(
-        SshConfig {
-            bind_ip: args.ssh_bind,
-            port_range: parse_ports(&args.ssh_ports)?,
-            data_dir: data_dir.join("nodes"),
-            session_user: Some(args.session_user.clone()),
-            ..SshConfig::default()
-        },
-        clock.clone(),
-    );
-    let config = Config {
-        max_nodes_per_pool: args.max_nodes_per_pool,
-        node_step: Duration::from_millis(args.node_step_ms),
-        remote_login_ip: args.remote_login_ip.unwrap_or(args.ssh_bind).to_string(),
-        ..Config::default()
-    };
-    let service = Service::start(backend, clock, Arc::new(SshFabric(ssh.clone())), config).await?;
-    let app = Arc::new(App {
-        service,
-        config: WireConfig {
-            accounts,
-            accept_any_api_version: args.accept_any_api_version,
-            max_body_bytes: args.max_body_bytes,
-            ..WireConfig::default()
-        },
-    });
-    let listener = tokio::net::TcpListener::bind((args.host, args.port))
-        .await
-        .map_err(|e| format!("listening on {}:{}: {e}", args.host, args.port))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    println!("bluebatch listening on http://{addr}");
-    if !args.no_dev_account {
-        println!("account name: {DEV_ACCOUNT}");
-        println!("account key:  {DEV_KEY}");
-    }
-    if args.in_memory {
-        println!("store: in memory (nothing survives a restart)");
-    } else {
-        println!("store: {}", data_dir.join("state.db").display());
-    }
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
-    bluebatch_wire::serve(listener, app, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
-    ssh.shutdown().await;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -3,11 +3,12 @@
 //! to the handlers; nothing past this point sees an unauthenticated request.
 
 use crate::accounts::Accounts;
+use crate::auth;
 use crate::endpoint::route;
 use crate::handlers;
 use crate::query;
 use crate::respond::{self, Ctx};
-use crate::sharedkey::{self, Signed};
+use crate::sharedkey::Signed;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -89,14 +90,14 @@ async fn process(
     }
     let endpoint = route(&parts.method, raw_path)?;
     let api_version = query::api_version(raw_query, app.config.accept_any_api_version)?;
-    let account = sharedkey::verify(
+    let account = auth::authenticate(
         &Signed {
             method: &parts.method,
             raw_path,
             raw_query,
             headers: &parts.headers,
         },
-        &app.config.accounts,
+        &app.config,
         OffsetDateTime::now_utc(),
     )?;
     let query = query::parse(raw_query, &endpoint, api_version)?;

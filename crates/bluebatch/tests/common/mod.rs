@@ -1,0 +1,364 @@
+//! Test harness: the real `bluebatch serve` binary on port 0, and a client that signs requests
+//! with Shared Key the way the Azure SDKs do.
+#![allow(dead_code)]
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ACCOUNT: &str = "bluebatchdev";
+pub const KEY: &str =
+    "msn4CXagmnuee1CykUmurwWY6CRu19fKDokfMNT5AJ+LT4lM+P8MqEYH0USzDq3pUGzaJUiEfj51equ/VeT60Q==";
+pub const V: &str = "2023-11-01.18.0";
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Server {
+    /// Starts with an in-memory store.
+    pub fn start() -> Self {
+        Self::start_with(&["--in-memory"])
+    }
+
+    pub fn start_in(dir: &Path) -> Self {
+        Self::start_with(&["--data-dir", dir.to_str().unwrap()])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+            .args(["serve", "--port", "0", "--node-step-ms", "20"])
+            .args(extra)
+            .env("BLUEBATCH_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting bluebatch");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("bluebatch exited before listening")
+                .unwrap();
+            if let Some(u) = line.strip_prefix("bluebatch listening on ") {
+                break u.trim().to_string();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, url }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, ACCOUNT, KEY)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Client {
+    pub base: String,
+    pub account: String,
+    key: Vec<u8>,
+    http: reqwest::Client,
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or_default().to_string()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    /// The `values` of a Batch error as (key, value) pairs.
+    pub fn values(&self) -> Vec<(String, String)> {
+        self.json()["values"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|kv| {
+                        (
+                            kv["key"].as_str().unwrap().to_string(),
+                            kv["value"].as_str().unwrap().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    pub fn value(&self, key: &str) -> Option<String> {
+        self.values()
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+}
+
+pub fn http_date() -> String {
+    let f = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::OffsetDateTime::now_utc().format(f).unwrap()
+}
+
+/// A request being built.
+pub struct Req<'a> {
+    client: &'a Client,
+    pub method: &'a str,
+    pub path: String,
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    pub sign: bool,
+}
+
+impl<'a> Req<'a> {
+    pub fn query(mut self, q: &str) -> Self {
+        self.query = q.to_string();
+        self
+    }
+    pub fn header(mut self, n: &str, v: &str) -> Self {
+        self.headers.push((n.to_string(), v.to_string()));
+        self
+    }
+    pub fn json(self, v: &Value) -> Self {
+        self.raw(v.to_string().into_bytes())
+    }
+    pub fn raw(mut self, b: Vec<u8>) -> Self {
+        self.body = Some(b);
+        self
+    }
+    pub fn unsigned(mut self) -> Self {
+        self.sign = false;
+        self
+    }
+
+    pub fn string_to_sign(&self, account: &str) -> String {
+        let get = |n: &str| {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.as_str())
+                .unwrap_or("")
+        };
+        let mut s = format!("{}\n", self.method);
+        for h in [
+            "content-encoding",
+            "content-language",
+            "content-length",
+            "content-md5",
+            "content-type",
+            "date",
+            "if-modified-since",
+            "if-match",
+            "if-none-match",
+            "if-unmodified-since",
+            "range",
+        ] {
+            s.push_str(get(h));
+            s.push('\n');
+        }
+        let mut ocp: Vec<(String, &str)> = self
+            .headers
+            .iter()
+            .filter(|(k, _)| k.to_ascii_lowercase().starts_with("ocp-"))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
+            .collect();
+        ocp.sort();
+        for (k, v) in ocp {
+            s.push_str(&format!("{k}:{v}\n"));
+        }
+        s.push_str(&format!("/{account}{}", self.path));
+        let mut params: Vec<(String, String)> = self
+            .query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (n, v) = p.split_once('=').unwrap_or((p, ""));
+                (pct_decode(n), pct_decode(v))
+            })
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
+        params.sort();
+        for (n, v) in params {
+            s.push_str(&format!("\n{n}:{v}"));
+        }
+        s
+    }
+
+    pub async fn send(mut self) -> Resp {
+        if !self
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("ocp-date") || k.eq_ignore_ascii_case("date"))
+        {
+            self.headers.push(("ocp-date".into(), http_date()));
+        }
+        if let Some(b) = &self.body {
+            if !self
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                self.headers.push((
+                    "content-type".into(),
+                    "application/json; odata=minimalmetadata".into(),
+                ));
+            }
+            if !self
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            {
+                self.headers
+                    .push(("content-length".into(), b.len().to_string()));
+            }
+        }
+        if self.sign {
+            let sts = self.string_to_sign(&self.client.account);
+            let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.client.key).unwrap();
+            mac.update(sts.as_bytes());
+            let sig = STANDARD.encode(mac.finalize().into_bytes());
+            self.headers.push((
+                "authorization".into(),
+                format!("SharedKey {}:{sig}", self.client.account),
+            ));
+        }
+        let url = if self.query.is_empty() {
+            format!("{}{}", self.client.base, self.path)
+        } else {
+            format!("{}{}?{}", self.client.base, self.path, self.query)
+        };
+        let method = reqwest::Method::from_bytes(self.method.as_bytes()).unwrap();
+        let mut rb = self.client.http.request(method, url);
+        for (k, v) in &self.headers {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        if let Some(b) = self.body {
+            rb = rb.body(b);
+        }
+        let r = rb.send().await.expect("request failed");
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.bytes().await.unwrap().to_vec();
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+pub fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            out.push(
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap(), 16).unwrap(),
+            );
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+impl Client {
+    pub fn new(base: &str, account: &str, key: &str) -> Self {
+        Client {
+            base: base.to_string(),
+            account: account.to_string(),
+            key: STANDARD.decode(key).unwrap(),
+            http: reqwest::Client::builder().build().unwrap(),
+        }
+    }
+
+    pub fn req<'a>(&'a self, method: &'a str, path: &str) -> Req<'a> {
+        Req {
+            client: self,
+            method,
+            path: path.to_string(),
+            query: format!("api-version={V}"),
+            headers: Vec::new(),
+            body: None,
+            sign: true,
+        }
+    }
+
+    pub async fn create_pool(&self, id: &str, os: &str, nodes: u32) -> Resp {
+        let body = match os {
+            "linux" => {
+                serde_json::json!({"id": id, "vmSize": "STANDARD_D2S_V3", "targetDedicatedNodes": nodes,
+                "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical", "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"}, "nodeAgentSKUId": "batch.node.ubuntu 22.04"}})
+            }
+            _ => {
+                serde_json::json!({"id": id, "vmSize": "STANDARD_D2S_V3", "targetDedicatedNodes": nodes,
+                "virtualMachineConfiguration": {"imageReference": {"publisher": "MicrosoftWindowsServer", "offer": "WindowsServer", "sku": "2022-datacenter"}, "nodeAgentSKUId": "batch.node.windows amd64"}})
+            }
+        };
+        self.req("POST", "/pools").json(&body).send().await
+    }
+
+    /// Creates a pool and waits until its nodes are idle; returns their ids.
+    pub async fn ready_pool(&self, id: &str, os: &str, nodes: u32) -> Vec<String> {
+        let r = self.create_pool(id, os, nodes).await;
+        assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = self.req("GET", &format!("/pools/{id}/nodes")).send().await;
+            let v = r.json();
+            let list = v["value"].as_array().unwrap();
+            if list.len() == nodes as usize && list.iter().all(|n| n["state"] == "idle") {
+                return list
+                    .iter()
+                    .map(|n| n["id"].as_str().unwrap().to_string())
+                    .collect();
+            }
+            assert!(Instant::now() < deadline, "nodes never became idle: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn user_path(pool: &str, node: &str, user: &str) -> String {
+        format!("/pools/{pool}/nodes/{node}/users/{user}")
+    }
+}
