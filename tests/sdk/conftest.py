@@ -1,0 +1,153 @@
+"""Session fixture: start `bluebatch serve` and hand the tests an azure-batch client for it.
+
+Environment:
+  BLUEBATCH_BIN       path of the server binary (default: <repo>/target/debug/bluebatch)
+  BLUEBATCH_WIRE_LOG  set to 1 to log every request/response body and header (azure-core
+                      network trace) into the captured test logs
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from azure.core.credentials import AzureNamedKeyCredential
+from azure.batch import BatchClient
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_SECONDS = 30
+
+LISTENING = re.compile(r"bluebatch listening on (http://127\.0\.0\.1:(\d+))\s*$")
+
+
+@dataclasses.dataclass
+class Server:
+    url: str
+    account: str
+    key: str
+    log_path: Path
+    client: BatchClient
+
+    def make_client(self, *, account: str | None = None, key: str | None = None, **kwargs) -> BatchClient:
+        """A separate client, e.g. with another key or api_version."""
+        return new_client(self.url, account or self.account, key or self.key, **kwargs)
+
+
+def new_client(url: str, account: str, key: str, **kwargs) -> BatchClient:
+    if os.environ.get("BLUEBATCH_WIRE_LOG") == "1":
+        kwargs.setdefault("logging_enable", True)
+    return BatchClient(url, AzureNamedKeyCredential(account, key), **kwargs)
+
+
+def _binary() -> Path:
+    return Path(os.environ.get("BLUEBATCH_BIN") or REPO / "target" / "debug" / "bluebatch")
+
+
+def _pump(stream, sink, lines: "queue.Queue[str | None]"):
+    """Copy the server's stdout to the log file and hand each line to the fixture."""
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", "replace")
+        sink.write(line)
+        sink.flush()
+        lines.put(line.rstrip("\r\n"))
+    lines.put(None)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    if os.environ.get("BLUEBATCH_WIRE_LOG") == "1":
+        logging.getLogger("azure").setLevel(logging.DEBUG)
+
+    binary = _binary()
+    if not binary.exists():
+        pytest.fail(f"bluebatch binary not found at {binary} (build it, or set BLUEBATCH_BIN)")
+
+    work = tmp_path_factory.mktemp("bluebatch")
+    data_dir = work / "data"
+    data_dir.mkdir()
+    log_path = work / "server.log"
+    log = open(log_path, "w", encoding="utf-8")
+    argv = [str(binary), "serve", "--port", "0", "--in-memory", "--data-dir", str(data_dir)]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        cwd=str(work),
+        start_new_session=True,
+    )
+    lines: "queue.Queue[str | None]" = queue.Queue()
+    pump = threading.Thread(target=_pump, args=(proc.stdout, log, lines), daemon=True)
+    pump.start()
+
+    url = account = key = None
+    deadline = time.monotonic() + STARTUP_SECONDS
+    try:
+        while url is None or account is None or key is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"bluebatch did not announce url/account/key within {STARTUP_SECONDS}s; log: {log_path}")
+            try:
+                line = lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                proc.wait(timeout=5)
+                pytest.fail(
+                    f"bluebatch exited (status {proc.returncode}) before it was ready; "
+                    f"argv {argv}; log {log_path}:\n{log_path.read_text(errors='replace')[-4000:]}"
+                )
+            m = LISTENING.search(line)
+            if m:
+                url = m.group(1)
+                continue
+            name, sep, value = line.partition(":")
+            if not sep:
+                continue
+            if name.strip() == "account name":
+                account = value.strip()
+            elif name.strip() == "account key":
+                key = value.strip()
+
+        client = new_client(url, account, key)
+        yield Server(url=url, account=account, key=key, log_path=log_path, client=client)
+        client.close()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        pump.join(timeout=5)
+        log.close()
+
+
+@pytest.fixture
+def client(server):
+    return server.client
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure, attach the tail of the server's log to the report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        srv = item.funcargs.get("server")
+        if srv is None:
+            return
+        try:
+            tail = srv.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return
+        report.sections.append(("bluebatch server log (tail)", tail))
