@@ -1,0 +1,392 @@
+//! The russh handler of one connection: login checks, then the session channels and their
+//! processes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use russh::server::{
+    Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Response, Session, VerifiedPublicKey,
+};
+use russh::{
+    Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, MethodKind, MethodSet, Pty, Sig,
+};
+
+use crate::Inner;
+use crate::hostkey;
+use crate::node::{ConnCtl, Node};
+use crate::session::{self, Program, PtySpec, Running, SpawnSpec};
+
+/// Channels (sessions) one connection may have open at once, as OpenSSH's MaxSessions.
+const MAX_CHANNELS: usize = 10;
+
+/// Where an installed OpenSSH keeps its sftp server (for `scp`/`sftp`), if it is installed.
+const SFTP_SERVERS: &[&str] = &[
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+];
+
+/// The only ways in: password and public key.
+pub(crate) fn methods() -> MethodSet {
+    MethodSet::from(&[MethodKind::PublicKey, MethodKind::Password][..])
+}
+
+pub(crate) struct ConnHandler {
+    inner: Arc<Inner>,
+    node: Arc<Node>,
+    conn_id: u64,
+    ctl: Arc<ConnCtl>,
+    peer: IpAddr,
+    /// The Batch user name, once logged in.
+    user: Option<String>,
+    channels: HashMap<ChannelId, Chan>,
+}
+
+struct Chan {
+    writer: Option<ChannelWriteHalf<Msg>>,
+    pty: Option<PtySpec>,
+    running: Option<Running>,
+}
+
+impl Drop for ConnHandler {
+    fn drop(&mut self) {
+        // The client is gone: hang up its processes, as sshd does when the terminal goes away.
+        self.ctl.hang_up();
+    }
+}
+
+fn reject() -> Auth {
+    Auth::Reject {
+        proceed_with_methods: Some(methods()),
+        partial_success: false,
+    }
+}
+
+impl ConnHandler {
+    pub fn new(
+        inner: Arc<Inner>,
+        node: Arc<Node>,
+        conn_id: u64,
+        ctl: Arc<ConnCtl>,
+        peer: IpAddr,
+    ) -> Self {
+        ConnHandler {
+            inner,
+            node,
+            conn_id,
+            ctl,
+            peer,
+            user: None,
+            channels: HashMap::new(),
+        }
+    }
+
+    fn refused_source(&self) -> bool {
+        let refused = self.node.refused(self.peer);
+        if refused {
+            tracing::debug!(node = %self.node.key, ip = %self.peer, "login refused: too many failures from this source");
+        }
+        refused
+    }
+
+    fn failed(&self, user: &str, method: &str) -> Auth {
+        self.node
+            .record_failure(self.peer, self.inner.config.max_failed_logins);
+        tracing::debug!(node = %self.node.key, user, method, "login failed");
+        reject()
+    }
+
+    fn accept(&mut self, user: &str, method: &str) -> Auth {
+        if self.ctl.is_killed() || !self.node.login(self.conn_id, user, self.inner.clock.now()) {
+            return self.failed(user, method);
+        }
+        self.ctl.set_logged_in();
+        self.user = Some(user.to_string());
+        tracing::debug!(node = %self.node.key, user, method, "login accepted");
+        Auth::Accept
+    }
+
+    fn start(
+        &mut self,
+        id: ChannelId,
+        program: Program,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let (Some(user), Some(host)) = (self.user.clone(), self.inner.host()) else {
+            return session.channel_failure(id);
+        };
+        let Some(chan) = self.channels.get_mut(&id) else {
+            return session.channel_failure(id);
+        };
+        if chan.running.is_some() || self.ctl.is_killed() {
+            return session.channel_failure(id);
+        }
+        let Some(writer) = chan.writer.take() else {
+            return session.channel_failure(id);
+        };
+        let is_admin = self.node.account(&user).is_some_and(|a| a.is_admin);
+        let home = hostkey::home_dir(&self.inner.node_dir(&self.node.key));
+        let spec = SpawnSpec {
+            home: &home,
+            user: &user,
+            is_admin,
+            host,
+            pty: chan.pty.as_ref(),
+            program,
+        };
+        match session::spawn(spec, writer, session.handle()) {
+            Ok(running) => {
+                self.ctl.add_leader(running.leader.clone());
+                chan.running = Some(running);
+                session.channel_success(id)
+            }
+            Err(e) => {
+                tracing::warn!(node = %self.node.key, user = %user, error = %e, "cannot start the session's process");
+                session.channel_failure(id)
+            }
+        }
+    }
+}
+
+fn sftp_server() -> Option<PathBuf> {
+    SFTP_SERVERS
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .map(Path::to_path_buf)
+}
+
+impl russh::server::Handler for ConnHandler {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(reject())
+    }
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        if self.refused_source() {
+            return Ok(reject());
+        }
+        let now = self.inner.clock.now();
+        if crate::auth::password_ok(&self.node, user, password, now).await {
+            Ok(self.accept(user, "password"))
+        } else {
+            Ok(self.failed(user, "password"))
+        }
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Not counted as a failure: clients offer every key they have.
+        let now = self.inner.clock.now();
+        if !self.refused_source() && crate::auth::key_ok(&self.node, user, offer.public_key, now) {
+            Ok(Auth::Accept)
+        } else {
+            Ok(reject())
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self.refused_source() {
+            return Ok(reject());
+        }
+        let now = self.inner.clock.now();
+        if crate::auth::key_ok(&self.node, user, key.public_key, now) {
+            Ok(self.accept(user, "publickey"))
+        } else {
+            Ok(self.failed(user, "publickey"))
+        }
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        _user: &str,
+        _submethods: &str,
+        _response: Option<Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(reject())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.user.is_none() || self.ctl.is_killed() || self.channels.len() >= MAX_CHANNELS {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        let id = channel.id();
+        // Requests and data arrive through the handler callbacks; the read half is not needed
+        // (dropping it keeps russh from queueing every message for it).
+        let (_read, write) = channel.split();
+        self.channels.insert(
+            id,
+            Chan {
+                writer: Some(write),
+                pty: None,
+                running: None,
+            },
+        );
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.channels.get_mut(&channel) {
+            Some(chan) if chan.running.is_none() => {
+                chan.pty = Some(PtySpec {
+                    term: term.to_string(),
+                    cols: col_width,
+                    rows: row_height,
+                    px_width: pix_width,
+                    px_height: pix_height,
+                });
+                session.channel_success(channel)
+            }
+            _ => session.channel_failure(channel),
+        }
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Nothing of the client's environment either (as sshd without AcceptEnv).
+        session.channel_failure(channel)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single: bool,
+        _protocol: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(channel, Program::Shell, session)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.start(channel, Program::Exec(data.to_vec()), session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match (name, sftp_server()) {
+            ("sftp", Some(path)) => self.start(channel, Program::Subsystem(path), session),
+            _ => session.channel_failure(channel),
+        }
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(running) = self.channels.get(&channel).and_then(|c| c.running.as_ref()) {
+            running.input(data).await;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(running) = self
+            .channels
+            .get_mut(&channel)
+            .and_then(|c| c.running.as_mut())
+        {
+            running.eof().await;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(chan) = self.channels.remove(&channel)
+            && let Some(running) = chan.running
+        {
+            running.leader.signal(libc::SIGHUP);
+        }
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(running) = self.channels.get(&channel).and_then(|c| c.running.as_ref()) {
+            running.resize(col_width, row_height, pix_width, pix_height);
+        }
+        session.channel_success(channel)
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let (Some(running), Some(number)) = (
+            self.channels.get(&channel).and_then(|c| c.running.as_ref()),
+            session::signal_number(&signal),
+        ) {
+            running.leader.signal(number);
+        }
+        Ok(())
+    }
+}

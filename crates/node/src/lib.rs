@@ -1,0 +1,388 @@
+//! bluebatch-node: the embedded SSH node provider. Each emulated Linux compute node gets its own
+//! SSH endpoint (one listening socket on `bind_ip`, its own port and its own persistent ed25519
+//! host key); the accounts set through the Batch API log in there with their password or public
+//! key until they expire or are deleted.
+//!
+//! # What a shell on an emulated node is
+//!
+//! **It is a real shell on the host, not a container or a VM.** A session runs `/bin/bash` (or
+//! `/bin/sh`) as an unprivileged *host* account:
+//!
+//! * When the server runs as root, every session of every node runs as
+//!   [`SshConfig::session_user`] (default `nobody`), never as root. Its working directory and
+//!   `HOME` are the node's `home` directory (owned by that account); its environment is built
+//!   from scratch (`HOME`, `USER`, `LOGNAME`, `SHELL`, `PATH`, and `TERM` with a PTY) and holds
+//!   nothing of the server's. Admin accounts (`isAdmin`) additionally get the supplementary host
+//!   group `bluebatch-admin` (created with `groupadd --system` if missing), which is how `isAdmin`
+//!   shows in `id`; that group grants nothing by itself. Non-admins get only the account's own
+//!   primary group.
+//! * When the server does not run as root, sessions run as the server's own user (it cannot
+//!   switch to another one), and `isAdmin` cannot show in `id`.
+//!
+//! What such a shell **can** reach: everything that host account can — world-readable files of
+//! the host (`/etc/passwd`, installed software, other users' world-readable files), every network
+//! the host can reach (including services listening on loopback), and the files of *other*
+//! nodes' homes, since all nodes share the one session account. It can run any program installed
+//! on the host and start background processes.
+//!
+//! What it **cannot** reach: root privileges (no set-uid path is opened by us; supplementary
+//! groups are reset), the server's environment and secrets (the node's host key file is
+//! root-owned, mode 0600), the server's own files unless they are world-readable.
+//!
+//! Sessions end when the client leaves, when the account is removed or expires (checked at login
+//! and by a once-a-second sweep), and when the node is stopped, reimaged or removed: the
+//! processes of the session's process group are killed. Processes that deliberately leave that
+//! group (`setsid`, job control in an interactive shell) are not hunted down.
+
+mod auth;
+mod handler;
+mod hostkey;
+mod node;
+mod server;
+mod session;
+mod sysuser;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::Duration;
+
+use bluebatch_core::{Clock, NodeAccount};
+
+use crate::node::{Endpoint, Node};
+use crate::sysuser::HostIdentity;
+
+/// Configuration of the embedded SSH node provider.
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    /// Address every node listens on. Default `127.0.0.1`.
+    pub bind_ip: IpAddr,
+    /// Ports the nodes take, one each. Default `20000..=29999`, outside the kernel's ephemeral
+    /// range (32768–60999) so outgoing connections never take a node's port.
+    pub port_range: RangeInclusive<u16>,
+    /// Per node: `{data_dir}/{node_key}/ssh_host_ed25519_key` (persistent host key) and
+    /// `{data_dir}/{node_key}/home` (the sessions' working directory). When sessions switch to
+    /// `session_user`, `data_dir` gets the "others may search" bit so that account can reach
+    /// the homes; each home is owned by it.
+    pub data_dir: PathBuf,
+    /// Host account sessions run as when the server runs as root (`None`: `nobody`).
+    /// Default `nobody`. It must exist and must not be root.
+    pub session_user: Option<String>,
+    /// Failed logins allowed per node and source IP within a minute; past that, every login from
+    /// that IP to that node is refused for a minute. Default 10.
+    pub max_failed_logins: u32,
+    /// Every rejected authentication request (including a public key the account does not
+    /// have) is answered after this constant delay, so that unknown users and wrong passwords
+    /// look the same; brute force is bounded by `max_failed_logins` anyway. Default 250 ms.
+    pub auth_rejection_delay: Duration,
+    /// Connections per node at once, logged in or not; more are closed at once. Default 32.
+    pub max_connections_per_node: usize,
+    /// A connection that has not logged in within this time is closed. Default 30 s.
+    pub login_grace: Duration,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        SshConfig {
+            bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port_range: 20000..=29999,
+            data_dir: PathBuf::from("bluebatch-data/nodes"),
+            session_user: Some("nobody".to_string()),
+            max_failed_logins: 10,
+            auth_rejection_delay: Duration::from_millis(250),
+            max_connections_per_node: 32,
+            login_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A change to the accounts a node enforces.
+#[derive(Debug, Clone)]
+pub enum AccountChange {
+    /// Add or replace the account of that name.
+    Upsert(NodeAccount),
+    /// Remove the account of that name (and end its sessions).
+    Remove(String),
+    /// Replace every account of the node (reconciliation).
+    ReplaceAll(Vec<NodeAccount>),
+}
+
+/// The embedded SSH endpoints of every node of this process. Cheap to share as `Arc<SshNodes>`.
+pub struct SshNodes {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub config: SshConfig,
+    pub clock: Arc<dyn Clock>,
+    nodes: RwLock<HashMap<String, Arc<Node>>>,
+    host: OnceLock<HostIdentity>,
+    pub next_conn_id: AtomicU64,
+    sweeper_started: AtomicBool,
+    /// Ports held by our listeners, skipped when picking a free one.
+    held_ports: Mutex<HashSet<u16>>,
+}
+
+impl SshNodes {
+    /// Creates the provider; nothing listens until [`SshNodes::start_node`]. The async methods
+    /// need a tokio runtime (the first `start_node` also starts the once-a-second expiry sweep
+    /// on it); `apply` and the getters can be called from anywhere.
+    pub fn new(config: SshConfig, clock: Arc<dyn Clock>) -> Arc<Self> {
+        Arc::new(SshNodes {
+            inner: Arc::new(Inner {
+                config,
+                clock,
+                nodes: RwLock::new(HashMap::new()),
+                host: OnceLock::new(),
+                next_conn_id: AtomicU64::new(1),
+                sweeper_started: AtomicBool::new(false),
+                held_ports: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// Starts the node's SSH endpoint and returns its address. If it is already running, returns
+    /// the address it has (sessions are kept). `preferred_port` (the port it had before a
+    /// restart) is used when free; otherwise another free port of the range is taken. The host
+    /// key is loaded from disk, or generated and saved (mode 0600) the first time.
+    pub async fn start_node(
+        &self,
+        node_key: &str,
+        preferred_port: Option<u16>,
+    ) -> std::io::Result<SocketAddr> {
+        hostkey::validate_node_key(node_key)?;
+        self.ensure_sweeper();
+        let host = self.host_identity().await?;
+        let node = self.inner.node_or_create(node_key);
+        let mut endpoint = node.lifecycle.lock().await;
+        if let Some(running) = endpoint.as_ref() {
+            return Ok(running.addr);
+        }
+        let started = server::start_endpoint(&self.inner, &node, host, preferred_port).await?;
+        let addr = started.addr;
+        *endpoint = Some(started);
+        Ok(addr)
+    }
+
+    /// Stops listening, ends every session of the node and frees its port. Keeps the host key,
+    /// the home directory and the applied accounts.
+    pub async fn stop_node(&self, node_key: &str) {
+        let Some(node) = self.inner.node(node_key) else {
+            return;
+        };
+        let mut endpoint = node.lifecycle.lock().await;
+        self.stop_locked(&node, &mut endpoint).await;
+    }
+
+    /// The node left its pool: stops it, deletes its directory (host key, home) and forgets its
+    /// accounts and revision.
+    pub async fn remove_node(&self, node_key: &str) {
+        let Some(node) = self.inner.node(node_key) else {
+            return;
+        };
+        let mut endpoint = node.lifecycle.lock().await;
+        self.stop_locked(&node, &mut endpoint).await;
+        if hostkey::validate_node_key(node_key).is_ok() {
+            let dir = self.inner.node_dir(node_key);
+            let result = tokio::task::spawn_blocking(move || hostkey::remove_node_dir(&dir)).await;
+            if let Ok(Err(e)) = result {
+                tracing::warn!(node = node_key, error = %e, "could not delete the node's directory");
+            }
+        }
+        let mut nodes = self.inner.nodes.write().unwrap_or_else(|e| e.into_inner());
+        if nodes.get(node_key).is_some_and(|n| Arc::ptr_eq(n, &node)) {
+            nodes.remove(node_key);
+        }
+    }
+
+    /// Reimages the node: ends its sessions, gives it a new host key and empties its home.
+    /// **If the node was running, its endpoint is restarted internally** (on the same port when
+    /// it is still free; read [`SshNodes::endpoint`] afterwards); a stopped node stays stopped.
+    /// The applied accounts are kept: the store decides what the node holds after a reimage and
+    /// pushes it with [`SshNodes::apply`].
+    pub async fn reimage_node(&self, node_key: &str) -> std::io::Result<()> {
+        hostkey::validate_node_key(node_key)?;
+        let host = self.host_identity().await?;
+        let node = self.inner.node_or_create(node_key);
+        let mut endpoint = node.lifecycle.lock().await;
+        let port = endpoint.as_ref().map(|e| e.addr.port());
+        self.stop_locked(&node, &mut endpoint).await;
+        let dir = self.inner.node_dir(node_key);
+        let run_as = host.run_as_ids();
+        tokio::task::spawn_blocking(move || hostkey::reimage_dir(&dir, run_as))
+            .await
+            .map_err(std::io::Error::other)??;
+        if let Some(port) = port {
+            let started = server::start_endpoint(&self.inner, &node, host, Some(port)).await?;
+            *endpoint = Some(started);
+        }
+        Ok(())
+    }
+
+    /// Applies a change to the node's accounts, tagged with the store's revision, and returns the
+    /// revision now applied (the acknowledgement). A change older than the applied revision is
+    /// ignored (it was superseded). Sessions of accounts that are removed, or that are expired at
+    /// the service clock's now, end at once. In memory only; never blocks on I/O.
+    pub fn apply(&self, node_key: &str, revision: u64, change: AccountChange) -> u64 {
+        let node = self.inner.node_or_create(node_key);
+        node.apply(revision, change, self.inner.clock.now())
+    }
+
+    /// The revision last applied to the node, if any.
+    pub fn applied_revision(&self, node_key: &str) -> Option<u64> {
+        self.inner.node(node_key).and_then(|n| n.applied_revision())
+    }
+
+    /// The accounts the node enforces, sorted by name.
+    pub fn accounts(&self, node_key: &str) -> Vec<NodeAccount> {
+        self.inner
+            .node(node_key)
+            .map(|n| n.accounts())
+            .unwrap_or_default()
+    }
+
+    /// The address the node listens on, while it is running.
+    pub fn endpoint(&self, node_key: &str) -> Option<SocketAddr> {
+        self.inner.node(node_key).and_then(|n| n.endpoint())
+    }
+
+    /// The node's host public key as an OpenSSH line (`ssh-ed25519 AAAA…`), while it is running:
+    /// what a client will see, e.g. for a `known_hosts` entry.
+    pub fn host_public_key(&self, node_key: &str) -> Option<String> {
+        self.inner.node(node_key).and_then(|n| n.host_public_key())
+    }
+
+    /// Stops every node (their files and accounts are kept).
+    pub async fn shutdown(&self) {
+        let nodes: Vec<Arc<Node>> = {
+            let map = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+            map.values().cloned().collect()
+        };
+        for node in nodes {
+            let mut endpoint = node.lifecycle.lock().await;
+            self.stop_locked(&node, &mut endpoint).await;
+        }
+    }
+
+    async fn stop_locked(&self, node: &Arc<Node>, endpoint: &mut Option<Endpoint>) {
+        if let Some(running) = endpoint.take() {
+            running.stop(&self.inner, node).await;
+        } else {
+            // Not listening, but sessions of a previous endpoint may still be winding down.
+            node.end_all_sessions(Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn host_identity(&self) -> std::io::Result<&HostIdentity> {
+        if let Some(host) = self.inner.host.get() {
+            return host.check();
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            inner
+                .host
+                .get_or_init(|| HostIdentity::detect(inner.config.session_user.as_deref()));
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        self.inner.host.get().expect("initialised above").check()
+    }
+
+    fn ensure_sweeper(&self) {
+        if self.inner.sweeper_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(sweep(weak));
+    }
+}
+
+impl Drop for SshNodes {
+    fn drop(&mut self) {
+        // Without an async context, end what can be ended synchronously.
+        let map = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        for node in map.values() {
+            node.abort_listener();
+            node.terminate_all();
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn node(&self, key: &str) -> Option<Arc<Node>> {
+        let map = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        map.get(key).cloned()
+    }
+
+    fn node_or_create(&self, key: &str) -> Arc<Node> {
+        if let Some(node) = self.node(key) {
+            return node;
+        }
+        let mut map = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.to_string())
+            .or_insert_with(|| Arc::new(Node::new(key.to_string())))
+            .clone()
+    }
+
+    /// The session account, once a node has started.
+    pub(crate) fn host(&self) -> Option<&HostIdentity> {
+        self.host.get()
+    }
+
+    pub(crate) fn node_dir(&self, key: &str) -> PathBuf {
+        self.config.data_dir.join(key)
+    }
+
+    pub(crate) fn hold_port(&self, port: u16) {
+        self.held_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(port);
+    }
+
+    pub(crate) fn release_port(&self, port: u16) {
+        self.held_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&port);
+    }
+
+    pub(crate) fn port_held(&self, port: u16) -> bool {
+        self.held_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&port)
+    }
+}
+
+/// Once a second: end the sessions of accounts that expired (time passed or the service clock
+/// moved) or disappeared; once a minute: forget old failed-login records.
+async fn sweep(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let nodes: Vec<Arc<Node>> = {
+            let map = inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+            map.values().filter(|n| n.has_sessions()).cloned().collect()
+        };
+        let now = inner.clock.now();
+        for node in &nodes {
+            node.enforce(now);
+        }
+        n += 1;
+        if n.is_multiple_of(60) {
+            let map = inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+            for node in map.values() {
+                node.prune_failures();
+            }
+        }
+    }
+}

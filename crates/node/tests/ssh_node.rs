@@ -1,0 +1,456 @@
+//! The embedded SSH node, driven with the real OpenSSH client.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use bluebatch_node::{AccountChange, SshConfig};
+use support::*;
+use time::Duration as Span;
+
+const DAY: Span = Span::days(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_login_follows_upserts() {
+    let f = Fixture::new();
+    let addr = f.start("acct.pool1.tvm-pw1").await;
+    let node = "acct.pool1.tvm-pw1";
+    f.upsert(node, account("alice", Some("first-Pw1"), None, false, DAY));
+    assert!(
+        Ssh::new(addr, "alice", Login::Password("first-Pw1"))
+            .logs_in()
+            .await
+    );
+    assert!(
+        !Ssh::new(addr, "alice", Login::Password("wrong-Pw1"))
+            .logs_in()
+            .await
+    );
+
+    f.upsert(node, account("alice", Some("second-Pw2"), None, false, DAY));
+    assert!(
+        !Ssh::new(addr, "alice", Login::Password("first-Pw1"))
+            .logs_in()
+            .await
+    );
+    assert!(
+        Ssh::new(addr, "alice", Login::Password("second-Pw2"))
+            .logs_in()
+            .await
+    );
+
+    // An Upsert without a password removes password login.
+    let (_key, public) = f.keygen("pw1-key", "ed25519", None);
+    f.upsert(node, account("alice", None, Some(&public), false, DAY));
+    assert!(
+        !Ssh::new(addr, "alice", Login::Password("second-Pw2"))
+            .logs_in()
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_login_for_every_key_type_and_only_while_the_key_is_set() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-keys";
+    let addr = f.start(node).await;
+    let keys = [
+        ("ed25519", None, None),
+        ("rsa", Some(2048), Some("rsa-sha2-256")),
+        ("rsa", Some(2048), Some("rsa-sha2-512")),
+        ("ecdsa", Some(256), None),
+        ("ecdsa", Some(384), None),
+        ("ecdsa", Some(521), None),
+    ];
+    let (other_key, _) = f.keygen("other", "ed25519", None);
+    for (i, (kind, bits, algorithm)) in keys.into_iter().enumerate() {
+        let (key, public) = f.keygen(&format!("k{i}"), kind, bits);
+        // The comment of the stored line does not matter, only the key.
+        let stored = format!("{} stored-comment", public.rsplit_once(' ').unwrap().0);
+        f.upsert(
+            node,
+            account("bob", Some("bob-Pw1"), Some(&stored), false, DAY),
+        );
+        let mut ssh = Ssh::new(addr, "bob", Login::Key(&key));
+        if let Some(alg) = algorithm {
+            ssh = ssh.opt(&format!("-oPubkeyAcceptedAlgorithms={alg}"));
+        }
+        assert!(
+            ssh.logs_in().await,
+            "{kind} {bits:?} {algorithm:?} key refused"
+        );
+        assert!(
+            !Ssh::new(addr, "bob", Login::Key(&other_key))
+                .logs_in()
+                .await,
+            "a key that is not the account's was accepted"
+        );
+        // Without the key (password kept), key login stops.
+        f.upsert(node, account("bob", Some("bob-Pw1"), None, false, DAY));
+        assert!(!ssh.logs_in().await, "{kind} key accepted after removal");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_refuses_login_and_ends_open_sessions() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-rm";
+    let addr = f.start(node).await;
+    let (key, public) = f.keygen("rm", "ed25519", None);
+    f.upsert(
+        node,
+        account("carol", Some("carol-Pw1"), Some(&public), false, DAY),
+    );
+    f.upsert(node, account("dave", Some("dave-Pw1"), None, false, DAY));
+    let ssh = Ssh::new(addr, "carol", Login::Key(&key));
+    let dave = Ssh::new(addr, "dave", Login::Password("dave-Pw1"));
+    let mut session = ssh.open_session("echo started; sleep 301", "started").await;
+    let mut other = dave
+        .open_session("echo started; sleep 302", "started")
+        .await;
+    assert!(process_running(&["sleep", "301"]));
+
+    let before = Instant::now();
+    f.apply(node, AccountChange::Remove("carol".into()));
+    exits_within(&mut session, Duration::from_secs(5)).await;
+    assert!(before.elapsed() < Duration::from_secs(5));
+    assert!(
+        !process_running(&["sleep", "301"]),
+        "the session's process survived"
+    );
+    assert!(!ssh.logs_in().await);
+    assert!(
+        !Ssh::new(addr, "carol", Login::Password("carol-Pw1"))
+            .logs_in()
+            .await
+    );
+
+    // Another user's session is untouched; ReplaceAll without that user ends it too.
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "dave's session ended too"
+    );
+    f.apply(node, AccountChange::ReplaceAll(vec![]));
+    exits_within(&mut other, Duration::from_secs(5)).await;
+    assert!(!dave.logs_in().await);
+    assert!(f.nodes.accounts(node).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_account_cannot_log_in() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-exp";
+    let addr = f.start(node).await;
+    let (key, public) = f.keygen("exp", "ed25519", None);
+    f.upsert(
+        node,
+        account(
+            "erin",
+            Some("erin-Pw1"),
+            Some(&public),
+            false,
+            -Span::minutes(1),
+        ),
+    );
+    assert!(
+        !Ssh::new(addr, "erin", Login::Password("erin-Pw1"))
+            .logs_in()
+            .await
+    );
+    assert!(!Ssh::new(addr, "erin", Login::Key(&key)).logs_in().await);
+    // The same account, not expired, can.
+    f.upsert(
+        node,
+        account("erin", Some("erin-Pw1"), Some(&public), false, DAY),
+    );
+    assert!(Ssh::new(addr, "erin", Login::Key(&key)).logs_in().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_the_clock_past_expiry_ends_sessions_and_refuses_login() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-clock";
+    let addr = f.start(node).await;
+    let (key, public) = f.keygen("clock", "ed25519", None);
+    f.upsert(
+        node,
+        account("frank", None, Some(&public), false, Span::hours(1)),
+    );
+    let ssh = Ssh::new(addr, "frank", Login::Key(&key));
+    let mut session = ssh.open_session("echo started; sleep 303", "started").await;
+
+    f.clock.advance(Span::hours(2));
+    let before = Instant::now();
+    exits_within(&mut session, Duration::from_secs(5)).await;
+    assert!(before.elapsed() < Duration::from_secs(5));
+    assert!(!process_running(&["sleep", "303"]));
+    assert!(!ssh.logs_in().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_streams_io_and_propagates_exit_status() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-exec";
+    let addr = f.start(node).await;
+    let (key, public) = f.keygen("exec", "ed25519", None);
+    f.upsert(node, account("gina", None, Some(&public), false, DAY));
+    let ssh = Ssh::new(addr, "gina", Login::Key(&key));
+
+    let out = ssh.run(&["exit 3"], None).await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+
+    let out = ssh
+        .run(
+            &["tr a-z A-Z; echo to-stderr >&2; exit 5"],
+            Some(b"hello stdin\n"),
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert_eq!(stdout(&out), "HELLO STDIN\n");
+    assert_eq!(stderr(&out), "to-stderr\n");
+
+    // Larger than one SSH window and one pipe buffer, both ways.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let out = ssh.run(&["cat"], Some(&big)).await;
+    assert!(out.status.success());
+    assert!(out.stdout == big, "cat returned {} bytes", out.stdout.len());
+
+    // Environment: built from scratch; working directory: the node's home.
+    let out = ssh.run(&["pwd; env"], None).await;
+    let text = stdout(&out);
+    let home = f.dir.path().join("nodes").join(node).join("home");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(home.to_str().unwrap()));
+    let env: Vec<&str> = lines.collect();
+    assert!(
+        env.contains(&format!("HOME={}", home.display()).as_str()),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&"USER=gina") && env.contains(&"LOGNAME=gina"),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&"PATH=/usr/local/bin:/usr/bin:/bin"),
+        "{env:?}"
+    );
+    assert!(
+        env.iter()
+            .any(|l| *l == "SHELL=/bin/bash" || *l == "SHELL=/bin/sh")
+    );
+    for line in &env {
+        let name = line.split('=').next().unwrap();
+        assert!(
+            [
+                "HOME", "USER", "LOGNAME", "SHELL", "PATH", "PWD", "SHLVL", "_"
+            ]
+            .contains(&name),
+            "unexpected variable in the session: {line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tty_shell_works() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-tty";
+    let addr = f.start(node).await;
+    let (key, public) = f.keygen("tty", "ed25519", None);
+    f.upsert(node, account("hank", None, Some(&public), false, DAY));
+    let ssh = Ssh::new(addr, "hank", Login::Key(&key)).opt("-tt");
+    let out = ssh
+        .run(&[], Some(b"echo sum=$((40+2)) term=$TERM; tty; exit 7\n"))
+        .await;
+    let text = stdout(&out);
+    assert!(text.contains("sum=42"), "{text:?}");
+    assert!(text.contains("/dev/pts/"), "{text:?}");
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+
+    // A command on a PTY, with the client's TERM and window size.
+    let out = ssh
+        .env("TERM", "vt220")
+        .run(&["echo term=$TERM; stty size"], None)
+        .await;
+    let text = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("term=vt220"), "{text:?}");
+    assert!(
+        text.lines().any(|l| l.trim().split(' ').count() == 2),
+        "{text:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_key_is_stable_across_restarts_and_new_after_reimage() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-hk";
+    let addr = f.start(node).await;
+    let host_key = f.nodes.host_public_key(node).unwrap();
+    assert!(host_key.starts_with("ssh-ed25519 "));
+    let key_file = f
+        .dir
+        .path()
+        .join("nodes")
+        .join(node)
+        .join("ssh_host_ed25519_key");
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let (key, public) = f.keygen("hk", "ed25519", None);
+    f.upsert(node, account("ivy", None, Some(&public), false, DAY));
+    let mut ssh = Ssh::new(addr, "ivy", Login::Key(&key));
+    ssh.known_hosts = Some(f.known_hosts("known", addr, &host_key));
+    assert!(ssh.logs_in().await, "strict host key check failed");
+    assert!(
+        ssh.run(&["echo data > marker"], None)
+            .await
+            .status
+            .success()
+    );
+
+    // Stop frees the port and ends sessions; start on the same port, same key.
+    let mut session = ssh.open_session("echo started; sleep 304", "started").await;
+    f.nodes.stop_node(node).await;
+    exits_within(&mut session, Duration::from_secs(5)).await;
+    assert_eq!(f.nodes.endpoint(node), None);
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "port still listening"
+    );
+    let again = f.nodes.start_node(node, Some(addr.port())).await.unwrap();
+    assert_eq!(again, addr);
+    assert_eq!(f.nodes.host_public_key(node).unwrap(), host_key);
+    assert!(ssh.logs_in().await, "host key changed across a restart");
+    assert_eq!(stdout(&ssh.run(&["cat marker"], None).await), "data\n");
+
+    // Reimage: new key (strict check now fails), home emptied, restarted on the same port.
+    f.nodes.reimage_node(node).await.unwrap();
+    assert_eq!(f.nodes.endpoint(node), Some(addr));
+    let new_key = f.nodes.host_public_key(node).unwrap();
+    assert_ne!(new_key, host_key);
+    let out = ssh.run(&["echo logged-in-ok"], None).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("HOST IDENTIFICATION HAS CHANGED"),
+        "{out:?}"
+    );
+    ssh.known_hosts = Some(f.known_hosts("known2", addr, &new_key));
+    let out = ssh.run(&["ls -A"], None).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "", "home not emptied by reimage");
+
+    // Remove deletes the node's directory.
+    f.nodes.remove_node(node).await;
+    assert!(!f.dir.path().join("nodes").join(node).exists());
+    assert_eq!(f.nodes.endpoint(node), None);
+    assert_eq!(f.nodes.applied_revision(node), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_never_run_as_root_and_show_admin_group_only_for_admins() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-id";
+    let addr = f.start(node).await;
+    let (key, public) = f.keygen("id", "ed25519", None);
+    f.upsert(node, account("admin1", None, Some(&public), true, DAY));
+    f.upsert(node, account("plain1", None, Some(&public), false, DAY));
+    let admin = stdout(
+        &Ssh::new(addr, "admin1", Login::Key(&key))
+            .run(&["id"], None)
+            .await,
+    );
+    let plain = stdout(
+        &Ssh::new(addr, "plain1", Login::Key(&key))
+            .run(&["id"], None)
+            .await,
+    );
+    assert!(admin.starts_with("uid="), "{admin:?}");
+    assert!(plain.starts_with("uid="), "{plain:?}");
+    for id in [&admin, &plain] {
+        assert!(!id.contains("uid=0("), "session runs as root: {id}");
+        assert!(!id.contains("(root)"), "session has root's group: {id}");
+    }
+    assert!(!plain.contains("bluebatch-admin"), "{plain}");
+    if is_root() {
+        assert!(admin.contains("uid=65534(nobody)"), "{admin}");
+        assert!(admin.contains("bluebatch-admin"), "{admin}");
+        // The home belongs to the session account.
+        let home = f.dir.path().join("nodes").join(node).join("home");
+        let out = Ssh::new(addr, "plain1", Login::Key(&key))
+            .run(&["touch mine && stat -c %U mine"], None)
+            .await;
+        assert_eq!(stdout(&out), "nobody\n", "{out:?}");
+        assert!(home.join("mine").exists());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_rate_limited_and_look_alike() {
+    let f = Fixture::with(|c: &mut SshConfig| c.max_failed_logins = 3);
+    let node = "acct.pool1.tvm-rate";
+    let addr = f.start(node).await;
+    f.upsert(node, account("jack", Some("jack-Pw1"), None, false, DAY));
+
+    // Unknown user and wrong password: the same answer.
+    let unknown = Ssh::new(addr, "nosuchuser", Login::Password("jack-Pw1"))
+        .run(&["true"], None)
+        .await;
+    let wrong = Ssh::new(addr, "jack", Login::Password("bad-Pw1"))
+        .run(&["true"], None)
+        .await;
+    assert_eq!(unknown.status.code(), wrong.status.code());
+    assert_eq!(
+        stderr(&unknown).replace("nosuchuser", "USER"),
+        stderr(&wrong).replace("jack", "USER")
+    );
+    assert!(
+        Ssh::new(addr, "jack", Login::Password("jack-Pw1"))
+            .logs_in()
+            .await
+    );
+
+    // Third failure within the minute: the source is refused, even with the right password.
+    assert!(
+        !Ssh::new(addr, "jack", Login::Password("bad-Pw2"))
+            .logs_in()
+            .await
+    );
+    assert!(
+        !Ssh::new(addr, "jack", Login::Password("jack-Pw1"))
+            .logs_in()
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_and_node_keys() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-rev";
+    let nodes = &f.nodes;
+    assert_eq!(nodes.applied_revision(node), None);
+    let a = account("kim", Some("kim-Pw1"), None, false, DAY);
+    assert_eq!(nodes.apply(node, 5, AccountChange::Upsert(a.clone())), 5);
+    // A superseded change is ignored and acknowledged with the revision in force.
+    assert_eq!(nodes.apply(node, 4, AccountChange::Remove("kim".into())), 5);
+    assert_eq!(nodes.accounts(node), vec![a.clone()]);
+    assert_eq!(nodes.apply(node, 6, AccountChange::Remove("kim".into())), 6);
+    assert!(nodes.accounts(node).is_empty());
+    assert_eq!(nodes.applied_revision(node), Some(6));
+
+    for bad in ["", ".", "..", "../x", "a/b", "a b", "é"] {
+        let err = nodes.start_node(bad, None).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{bad:?}");
+        assert!(nodes.reimage_node(bad).await.is_err());
+    }
+    assert!(!f.dir.path().join("nodes").join("x").exists());
+
+    // Starting twice keeps the endpoint.
+    let addr = f.start(node).await;
+    assert_eq!(f.start(node).await, addr);
+    assert!((20000..=29999).contains(&addr.port()));
+    f.nodes.shutdown().await;
+    assert_eq!(f.nodes.endpoint(node), None);
+}
