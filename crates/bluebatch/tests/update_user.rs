@@ -85,6 +85,16 @@ async fn update_user_answers_200_with_azure_headers() {
     }
 }
 
+/// (what, path, body, status, code, expected value)
+type Case<'a> = (
+    &'a str,
+    String,
+    Option<&'a [u8]>,
+    u16,
+    &'a str,
+    Option<(&'a str, &'a str)>,
+);
+
 #[tokio::test]
 async fn update_user_errors_in_contract_order() {
     let srv = Server::start();
@@ -106,7 +116,7 @@ async fn update_user_errors_in_contract_order() {
     let lp = Client::user_path("lin", &linux[0], "bob");
     let wp = Client::user_path("win", &win[0], "bob");
 
-    let cases: Vec<(&str, String, Option<&[u8]>, u16, &str, Option<(&str, &str)>)> = vec![
+    let cases: Vec<Case> = vec![
         // Lookups, in order pool → node → user.
         (
             "unknown pool",

@@ -179,7 +179,7 @@ impl NodeUser {
 /// strictly increasing within the process so two writes in one tick still differ.
 pub fn new_etag(now: OffsetDateTime) -> String {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let ticks = ((now.unix_timestamp_nanos() / 100) as i128 + 116_444_736_000_000_000)
+    let ticks = (now.unix_timestamp_nanos() / 100 + 116_444_736_000_000_000)
         .clamp(0, u64::MAX as i128) as u64;
     let mut prev = LAST.load(Ordering::Relaxed);
     loop {

@@ -167,3 +167,29 @@ mod tests {
         assert!(validate_public_key(&line).unwrap_err().contains("1024"));
     }
 }
+
+/// The key's fingerprint as `ssh-keygen -l` prints it (`SHA256:` + unpadded base64).
+pub fn fingerprint(line: &str) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let b64 = line.split_ascii_whitespace().nth(1)?;
+    let blob = STANDARD.decode(b64).ok()?;
+    let digest = Sha256::digest(&blob);
+    Some(format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    ))
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    #[test]
+    fn matches_ssh_keygen() {
+        // What `ssh-keygen -lf` prints for this key.
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me";
+        assert_eq!(
+            super::fingerprint(key).unwrap(),
+            "SHA256:+DiY3wvvV6TuJJhbpZisF/zLDA0zPMSvHdkr4UvCOqU"
+        );
+    }
+}

@@ -338,3 +338,39 @@ impl Service {
         Ok(())
     }
 }
+
+impl Service {
+    /// Emulator control: forgets every pool, node and user of `account` at once (their
+    /// endpoints go too). Other accounts are untouched.
+    pub async fn reset_account(&self, account: &str) -> Result<()> {
+        let (pending, keys) = {
+            let mut st = self.lock();
+            let keys: Vec<String> = st
+                .accounts
+                .remove(account)
+                .map(|a| {
+                    a.pools
+                        .values()
+                        .flat_map(|p| {
+                            p.nodes
+                                .keys()
+                                .map(|n| crate::state::node_key(account, &p.pool.id, n))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let ops = ["pool", "node", "user"]
+                .iter()
+                .map(|kind| Op::DeletePrefix {
+                    prefix: format!("{kind}/{account}/"),
+                })
+                .collect();
+            (self.submit(ops), keys)
+        };
+        for key in keys {
+            self.inner.nodes.remove_node(&key).await;
+        }
+        pending.durable().await
+    }
+}

@@ -1,28 +1,202 @@
-//! The emulator's own endpoints under `/_bluebatch`: health (no authentication).
+//! The emulator's own endpoints, under `/_bluebatch` (a prefix no Azure path uses):
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /_bluebatch/health` | liveness, no authentication |
+//! | `POST /_bluebatch/reset` | forget every pool, node and user of the calling account |
+//! | `GET /_bluebatch/clock` | the service clock |
+//! | `POST /_bluebatch/clock/advance` `{"by":"1d12h"}` | move the service clock forward |
+//! | `PUT /_bluebatch/pools/{p}/nodes/{n}/state` `{"state":"rebooting"}` | put a node in any state |
+//! | `GET /_bluebatch/pools/{p}/nodes/{n}/users` | the node's users as stored and as applied |
+//!
+//! Everything but health needs the same Shared Key (or bearer) authentication as the Batch API;
+//! `api-version` is not required.
 
+use crate::auth;
+use crate::endpoint::route_segments;
 use crate::respond::{Ctx, json_response};
 use crate::server::App;
+use crate::sharedkey::Signed;
 use axum::body::Body;
 use axum::http::{Method, Response, request::Parts};
 use bluebatch_core::error::{BatchError, Code};
-use serde_json::json;
+use bluebatch_core::model::NodeState;
+use bluebatch_core::sshkey::fingerprint;
+use bluebatch_core::timefmt::iso;
+use bluebatch_core::users::parse_object;
+use serde_json::{Value, json};
+use time::{Duration, OffsetDateTime};
 
 pub async fn handle(
-    _app: &App,
+    app: &App,
     parts: &Parts,
     rest: &str,
-    _body: Body,
+    body: Body,
     _ctx: &Ctx,
 ) -> Result<Response<Body>, BatchError> {
-    match rest {
-        "/health" => {
-            if parts.method != Method::GET && parts.method != Method::HEAD {
-                return Err(BatchError::new(Code::UnsupportedHttpVerb));
-            }
-            Ok(json_response(
-                json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
-            ))
+    let m = &parts.method;
+    if rest == "/health" {
+        if m != Method::GET && m != Method::HEAD {
+            return Err(BatchError::new(Code::UnsupportedHttpVerb));
+        }
+        return Ok(json_response(
+            json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
+        ));
+    }
+    let segs = route_segments(rest)?;
+    let seg: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let account = auth::authenticate(
+        &Signed {
+            method: m,
+            raw_path: parts.uri.path(),
+            raw_query: parts.uri.query().unwrap_or(""),
+            headers: &parts.headers,
+        },
+        &app.config,
+        OffsetDateTime::now_utc(),
+    )?;
+    let body = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map_err(|_| BatchError::new(Code::RequestBodyTooLarge))?;
+    let svc = &app.service;
+    let verb = |want: Method| {
+        if *m == want {
+            Ok(())
+        } else {
+            Err(BatchError::new(Code::UnsupportedHttpVerb))
+        }
+    };
+    match seg.as_slice() {
+        ["reset"] => {
+            verb(Method::POST)?;
+            svc.reset_account(&account).await?;
+            Ok(json_response(json!({"account": account, "reset": true})))
+        }
+        ["clock"] => {
+            verb(Method::GET)?;
+            Ok(clock_json(app))
+        }
+        ["clock", "advance"] => {
+            verb(Method::POST)?;
+            let map = parse_object(&body)?;
+            let by = match map.get("by") {
+                Some(Value::String(s)) => parse_duration(s).ok_or_else(|| {
+                    BatchError::property(
+                        Code::InvalidPropertyValue,
+                        "by",
+                        "a duration such as 2d, 36h, 1d12h30m or 90s",
+                    )
+                })?,
+                Some(Value::Number(n)) if n.as_i64().is_some_and(|s| s >= 0) => {
+                    Duration::seconds(n.as_i64().unwrap_or(0))
+                }
+                None => return Err(BatchError::missing("by")),
+                Some(_) => {
+                    return Err(BatchError::property(
+                        Code::InvalidPropertyValue,
+                        "by",
+                        "a duration string or whole seconds",
+                    ));
+                }
+            };
+            svc.clock().advance(by);
+            Ok(clock_json(app))
+        }
+        ["pools", pool, "nodes", node, "state"] => {
+            verb(Method::PUT)?;
+            let map = parse_object(&body)?;
+            let text = map
+                .get("state")
+                .and_then(Value::as_str)
+                .ok_or_else(|| BatchError::missing("state"))?;
+            let state = NodeState::parse(text).ok_or_else(|| {
+                BatchError::property(
+                    Code::InvalidPropertyValue,
+                    "state",
+                    "one of the ComputeNodeState values, e.g. idle, starting, rebooting",
+                )
+            })?;
+            svc.set_node_state(&account, pool, node, state).await?;
+            Ok(json_response(json!({"id": node, "state": state.as_str()})))
+        }
+        ["pools", pool, "nodes", node, "users"] => {
+            verb(Method::GET)?;
+            let u = svc.node_users(&account, pool, node)?;
+            let users: Vec<Value> = u
+                .stored
+                .iter()
+                .map(|s| {
+                    let applied = u.applied.iter().find(|a| a.name == s.name);
+                    json!({
+                        "name": s.name,
+                        "isAdmin": s.is_admin,
+                        "hasPassword": s.password_hash.is_some(),
+                        "sshPublicKeyFingerprint": s.ssh_public_key.as_deref().and_then(fingerprint),
+                        "expiryTime": iso(s.expiry_time),
+                        "loginRefusedFrom": iso(s.login_refused_from),
+                        "revision": s.revision,
+                        "appliedOnNode": applied.is_some_and(|a| *a == s.to_account()),
+                    })
+                })
+                .collect();
+            Ok(json_response(json!({
+                "appliedRevision": u.applied_revision,
+                "users": users,
+            })))
         }
         _ => Err(BatchError::new(Code::InvalidUri)),
+    }
+}
+
+fn clock_json(app: &App) -> Response<Body> {
+    let clock = app.service.clock();
+    json_response(json!({
+        "now": iso(bluebatch_core::Clock::now(clock.as_ref())),
+        "offsetSeconds": clock.offset().whole_seconds(),
+    }))
+}
+
+/// `2d`, `36h`, `1d12h30m`, `90s`, `1w` → a duration.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: i64 = num.parse().ok()?;
+        num.clear();
+        let unit = match c {
+            'w' => Duration::weeks(1),
+            'd' => Duration::days(1),
+            'h' => Duration::hours(1),
+            'm' => Duration::minutes(1),
+            's' => Duration::seconds(1),
+            _ => return None,
+        };
+        total = total.checked_add(unit.checked_mul(i32::try_from(n).ok()?)?)?;
+        any = true;
+    }
+    (any && num.is_empty()).then_some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2d"), Some(Duration::days(2)));
+        assert_eq!(
+            parse_duration("1d12h30m"),
+            Some(Duration::minutes(36 * 60 + 30))
+        );
+        assert_eq!(parse_duration("90s"), Some(Duration::seconds(90)));
+        for bad in ["", "5", "d", "1y", "-1d", "1d 2h"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 }

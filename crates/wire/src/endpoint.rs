@@ -101,19 +101,24 @@ fn invalid_uri() -> BatchError {
     BatchError::new(Code::InvalidUri)
 }
 
-/// Maps a method and the raw (percent-encoded) path to an endpoint: a path that names no
-/// resource is `InvalidUri`, a known path with another method `UnsupportedHttpVerb`.
-pub fn route(method: &Method, raw_path: &str) -> Result<Endpoint, BatchError> {
+/// The decoded, non-empty segments of a raw path (one trailing `/` allowed).
+pub fn route_segments(raw_path: &str) -> Result<Vec<String>, BatchError> {
     let trimmed = raw_path
         .strip_suffix('/')
         .filter(|p| !p.is_empty())
         .unwrap_or(raw_path);
-    let segs: Vec<String> = trimmed
+    trimmed
         .strip_prefix('/')
         .ok_or_else(invalid_uri)?
         .split('/')
         .map(|s| decode(s).filter(|d| !d.is_empty()).ok_or_else(invalid_uri))
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
+
+/// Maps a method and the raw (percent-encoded) path to an endpoint: a path that names no
+/// resource is `InvalidUri`, a known path with another method `UnsupportedHttpVerb`.
+pub fn route(method: &Method, raw_path: &str) -> Result<Endpoint, BatchError> {
+    let segs = route_segments(raw_path)?;
     let lit = |i: usize, name: &str| segs.get(i).is_some_and(|s| s.eq_ignore_ascii_case(name));
     let m = method;
     let pick = |allowed: &[(Method, Endpoint)]| {

@@ -236,6 +236,19 @@ fn decode_query(s: &str) -> Option<String> {
     decode(&s.replace('+', " "))
 }
 
+/// The `Authorization` value a client sends for this request (the first, canonical form).
+/// Used by bluebatch's own clients (the control CLI, the benchmark).
+pub fn authorization(req: &Signed<'_>, account: &str, key: &[u8]) -> String {
+    let sts = strings_to_sign(req, account).swap_remove(0);
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(sts.as_bytes());
+    format!(
+        "SharedKey {account}:{}",
+        STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
