@@ -1,7 +1,8 @@
 //! `bluebatch`: the Azure Batch emulator and control plane.
 
+mod control;
 mod fabric;
-
+mod seed;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,25 @@ struct Cli {
 enum Command {
     /// Serve the Batch API (pools, compute nodes, node users) and the nodes' SSH endpoints.
     Serve(serve::ServeArgs),
+    /// Show or move the service clock of a running server (emulator control).
+    Clock {
+        #[command(flatten)]
+        target: control::Target,
+        #[command(subcommand)]
+        cmd: control::ClockCmd,
+    },
+    /// Node controls of a running server: set a node's state, inspect its users.
+    Node {
+        #[command(flatten)]
+        target: control::Target,
+        #[command(subcommand)]
+        cmd: control::NodeCmd,
+    },
+    /// Forget every pool, node and user of the account on a running server.
+    Reset {
+        #[command(flatten)]
+        target: control::Target,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +58,14 @@ fn main() -> std::process::ExitCode {
         .expect("building the tokio runtime");
     let result = match cli.command {
         Command::Serve(args) => rt.block_on(serve::run(args)),
+        Command::Clock { target, cmd } => rt.block_on(control::clock(&target, cmd)),
+        Command::Node { target, cmd } => rt.block_on(control::node(&target, cmd)),
+        Command::Reset { target } => rt.block_on(control::run(
+            &target,
+            bluebatch_wire::http::Method::POST,
+            "/reset",
+            None,
+        )),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

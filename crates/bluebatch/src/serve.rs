@@ -29,6 +29,9 @@ pub struct ServeArgs {
     /// Keys never go on the command line. Also read from BLUEBATCH_ACCOUNTS as name:key,name:key.
     #[arg(long, env = "BLUEBATCH_ACCOUNTS_FILE")]
     accounts_file: Option<PathBuf>,
+    /// JSON file of pools and node users to create at start-up (see README, "Seed file").
+    #[arg(long, env = "BLUEBATCH_SEED")]
+    seed: Option<PathBuf>,
     /// Do not create the well-known development account.
     #[arg(long)]
     no_dev_account: bool,
@@ -148,6 +151,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         ..Config::default()
     };
     let service = Service::start(backend, clock, Arc::new(SshFabric(ssh.clone())), config).await?;
+    if let Some(seed) = &args.seed {
+        crate::seed::apply(&service, seed, &|a| accounts.keys(a).is_some()).await?;
+    }
     let app = Arc::new(App {
         service,
         config: WireConfig {

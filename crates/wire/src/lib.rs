@@ -17,4 +17,5 @@ pub mod server;
 pub mod sharedkey;
 
 pub use accounts::{Accounts, DEV_ACCOUNT, DEV_KEY};
+pub use axum::http;
 pub use server::{App, CONTROL_PREFIX, WireConfig, router, serve};

@@ -362,3 +362,98 @@ impl Client {
         format!("/pools/{pool}/nodes/{node}/users/{user}")
     }
 }
+
+/// Runs `cmd` on a node over real OpenSSH with a password (given to sshpass through the
+/// environment, never argv). Returns (exit status, stdout).
+pub fn ssh_password(port: u16, user: &str, password: &str, cmd: &str) -> (i32, String) {
+    let out = Command::new("sshpass")
+        .arg("-e")
+        .arg("ssh")
+        .args(ssh_opts(port, "password"))
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(cmd)
+        .env("SSHPASS", password)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running sshpass/ssh");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Runs `cmd` on a node over real OpenSSH with a private key file.
+pub fn ssh_key(port: u16, user: &str, key: &Path, cmd: &str) -> (i32, String) {
+    let out = Command::new("ssh")
+        .args(ssh_opts(port, "publickey"))
+        .args(["-o", "IdentitiesOnly=yes", "-i"])
+        .arg(key)
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running ssh");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+pub fn ssh_opts(port: u16, method: &str) -> Vec<String> {
+    [
+        "-p",
+        &port.to_string(),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=5",
+        "-o",
+        &format!("PreferredAuthentications={method}"),
+        "-o",
+        "NumberOfPasswordPrompts=1",
+        "-o",
+        "BatchMode=no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A fresh ed25519 key pair in `dir`; returns (private key path, public key line).
+pub fn keypair(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
+    let path = dir.join(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+    (path, public.trim().to_string())
+}
+
+impl Client {
+    /// The node's SSH port from Get Remote Login Settings.
+    pub async fn ssh_port(&self, pool: &str, node: &str) -> u16 {
+        let r = self
+            .req(
+                "GET",
+                &format!("/pools/{pool}/nodes/{node}/remoteloginsettings"),
+            )
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        r.json()["remoteLoginPort"].as_u64().unwrap() as u16
+    }
+
+    /// A control request under /_bluebatch (no api-version).
+    pub fn control<'a>(&'a self, method: &'a str, path: &str) -> Req<'a> {
+        let mut r = self.req(method, &format!("/_bluebatch{path}"));
+        r.query = String::new();
+        r
+    }
+}

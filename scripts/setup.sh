@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what the tests need besides Rust and Python: the OpenSSH client and sshpass.
+set -euo pipefail
+need=()
+command -v ssh >/dev/null || need+=(openssh-client)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
+command -v sshpass >/dev/null || need+=(sshpass)
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+fi
+python3 -m venv --help >/dev/null 2>&1 || { echo "python3 venv module missing (apt-get install python3-venv)"; exit 1; }
