@@ -440,3 +440,54 @@ async fn seed_file_and_control_cli() {
     let stranger = Client::new(&srv.url, "bluebatchdev", "d3Jvbmcga2V5IHdyb25nIGtleQ==");
     assert_eq!(stranger.control("POST", "/reset").send().await.status, 403);
 }
+
+#[tokio::test]
+async fn after_a_restart_every_node_is_back_with_its_accounts_port_and_host_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    let scan = |port: u16| {
+        let out = Command::new("ssh-keyscan")
+            .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (nodes, ports, keys) = {
+        let mut srv = Server::start_with(&["--data-dir", &data]);
+        let c = srv.client();
+        let nodes = c.ready_pool("p", "linux", 2).await;
+        let mut ports = Vec::new();
+        for n in &nodes {
+            user(&c, "p", n, json!({"name": "keeper", "password": "pw-1"})).await;
+            update(&c, "p", n, "keeper", json!({"password": "pw-2"})).await;
+            ports.push(c.ssh_port("p", n).await);
+        }
+        let keys: Vec<String> = ports.iter().map(|p| scan(*p)).collect();
+        srv.stop(); // SIGTERM: endpoints go down with the server
+        (nodes, ports, keys)
+    };
+    for p in &ports {
+        assert_ne!(
+            pw(*p, "keeper", "pw-2").await,
+            0,
+            "nothing listens while the server is down"
+        );
+    }
+    let srv = Server::start_with(&["--data-dir", &data]);
+    let c = srv.client();
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(c.ssh_port("p", n).await, ports[i]);
+        assert_eq!(
+            pw(ports[i], "keeper", "pw-2").await,
+            0,
+            "the account is back, with its last password"
+        );
+        assert_ne!(pw(ports[i], "keeper", "pw-1").await, 0);
+        assert_eq!(scan(ports[i]), keys[i], "same host key");
+    }
+}

@@ -35,7 +35,37 @@ type Endpoint = (
     Vec<bluebatch_core::NodeAccount>,
 );
 
+/// How many node endpoints start at once (each may write and fsync a new host key).
+const START_CONCURRENCY: usize = 64;
+
 impl Service {
+    /// Starts endpoints concurrently: (tag, fabric key, preferred port) → (tag, outcome).
+    async fn start_endpoints<T: Send + 'static>(
+        &self,
+        nodes: Vec<(T, String, Option<u16>)>,
+    ) -> Vec<(T, std::io::Result<std::net::SocketAddr>)> {
+        let mut out = Vec::with_capacity(nodes.len());
+        let mut set = tokio::task::JoinSet::new();
+        for (tag, key, port) in nodes {
+            if set.len() >= START_CONCURRENCY
+                && let Some(Ok(done)) = set.join_next().await
+            {
+                out.push(done);
+            }
+            let fabric = self.inner.nodes.clone();
+            set.spawn(async move {
+                let r = fabric.start_node(&key, port).await;
+                (tag, r)
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            if let Ok(done) = done {
+                out.push(done);
+            }
+        }
+        out
+    }
+
     /// Moves the pool's transitional nodes one step after `node_step`.
     pub(crate) fn schedule(&self, account: &str, pool_key: &str) {
         let svc = self.clone();
@@ -71,8 +101,8 @@ impl Service {
             }
         };
         let mut ports = HashMap::new();
-        for (id, key, preferred) in to_start {
-            match self.inner.nodes.start_node(&key, preferred).await {
+        for (id, started) in self.start_endpoints(to_start).await {
+            match started {
                 Ok(addr) => {
                     ports.insert(id, Some(addr.port()));
                 }
@@ -197,8 +227,18 @@ impl Service {
                 }
             }
         }
-        for (at, key, port, revision, accounts) in endpoints {
-            match self.inner.nodes.start_node(&key, port).await {
+        let starts = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, (_, key, port, _, _))| (i, key.clone(), *port))
+            .collect();
+        let mut started: HashMap<usize, _> =
+            self.start_endpoints(starts).await.into_iter().collect();
+        for (i, (at, key, port, revision, accounts)) in endpoints.into_iter().enumerate() {
+            let outcome = started
+                .remove(&i)
+                .unwrap_or_else(|| Err(std::io::Error::other("the start task failed")));
+            match outcome {
                 Ok(addr) if Some(addr.port()) != port => {
                     // The old port was taken meanwhile: record the new one.
                     let (account, pool_id, node_id) = at;

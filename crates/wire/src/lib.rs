@@ -9,6 +9,7 @@ mod controls;
 pub mod dto;
 pub mod endpoint;
 mod handlers;
+pub mod limit;
 pub mod odata;
 pub mod percent;
 pub mod query;

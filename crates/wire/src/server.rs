@@ -6,6 +6,7 @@ use crate::accounts::Accounts;
 use crate::auth;
 use crate::endpoint::route;
 use crate::handlers;
+use crate::limit::LimitedListener;
 use crate::query;
 use crate::respond::{self, Ctx};
 use crate::sharedkey::Signed;
@@ -17,6 +18,7 @@ use bluebatch_core::error::{BatchError, Code};
 use bluebatch_service::Service;
 use std::sync::Arc;
 use time::OffsetDateTime;
+use tower_http::catch_panic::CatchPanicLayer;
 
 /// The emulator's own paths live under this prefix, which no Azure path uses.
 pub const CONTROL_PREFIX: &str = "/_bluebatch";
@@ -28,6 +30,8 @@ pub struct WireConfig {
     pub accept_any_api_version: bool,
     pub max_body_bytes: usize,
     pub scheme: &'static str,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for WireConfig {
@@ -37,6 +41,7 @@ impl Default for WireConfig {
             accept_any_api_version: false,
             max_body_bytes: 1 << 20,
             scheme: "http",
+            max_connections: 4096,
         }
     }
 }
@@ -47,7 +52,25 @@ pub struct App {
 }
 
 pub fn router(app: Arc<App>) -> Router {
-    Router::new().fallback(handle).with_state(app)
+    Router::new()
+        .fallback(handle)
+        .with_state(app)
+        .layer(CatchPanicLayer::custom(panicked))
+}
+
+/// A panic in a request path is a bug: log it and answer 500 InternalError, details withheld.
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
+    let ctx = Ctx {
+        request_id: uuid::Uuid::new_v4(),
+        echo_client_request_id: None,
+        base: String::new(),
+        head: false,
+    };
+    tracing::error!(request_id = %ctx.request_id, "a request handler panicked");
+    respond::finish(
+        &ctx,
+        respond::error(&ctx, &BatchError::new(Code::InternalError)),
+    )
 }
 
 async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
@@ -65,7 +88,15 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
         base: format!("{}://{host}", app.config.scheme),
         head: parts.method == Method::HEAD,
     };
-    let answer = match process(&app, &parts, body, &mut ctx).await {
+    // A request whose body we answer without reading leaves the connection unusable: say so,
+    // or the client would send its next request on a connection the server is closing.
+    let has_body = parts.headers.contains_key("transfer-encoding")
+        || parts
+            .headers
+            .get("content-length")
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let mut body_read = false;
+    let answer = match process(&app, &parts, body, &mut ctx, &mut body_read).await {
         Ok(r) => r,
         Err(e) => {
             if e.code == Code::InternalError {
@@ -74,7 +105,13 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
             respond::error(&ctx, &e)
         }
     };
-    respond::finish(&ctx, answer)
+    let mut answer = respond::finish(&ctx, answer);
+    if has_body && !body_read {
+        answer
+            .headers_mut()
+            .insert("connection", axum::http::HeaderValue::from_static("close"));
+    }
+    answer
 }
 
 async fn process(
@@ -82,11 +119,14 @@ async fn process(
     parts: &Parts,
     body: Body,
     ctx: &mut Ctx,
+    body_read: &mut bool,
 ) -> Result<Response<Body>, BatchError> {
     let raw_path = parts.uri.path();
     let raw_query = parts.uri.query().unwrap_or("");
     if let Some(rest) = raw_path.strip_prefix(CONTROL_PREFIX) {
-        return crate::controls::handle(app, parts, rest, body, ctx).await;
+        let answer = crate::controls::handle(app, parts, rest, body, ctx).await;
+        *body_read = answer.is_ok();
+        return answer;
     }
     let endpoint = route(&parts.method, raw_path)?;
     let api_version = query::api_version(raw_query, app.config.accept_any_api_version)?;
@@ -103,7 +143,9 @@ async fn process(
     let query = query::parse(raw_query, &endpoint, api_version)?;
     ctx.echo_client_request_id = client_request_id(&parts.headers)?;
     let body = if endpoint.has_body() {
-        read_body(&parts.headers, body, app.config.max_body_bytes).await?
+        let bytes = read_body(&parts.headers, body, app.config.max_body_bytes).await?;
+        *body_read = true;
+        bytes
     } else {
         Bytes::new()
     };
@@ -182,7 +224,8 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app))
+    let max = app.config.max_connections;
+    axum::serve(LimitedListener::new(listener, max), router(app))
         .with_graceful_shutdown(shutdown)
         .await
 }
