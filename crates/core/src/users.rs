@@ -29,6 +29,8 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>> {
     }
     let text = std::str::from_utf8(bytes)
         .map_err(|_| BatchError::bad_body("the request body is not valid UTF-8"))?;
+    // .NET clients may start the body with a UTF-8 byte order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(BatchError::bad_body(
@@ -319,6 +321,7 @@ mod tests {
             Some(datetime!(2016-11-27 00:45:48.7320857 UTC))
         );
         assert_eq!(parse_update_user(b"{}").unwrap(), UserBody::default());
+        assert_eq!(parse_update_user(b"\xef\xbb\xbf{}").unwrap(), UserBody::default());
         let b = parse_update_user(br#"{"password":null,"sshPublicKey":null}"#).unwrap();
         assert_eq!(b, UserBody::default());
     }
