@@ -215,18 +215,7 @@ async fn each_state_gives_its_409_and_reboot_keeps_users_reimage_removes_them() 
     update(&c, "p", n, "u", json!({"password": "pw"})).await;
     let port = c.ssh_port("p", n).await;
     assert_eq!(pw(port, "u", "pw").await, 0);
-    let host_key = || {
-        let out = Command::new("ssh-keyscan")
-            .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
-            .stderr(Stdio::null())
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .last()
-            .unwrap_or_default()
-            .to_string()
-    };
+    let host_key = || common::host_key(port);
     let key_before = host_key();
     assert!(!key_before.is_empty());
     // Reboot: the node is `rebooting` at once (SDK pollers look right away), then idle, users kept.
@@ -445,18 +434,7 @@ async fn seed_file_and_control_cli() {
 async fn after_a_restart_every_node_is_back_with_its_accounts_port_and_host_key() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap().to_string();
-    let scan = |port: u16| {
-        let out = Command::new("ssh-keyscan")
-            .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
-            .stderr(Stdio::null())
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .last()
-            .unwrap_or_default()
-            .to_string()
-    };
+    let scan = common::host_key;
     let (nodes, ports, keys) = {
         let mut srv = Server::start_with(&["--data-dir", &data]);
         let c = srv.client();

@@ -107,6 +107,20 @@ fn node_count(map: &Map<String, Value>, name: &str, max_nodes: u32) -> Result<u3
     }
 }
 
+/// `targetDedicatedNodes` and `targetLowPriorityNodes`, each and together within `max_nodes`.
+fn node_targets(map: &Map<String, Value>, max_nodes: u32) -> Result<(u32, u32)> {
+    let dedicated = node_count(map, "targetDedicatedNodes", max_nodes)?;
+    let low_priority = node_count(map, "targetLowPriorityNodes", max_nodes)?;
+    if dedicated + low_priority > max_nodes {
+        return Err(invalid(
+            "targetDedicatedNodes",
+            &dedicated.to_string(),
+            &format!("a pool has at most {max_nodes} nodes on this server"),
+        ));
+    }
+    Ok((dedicated, low_priority))
+}
+
 pub fn parse_add_pool(bytes: &[u8], max_nodes: u32) -> Result<NewPool> {
     let mut map = parse_object(bytes)?;
     map.retain(|_, v| !v.is_null());
@@ -167,15 +181,7 @@ pub fn parse_add_pool(bytes: &[u8], max_nodes: u32) -> Result<NewPool> {
         }
         (None, Some(vmc)) => (vm_os(vmc)?, false),
     };
-    let target_dedicated = node_count(&map, "targetDedicatedNodes", max_nodes)?;
-    let target_low_priority = node_count(&map, "targetLowPriorityNodes", max_nodes)?;
-    if target_dedicated + target_low_priority > max_nodes {
-        return Err(invalid(
-            "targetDedicatedNodes",
-            &target_dedicated.to_string(),
-            &format!("a pool has at most {max_nodes} nodes on this server"),
-        ));
-    }
+    let (target_dedicated, target_low_priority) = node_targets(&map, max_nodes)?;
     if let Some(n) = map.get("taskSlotsPerNode").and_then(Value::as_i64)
         && !(1..=256).contains(&n)
     {
@@ -250,15 +256,7 @@ pub fn parse_resize(bytes: &[u8], max_nodes: u32) -> Result<Resize> {
     check_known(&map, &allowed)?;
     check_string(&map, "resizeTimeout")?;
     check_deallocation(&map)?;
-    let target_dedicated = node_count(&map, "targetDedicatedNodes", max_nodes)?;
-    let target_low_priority = node_count(&map, "targetLowPriorityNodes", max_nodes)?;
-    if target_dedicated + target_low_priority > max_nodes {
-        return Err(invalid(
-            "targetDedicatedNodes",
-            &target_dedicated.to_string(),
-            &format!("a pool has at most {max_nodes} nodes on this server"),
-        ));
-    }
+    let (target_dedicated, target_low_priority) = node_targets(&map, max_nodes)?;
     Ok(Resize {
         target_dedicated,
         target_low_priority,

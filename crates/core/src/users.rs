@@ -321,7 +321,10 @@ mod tests {
             Some(datetime!(2016-11-27 00:45:48.7320857 UTC))
         );
         assert_eq!(parse_update_user(b"{}").unwrap(), UserBody::default());
-        assert_eq!(parse_update_user(b"\xef\xbb\xbf{}").unwrap(), UserBody::default());
+        assert_eq!(
+            parse_update_user(b"\xef\xbb\xbf{}").unwrap(),
+            UserBody::default()
+        );
         let b = parse_update_user(br#"{"password":null,"sshPublicKey":null}"#).unwrap();
         assert_eq!(b, UserBody::default());
     }

@@ -457,3 +457,17 @@ impl Client {
         r
     }
 }
+
+/// The node's ed25519 host key as `ssh-keyscan` sees it (empty when nothing answers).
+pub fn host_key(port: u16) -> String {
+    let out = Command::new("ssh-keyscan")
+        .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
