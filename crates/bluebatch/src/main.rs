@@ -4,6 +4,8 @@ mod control;
 mod fabric;
 mod seed;
 mod serve;
+mod tls;
+mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +24,9 @@ struct Cli {
 enum Command {
     /// Serve the Batch API (pools, compute nodes, node users) and the nodes' SSH endpoints.
     Serve(serve::ServeArgs),
+    /// Mint a bearer token for local development (printed on stdout), signed with the HS256
+    /// secret or an RS256 private key.
+    Token(token::TokenArgs),
     /// Show or move the service clock of a running server (emulator control).
     Clock {
         #[command(flatten)]
@@ -58,6 +63,7 @@ fn main() -> std::process::ExitCode {
         .expect("building the tokio runtime");
     let result = match cli.command {
         Command::Serve(args) => rt.block_on(serve::run(args)),
+        Command::Token(args) => token::run(args),
         Command::Clock { target, cmd } => rt.block_on(control::clock(&target, cmd)),
         Command::Node { target, cmd } => rt.block_on(control::node(&target, cmd)),
         Command::Reset { target } => rt.block_on(control::run(

@@ -27,6 +27,7 @@ pub struct ServeArgs {
     in_memory: bool,
     /// JSON file of accounts: {"accounts":[{"name":"myaccount","keys":["<base64>", …]}]}.
     /// Keys never go on the command line. Also read from BLUEBATCH_ACCOUNTS as name:key,name:key.
+    /// An optional "bearer" section configures bearer tokens (see bluebatch_wire::bearer).
     #[arg(long, env = "BLUEBATCH_ACCOUNTS_FILE")]
     accounts_file: Option<PathBuf>,
     /// JSON file of pools and node users to create at start-up (see README, "Seed file").
@@ -60,6 +61,8 @@ pub struct ServeArgs {
     /// Host account that SSH sessions run as when bluebatch runs as root.
     #[arg(long, default_value = "nobody")]
     session_user: String,
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
 }
 
 fn load_accounts(args: &ServeArgs) -> Result<Accounts, String> {
@@ -116,6 +119,7 @@ fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let started = std::time::Instant::now();
     let accounts = load_accounts(&args)?;
+    let bearer = bluebatch_wire::bearer::Bearer::load(args.accounts_file.as_deref(), &accounts)?;
     // In memory, the nodes' files still need a place: a directory removed at exit.
     let temp;
     let data_dir = if args.in_memory {
@@ -160,6 +164,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             accounts,
             accept_any_api_version: args.accept_any_api_version,
             max_body_bytes: args.max_body_bytes,
+            bearer: bearer.map(Arc::new),
             ..WireConfig::default()
         },
     });
@@ -177,10 +182,24 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     } else {
         println!("store: {}", data_dir.join("state.db").display());
     }
+    if let Some(b) = &app.config.bearer {
+        println!("bearer tokens: {}", b.describe());
+    }
+    let (stop_https, stopped) = tokio::sync::watch::channel(());
+    let https = crate::tls::start(&args.tls, &data_dir, args.host, &app, stopped).await?;
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
-    bluebatch_wire::serve(listener, app, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    bluebatch_wire::serve(listener, app, async move {
+        shutdown_signal().await;
+        drop(stop_https);
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    if let Some(https) = https {
+        https
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
     ssh.shutdown().await;
     Ok(())
 }

@@ -1,29 +1,71 @@
 //! The one authentication entry point: every Batch request passes here and comes out with the
 //! account it acts for, or a Batch error. Handlers never see an unauthenticated request.
+//! Shared Key is checked in [`crate::sharedkey`], bearer tokens in [`crate::bearer`].
 
+use crate::respond::{self, Ctx};
 use crate::server::WireConfig;
 use crate::sharedkey::{self, Signed};
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Response};
 use bluebatch_core::error::{BatchError, Code};
 use time::OffsetDateTime;
+
+/// Where a token comes from when no tenant is configured (bearer tokens disabled).
+const COMMON_AUTHORIZATION_URI: &str = "https://login.microsoftonline.com/common/oauth2/authorize";
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("Bearer").then(|| token.trim())
+}
 
 pub fn authenticate(
     req: &Signed<'_>,
     config: &WireConfig,
     now: OffsetDateTime,
 ) -> Result<String, BatchError> {
-    let scheme = req
-        .headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .map(|(s, _)| s);
-    match scheme {
-        Some(s) if s.eq_ignore_ascii_case("Bearer") => {
-            Err(BatchError::new(Code::AuthenticationFailed).with(
+    match bearer_token(req.headers) {
+        Some("") => Err(BatchError::new(Code::InvalidAuthenticationInfo).with(
+            "AuthenticationErrorDetail",
+            "The Authorization header must be 'SharedKey <account>:<signature>' or 'Bearer <token>'.",
+        )),
+        Some(token) => match &config.bearer {
+            Some(bearer) => bearer.verify(token, &config.accounts, now),
+            None => Err(BatchError::new(Code::AuthenticationRequired).with(
                 "AuthenticationErrorDetail",
-                "Bearer tokens are not enabled on this server; use Shared Key.",
-            ))
-        }
-        _ => sharedkey::verify(req, &config.accounts, now),
+                "Bearer tokens are not enabled on this server (no \"bearer\" section in the \
+                 accounts file); use Shared Key.",
+            )),
+        },
+        None => sharedkey::verify(req, &config.accounts, now),
     }
+}
+
+/// The answer to a request [`authenticate`] refused: the Batch error, and on a 401 the
+/// `WWW-Authenticate` challenges — `Bearer …, error="invalid_token"` for a refused token;
+/// `SharedKey` (and `Bearer` when tokens are enabled) when credentials are missing.
+pub fn refusal(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    config: &WireConfig,
+    e: &BatchError,
+) -> Response<Body> {
+    let mut r = respond::error(ctx, e);
+    if e.status() == 401 {
+        let h = r.headers_mut();
+        let bearer = if bearer_token(headers).is_some() {
+            // A refused token: only the Bearer challenge, with error="invalid_token".
+            h.remove("www-authenticate");
+            Some(match &config.bearer {
+                Some(b) => b.challenge(true),
+                None => crate::bearer::challenge(COMMON_AUTHORIZATION_URI, true),
+            })
+        } else {
+            config.bearer.as_ref().map(|b| b.challenge(false))
+        };
+        if let Some(v) = bearer.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            h.append("www-authenticate", v);
+        }
+    }
+    r
 }

@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod bearer;
 pub mod conditions;
 mod controls;
 pub mod dto;

@@ -30,6 +30,8 @@ pub struct WireConfig {
     pub accept_any_api_version: bool,
     pub max_body_bytes: usize,
     pub scheme: &'static str,
+    /// Bearer-token verification; `None` refuses bearer tokens.
+    pub bearer: Option<Arc<crate::bearer::Bearer>>,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
 }
@@ -41,6 +43,7 @@ impl Default for WireConfig {
             accept_any_api_version: false,
             max_body_bytes: 1 << 20,
             scheme: "http",
+            bearer: None,
             max_connections: 4096,
         }
     }
@@ -130,7 +133,7 @@ async fn process(
     }
     let endpoint = route(&parts.method, raw_path)?;
     let api_version = query::api_version(raw_query, app.config.accept_any_api_version)?;
-    let account = auth::authenticate(
+    let account = match auth::authenticate(
         &Signed {
             method: &parts.method,
             raw_path,
@@ -139,7 +142,10 @@ async fn process(
         },
         &app.config,
         OffsetDateTime::now_utc(),
-    )?;
+    ) {
+        Ok(account) => account,
+        Err(e) => return Ok(auth::refusal(ctx, &parts.headers, &app.config, &e)),
+    };
     let query = query::parse(raw_query, &endpoint, api_version)?;
     ctx.echo_client_request_id = client_request_id(&parts.headers)?;
     let body = if endpoint.has_body() {
