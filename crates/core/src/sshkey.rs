@@ -21,6 +21,10 @@ pub fn validate_public_key(line: &str) -> Result<(), String> {
     if trimmed.contains("PRIVATE KEY") {
         return Err("this is a private key; give the public key (the .pub file)".into());
     }
+    // A NUL or terminal escape would end up in authorized_keys and in logs and terminals.
+    if trimmed.chars().any(|c| c.is_control() && c != '\t') {
+        return Err("the key line contains control characters".into());
+    }
     if trimmed.starts_with("PuTTY-User-Key-File") {
         return Err("this is a PuTTY key; export it in OpenSSH format".into());
     }
@@ -143,6 +147,8 @@ mod tests {
                 "RFC 4716",
             ),
             ("PuTTY-User-Key-File-3: ssh-ed25519", "PuTTY"),
+            (&format!("{ED}\u{0}"), "control"),
+            (&format!("{ED}\u{1b}[2J"), "control"),
             (&format!("{ED}\n{ED}"), "single"),
             (
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9",
