@@ -7,8 +7,12 @@ pub fn decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = b.get(i + 1..i + 3)?;
+            // Exactly two hex digits (from_str_radix alone would take a sign: "%+1").
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -41,6 +45,8 @@ mod tests {
         assert_eq!(decode("%zz"), None);
         assert_eq!(decode("%e9"), None);
         assert_eq!(decode("%"), None);
+        assert_eq!(decode("%+1"), None);
+        assert_eq!(decode("%-f"), None);
         let s = "state eq 'idle' & é";
         assert_eq!(decode(&encode(s)).as_deref(), Some(s));
     }
