@@ -143,25 +143,19 @@ impl Service {
         Pending(rx)
     }
 
-    /// Pushes one account change to a Linux node's agent and checks its acknowledgement.
-    fn apply_to_node(
-        &self,
-        os: Os,
-        key: &str,
-        revision: u64,
-        change: AccountChange,
-    ) -> Result<(), BatchError> {
-        if os != Os::Linux {
-            return Ok(()); // Windows nodes have no endpoint: the store is their whole truth.
-        }
-        let acked = self.inner.nodes.apply(key, revision, change);
-        if acked < revision {
-            return Err(BatchError::new(Code::OperationTimedOut).message(
-                "The node did not acknowledge the change in time. The change is recorded and will be applied when the node converges.",
-            ));
-        }
-        Ok(())
+    /// Pushes one account change to a Linux node's agent; whether it acknowledged `revision`.
+    /// Windows nodes have no endpoint: the store is their whole truth.
+    fn apply_to_node(&self, os: Os, key: &str, revision: u64, change: AccountChange) -> bool {
+        os != Os::Linux || self.inner.nodes.apply(key, revision, change) >= revision
     }
+}
+
+/// The answer when a node did not acknowledge in time: the change is recorded regardless and the
+/// node converges to it.
+fn not_acknowledged() -> BatchError {
+    BatchError::new(Code::OperationTimedOut).message(
+        "The node did not acknowledge the change in time. The change is recorded and will be applied when the node converges.",
+    )
 }
 
 fn put_json<T: serde::Serialize>(key: String, value: &T) -> Op {

@@ -1,7 +1,7 @@
 //! Node-user operations: Add, Update (replace-all), Delete.
 
 use crate::state::{NodeEntry, State, node_key, node_record, user_key, user_record};
-use crate::{Service, node_not_found, pool_not_found, put_json};
+use crate::{Service, node_not_found, not_acknowledged, pool_not_found, put_json};
 use bluebatch_core::AccountChange;
 use bluebatch_core::error::{BatchError, Code, Result};
 use bluebatch_core::model::{NodeUser, Os, new_etag};
@@ -26,6 +26,9 @@ fn locate<'s>(st: &'s mut State, at: &UserAddr<'_>) -> Result<(Os, String, &'s m
 pub struct Written {
     pub etag: String,
     pub last_modified: time::OffsetDateTime,
+    /// The pool id and user name as stored (case kept), for the resource's URL.
+    pub pool_id: String,
+    pub user_name: String,
 }
 
 /// Where a user lives.
@@ -111,21 +114,27 @@ impl Service {
                 last_modified: now,
             };
             let key = node_key(at.account, &pool_id, at.node);
-            self.apply_to_node(os, &key, revision, AccountChange::Upsert(user.to_account()))?;
+            let acked =
+                self.apply_to_node(os, &key, revision, AccountChange::Upsert(user.to_account()));
             entry.node.users_revision = revision;
             let written = Written {
                 etag: user.etag.clone(),
                 last_modified: now,
+                pool_id: pool_id.clone(),
+                user_name: user.name.clone(),
             };
             let ops = vec![
                 put_json(user_record(at.account, &pool_id, at.node, &ukey), &user),
                 put_json(node_record(at.account, &pool_id, at.node), &entry.node),
             ];
             entry.users.insert(ukey, user);
-            (self.submit(ops), written)
+            (self.submit(ops), written, acked)
         };
-        let (pending, written) = pending;
+        let (pending, written, acked) = pending;
         pending.durable().await?;
+        if !acked {
+            return Err(not_acknowledged());
+        }
         Ok(written)
     }
 
@@ -141,16 +150,23 @@ impl Service {
             let revision = entry.node.users_revision + 1;
             let stored_name = entry.users[&ukey].name.clone();
             let key = node_key(at.account, &pool_id, at.node);
-            self.apply_to_node(os, &key, revision, AccountChange::Remove(stored_name))?;
+            let acked = self.apply_to_node(os, &key, revision, AccountChange::Remove(stored_name));
             entry.node.users_revision = revision;
             entry.users.remove(&ukey);
-            self.submit(vec![
+            let pending = self.submit(vec![
                 Op::Delete {
                     key: user_record(at.account, &pool_id, at.node, &ukey),
                 },
                 put_json(node_record(at.account, &pool_id, at.node), &entry.node),
-            ])
+            ]);
+            (pending, acked)
         };
-        pending.durable().await
+        let (pending, acked) = pending;
+        pending.durable().await?;
+        if acked {
+            Ok(())
+        } else {
+            Err(not_acknowledged())
+        }
     }
 }
