@@ -11,6 +11,7 @@ use bluebatch_core::model::{Node, NodeState, NodeUser, Os, SchedulingState};
 use bluebatch_core::users::check_node_state_for_users;
 use bluebatch_store::Op;
 use serde_json::Value;
+use std::ops::Bound;
 
 /// A node as Get and List show it, with what it takes from its pool.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,10 +75,13 @@ impl Service {
         let st = self.lock();
         let entry = st.pool(account, pool).ok_or_else(pool_not_found)?;
         let mut out = Vec::new();
-        let iter = entry
-            .nodes
-            .iter()
-            .filter(|(id, _)| after.is_none_or(|a| id.as_str() > a));
+        // Continue right after the last id of the previous page (a range, not a scan).
+        let iter = match after {
+            Some(a) => entry
+                .nodes
+                .range::<str, _>((Bound::Excluded(a), Bound::Unbounded)),
+            None => entry.nodes.range::<str, _>(..),
+        };
         for (_, n) in iter {
             let v = view(entry, n);
             if keep(&v) {

@@ -9,6 +9,7 @@ use bluebatch_core::model::{
 use bluebatch_core::pools::{NewPool, Resize};
 use bluebatch_store::Op;
 use rand::RngCore;
+use std::ops::Bound;
 use time::OffsetDateTime;
 
 /// A pool as Get and List show it.
@@ -213,10 +214,12 @@ impl Service {
             return (Vec::new(), false);
         };
         let start = after.map(|a| a.to_ascii_lowercase());
-        let range = acct
-            .pools
-            .iter()
-            .filter(|(k, _)| start.as_ref().is_none_or(|s| *k > s));
+        let range = match &start {
+            Some(a) => acct
+                .pools
+                .range::<str, _>((Bound::Excluded(a.as_str()), Bound::Unbounded)),
+            None => acct.pools.range::<str, _>(..),
+        };
         let mut out = Vec::new();
         for (_, entry) in range {
             let view = entry.view();

@@ -259,7 +259,6 @@ pub async fn dispatch(
         }
         Endpoint::ComputeNodeAddUser { pool, node } => {
             let user = parse_add_user(&body)?;
-            let name = user.name.clone().unwrap_or_default();
             let hash = hash(user.password.as_deref()).await?;
             let w = svc
                 .add_user(
@@ -272,7 +271,7 @@ pub async fn dispatch(
                     hash,
                 )
                 .await?;
-            let url = user_url(svc, ctx, account, &pool, &node, &name);
+            let url = dto::user_url(&ctx.base, &w.pool_id, &node, &w.user_name);
             Ok(with_resource(
                 empty(StatusCode::CREATED),
                 &w.etag,
@@ -295,7 +294,7 @@ pub async fn dispatch(
                     hash,
                 )
                 .await?;
-            let url = user_url(svc, ctx, account, &pool, &node, &user);
+            let url = dto::user_url(&ctx.base, &w.pool_id, &node, &w.user_name);
             Ok(with_resource(
                 empty(StatusCode::OK),
                 &w.etag,
@@ -344,22 +343,6 @@ pub async fn dispatch(
             node_write_answer(svc, ctx, account, &pool, &node, StatusCode::OK)
         }
     }
-}
-
-/// The user's URL with the pool id and user name as stored (case kept).
-fn user_url(
-    svc: &bluebatch_service::Service,
-    ctx: &Ctx,
-    account: &str,
-    pool: &str,
-    node: &str,
-    user: &str,
-) -> String {
-    let pool_id = svc
-        .get_pool(account, pool)
-        .map(|v| v.pool.id)
-        .unwrap_or_else(|_| pool.to_string());
-    dto::user_url(&ctx.base, &pool_id, node, user)
 }
 
 fn pool_write_answer(ctx: &Ctx, v: PoolView) -> Answer {
