@@ -567,3 +567,306 @@ pub fn mint(args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+// ---------------------------------------------------------------------------------------------
+// Helpers for the reliability suites (crash, concurrency, hostile input).
+
+/// What went wrong with a request that got no answer (connection refused, reset, timeout).
+pub type SendError = String;
+
+impl Req<'_> {
+    /// As [`Req::send`], but a request that gets no answer is an `Err` instead of a panic (a
+    /// server killed mid-request). Bounded by `timeout`.
+    pub async fn try_send_within(mut self, timeout: Duration) -> Result<Resp, SendError> {
+        if !self
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("ocp-date") || k.eq_ignore_ascii_case("date"))
+        {
+            self.headers.push(("ocp-date".into(), http_date()));
+        }
+        if let Some(b) = &self.body {
+            if !self
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                self.headers.push((
+                    "content-type".into(),
+                    "application/json; odata=minimalmetadata".into(),
+                ));
+            }
+            if !self
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            {
+                self.headers
+                    .push(("content-length".into(), b.len().to_string()));
+            }
+        }
+        if self.sign {
+            let sts = self.string_to_sign(&self.client.account);
+            let auth = self.client.authorization(&sts);
+            self.headers.push(("authorization".into(), auth));
+        }
+        let url = if self.query.is_empty() {
+            format!("{}{}", self.client.base, self.path)
+        } else {
+            format!("{}{}?{}", self.client.base, self.path, self.query)
+        };
+        let method =
+            reqwest::Method::from_bytes(self.method.as_bytes()).map_err(|e| e.to_string())?;
+        let mut rb = self.client.http.request(method, url).timeout(timeout);
+        for (k, v) in &self.headers {
+            rb = rb.header(k.as_str(), v.as_str());
+        }
+        if let Some(b) = self.body {
+            rb = rb.body(b);
+        }
+        let r = rb.send().await.map_err(|e| format!("{e:?}"))?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.bytes().await.map_err(|e| format!("{e:?}"))?.to_vec();
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// The whole request as raw HTTP/1.1 bytes (signed as [`Req::send`] signs), for requests a
+    /// well-behaved client library would refuse to send. `extra_raw` lines are added verbatim
+    /// after the signature (each without its CRLF).
+    pub fn into_raw_bytes(mut self, extra_raw: &[&[u8]]) -> Vec<u8> {
+        if !self
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("ocp-date") || k.eq_ignore_ascii_case("date"))
+        {
+            self.headers.push(("ocp-date".into(), http_date()));
+        }
+        if let Some(b) = &self.body {
+            if !self
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                self.headers.push((
+                    "content-type".into(),
+                    "application/json; odata=minimalmetadata".into(),
+                ));
+            }
+            if !self.headers.iter().any(|(k, _)| {
+                k.eq_ignore_ascii_case("content-length")
+                    || k.eq_ignore_ascii_case("transfer-encoding")
+            }) {
+                self.headers
+                    .push(("content-length".into(), b.len().to_string()));
+            }
+        }
+        if self.sign {
+            let sts = self.string_to_sign(&self.client.account);
+            let auth = self.client.authorization(&sts);
+            self.headers.push(("authorization".into(), auth));
+        }
+        let host = self
+            .client
+            .base
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let target = if self.query.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}?{}", self.path, self.query)
+        };
+        let mut out = format!("{} {target} HTTP/1.1\r\nhost: {host}\r\n", self.method).into_bytes();
+        for (k, v) in &self.headers {
+            out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+        }
+        for line in extra_raw {
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"connection: close\r\n\r\n");
+        if let Some(b) = self.body {
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+}
+
+impl Client {
+    /// `SharedKey {account}:{signature}` for a string to sign.
+    pub fn authorization(&self, string_to_sign: &str) -> String {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).unwrap();
+        mac.update(string_to_sign.as_bytes());
+        format!(
+            "SharedKey {}:{}",
+            self.account,
+            STANDARD.encode(mac.finalize().into_bytes())
+        )
+    }
+}
+
+/// Sends raw bytes to the server at `base_url` and reads the answer until the server closes the
+/// connection (send `connection: close`). `None` when nothing came back (the connection was
+/// closed or reset without an answer).
+pub async fn raw_request(base_url: &str, request: &[u8]) -> Option<Resp> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base_url.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    // The server may answer (and close) before it has read everything: ignore write errors.
+    let _ = s.write_all(request).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+    parse_http_response(&buf)
+}
+
+/// Parses one HTTP/1.1 response (Content-Length, chunked, or until close).
+pub fn parse_http_response(buf: &[u8]) -> Option<Resp> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    for l in lines {
+        let (k, v) = l.split_once(':')?;
+        if let (Ok(k), Ok(v)) = (
+            reqwest::header::HeaderName::from_bytes(k.trim().as_bytes()),
+            reqwest::header::HeaderValue::from_str(v.trim()),
+        ) {
+            headers.append(k, v);
+        }
+    }
+    let rest = &buf[end + 4..];
+    let chunked = headers
+        .get("transfer-encoding")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        let mut out = Vec::new();
+        let mut r = rest;
+        loop {
+            let nl = r.windows(2).position(|w| w == b"\r\n")?;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&r[..nl]).ok()?.trim(), 16).ok()?;
+            r = &r[nl + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(r.get(..size)?);
+            r = r.get(size + 2..)?;
+        }
+        out
+    } else if let Some(len) = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        rest.get(..len).unwrap_or(rest).to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Some(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Whether the OpenSSH client and sshpass are installed (SSH login checks are skipped, with a
+/// note, when they are not).
+pub fn have_ssh_client() -> bool {
+    ["ssh", "sshpass", "ssh-keygen"].iter().all(|tool| {
+        Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    })
+}
+
+fn ssh_base_args(port: u16, source: &str) -> Vec<String> {
+    [
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=15",
+        "-o",
+        "NumberOfPasswordPrompts=1",
+        "-F",
+        "/dev/null",
+        "-b",
+        source,
+        "-p",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([port.to_string()])
+    .collect()
+}
+
+async fn ssh_run(mut cmd: tokio::process::Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(Duration::from_secs(30), cmd.status()).await {
+        Ok(Ok(st)) => st.success(),
+        _ => false,
+    }
+}
+
+/// Logs in to a node with a password and runs `true`; whether that worked. `source` is the local
+/// address to connect from (any 127.x.y.z): the node refuses an address after 10 failures a
+/// minute, so checks that expect failures use a fresh one each.
+pub async fn ssh_password_login(port: u16, user: &str, password: &str, source: &str) -> bool {
+    let mut cmd = tokio::process::Command::new("sshpass");
+    cmd.arg("-e")
+        .env("SSHPASS", password)
+        .arg("ssh")
+        .args(ssh_base_args(port, source))
+        .args([
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-o",
+            "PubkeyAuthentication=no",
+        ])
+        .arg(format!("{user}@127.0.0.1"))
+        .arg("true");
+    ssh_run(cmd).await
+}
+
+/// Logs in to a node with a private key file (nothing else offered) and runs `true`.
+pub async fn ssh_key_login(port: u16, user: &str, key_file: &Path, source: &str) -> bool {
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.args(ssh_base_args(port, source))
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "PreferredAuthentications=publickey",
+            "-o",
+            "PasswordAuthentication=no",
+            "-i",
+        ])
+        .arg(key_file)
+        .arg(format!("{user}@127.0.0.1"))
+        .arg("true");
+    ssh_run(cmd).await
+}
+
+/// A distinct loopback source address for the `n`th SSH attempt of a test (127.k.j.i, never
+/// 127.0.0.1).
+pub fn loopback_source(n: u32) -> String {
+    let n = n % (250 * 250 * 250);
+    format!("127.{}.{}.{}", 1 + n / 62_500, (n / 250) % 250, 2 + n % 250)
+}

@@ -1,0 +1,174 @@
+//! The real server as a child process: spawn it on port 0, learn its address and account from
+//! what it prints, time it, read its memory and descriptors from /proc, stop it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub struct Server {
+    child: Child,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub account: String,
+    pub key: String,
+    /// From spawn to the "listening" line.
+    pub to_listening: Duration,
+    pub spawned: Instant,
+    pub log: PathBuf,
+}
+
+pub struct Launch<'a> {
+    pub bin: &'a Path,
+    pub data_dir: &'a Path,
+    pub extra: &'a [String],
+    /// Run the server on these CPUs only (`taskset -c`), e.g. "1".
+    pub cpus: Option<&'a str>,
+}
+
+impl Server {
+    /// Spawns `bluebatch serve --port 0 --data-dir DIR …` and waits for its banner.
+    pub async fn spawn(l: &Launch<'_>) -> Result<Server, String> {
+        let log = l.data_dir.with_extension("log");
+        let log_file =
+            std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let spawned = Instant::now();
+        let mut cmd = match l.cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(l.bin);
+                c
+            }
+            None => Command::new(l.bin),
+        };
+        let mut child = cmd
+            .arg("serve")
+            .arg("--port")
+            .arg("0")
+            .arg("--data-dir")
+            .arg(l.data_dir)
+            .args(l.extra)
+            .env("BLUEBATCH_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", l.bin.display()))?;
+        let pid = child.id().ok_or("the server exited at once")?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let (mut addr, mut account, mut key) = (None, None, None);
+        let mut to_listening = Duration::ZERO;
+        let deadline = Duration::from_secs(300);
+        while addr.is_none() || account.is_none() || key.is_none() {
+            let line = tokio::time::timeout(deadline, lines.next_line())
+                .await
+                .map_err(|_| "the server printed nothing for 300 s".to_string())?
+                .map_err(|e| e.to_string())?;
+            let Some(line) = line else {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("the server exited before listening: {tail}"));
+            };
+            if let Some(u) = line.strip_prefix("bluebatch listening on ") {
+                to_listening = spawned.elapsed();
+                let hostport = u.trim().trim_start_matches("http://");
+                addr = Some(
+                    hostport
+                        .parse::<SocketAddr>()
+                        .map_err(|e| format!("{hostport}: {e}"))?,
+                );
+            } else if let Some(a) = line.strip_prefix("account name:") {
+                account = Some(a.trim().to_string());
+            } else if let Some(k) = line.strip_prefix("account key:") {
+                key = Some(k.trim().to_string());
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Server {
+            child,
+            pid,
+            addr: addr.expect("checked"),
+            account: account.expect("checked"),
+            key: key.expect("checked"),
+            to_listening,
+            spawned,
+            log,
+        })
+    }
+
+    /// Polls the health endpoint until it answers 200; returns the time since spawn.
+    pub async fn first_answer(&self) -> Result<Duration, String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if health_once(self.addr).await == Some(200) {
+                return Ok(self.spawned.elapsed());
+            }
+            if Instant::now() > deadline {
+                let tail = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return Err(format!("health never answered 200; server log: {tail}"));
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+
+    pub fn rss_kb(&self) -> u64 {
+        rss_kb(self.pid)
+    }
+
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn threads(&self) -> u64 {
+        proc_status_field(self.pid, "Threads:").unwrap_or(0)
+    }
+
+    /// SIGTERM (graceful), then SIGKILL if it has not gone after 20 s.
+    pub async fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status();
+        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+pub fn rss_kb(pid: u32) -> u64 {
+    proc_status_field(pid, "VmRSS:").unwrap_or(0)
+}
+
+fn proc_status_field(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// One unauthenticated GET of the health endpoint on a fresh connection.
+async fn health_once(addr: SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!("GET /_bluebatch/health HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let head = std::str::from_utf8(buf.get(..12)?).ok()?;
+    head.strip_prefix("HTTP/1.1 ")?.parse().ok()
+}
