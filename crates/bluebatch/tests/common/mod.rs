@@ -221,7 +221,9 @@ impl<'a> Req<'a> {
         s
     }
 
-    pub async fn send(mut self) -> Resp {
+    /// Adds what a client adds before sending: `ocp-date`, the body's content type and length
+    /// (unless the test set them, or a transfer-encoding), and the Shared Key signature.
+    fn prepare(&mut self) {
         if !self
             .headers
             .iter()
@@ -240,25 +242,23 @@ impl<'a> Req<'a> {
                     "application/json; odata=minimalmetadata".into(),
                 ));
             }
-            if !self
-                .headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-            {
+            if !self.headers.iter().any(|(k, _)| {
+                k.eq_ignore_ascii_case("content-length")
+                    || k.eq_ignore_ascii_case("transfer-encoding")
+            }) {
                 self.headers
                     .push(("content-length".into(), b.len().to_string()));
             }
         }
         if self.sign {
             let sts = self.string_to_sign(&self.client.account);
-            let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.client.key).unwrap();
-            mac.update(sts.as_bytes());
-            let sig = STANDARD.encode(mac.finalize().into_bytes());
-            self.headers.push((
-                "authorization".into(),
-                format!("SharedKey {}:{sig}", self.client.account),
-            ));
+            let auth = self.client.authorization(&sts);
+            self.headers.push(("authorization".into(), auth));
         }
+    }
+
+    pub async fn send(mut self) -> Resp {
+        self.prepare();
         let url = if self.query.is_empty() {
             format!("{}{}", self.client.base, self.path)
         } else {
@@ -577,38 +577,7 @@ impl Req<'_> {
     /// As [`Req::send`], but a request that gets no answer is an `Err` instead of a panic (a
     /// server killed mid-request). Bounded by `timeout`.
     pub async fn try_send_within(mut self, timeout: Duration) -> Result<Resp, SendError> {
-        if !self
-            .headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("ocp-date") || k.eq_ignore_ascii_case("date"))
-        {
-            self.headers.push(("ocp-date".into(), http_date()));
-        }
-        if let Some(b) = &self.body {
-            if !self
-                .headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-            {
-                self.headers.push((
-                    "content-type".into(),
-                    "application/json; odata=minimalmetadata".into(),
-                ));
-            }
-            if !self
-                .headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-            {
-                self.headers
-                    .push(("content-length".into(), b.len().to_string()));
-            }
-        }
-        if self.sign {
-            let sts = self.string_to_sign(&self.client.account);
-            let auth = self.client.authorization(&sts);
-            self.headers.push(("authorization".into(), auth));
-        }
+        self.prepare();
         let url = if self.query.is_empty() {
             format!("{}{}", self.client.base, self.path)
         } else {
@@ -638,37 +607,7 @@ impl Req<'_> {
     /// well-behaved client library would refuse to send. `extra_raw` lines are added verbatim
     /// after the signature (each without its CRLF).
     pub fn into_raw_bytes(mut self, extra_raw: &[&[u8]]) -> Vec<u8> {
-        if !self
-            .headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("ocp-date") || k.eq_ignore_ascii_case("date"))
-        {
-            self.headers.push(("ocp-date".into(), http_date()));
-        }
-        if let Some(b) = &self.body {
-            if !self
-                .headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-            {
-                self.headers.push((
-                    "content-type".into(),
-                    "application/json; odata=minimalmetadata".into(),
-                ));
-            }
-            if !self.headers.iter().any(|(k, _)| {
-                k.eq_ignore_ascii_case("content-length")
-                    || k.eq_ignore_ascii_case("transfer-encoding")
-            }) {
-                self.headers
-                    .push(("content-length".into(), b.len().to_string()));
-            }
-        }
-        if self.sign {
-            let sts = self.string_to_sign(&self.client.account);
-            let auth = self.client.authorization(&sts);
-            self.headers.push(("authorization".into(), auth));
-        }
+        self.prepare();
         let host = self
             .client
             .base
