@@ -132,9 +132,7 @@ impl Service {
         let now = self.now();
         let (pending, key, linux) = {
             let mut st = self.lock();
-            let entry = st.pool_mut(account, pool).ok_or_else(pool_not_found)?;
-            let (pool_id, os) = (entry.pool.id.clone(), entry.pool.os);
-            let n = entry.nodes.get_mut(node).ok_or_else(node_not_found)?;
+            let (os, pool_id, n) = st.node_mut(account, pool, node)?;
             check_node_state_for_users(n.node.state)?;
             let key = node_key(account, &pool_id, node);
             let mut ops = Vec::new();
@@ -202,9 +200,7 @@ impl Service {
         let now = self.now();
         let pending = {
             let mut st = self.lock();
-            let entry = st.pool_mut(account, pool).ok_or_else(pool_not_found)?;
-            let pool_id = entry.pool.id.clone();
-            let n = entry.nodes.get_mut(node).ok_or_else(node_not_found)?;
+            let (_, pool_id, n) = st.node_mut(account, pool, node)?;
             if n.node.scheduling_state == to {
                 return Err(BatchError::new(Code::NodeAlreadyInTargetSchedulingState));
             }
@@ -241,9 +237,7 @@ impl Service {
         let now = self.now();
         let pending = {
             let mut st = self.lock();
-            let entry = st.pool_mut(account, pool).ok_or_else(pool_not_found)?;
-            let pool_id = entry.pool.id.clone();
-            let n = entry.nodes.get_mut(node).ok_or_else(node_not_found)?;
+            let (_, pool_id, n) = st.node_mut(account, pool, node)?;
             set_node_state(&mut n.node, state, now);
             self.submit(vec![put_json(
                 node_record(account, &pool_id, node),

@@ -1,5 +1,6 @@
 //! The in-memory state the service owns, and the store keys of its records.
 
+use bluebatch_core::error::{BatchError, Code};
 use bluebatch_core::model::{Node, NodeUser, Os, Pool};
 use std::collections::{BTreeMap, HashMap};
 
@@ -140,5 +141,24 @@ impl State {
             .get_mut(account)?
             .pools
             .get_mut(&pool_key(pool))
+    }
+
+    /// The node an operation addresses, with its pool's OS and id (as stored); the 404s in the
+    /// contract's order (pool, then node).
+    pub fn node_mut(
+        &mut self,
+        account: &str,
+        pool: &str,
+        node: &str,
+    ) -> Result<(Os, String, &mut NodeEntry), BatchError> {
+        let pool = self
+            .pool_mut(account, pool)
+            .ok_or_else(|| BatchError::new(Code::PoolNotFound))?;
+        let (os, pool_id) = (pool.pool.os, pool.pool.id.clone());
+        let entry = pool
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| BatchError::new(Code::NodeNotFound))?;
+        Ok((os, pool_id, entry))
     }
 }

@@ -1,25 +1,14 @@
 //! Node-user operations: Add, Update (replace-all), Delete.
 
-use crate::state::{NodeEntry, State, node_key, node_record, user_key, user_record};
-use crate::{Service, node_not_found, not_acknowledged, pool_not_found, put_json};
+use crate::state::{node_key, node_record, user_key, user_record};
+use crate::{Service, not_acknowledged, put_json};
 use bluebatch_core::AccountChange;
 use bluebatch_core::error::{BatchError, Code, Result};
-use bluebatch_core::model::{NodeUser, Os, new_etag};
+use bluebatch_core::model::{NodeUser, new_etag};
 use bluebatch_core::users::{
     UserBody, check_node_state_for_users, check_os_rules, default_expiry, login_refused_from,
 };
 use bluebatch_store::Op;
-
-/// The node a user operation addresses: its OS, its pool's id (as stored) and its entry; the
-/// 404s in the contract's order.
-fn locate<'s>(st: &'s mut State, at: &UserAddr<'_>) -> Result<(Os, String, &'s mut NodeEntry)> {
-    let pool = st
-        .pool_mut(at.account, at.pool)
-        .ok_or_else(pool_not_found)?;
-    let (os, pool_id) = (pool.pool.os, pool.pool.id.clone());
-    let entry = pool.nodes.get_mut(at.node).ok_or_else(node_not_found)?;
-    Ok((os, pool_id, entry))
-}
 
 /// What a successful write reports: the resource's new ETag and Last-Modified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +60,7 @@ impl Service {
         let now = self.now();
         let pending = {
             let mut st = self.lock();
-            let (os, pool_id, entry) = locate(&mut st, &at)?;
+            let (os, pool_id, entry) = st.node_mut(at.account, at.pool, at.node)?;
             let name = match update {
                 Some(n) => n.to_string(),
                 None => body.name.clone().unwrap_or_default(),
@@ -141,7 +130,7 @@ impl Service {
     pub async fn delete_user(&self, at: UserAddr<'_>, name: &str) -> Result<()> {
         let pending = {
             let mut st = self.lock();
-            let (os, pool_id, entry) = locate(&mut st, &at)?;
+            let (os, pool_id, entry) = st.node_mut(at.account, at.pool, at.node)?;
             let ukey = user_key(os, name);
             if !entry.users.contains_key(&ukey) {
                 return Err(BatchError::new(Code::NodeUserNotFound));
