@@ -1,7 +1,7 @@
 //! Pool operations: Add, Get, List, Delete, Resize, Remove Nodes.
 
 use crate::state::{PoolEntry, node_record, pool_key, pool_record};
-use crate::{Service, pool_not_found, put_json};
+use crate::{Pending, Service, pool_not_found, put_json};
 use bluebatch_core::error::{BatchError, Code, Result};
 use bluebatch_core::model::{
     AllocationState, Node, NodeState, Pool, PoolState, SchedulingState, new_etag,
@@ -145,6 +145,18 @@ fn check_resizable(pool: &Pool) -> Result<()> {
 }
 
 impl Service {
+    /// Every pool write ends alike: once durable, the pool's nodes take their next step.
+    async fn durable_then_step(
+        &self,
+        pending: Pending,
+        account: &str,
+        pool_key: &str,
+    ) -> Result<()> {
+        pending.durable().await?;
+        self.schedule(account, pool_key);
+        Ok(())
+    }
+
     pub async fn add_pool(&self, account: &str, new: NewPool) -> Result<()> {
         let now = self.now();
         let pkey = pool_key(&new.id);
@@ -188,9 +200,7 @@ impl Service {
             acct.pools.insert(pkey.clone(), entry);
             self.submit(ops)
         };
-        pending.durable().await?;
-        self.schedule(account, &pkey);
-        Ok(())
+        self.durable_then_step(pending, account, &pkey).await
     }
 
     pub fn get_pool(&self, account: &str, pool: &str) -> Result<PoolView> {
@@ -264,9 +274,8 @@ impl Service {
             }
             self.submit(ops)
         };
-        pending.durable().await?;
-        self.schedule(account, &pool_key(pool));
-        Ok(())
+        self.durable_then_step(pending, account, &pool_key(pool))
+            .await
     }
 
     pub async fn resize_pool(
@@ -292,9 +301,8 @@ impl Service {
             ops.push(put_json(pool_record(account, &entry.pool.id), &entry.pool));
             self.submit(ops)
         };
-        pending.durable().await?;
-        self.schedule(account, &pool_key(pool));
-        Ok(())
+        self.durable_then_step(pending, account, &pool_key(pool))
+            .await
     }
 
     pub async fn remove_nodes(
@@ -336,9 +344,8 @@ impl Service {
             ops.push(put_json(pool_record(account, &pool_id), &entry.pool));
             self.submit(ops)
         };
-        pending.durable().await?;
-        self.schedule(account, &pool_key(pool));
-        Ok(())
+        self.durable_then_step(pending, account, &pool_key(pool))
+            .await
     }
 }
 
