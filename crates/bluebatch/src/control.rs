@@ -1,5 +1,6 @@
 //! The control CLI: `bluebatch clock …`, `bluebatch node …`, `bluebatch reset`, talking to a
-//! running server's `/_bluebatch` endpoints with the account's Shared Key.
+//! running server's `/_bluebatch` endpoints with the account's Shared Key; [`send`] signs any
+//! request (the Batch API ones of `crate::cli` too).
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -11,61 +12,126 @@ use serde_json::{Value, json};
 
 #[derive(Args)]
 pub struct Target {
-    /// The server's URL.
+    /// URL of the running server, for the client commands (pool, node, ssh, env, clock, reset).
     #[arg(
         long,
         env = "BLUEBATCH_URL",
         default_value = "http://127.0.0.1:8521",
         global = true
     )]
-    url: String,
-    /// The account to act as (its key comes from BLUEBATCH_KEY; the development account's key is
-    /// built in).
+    pub url: String,
+    /// Account the client commands act as. Its key comes from the BLUEBATCH_KEY environment
+    /// variable (never the command line); the development account's key is built in.
     #[arg(long, env = "BLUEBATCH_ACCOUNT", default_value = DEV_ACCOUNT, global = true)]
-    account: String,
+    pub account: String,
 }
 
 #[derive(Subcommand)]
 pub enum ClockCmd {
-    /// Print the service clock.
+    /// Print the service clock (now and the offset from the wall clock).
     Show,
-    /// Move the service clock forward, e.g. `2d`, `36h`, `1d12h30m`, `90s`.
-    Advance { by: String },
+    /// Move the service clock forward. The offset is stored: it survives a restart.
+    Advance {
+        /// How far: a number and a unit (w, d, h, m, s), e.g. `2d`, `36h`, `1d12h30m`, `90s`.
+        by: String,
+    },
+    /// Put the service clock back to the wall clock (offset 0), durably.
+    Reset,
+}
+
+/// The ComputeNodeState values `node set-state` accepts.
+pub fn node_states() -> Vec<&'static str> {
+    bluebatch_core::model::NodeState::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect()
 }
 
 #[derive(Subcommand)]
 pub enum NodeCmd {
-    /// Put a node into any ComputeNodeState (idle, starting, rebooting, unusable, …).
-    SetState {
+    /// List a pool's compute nodes: id, state, scheduling, dedicated, SSH address (ip:port).
+    List {
+        /// Id of the pool.
         pool: String,
+        /// Print the nodes as the Batch API returns them (JSON) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a node into any ComputeNodeState, as if the service had moved it there.
+    SetState {
+        /// Id of the pool.
+        pool: String,
+        /// Id of the compute node (see `bluebatch node list POOL`).
         node: String,
+        /// The new state (case-insensitive).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(node_states()), ignore_case = true)]
         state: String,
     },
     /// Show a node's users as stored and as the node applies them (never passwords).
-    Users { pool: String, node: String },
+    Users {
+        /// Id of the pool.
+        pool: String,
+        /// Id of the compute node (see `bluebatch node list POOL`).
+        node: String,
+    },
 }
 
-pub async fn run(
+/// The account key: BLUEBATCH_KEY, or the built-in key of the development account.
+pub fn key_text(target: &Target) -> Result<String, String> {
+    match std::env::var("BLUEBATCH_KEY") {
+        Ok(k) => Ok(k.trim().to_string()),
+        Err(_) if target.account == DEV_ACCOUNT => Ok(DEV_KEY.to_string()),
+        Err(_) => Err(format!(
+            "set BLUEBATCH_KEY to the key of account {}",
+            target.account
+        )),
+    }
+}
+
+/// A server's answer: status and body text.
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_str(&self.body).ok()
+    }
+
+    /// `404 PoolNotFound: The specified pool does not exist.` for a Batch error, else the body.
+    pub fn error(&self) -> String {
+        match self.json() {
+            Some(v) if v["code"].is_string() => {
+                let message = v["message"]["value"]
+                    .as_str()
+                    .or(v["message"].as_str())
+                    .unwrap_or("");
+                format!(
+                    "{} {}: {}",
+                    self.status,
+                    v["code"].as_str().unwrap_or_default(),
+                    message.lines().next().unwrap_or("")
+                )
+            }
+            _ => format!("{} {}", self.status, self.body.trim()),
+        }
+    }
+}
+
+/// Sends one request signed with the account's Shared Key. `path` is already percent-encoded,
+/// `query` is the raw query string (may be empty).
+pub async fn send(
     target: &Target,
     method: Method,
     path: &str,
+    query: &str,
     body: Option<Value>,
-) -> Result<(), String> {
-    let key = match std::env::var("BLUEBATCH_KEY") {
-        Ok(k) => k,
-        Err(_) if target.account == DEV_ACCOUNT => DEV_KEY.to_string(),
-        Err(_) => {
-            return Err(format!(
-                "set BLUEBATCH_KEY to the key of account {}",
-                target.account
-            ));
-        }
-    };
+) -> Result<Answer, String> {
     let key = STANDARD
-        .decode(key.trim())
+        .decode(key_text(target)?)
         .map_err(|_| "BLUEBATCH_KEY is not base64")?;
     let body = body.map(|b| b.to_string());
-    let path = format!("/_bluebatch{path}");
     let mut headers = HeaderMap::new();
     let date = bluebatch_core::timefmt::rfc1123(time::OffsetDateTime::now_utc());
     headers.insert(
@@ -73,24 +139,35 @@ pub async fn run(
         HeaderValue::from_str(&date).expect("a date is a header value"),
     );
     if let Some(b) = &body {
-        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("application/json; odata=minimalmetadata"),
+        );
         headers.insert("content-length", HeaderValue::from(b.len()));
     }
     let auth = authorization(
         &Signed {
             method: &method,
-            raw_path: &path,
-            raw_query: "",
+            raw_path: path,
+            raw_query: query,
             headers: &headers,
         },
         &target.account,
         &key,
     );
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut url = format!("{}{path}", target.url.trim_end_matches('/'));
+    if !query.is_empty() {
+        url.push('?');
+        url.push_str(query);
+    }
     let mut req = client
         .request(
             reqwest::Method::from_bytes(method.as_str().as_bytes()).expect("a valid method"),
-            format!("{}{path}", target.url.trim_end_matches('/')),
+            url,
         )
         .header("authorization", auth);
     for (k, v) in &headers {
@@ -99,20 +176,34 @@ pub async fn run(
     if let Some(b) = body {
         req = req.body(b);
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| format!("{}: {e}", target.url))?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
-    let pretty = serde_json::from_str::<Value>(&text)
+    let resp = req.send().await.map_err(|e| {
+        format!(
+            "no answer from {} ({e}); is `bluebatch serve` running there? (--url, BLUEBATCH_URL)",
+            target.url
+        )
+    })?;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    Ok(Answer { status, body })
+}
+
+/// A control request (under `/_bluebatch`); prints the answer as pretty JSON.
+pub async fn run(
+    target: &Target,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(), String> {
+    let answer = send(target, method, &format!("/_bluebatch{path}"), "", body).await?;
+    let text = &answer.body;
+    let pretty = serde_json::from_str::<Value>(text)
         .map(|v| serde_json::to_string_pretty(&v).unwrap_or(text.clone()))
-        .unwrap_or(text);
-    if status.is_success() {
+        .unwrap_or(text.clone());
+    if (200..300).contains(&answer.status) {
         println!("{pretty}");
         Ok(())
     } else {
-        Err(format!("{status}\n{pretty}"))
+        Err(format!("{}\n{pretty}", answer.error()))
     }
 }
 
@@ -128,12 +219,14 @@ pub async fn clock(target: &Target, cmd: ClockCmd) -> Result<(), String> {
             )
             .await
         }
+        ClockCmd::Reset => run(target, Method::POST, "/clock/reset", None).await,
     }
 }
 
 pub async fn node(target: &Target, cmd: NodeCmd) -> Result<(), String> {
     let enc = bluebatch_wire::percent::encode;
     match cmd {
+        NodeCmd::List { pool, json } => crate::cli::node_list(target, &pool, json).await,
         NodeCmd::SetState { pool, node, state } => {
             let path = format!("/pools/{}/nodes/{}/state", enc(&pool), enc(&node));
             run(target, Method::PUT, &path, Some(json!({ "state": state }))).await

@@ -1,23 +1,51 @@
 //! `bluebatch`: the Azure Batch emulator and control plane.
 
+mod cli;
 mod control;
+mod datadir;
 mod fabric;
 mod seed;
 mod serve;
 mod tls;
 mod token;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
 
 #[derive(Parser)]
 #[command(
     name = "bluebatch",
     version,
-    about = "Azure Batch data-plane emulator with real SSH nodes"
+    about = "Azure Batch data-plane emulator with real SSH nodes",
+    after_help = "\
+Client commands (pool, node, ssh, env, clock, reset) talk to a running server: --url and
+--account may stand before or after the subcommand; the account key comes from BLUEBATCH_KEY
+(the development account's key is built in).
+
+Logs go to stderr. BLUEBATCH_LOG sets the filter (tracing EnvFilter syntax; default
+\"info,russh=warn\", e.g. BLUEBATCH_LOG=debug or BLUEBATCH_LOG=warn,bluebatch_node=info)."
 )]
 struct Cli {
+    #[command(flatten)]
+    target: control::Target,
+    /// Log format on stderr: `text` (colour only when stderr is a terminal and NO_COLOR is
+    /// unset) or `json` (one JSON object per line).
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        env = "BLUEBATCH_LOG_FORMAT",
+        global = true
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -27,25 +55,51 @@ enum Command {
     /// Mint a bearer token for local development (printed on stdout), signed with the HS256
     /// secret or an RS256 private key.
     Token(token::TokenArgs),
-    /// Show or move the service clock of a running server (emulator control).
-    Clock {
-        #[command(flatten)]
-        target: control::Target,
+    /// Pools of a running server (through the Batch API).
+    Pool {
         #[command(subcommand)]
-        cmd: control::ClockCmd,
+        cmd: cli::PoolCmd,
     },
-    /// Node controls of a running server: set a node's state, inspect its users.
+    /// Compute nodes of a running server: list them, set a node's state, inspect its users.
     Node {
-        #[command(flatten)]
-        target: control::Target,
         #[command(subcommand)]
         cmd: control::NodeCmd,
     },
-    /// Forget every pool, node and user of the account on a running server.
-    Reset {
-        #[command(flatten)]
-        target: control::Target,
+    /// Log in to a node over SSH (runs `ssh -p PORT USER@IP [CMD]` from the node's remote login
+    /// settings), or print that command with --print.
+    Ssh(cli::SshArgs),
+    /// Print `export AZURE_BATCH_ACCOUNT=… AZURE_BATCH_ENDPOINT=… AZURE_BATCH_ACCESS_KEY=…` for
+    /// the running server (use with `eval "$(bluebatch env)"`), and a Python snippet.
+    Env(cli::EnvArgs),
+    /// Show, move or reset the service clock of a running server (emulator control; stored, so
+    /// it survives a restart).
+    Clock {
+        #[command(subcommand)]
+        cmd: control::ClockCmd,
     },
+    /// Forget every pool, node and user of the account on a running server.
+    Reset,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLUEBATCH_LOG")
+        .unwrap_or_else(|_| "info,russh=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            builder.with_ansi(colour).init()
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,13 +115,17 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("building the tokio runtime");
+    let target = &cli.target;
     let result = match cli.command {
         Command::Serve(args) => rt.block_on(serve::run(args)),
         Command::Token(args) => token::run(args),
-        Command::Clock { target, cmd } => rt.block_on(control::clock(&target, cmd)),
-        Command::Node { target, cmd } => rt.block_on(control::node(&target, cmd)),
-        Command::Reset { target } => rt.block_on(control::run(
-            &target,
+        Command::Pool { cmd } => rt.block_on(cli::pool(target, cmd)),
+        Command::Node { cmd } => rt.block_on(control::node(target, cmd)),
+        Command::Ssh(args) => rt.block_on(cli::ssh(target, args)),
+        Command::Env(args) => rt.block_on(cli::env(target, args)),
+        Command::Clock { cmd } => rt.block_on(control::clock(target, cmd)),
+        Command::Reset => rt.block_on(control::run(
+            target,
             bluebatch_wire::http::Method::POST,
             "/reset",
             None,

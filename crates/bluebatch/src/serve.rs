@@ -122,12 +122,16 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let bearer = bluebatch_wire::bearer::Bearer::load(args.accounts_file.as_deref(), &accounts)?;
     // In memory, the nodes' files still need a place: a directory removed at exit.
     let temp;
+    // One server per data directory: the lock is held until this process ends.
+    let _dir_lock;
     let data_dir = if args.in_memory {
         temp = tempfile::tempdir().map_err(|e| e.to_string())?;
+        crate::datadir::prepare(temp.path())?;
         temp.path().to_path_buf()
     } else {
-        std::fs::create_dir_all(&args.data_dir)
-            .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
+        crate::datadir::prepare(&args.data_dir)?;
+        _dir_lock = crate::datadir::lock(&args.data_dir)?;
+        crate::datadir::protect_store(&args.data_dir)?;
         args.data_dir.clone()
     };
     let backend = if args.in_memory {
@@ -136,6 +140,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         SqliteBackend::open(&data_dir.join("state.db"))
     }
     .map_err(|e| e.to_string())?;
+    if !args.in_memory {
+        crate::datadir::protect_store(&data_dir)?;
+    }
 
     let clock = Arc::new(ServiceClock::new());
     let ssh = SshNodes::new(

@@ -9,7 +9,8 @@ pub trait Clock: Send + Sync + 'static {
 }
 
 /// Wall-clock time plus an offset that only moves forward: the emulator's time-travel control.
-/// With a zero offset it is the wall clock.
+/// With a zero offset it is the wall clock. The service stores the offset, so it survives a
+/// restart; only an explicit reset puts it back to zero.
 #[derive(Debug, Default)]
 pub struct ServiceClock {
     offset_nanos: AtomicI64,
@@ -25,6 +26,13 @@ impl ServiceClock {
     pub fn advance(&self, by: Duration) {
         let nanos = by.whole_nanoseconds().clamp(0, i64::MAX as i128) as i64;
         self.offset_nanos.fetch_add(nanos, Ordering::SeqCst);
+    }
+
+    /// Sets the offset outright: restoring a stored offset at start-up, or `ZERO` to go back to
+    /// the wall clock (`bluebatch clock reset`). Negative offsets count as zero.
+    pub fn set_offset(&self, offset: Duration) {
+        let nanos = offset.whole_nanoseconds().clamp(0, i64::MAX as i128) as i64;
+        self.offset_nanos.store(nanos, Ordering::SeqCst);
     }
 
     pub fn offset(&self) -> Duration {
@@ -51,5 +59,14 @@ mod tests {
         let after = c.now();
         assert!(after - before >= Duration::days(2));
         assert!(after - before < Duration::days(2) + Duration::minutes(1));
+    }
+
+    #[test]
+    fn set_offset_restores_and_resets() {
+        let c = ServiceClock::new();
+        c.set_offset(Duration::days(5));
+        assert_eq!(c.offset(), Duration::days(5));
+        c.set_offset(Duration::days(-1));
+        assert_eq!(c.offset(), Duration::ZERO);
     }
 }

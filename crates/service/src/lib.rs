@@ -95,6 +95,16 @@ impl Service {
     ) -> Result<Self, String> {
         let records = backend.load_all().map_err(|e| e.to_string())?;
         let state = State::load(records)?;
+        // The clock first: nodes enforce expiry against it from the moment they start.
+        if let Some(nanos) = state.clock_offset_nanos {
+            clock.set_offset(time::Duration::nanoseconds(nanos));
+            if nanos != 0 {
+                tracing::info!(
+                    offset_seconds = nanos / 1_000_000_000,
+                    "service clock offset restored"
+                );
+            }
+        }
         let svc = Service {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
@@ -110,6 +120,40 @@ impl Service {
 
     pub fn clock(&self) -> &Arc<ServiceClock> {
         &self.inner.clock
+    }
+
+    /// Moves the service clock forward by `by` and stores the new offset; answers once it is
+    /// durable (like every write), with the offset.
+    pub async fn advance_clock(&self, by: time::Duration) -> Result<time::Duration, BatchError> {
+        self.write_clock(|c| c.advance(by)).await
+    }
+
+    /// Puts the service clock back to the wall clock (offset zero), durably.
+    pub async fn reset_clock(&self) -> Result<time::Duration, BatchError> {
+        self.write_clock(|c| c.set_offset(time::Duration::ZERO))
+            .await
+    }
+
+    async fn write_clock(
+        &self,
+        change: impl FnOnce(&ServiceClock),
+    ) -> Result<time::Duration, BatchError> {
+        let (offset, pending) = {
+            // Under the state lock, so the store records offsets in the order memory took them.
+            let _st = self.lock();
+            change(&self.inner.clock);
+            let offset = self.inner.clock.offset();
+            let nanos = offset.whole_nanoseconds().clamp(0, i64::MAX as i128) as i64;
+            let op = put_json(
+                state::CLOCK_RECORD.to_string(),
+                &state::ClockRecord {
+                    offset_nanos: nanos,
+                },
+            );
+            (offset, self.submit(vec![op]))
+        };
+        pending.durable().await?;
+        Ok(offset)
     }
 
     pub fn config(&self) -> &Config {

@@ -7,6 +7,18 @@ use std::collections::{BTreeMap, HashMap};
 #[derive(Default)]
 pub struct State {
     pub accounts: HashMap<String, AccountState>,
+    /// The service clock's stored offset, in nanoseconds (absent: never moved).
+    pub clock_offset_nanos: Option<i64>,
+}
+
+/// The store key of the service clock's offset (one per server, not per account).
+pub const CLOCK_RECORD: &str = "meta/clock";
+
+/// The stored form of the service clock's offset.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClockRecord {
+    pub offset_nanos: i64,
 }
 
 #[derive(Default)]
@@ -78,6 +90,7 @@ impl State {
         let mut pools = Vec::new();
         let mut nodes = Vec::new();
         let mut users = Vec::new();
+        let mut clock_offset_nanos = None;
         for (k, v) in records {
             let parts: Vec<&str> = k.split('/').collect();
             let bad = |e: serde_json::Error| format!("corrupt record {k}: {e}");
@@ -97,10 +110,17 @@ impl State {
                     node.to_string(),
                     serde_json::from_slice::<NodeUser>(&v).map_err(bad)?,
                 )),
+                ["meta", "clock"] => {
+                    let r: ClockRecord = serde_json::from_slice(&v).map_err(bad)?;
+                    clock_offset_nanos = Some(r.offset_nanos);
+                }
                 _ => {} // other record kinds (future versions) are kept, not interpreted
             }
         }
-        let mut state = State::default();
+        let mut state = State {
+            clock_offset_nanos,
+            ..State::default()
+        };
         for (account, pool) in pools {
             state.accounts.entry(account).or_default().pools.insert(
                 pool_key(&pool.id),

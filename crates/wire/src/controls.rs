@@ -99,7 +99,12 @@ pub async fn handle(
                     ));
                 }
             };
-            svc.clock().advance(by);
+            svc.advance_clock(by).await?;
+            Ok(clock_json(app))
+        }
+        ["clock", "reset"] => {
+            verb(Method::POST)?;
+            svc.reset_clock().await?;
             Ok(clock_json(app))
         }
         ["pools", pool, "nodes", node, "state"] => {
