@@ -13,9 +13,10 @@ use time::OffsetDateTime;
 /// Where a token comes from when no tenant is configured (bearer tokens disabled).
 const COMMON_AUTHORIZATION_URI: &str = "https://login.microsoftonline.com/common/oauth2/authorize";
 
+/// The token of an `Authorization: Bearer …` header (empty for `Bearer ` or `Bearer` alone).
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get("authorization")?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
+    let value = headers.get("authorization")?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
     scheme.eq_ignore_ascii_case("Bearer").then(|| token.trim())
 }
 
@@ -25,9 +26,10 @@ pub fn authenticate(
     now: OffsetDateTime,
 ) -> Result<String, BatchError> {
     match bearer_token(req.headers) {
-        Some("") => Err(BatchError::new(Code::InvalidAuthenticationInfo).with(
+        // A refused token like any other: 401 with the invalid_token challenge.
+        Some("") => Err(BatchError::new(Code::AuthenticationRequired).with(
             "AuthenticationErrorDetail",
-            "The Authorization header must be 'SharedKey <account>:<signature>' or 'Bearer <token>'.",
+            "The Authorization header names the Bearer scheme but carries no token.",
         )),
         Some(token) => match &config.bearer {
             Some(bearer) => bearer.verify(token, &config.accounts, now),

@@ -6,8 +6,8 @@
 //! - a signature: `RS256` with a key from the configured JWKS file or PEM public key, or `HS256`
 //!   with the configured secret (for local development). `alg: none` and every other algorithm
 //!   are refused, and each algorithm is checked only against its own kind of key;
-//! - `aud` = `https://batch.core.windows.net/` (or without the trailing slash), as a string or in
-//!   an array;
+//! - `aud` exactly `https://batch.core.windows.net/`, trailing slash included (Azure Batch refuses
+//!   the audience without it), as a string or in an array;
 //! - `iss` of a configured tenant: `https://sts.windows.net/{tenant}/` (v1 tokens) or
 //!   `https://login.microsoftonline.com/{tenant}/v2.0` (v2 tokens), or one of the tenant's own
 //!   `issuers`;
@@ -49,11 +49,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use time::OffsetDateTime;
 
-/// The audiences a Batch token carries (Entra issues both spellings).
-pub const AUDIENCES: [&str; 2] = [
-    "https://batch.core.windows.net/",
-    "https://batch.core.windows.net",
-];
+/// The audience a Batch token must carry, exactly (Azure Batch: "should exactly match
+/// (including forward slash)"); `https://batch.core.windows.net` without the slash is refused.
+pub const AUDIENCE: &str = "https://batch.core.windows.net/";
+/// Every accepted audience (only [`AUDIENCE`]).
+pub const AUDIENCES: [&str; 1] = [AUDIENCE];
 /// Clock skew allowed on `exp` and `nbf`, in seconds.
 pub const MAX_SKEW_SECS: i64 = 300;
 /// The claim naming the Batch account a token acts for, unless configured otherwise.
@@ -410,7 +410,8 @@ impl Bearer {
         };
         if !audience_ok {
             return Err(refused(
-                "The token's audience (aud) is not https://batch.core.windows.net/.",
+                "The token's audience (aud) is not https://batch.core.windows.net/ (it must match \
+                 exactly, including the trailing slash).",
             ));
         }
         let tenant_account = claims
@@ -573,7 +574,7 @@ mod tests {
         );
         let mut c = claims(t);
         c["bluebatch_account"] = json!("other");
-        c["aud"] = json!(["x", AUDIENCES[1]]);
+        c["aud"] = json!(["x", AUDIENCE]);
         c["iss"] = json!(format!("https://login.microsoftonline.com/{TENANT}/v2.0"));
         assert_eq!(b.verify(&token(c), &accounts, now).unwrap(), "other");
         // Within the five minutes of skew.
@@ -594,6 +595,9 @@ mod tests {
             detail(b.verify(&token(c), &accounts, now).unwrap_err())
         };
         assert!(case(&|c| c["aud"] = json!("https://management.azure.com/")).contains("aud"));
+        // Without the trailing slash, as a string or in an array.
+        assert!(case(&|c| c["aud"] = json!("https://batch.core.windows.net")).contains("slash"));
+        assert!(case(&|c| c["aud"] = json!(["https://batch.core.windows.net"])).contains("slash"));
         assert!(case(&|c| c["iss"] = json!("https://sts.windows.net/other/")).contains("iss"));
         assert!(case(&|c| c["exp"] = json!(t - 301)).contains("expired"));
         assert!(case(&|c| c["nbf"] = json!(t + 301)).contains("not valid yet"));
