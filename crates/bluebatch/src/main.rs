@@ -103,6 +103,13 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> std::process::ExitCode {
+    // Hidden: a node's `sftp` subsystem (started by the node as the session's account).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == bluebatch_node::sftp::SUBCOMMAND)
+    {
+        return bluebatch_node::sftp::serve_stdio();
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

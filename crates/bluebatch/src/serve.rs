@@ -58,9 +58,19 @@ pub struct ServeArgs {
     /// range 32768–60999 by default).
     #[arg(long, default_value = "20000-29999")]
     ssh_ports: String,
-    /// Host account that SSH sessions run as when bluebatch runs as root.
-    #[arg(long, default_value = "nobody")]
-    session_user: String,
+    /// Numeric uids for the nodes' SSH sessions when bluebatch runs as root, FIRST-LAST: each
+    /// node gets one (gid of the same number), kept across restarts, with no passwd entry.
+    /// Not root: sessions run as bluebatch's own user.
+    #[arg(
+        long,
+        default_value = "2000000000-2000099999",
+        value_name = "FIRST-LAST"
+    )]
+    session_uids: String,
+    /// Supplementary gid that admin (isAdmin) users' sessions get (a bare number, no group
+    /// entry); default: the first of --session-uids, which no node is given.
+    #[arg(long, value_name = "GID")]
+    admin_gid: Option<u32>,
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
 }
@@ -116,6 +126,19 @@ fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     Ok(a..=b)
 }
 
+fn parse_uids(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (a, b) = s.split_once('-').ok_or("--session-uids is FIRST-LAST")?;
+    let bad = |_| "--session-uids: FIRST and LAST are numbers";
+    let (a, b): (u32, u32) = (
+        a.trim().parse().map_err(bad)?,
+        b.trim().parse().map_err(bad)?,
+    );
+    if a == 0 || a > b || b == u32::MAX {
+        return Err("--session-uids: FIRST must be 1..=LAST, LAST below 4294967295".into());
+    }
+    Ok(a..=b)
+}
+
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let started = std::time::Instant::now();
     let accounts = load_accounts(&args)?;
@@ -150,7 +173,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             bind_ip: args.ssh_bind,
             port_range: parse_ports(&args.ssh_ports)?,
             data_dir: data_dir.join("nodes"),
-            session_user: Some(args.session_user.clone()),
+            session_uids: parse_uids(&args.session_uids)?,
+            admin_gid: args.admin_gid,
             ..SshConfig::default()
         },
         clock.clone(),

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use russh::server::{
@@ -20,13 +19,6 @@ use crate::session::{self, Program, PtySpec, Running, SpawnSpec};
 
 /// Channels (sessions) one connection may have open at once, as OpenSSH's MaxSessions.
 const MAX_CHANNELS: usize = 10;
-
-/// Where an installed OpenSSH keeps its sftp server (for `scp`/`sftp`), if it is installed.
-const SFTP_SERVERS: &[&str] = &[
-    "/usr/lib/openssh/sftp-server",
-    "/usr/libexec/openssh/sftp-server",
-    "/usr/lib/ssh/sftp-server",
-];
 
 /// The only ways in: password and public key.
 pub(crate) fn methods() -> MethodSet {
@@ -108,7 +100,7 @@ impl ConnHandler {
         Auth::Accept
     }
 
-    fn start(
+    async fn start(
         &mut self,
         id: ChannelId,
         program: Program,
@@ -117,22 +109,46 @@ impl ConnHandler {
         let (Some(user), Some(host)) = (self.user.clone(), self.inner.host()) else {
             return session.channel_failure(id);
         };
+        let run_as = host.run_as(&self.node.key);
+        if host.switches() && run_as.is_none() {
+            // Root, but the node has no account of its own: never run as root.
+            return session.channel_failure(id);
+        }
+        if !self
+            .channels
+            .get(&id)
+            .is_some_and(|c| c.running.is_none() && c.writer.is_some())
+            || self.ctl.is_killed()
+        {
+            return session.channel_failure(id);
+        }
+        let node_dir = self.inner.node_dir(&self.node.key);
+        let name = user.clone();
+        let home =
+            tokio::task::spawn_blocking(move || hostkey::user_home(&node_dir, &name, run_as))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+        let home = match home {
+            Ok(home) => home,
+            Err(e) => {
+                tracing::warn!(node = %self.node.key, user = %user, error = %e, "cannot make the user's home");
+                return session.channel_failure(id);
+            }
+        };
         let Some(chan) = self.channels.get_mut(&id) else {
             return session.channel_failure(id);
         };
-        if chan.running.is_some() || self.ctl.is_killed() {
-            return session.channel_failure(id);
-        }
         let Some(writer) = chan.writer.take() else {
             return session.channel_failure(id);
         };
         let is_admin = self.node.account(&user).is_some_and(|a| a.is_admin);
-        let home = hostkey::home_dir(&self.inner.node_dir(&self.node.key));
         let spec = SpawnSpec {
             home: &home,
             user: &user,
             is_admin,
-            host,
+            run_as,
+            shell: &host.shell,
             pty: chan.pty.as_ref(),
             program,
         };
@@ -148,14 +164,6 @@ impl ConnHandler {
             }
         }
     }
-}
-
-fn sftp_server() -> Option<PathBuf> {
-    SFTP_SERVERS
-        .iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .map(Path::to_path_buf)
 }
 
 impl russh::server::Handler for ConnHandler {
@@ -296,7 +304,7 @@ impl russh::server::Handler for ConnHandler {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.start(channel, Program::Shell, session)
+        self.start(channel, Program::Shell, session).await
     }
 
     async fn exec_request(
@@ -306,6 +314,7 @@ impl russh::server::Handler for ConnHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.start(channel, Program::Exec(data.to_vec()), session)
+            .await
     }
 
     async fn subsystem_request(
@@ -314,8 +323,11 @@ impl russh::server::Handler for ConnHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        match (name, sftp_server()) {
-            ("sftp", Some(path)) => self.start(channel, Program::Subsystem(path), session),
+        match (name, self.inner.config.sftp_server.clone()) {
+            ("sftp", Some((program, args))) => {
+                self.start(channel, Program::Subsystem(program, args), session)
+                    .await
+            }
             _ => session.channel_failure(channel),
         }
     }

@@ -1,10 +1,16 @@
-//! A node's directory: `{data_dir}/{node_key}/ssh_host_ed25519_key` (its persistent host key,
-//! mode 0600) and `{data_dir}/{node_key}/home` (the sessions' working directory). All blocking:
-//! call from `spawn_blocking`.
+//! A node's directory, `{data_dir}/{node_key}`:
+//!
+//! * `private/` (root, 0700): `ssh_host_ed25519_key` (its persistent host key, 0600), its public
+//!   half, and `session-uid` (the uid its sessions run as). No session can read it.
+//! * `home/` (root, group = the node's gid, 0750): one directory per user, `home/{user}`, owned
+//!   by the node's uid and gid, mode 0700, created at the user's first session.
+//!
+//! The node directory and `data_dir` are 0711 (passable, not listable). All blocking: call from
+//! `spawn_blocking`.
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -12,8 +18,11 @@ use russh::keys::PrivateKey;
 use russh::keys::ssh_key::LineEnding;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 
+use crate::sysuser::RunAs;
+
 const KEY_FILE: &str = "ssh_host_ed25519_key";
 const HOME_DIR: &str = "home";
+const PRIVATE_DIR: &str = "private";
 
 /// Node keys name directories: only `[A-Za-z0-9._-]`, not `.`/`..`, at most 200 characters.
 pub(crate) fn validate_node_key(key: &str) -> io::Result<()> {
@@ -34,42 +43,81 @@ pub(crate) fn validate_node_key(key: &str) -> io::Result<()> {
     }
 }
 
-pub(crate) fn home_dir(node_dir: &Path) -> PathBuf {
+pub(crate) fn private_dir(node_dir: &Path) -> PathBuf {
+    node_dir.join(PRIVATE_DIR)
+}
+
+/// The directory holding the node's users' homes.
+pub(crate) fn homes_dir(node_dir: &Path) -> PathBuf {
     node_dir.join(HOME_DIR)
 }
 
+/// The node's directory (0711) and its private directory (0700), created if needed.
+pub(crate) fn make_private_dir(private: &Path) -> io::Result<()> {
+    if let Some(node_dir) = private.parent() {
+        make_dir(node_dir, 0o711)?;
+    }
+    make_dir(private, 0o700)
+}
+
+fn make_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    match fs::DirBuilder::new().mode(mode).create(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            match fs::DirBuilder::new().mode(mode).create(dir) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                other => other?,
+            }
+        }
+        other => other?,
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+}
+
 /// Creates the node's directories if needed and loads (or generates and saves) its host key.
-/// `run_as`: the account sessions run as, which gets the home directory and must be able to
-/// pass through `data_dir` and the node directory (their "others may search" bit is set).
-pub(crate) fn prepare(node_dir: &Path, run_as: Option<(u32, u32)>) -> io::Result<PrivateKey> {
+/// `run_as`: the account the node's sessions run as (when the server is root), and whether it
+/// changed since the node's files were made (they are then given to it). `data_dir` and the
+/// node directory get the "others may search" bit so that account can reach its homes.
+pub(crate) fn prepare(node_dir: &Path, run_as: Option<(RunAs, bool)>) -> io::Result<PrivateKey> {
     let data_dir = node_dir.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(data_dir)?;
     if run_as.is_some() {
         allow_search(data_dir)?;
         warn_if_unreachable(data_dir);
     }
-    fs::DirBuilder::new()
-        .mode(0o711)
-        .recursive(true)
-        .create(node_dir)?;
-    fs::set_permissions(node_dir, fs::Permissions::from_mode(0o711))?;
-    make_home(node_dir, run_as)?;
-    load_or_generate(&node_dir.join(KEY_FILE))
+    let private = private_dir(node_dir);
+    make_private_dir(&private)?;
+    // Before the private directory existed, the key sat in the node directory.
+    for name in [KEY_FILE.to_string(), format!("{KEY_FILE}.pub")] {
+        let old = node_dir.join(&name);
+        if old.exists() && !private.join(&name).exists() {
+            fs::rename(&old, private.join(&name))?;
+        } else {
+            remove_if_exists(&old)?;
+        }
+    }
+    make_homes(node_dir, run_as)?;
+    load_or_generate(&private.join(KEY_FILE))
 }
 
-/// Reimage: a new host key, and the home directory emptied.
-pub(crate) fn reimage_dir(node_dir: &Path, run_as: Option<(u32, u32)>) -> io::Result<()> {
-    let key = node_dir.join(KEY_FILE);
-    remove_if_exists(&key)?;
-    remove_if_exists(&key.with_extension("pub"))?;
-    let home = home_dir(node_dir);
-    if home.exists() {
-        fs::remove_dir_all(&home)?;
+/// Reimage: a new host key, and every home removed.
+pub(crate) fn reimage_dir(node_dir: &Path, run_as: Option<(RunAs, bool)>) -> io::Result<()> {
+    for dir in [node_dir.to_path_buf(), private_dir(node_dir)] {
+        let key = dir.join(KEY_FILE);
+        remove_if_exists(&key)?;
+        remove_if_exists(&key.with_extension("pub"))?;
+    }
+    let homes = homes_dir(node_dir);
+    if homes.exists() {
+        fs::remove_dir_all(&homes)?;
     }
     prepare(node_dir, run_as).map(drop)
 }
 
-/// Deletes the node's directory (host key, home).
+/// Deletes the node's directory (host key, homes).
 pub(crate) fn remove_node_dir(node_dir: &Path) -> io::Result<()> {
     match fs::remove_dir_all(node_dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -77,16 +125,66 @@ pub(crate) fn remove_node_dir(node_dir: &Path) -> io::Result<()> {
     }
 }
 
-fn make_home(node_dir: &Path, run_as: Option<(u32, u32)>) -> io::Result<()> {
-    let home = home_dir(node_dir);
+/// `home/`: root's, readable by the node's group only (its sessions can list it, other nodes'
+/// cannot, and none can add to it). If the node's uid changed, or the directory is from before
+/// the per-user homes (owned by the session account), what it holds is given to the node's uid.
+fn make_homes(node_dir: &Path, run_as: Option<(RunAs, bool)>) -> io::Result<()> {
+    let homes = homes_dir(node_dir);
+    match fs::DirBuilder::new().mode(0o700).create(&homes) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        other => other?,
+    }
+    let Some((ids, changed)) = run_as else {
+        return fs::set_permissions(&homes, fs::Permissions::from_mode(0o700));
+    };
+    let legacy = fs::symlink_metadata(&homes)?.uid() != 0;
+    std::os::unix::fs::chown(&homes, Some(0), Some(ids.gid))?;
+    fs::set_permissions(&homes, fs::Permissions::from_mode(0o750))?;
+    if changed || legacy {
+        for entry in fs::read_dir(&homes)? {
+            chown_tree(&entry?.path(), ids.uid, ids.gid)?;
+        }
+    }
+    Ok(())
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if fs::symlink_metadata(path)?.is_dir() {
+        for entry in fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// The user's home on the node, `home/{user}`: created (mode 0700, owned by the node's uid) if
+/// missing. Blocking.
+pub(crate) fn user_home(node_dir: &Path, user: &str, run_as: Option<RunAs>) -> io::Result<PathBuf> {
+    if user.is_empty() || user == "." || user == ".." || user.contains(['/', '\0']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the user name cannot name a directory",
+        ));
+    }
+    let home = homes_dir(node_dir).join(user);
     match fs::DirBuilder::new().mode(0o700).create(&home) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         other => other?,
     }
-    if let Some((uid, gid)) = run_as {
-        std::os::unix::fs::chown(&home, Some(uid), Some(gid))?;
+    let meta = fs::symlink_metadata(&home)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory",
+            home.display()
+        )));
     }
-    Ok(())
+    if let Some(ids) = run_as
+        && (meta.uid() != ids.uid || meta.gid() != ids.gid)
+    {
+        std::os::unix::fs::lchown(&home, Some(ids.uid), Some(ids.gid))?;
+    }
+    Ok(home)
 }
 
 fn load_or_generate(path: &Path) -> io::Result<PrivateKey> {
@@ -117,7 +215,12 @@ fn generate(path: &Path) -> io::Result<PrivateKey> {
     Ok(key)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
+pub(crate) fn write_atomically(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    durable: bool,
+) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     remove_if_exists(&tmp)?;
     let mut file = fs::OpenOptions::new()
@@ -164,4 +267,24 @@ fn warn_if_unreachable(data_dir: &Path) {
             return;
         }
     }
+}
+
+/// [`prepare`] for a node about to start, off the async workers: assigns its sessions' uid
+/// first (when sessions switch account).
+pub(crate) async fn prepare_node(
+    inner: &std::sync::Arc<crate::Inner>,
+    host: &crate::sysuser::HostIdentity,
+    node_key: &str,
+) -> io::Result<PrivateKey> {
+    let dir = inner.node_dir(node_key);
+    let (inner, key, switches) = (inner.clone(), node_key.to_string(), host.switches());
+    tokio::task::spawn_blocking(move || {
+        let run_as = match inner.host() {
+            Some(h) if switches => h.assign(&key)?,
+            _ => None,
+        };
+        prepare(&dir, run_as)
+    })
+    .await
+    .map_err(io::Error::other)?
 }

@@ -6,28 +6,38 @@
 //! # What a shell on an emulated node is
 //!
 //! **It is a real shell on the host, not a container or a VM.** A session runs `/bin/bash` (or
-//! `/bin/sh`) as an unprivileged *host* account:
+//! `/bin/sh`) as an unprivileged *host* uid:
 //!
-//! * When the server runs as root, every session of every node runs as
-//!   [`SshConfig::session_user`] (default `nobody`), never as root. Its working directory and
-//!   `HOME` are the node's `home` directory (owned by that account); its environment is built
-//!   from scratch (`HOME`, `USER`, `LOGNAME`, `SHELL`, `PATH`, and `TERM` with a PTY) and holds
-//!   nothing of the server's. Admin accounts (`isAdmin`) additionally get the supplementary host
-//!   group `bluebatch-admin` (created with `groupadd --system` if missing), which is how `isAdmin`
-//!   shows in `id`; that group grants nothing by itself. Non-admins get only the account's own
-//!   primary group.
+//! * When the server runs as root, each node's sessions run under the node's own numeric uid
+//!   (gid of the same number), taken from [`SshConfig::session_uids`] and kept in the node's
+//!   private directory, so it stays the same across restarts. It has no passwd or group entry
+//!   (`id` shows numbers) and nothing of the host's `/etc` is changed. Admin accounts
+//!   (`isAdmin`) additionally get the bare supplementary gid [`SshConfig::admin_gid`], which is
+//!   how `isAdmin` shows in `id -G`; that gid grants nothing by itself. Every other
+//!   supplementary group is dropped.
+//! * Each user has a home of their own, `{data_dir}/{node_key}/home/{user}` (absolute), owned by
+//!   the node's uid, mode 0700, created at the user's first session. The working directory is
+//!   that home; the environment is built from scratch (`HOME`, `USER`, `LOGNAME`, `SHELL`,
+//!   `PATH`, and `TERM` with a PTY) and holds nothing of the server's.
 //! * When the server does not run as root, sessions run as the server's own user (it cannot
-//!   switch to another one), and `isAdmin` cannot show in `id`.
+//!   switch to another one): every node shares that user, which can read whatever the server
+//!   can, and `isAdmin` cannot show in `id`.
 //!
-//! What such a shell **can** reach: everything that host account can — world-readable files of
-//! the host (`/etc/passwd`, installed software, other users' world-readable files), every network
-//! the host can reach (including services listening on loopback), and the files of *other*
-//! nodes' homes, since all nodes share the one session account. It can run any program installed
-//! on the host and start background processes.
+//! What such a shell **can** reach: everything its uid can — world-readable files of the host
+//! (`/etc/passwd`, installed software, other users' world-readable files), every network the
+//! host can reach (including services listening on loopback), the homes of the other users of
+//! the *same* node (they share the node's uid). It can run any program installed on the host
+//! and start background processes.
 //!
 //! What it **cannot** reach: root privileges (no set-uid path is opened by us; supplementary
-//! groups are reset), the server's environment and secrets (the node's host key file is
-//! root-owned, mode 0600), the server's own files unless they are world-readable.
+//! groups are reset), other nodes' files (another uid, homes 0700, `home/` readable by the
+//! node's group only), the node's private directory (host key, root-owned, 0700/0600), the
+//! server's environment and secrets, and the server's own files unless they are
+//! world-readable.
+//!
+//! `sftp` (and OpenSSH 9's `scp`, which speaks SFTP) is served by a child process started like a
+//! session (same uid, groups, home and environment): [`SshConfig::sftp_server`], by default this
+//! executable run as `{exe} __sftp-server`, which must call [`sftp::serve_stdio`].
 //!
 //! Sessions end when the client leaves, when the account is removed or expires (checked at login
 //! and by a once-a-second sweep), and when the node is stopped, reimaged or removed: the
@@ -40,6 +50,7 @@ mod hostkey;
 mod node;
 mod server;
 mod session;
+pub mod sftp;
 mod sysuser;
 
 use std::collections::{HashMap, HashSet};
@@ -68,9 +79,18 @@ pub struct SshConfig {
     /// `session_user`, `data_dir` gets the "others may search" bit so that account can reach
     /// the homes; each home is owned by it.
     pub data_dir: PathBuf,
-    /// Host account sessions run as when the server runs as root (`None`: `nobody`).
-    /// Default `nobody`. It must exist and must not be root.
-    pub session_user: Option<String>,
+    /// The uids (and gids of the same numbers) the nodes' sessions run as when the server runs
+    /// as root: one per node, kept across restarts; numbers the host names as a user or group
+    /// are skipped. Default `2000000000..=2000099999`: above every regular, system, dynamic
+    /// (systemd) and usual subordinate (`/etc/subuid`) range, below 2^31.
+    pub session_uids: RangeInclusive<u32>,
+    /// The bare supplementary gid of admin (`isAdmin`) sessions; never given to a node.
+    /// `None`: the first number of `session_uids` (default `2000000000`).
+    pub admin_gid: Option<u32>,
+    /// The program (and its arguments) that serves SFTP on stdin/stdout for the `sftp`
+    /// subsystem, started as the session's account in its home. `None`: no `sftp` subsystem.
+    /// Default: this executable (`/proc/self/exe`) with the argument `__sftp-server`.
+    pub sftp_server: Option<(PathBuf, Vec<std::ffi::OsString>)>,
     /// Failed logins allowed per node and source IP within a minute; past that, every login from
     /// that IP to that node is refused for a minute. Default 10.
     pub max_failed_logins: u32,
@@ -90,7 +110,9 @@ impl Default for SshConfig {
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port_range: 20000..=29999,
             data_dir: PathBuf::from("bluebatch-data/nodes"),
-            session_user: Some("nobody".to_string()),
+            session_uids: 2_000_000_000..=2_000_099_999,
+            admin_gid: None,
+            sftp_server: Some((PathBuf::from(sftp::SELF_EXE), vec![sftp::SUBCOMMAND.into()])),
             max_failed_logins: 10,
             auth_rejection_delay: Duration::from_millis(250),
             max_connections_per_node: 32,
@@ -130,7 +152,11 @@ impl SshNodes {
     /// Creates the provider; nothing listens until [`SshNodes::start_node`]. The async methods
     /// need a tokio runtime (the first `start_node` also starts the once-a-second expiry sweep
     /// on it); `apply` and the getters can be called from anywhere.
-    pub fn new(config: SshConfig, clock: Arc<dyn Clock>) -> Arc<Self> {
+    pub fn new(mut config: SshConfig, clock: Arc<dyn Clock>) -> Arc<Self> {
+        // Homes are given to sessions as $HOME: always absolute.
+        if let Ok(abs) = std::path::absolute(&config.data_dir) {
+            config.data_dir = abs;
+        }
         Arc::new(SshNodes {
             inner: Arc::new(Inner {
                 config,
@@ -191,6 +217,9 @@ impl SshNodes {
             if let Ok(Err(e)) = result {
                 tracing::warn!(node = node_key, error = %e, "could not delete the node's directory");
             }
+            if let Some(host) = self.inner.host() {
+                host.release(node_key);
+            }
         }
         let mut nodes = self.inner.nodes.write().unwrap_or_else(|e| e.into_inner());
         if nodes.get(node_key).is_some_and(|n| Arc::ptr_eq(n, &node)) {
@@ -211,10 +240,14 @@ impl SshNodes {
         let port = endpoint.as_ref().map(|e| e.addr.port());
         self.stop_locked(&node, &mut endpoint).await;
         let dir = self.inner.node_dir(node_key);
-        let run_as = host.run_as_ids();
-        tokio::task::spawn_blocking(move || hostkey::reimage_dir(&dir, run_as))
-            .await
-            .map_err(std::io::Error::other)??;
+        let inner = self.inner.clone();
+        let key = node_key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let run_as = inner.host().map(|h| h.assign(&key)).transpose()?.flatten();
+            hostkey::reimage_dir(&dir, run_as)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         if let Some(port) = port {
             let started = server::start_endpoint(&self.inner, &node, host, Some(port)).await?;
             *endpoint = Some(started);
@@ -282,9 +315,11 @@ impl SshNodes {
         }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            inner
-                .host
-                .get_or_init(|| HostIdentity::detect(inner.config.session_user.as_deref()));
+            inner.host.get_or_init(|| {
+                let c = &inner.config;
+                let admin_gid = c.admin_gid.unwrap_or(*c.session_uids.start());
+                HostIdentity::detect(&c.data_dir, c.session_uids.clone(), admin_gid)
+            });
         })
         .await
         .map_err(std::io::Error::other)?;

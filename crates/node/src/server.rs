@@ -31,11 +31,7 @@ pub(crate) async fn start_endpoint(
     host: &HostIdentity,
     preferred_port: Option<u16>,
 ) -> io::Result<Endpoint> {
-    let dir = inner.node_dir(&node.key);
-    let run_as = host.run_as_ids();
-    let key = tokio::task::spawn_blocking(move || hostkey::prepare(&dir, run_as))
-        .await
-        .map_err(io::Error::other)??;
+    let key = hostkey::prepare_node(inner, host, &node.key).await?;
     let public = key.public_key().to_openssh().unwrap_or_default();
     let listener = bind(inner, preferred_port)?;
     let addr = listener.local_addr()?;

@@ -1,5 +1,5 @@
-//! The processes of a session: the shell started as the session account (on a PTY when asked),
-//! in the node's home, with an environment of its own, and its stdin/stdout/stderr streamed over
+//! The processes of a session: the shell started as the node's session uid (on a PTY when asked),
+//! in the user's home, with an environment of its own, and its stdin/stdout/stderr streamed over
 //! the SSH channel. Every process starts in a new session (`setsid`), so its process group can be
 //! hung up or killed as a whole.
 
@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use crate::sysuser::{HostIdentity, c_path};
+use crate::sysuser::{RunAs, c_path};
 
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// How long output may still drain after a pipe session's process exited.
@@ -48,15 +48,17 @@ pub(crate) enum Program {
     Shell,
     /// `$SHELL -c command`.
     Exec(Vec<u8>),
-    /// A subsystem server run directly (sftp).
-    Subsystem(PathBuf),
+    /// A subsystem server run directly (sftp): program and arguments.
+    Subsystem(PathBuf, Vec<OsString>),
 }
 
 pub(crate) struct SpawnSpec<'a> {
     pub home: &'a Path,
     pub user: &'a str,
     pub is_admin: bool,
-    pub host: &'a HostIdentity,
+    /// The node's account, when sessions switch account (the server is root).
+    pub run_as: Option<RunAs>,
+    pub shell: &'a Path,
     pub pty: Option<&'a PtySpec>,
     pub program: Program,
 }
@@ -134,7 +136,7 @@ pub(crate) fn spawn(
 ) -> io::Result<Running> {
     let mut cmd = command(&spec)?;
     let pty = spec.pty.map(open_pty).transpose()?;
-    let run_as = spec.host.run_as();
+    let run_as = spec.run_as;
     match &pty {
         Some((_, slave)) => {
             if let Some(r) = run_as {
@@ -156,10 +158,8 @@ pub(crate) fn spawn(
     }
     let creds = run_as.map(|r| {
         let mut groups = vec![r.gid];
-        if spec.is_admin
-            && let Some(admin) = r.admin_gid
-        {
-            groups.push(admin);
+        if spec.is_admin {
+            groups.push(r.admin_gid);
         }
         Creds {
             uid: r.uid,
@@ -212,7 +212,7 @@ pub(crate) fn spawn(
 }
 
 fn command(spec: &SpawnSpec<'_>) -> io::Result<Command> {
-    let shell = &spec.host.shell;
+    let shell = spec.shell;
     let mut cmd = match &spec.program {
         Program::Shell => {
             let mut cmd = Command::new(shell);
@@ -225,7 +225,11 @@ fn command(spec: &SpawnSpec<'_>) -> io::Result<Command> {
             cmd.arg("-c").arg(OsString::from_vec(line.clone()));
             cmd
         }
-        Program::Subsystem(path) => Command::new(path),
+        Program::Subsystem(path, args) => {
+            let mut cmd = Command::new(path);
+            cmd.args(args);
+            cmd
+        }
     };
     cmd.env_clear()
         .env("HOME", spec.home)
@@ -251,9 +255,9 @@ struct Creds {
     groups: Vec<u32>,
 }
 
-/// In the child, after fork: new session (and controlling terminal), then drop to the session
+/// In the child, after fork: new session (and controlling terminal), then drop to the node's
 /// account (groups, gid, uid — in that order, while still privileged), then the home directory
-/// (or `/` if the account cannot enter it, as sshd does).
+/// (or `/` if the account cannot enter it, as sshd does), with sshd's umask 022.
 fn child_setup(with_tty: bool, creds: Option<&Creds>, home: &CString) -> io::Result<()> {
     // SAFETY: async-signal-safe syscalls only, on memory owned by the closure.
     unsafe {
@@ -275,6 +279,7 @@ fn child_setup(with_tty: bool, creds: Option<&Creds>, home: &CString) -> io::Res
                 return Err(io::Error::from(io::ErrorKind::PermissionDenied));
             }
         }
+        libc::umask(0o022);
         if libc::chdir(home.as_ptr()) < 0 {
             libc::chdir(c"/".as_ptr());
         }

@@ -216,10 +216,16 @@ async fn exec_streams_io_and_propagates_exit_status() {
     assert!(out.status.success());
     assert!(out.stdout == big, "cat returned {} bytes", out.stdout.len());
 
-    // Environment: built from scratch; working directory: the node's home.
+    // Environment: built from scratch; working directory: the user's home on the node.
     let out = ssh.run(&["pwd; env"], None).await;
     let text = stdout(&out);
-    let home = f.dir.path().join("nodes").join(node).join("home");
+    let home = f
+        .dir
+        .path()
+        .join("nodes")
+        .join(node)
+        .join("home")
+        .join("gina");
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some(home.to_str().unwrap()));
     let env: Vec<&str> = lines.collect();
@@ -293,10 +299,19 @@ async fn host_key_is_stable_across_restarts_and_new_after_reimage() {
         .path()
         .join("nodes")
         .join(node)
+        .join("private")
         .join("ssh_host_ed25519_key");
     assert_eq!(
         std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
         0o600
+    );
+    assert_eq!(
+        std::fs::metadata(key_file.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
     );
 
     let (key, public) = f.keygen("hk", "ed25519", None);
@@ -350,7 +365,8 @@ async fn host_key_is_stable_across_restarts_and_new_after_reimage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_never_run_as_root_and_show_admin_group_only_for_admins() {
+async fn sessions_never_run_as_root_and_show_the_admin_gid_only_for_admins() {
+    let etc_before = etc_accounts();
     let f = Fixture::new();
     let node = "acct.pool1.tvm-id";
     let addr = f.start(node).await;
@@ -359,32 +375,124 @@ async fn sessions_never_run_as_root_and_show_admin_group_only_for_admins() {
     f.upsert(node, account("plain1", None, Some(&public), false, DAY));
     let admin = stdout(
         &Ssh::new(addr, "admin1", Login::Key(&key))
-            .run(&["id"], None)
+            .run(&["id -u; id -G; echo $HOME"], None)
             .await,
     );
     let plain = stdout(
         &Ssh::new(addr, "plain1", Login::Key(&key))
-            .run(&["id"], None)
+            .run(&["id -u; id -G; echo $HOME"], None)
             .await,
     );
-    assert!(admin.starts_with("uid="), "{admin:?}");
-    assert!(plain.starts_with("uid="), "{plain:?}");
+    let (admin, plain): (Vec<&str>, Vec<&str>) = (admin.lines().collect(), plain.lines().collect());
+    assert_eq!(admin.len(), 3, "{admin:?}");
+    assert_eq!(plain.len(), 3, "{plain:?}");
     for id in [&admin, &plain] {
-        assert!(!id.contains("uid=0("), "session runs as root: {id}");
-        assert!(!id.contains("(root)"), "session has root's group: {id}");
+        assert_ne!(id[0], "0", "session runs as root: {id:?}");
+        assert!(
+            !id[1].split(' ').any(|g| g == "0"),
+            "session has root's group: {id:?}"
+        );
     }
-    assert!(!plain.contains("bluebatch-admin"), "{plain}");
+    // Each user has a home of their own, absolute.
+    let homes = f.dir.path().join("nodes").join(node).join("home");
+    assert_eq!(admin[2], homes.join("admin1").to_str().unwrap());
+    assert_eq!(plain[2], homes.join("plain1").to_str().unwrap());
     if is_root() {
-        assert!(admin.contains("uid=65534(nobody)"), "{admin}");
-        assert!(admin.contains("bluebatch-admin"), "{admin}");
-        // The home belongs to the session account.
-        let home = f.dir.path().join("nodes").join(node).join("home");
+        // One uid for the node, from the default range; gid of the same number.
+        let uid: u32 = plain[0].parse().unwrap();
+        assert_eq!(admin[0], plain[0]);
+        assert!((2_000_000_001..=2_000_099_999).contains(&uid), "{uid}");
+        assert_eq!(
+            plain[1], plain[0],
+            "a non-admin has only the node's own group"
+        );
+        let admin_groups: Vec<&str> = admin[1].split(' ').collect();
+        assert_eq!(admin_groups, [admin[0], "2000000000"], "{admin:?}");
+        // The home belongs to the node's uid, mode 0700.
         let out = Ssh::new(addr, "plain1", Login::Key(&key))
-            .run(&["touch mine && stat -c %U mine"], None)
+            .run(&["touch mine && stat -c '%u %a' mine ."], None)
             .await;
-        assert_eq!(stdout(&out), "nobody\n", "{out:?}");
-        assert!(home.join("mine").exists());
+        assert_eq!(stdout(&out), format!("{uid} 644\n{uid} 700\n"), "{out:?}");
+        assert!(homes.join("plain1").join("mine").exists());
     }
+    assert_eq!(etc_accounts(), etc_before, "the host's /etc changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_has_its_own_uid_kept_across_restarts() {
+    if !is_root() {
+        eprintln!("skipped: sessions switch uid only when the server is root");
+        return;
+    }
+    let f = Fixture::new();
+    let (key, public) = f.keygen("uids", "ed25519", None);
+    let mut uids = Vec::new();
+    for node in ["acct.pool1.tvm-u1", "acct.pool1.tvm-u2"] {
+        let addr = f.start(node).await;
+        f.upsert(node, account("una", None, Some(&public), false, DAY));
+        let out = Ssh::new(addr, "una", Login::Key(&key))
+            .run(&["id -u"], None)
+            .await;
+        assert!(out.status.success(), "{out:?}");
+        uids.push(stdout(&out).trim().to_string());
+    }
+    assert_ne!(uids[0], uids[1], "two nodes share a uid");
+
+    // A new provider on the same directory (a restart) gives the node the same uid.
+    f.nodes.shutdown().await;
+    let again = bluebatch_node::SshNodes::new(
+        SshConfig {
+            data_dir: f.dir.path().join("nodes"),
+            ..SshConfig::default()
+        },
+        f.clock.clone(),
+    );
+    let node = "acct.pool1.tvm-u2";
+    let addr = again.start_node(node, None).await.unwrap();
+    again.apply(
+        node,
+        1,
+        AccountChange::Upsert(account("una", None, Some(&public), false, DAY)),
+    );
+    let out = Ssh::new(addr, "una", Login::Key(&key))
+        .run(&["id -u"], None)
+        .await;
+    assert_eq!(stdout(&out).trim(), uids[1], "{out:?}");
+    again.shutdown().await;
+
+    // Another range: the node gets a uid of it, and its files follow.
+    let moved = bluebatch_node::SshNodes::new(
+        SshConfig {
+            data_dir: f.dir.path().join("nodes"),
+            session_uids: 2_100_000_000..=2_100_000_009,
+            ..SshConfig::default()
+        },
+        f.clock.clone(),
+    );
+    let addr = moved.start_node(node, None).await.unwrap();
+    moved.apply(
+        node,
+        1,
+        AccountChange::Upsert(account("una", None, Some(&public), false, DAY)),
+    );
+    let out = Ssh::new(addr, "una", Login::Key(&key))
+        .run(&["id -u; id -G; stat -c %u ."], None)
+        .await;
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{out:?}");
+    let uid: u32 = lines[0].parse().unwrap();
+    assert!((2_100_000_001..=2_100_000_009).contains(&uid), "{uid}");
+    assert_eq!(lines[2], lines[0], "the home did not follow the new uid");
+    moved.shutdown().await;
+}
+
+/// /etc/passwd and /etc/group, to show nothing changed them.
+fn etc_accounts() -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read("/etc/passwd").unwrap_or_default(),
+        std::fs::read("/etc/group").unwrap_or_default(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

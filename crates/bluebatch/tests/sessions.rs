@@ -1,0 +1,222 @@
+//! Node sessions through the whole server and the real OpenSSH client: each user's own absolute
+//! home, each node's own uid, isAdmin as a bare supplementary gid, no way into another node's
+//! files or the service's secrets, and the host's /etc untouched.
+
+mod common;
+
+use common::{Client, Server, keypair};
+use serde_json::json;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Every ssh run is bounded by this.
+const SSH_DEADLINE: Duration = Duration::from_secs(30);
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` on the node as `user` with the key; a hang fails the test.
+async fn run(port: u16, user: &str, key: &Path, cmd: &str) -> Out {
+    let mut ssh = tokio::process::Command::new("ssh");
+    ssh.args(["-F", "/dev/null", "-p", &port.to_string()])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .args(["-o", "ConnectTimeout=10", "-i"])
+        .arg(key)
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(SSH_DEADLINE, ssh.output())
+        .await
+        .expect("ssh did not finish in time")
+        .expect("running ssh");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn add_user(c: &Client, pool: &str, node: &str, name: &str, admin: bool, public: &str) {
+    let r = c
+        .req("POST", &format!("/pools/{pool}/nodes/{node}/users"))
+        .json(&json!({"name": name, "isAdmin": admin, "sshPublicKey": public}))
+        .send()
+        .await;
+    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// /etc/passwd and /etc/group, to show nothing changed them.
+fn etc_accounts() -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read("/etc/passwd").unwrap_or_default(),
+        std::fs::read("/etc/group").unwrap_or_default(),
+    )
+}
+
+/// (uid, supplementary gids, $HOME) of a session.
+async fn identity(port: u16, user: &str, key: &Path) -> (String, Vec<String>, String) {
+    let out = run(port, user, key, "id -u; id -G; echo \"$HOME\"").await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{:?}", out.stdout);
+    (
+        lines[0].to_string(),
+        lines[1].split(' ').map(str::to_string).collect(),
+        lines[2].to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_have_own_homes_and_uids_and_cannot_reach_other_nodes_or_secrets() {
+    let etc_before = etc_accounts();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut srv = Server::start_in(&data);
+    let c = srv.client();
+    let nodes = c.ready_pool("p", "linux", 2).await;
+    let (key, public) = keypair(dir.path(), "k");
+    add_user(&c, "p", &nodes[0], "alice", true, &public).await;
+    add_user(&c, "p", &nodes[0], "bob", false, &public).await;
+    add_user(&c, "p", &nodes[1], "carol", false, &public).await;
+    let port0 = c.ssh_port("p", &nodes[0]).await;
+    let port1 = c.ssh_port("p", &nodes[1]).await;
+
+    let (alice_uid, alice_groups, alice_home) = identity(port0, "alice", &key).await;
+    let (bob_uid, bob_groups, bob_home) = identity(port0, "bob", &key).await;
+    let (carol_uid, _, carol_home) = identity(port1, "carol", &key).await;
+
+    // $HOME is absolute, one per user, under the data directory's nodes, and is where the
+    // session starts.
+    let data_real = std::fs::canonicalize(&data).unwrap();
+    for (user, home) in [
+        ("alice", &alice_home),
+        ("bob", &bob_home),
+        ("carol", &carol_home),
+    ] {
+        assert!(
+            home.starts_with('/'),
+            "{user}: HOME {home:?} is not absolute"
+        );
+        assert!(home.ends_with(&format!("/home/{user}")), "{home}");
+        let real = std::fs::canonicalize(home).unwrap();
+        assert!(real.starts_with(data_real.join("nodes")), "{home}");
+        let pwd = run(
+            if user == "carol" { port1 } else { port0 },
+            user,
+            &key,
+            "pwd",
+        )
+        .await;
+        assert_eq!(pwd.stdout.trim(), home.as_str());
+    }
+    assert_ne!(alice_home, bob_home);
+
+    // The environment holds only what a login gives.
+    let env = run(port0, "bob", &key, "env").await;
+    for line in env.stdout.lines() {
+        let name = line.split('=').next().unwrap();
+        assert!(
+            [
+                "HOME", "USER", "LOGNAME", "SHELL", "PATH", "PWD", "SHLVL", "_"
+            ]
+            .contains(&name),
+            "unexpected variable in the session: {line}"
+        );
+    }
+
+    // Sessions never read the service's secrets: the store and the nodes' private files.
+    let node0_dir = PathBuf::from(&alice_home)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    let host_key = node0_dir.join("private").join("ssh_host_ed25519_key");
+    assert!(host_key.exists(), "{}", host_key.display());
+    assert!(data.join("state.db").exists());
+    for (port, user) in [(port0, "bob"), (port0, "alice"), (port1, "carol")] {
+        for secret in [data.join("state.db"), host_key.clone()] {
+            let out = run(port, user, &key, &format!("cat '{}'", secret.display())).await;
+            assert_ne!(out.code, 0, "{user} read {}", secret.display());
+            if is_root() {
+                assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+            }
+        }
+    }
+
+    if !is_root() {
+        eprintln!("not root: sessions run as the server's own user; uid checks skipped");
+        assert_eq!(etc_accounts(), etc_before);
+        return;
+    }
+    // One uid per node (its users share it), another for the other node; never root.
+    assert_eq!(alice_uid, bob_uid);
+    assert_ne!(alice_uid, carol_uid, "two nodes' sessions share a uid");
+    for uid in [&alice_uid, &carol_uid] {
+        let n: u32 = uid.parse().unwrap();
+        assert!((2_000_000_001..=2_000_099_999).contains(&n), "{uid}");
+    }
+    // isAdmin: the bare admin gid, for admins only.
+    assert_eq!(alice_groups, [alice_uid.as_str(), "2000000000"]);
+    assert_eq!(bob_groups, [bob_uid.as_str()]);
+
+    // The homes belong to the node's uid, 0700.
+    for home in [&alice_home, &bob_home] {
+        let meta = std::fs::metadata(home).unwrap();
+        assert_eq!(meta.uid().to_string(), alice_uid);
+        assert_eq!(meta.mode() & 0o777, 0o700, "{home}");
+    }
+
+    // Node 1's session cannot write into node 0's files, nor list node 0's homes or the data dir.
+    let homes0 = PathBuf::from(&alice_home).parent().unwrap().to_path_buf();
+    for target in [
+        format!("{alice_home}/from-carol"),
+        format!("{}/from-carol", homes0.display()),
+        format!("{}/from-carol", node0_dir.display()),
+    ] {
+        let out = run(port1, "carol", &key, &format!("touch '{target}'")).await;
+        assert_ne!(out.code, 0, "carol wrote {target}");
+        assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+        assert!(!Path::new(&target).exists());
+    }
+    for listed in [homes0.clone(), data.clone(), node0_dir.join("private")] {
+        let out = run(port1, "carol", &key, &format!("ls '{}'", listed.display())).await;
+        assert_ne!(out.code, 0, "carol listed {}", listed.display());
+    }
+    // Node 0's own sessions can write their home.
+    let out = run(port0, "bob", &key, "echo hi > mine && cat mine").await;
+    assert_eq!(out.stdout, "hi\n", "{}", out.stderr);
+
+    // The assignment survives a restart.
+    srv.stop();
+    let srv = Server::start_in(&data);
+    let c = srv.client();
+    let port1 = c.ssh_port("p", &nodes[1]).await;
+    let (again, _, home) = identity(port1, "carol", &key).await;
+    assert_eq!(again, carol_uid, "the node's uid changed across a restart");
+    assert_eq!(home, carol_home);
+
+    assert_eq!(etc_accounts(), etc_before, "the host's /etc changed");
+}
