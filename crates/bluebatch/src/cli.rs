@@ -77,7 +77,10 @@ async fn list_all(target: &Target, path: &str) -> Result<Vec<Value>, String> {
         if let Some(link) = v["odata.nextLink"].as_str() {
             let url =
                 reqwest::Url::parse(link).map_err(|e| format!("bad odata.nextLink {link}: {e}"))?;
-            next = Some((url.path().to_string(), url.query().unwrap_or("").to_string()));
+            next = Some((
+                url.path().to_string(),
+                url.query().unwrap_or("").to_string(),
+            ));
         }
     }
     Ok(out)
@@ -323,12 +326,15 @@ pub async fn env(target: &Target, args: EnvArgs) -> Result<(), String> {
     let answer = send(target, Method::GET, "/_bluebatch/clock", "", None).await?;
     ok_json(&answer).map_err(|e| format!("{}: {e}", target.url))?;
     let endpoint = target.url.trim_end_matches('/');
-    println!("export AZURE_BATCH_ACCOUNT={}", shell_quote(&target.account));
+    println!(
+        "export AZURE_BATCH_ACCOUNT={}",
+        shell_quote(&target.account)
+    );
     println!("export AZURE_BATCH_ENDPOINT={}", shell_quote(endpoint));
     println!("export AZURE_BATCH_ACCESS_KEY={}", shell_quote(&key));
     println!("# eval \"$(bluebatch env)\" sets these; then, from Python (azure-batch 15.x):");
     for line in PYTHON.lines() {
-        println!("#   {line}");
+        println!("{}", format!("#   {line}").trim_end());
     }
     Ok(())
 }
@@ -347,10 +353,7 @@ mod tests {
 
     #[test]
     fn tables_align() {
-        let t = table(
-            &["ID", "STATE"],
-            &[vec!["a-long-id".into(), "idle".into()]],
-        );
+        let t = table(&["ID", "STATE"], &[vec!["a-long-id".into(), "idle".into()]]);
         assert_eq!(t, "ID         STATE\na-long-id  idle\n");
     }
 }

@@ -111,13 +111,7 @@ fn main() -> std::process::ExitCode {
         return bluebatch_node::sftp::serve_stdio();
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BLUEBATCH_LOG")
-                .unwrap_or_else(|_| "info,russh=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -117,7 +117,10 @@ async fn clock_offset_survives_restarts_and_keeps_expired_users_out() {
     let c = s.client();
     assert_eq!(offset_seconds(&c).await, 0, "reset survives SIGKILL");
     if ssh {
-        assert!(login(&c, &node, 20).await, "alice logs in again after reset");
+        assert!(
+            login(&c, &node, 20).await,
+            "alice logs in again after reset"
+        );
     }
     s.stop();
 }
