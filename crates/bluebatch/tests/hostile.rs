@@ -1292,15 +1292,18 @@ fn cases() -> Vec<Case> {
         )
         .value("PropertyName", "name"),
     );
-    t.push(
-        add_linux(
-            "add: isAdmin as a string",
-            json!({"name": "newbie", "isAdmin": "true"}),
-            400,
-            "InvalidRequestBody",
-        )
-        .value("PropertyName", "isAdmin"),
-    );
+    // "true"/"false" are read as booleans (the az CLI sends strings); other strings are not.
+    for s in ["yes", "True", "1", ""] {
+        t.push(
+            add_linux(
+                &format!("add: isAdmin as the string {s:?}"),
+                json!({"name": "newbie", "isAdmin": s}),
+                400,
+                "InvalidRequestBody",
+            )
+            .value("PropertyName", "isAdmin"),
+        );
+    }
     t.push(add_linux(
         "add: isAdmin as a number",
         json!({"name": "newbie", "isAdmin": 1}),
@@ -1450,9 +1453,33 @@ fn cases() -> Vec<Case> {
         400,
         "InvalidPropertyValue",
     ));
+    // A string holding a decimal integer is read as the integer (the az CLI sends "5"); any
+    // other string is a wrong type, and a decimal string still meets the value rules.
+    for s in ["5.0", "five", "1e3", " 5", "5 ", "", "0x5", "+5"] {
+        t.push(
+            add_pool(
+                &format!("pool: node count as the string {s:?}"),
+                with(p.clone(), "targetDedicatedNodes", json!(s)).to_string(),
+                400,
+                "InvalidRequestBody",
+            )
+            .value("PropertyName", "targetDedicatedNodes"),
+        );
+    }
     t.push(add_pool(
-        "pool: node count as a string",
-        with(p.clone(), "targetDedicatedNodes", json!("5")).to_string(),
+        "pool: node count as a negative decimal string",
+        with(p.clone(), "targetDedicatedNodes", json!("-1")).to_string(),
+        400,
+        "InvalidPropertyValue",
+    ));
+    t.push(add_pool(
+        "pool: node count as a decimal string past i64",
+        with(
+            p.clone(),
+            "targetDedicatedNodes",
+            json!("99999999999999999999"),
+        )
+        .to_string(),
         400,
         "InvalidRequestBody",
     ));
@@ -1668,6 +1695,54 @@ fn cases() -> Vec<Case> {
             )
         },
     ));
+    // One level of wrapping is accepted (azure-batch 15.0.0b1 sends it); these are not.
+    for (body, property, what) in [
+        (
+            json!({"nodeDisableSchedulingOption": {"nodeDisableSchedulingOption":
+                {"nodeDisableSchedulingOption": "requeue"}}}),
+            "nodeDisableSchedulingOption",
+            "wrapped twice",
+        ),
+        (
+            json!({"nodeDisableSchedulingOption": {"nodeDisableSchedulingOption": ["requeue"]}}),
+            "nodeDisableSchedulingOption",
+            "wrapped around an array",
+        ),
+        (
+            json!({"nodeDisableSchedulingOption": {"requeue": true}}),
+            "requeue",
+            "wrapped under another name",
+        ),
+    ] {
+        t.push(
+            bad(
+                format!("node: disable scheduling option {what}"),
+                400,
+                "InvalidRequestBody",
+                move |x| {
+                    Out::Api(
+                        x.c.req("POST", &format!("{}/disablescheduling", x.lnode()))
+                            .json(&body),
+                    )
+                },
+            )
+            .value("PropertyName", property),
+        );
+    }
+    t.push(
+        bad(
+            "node: reboot option wrapped (no client wraps it)",
+            400,
+            "InvalidRequestBody",
+            |x| {
+                Out::Api(
+                    x.c.req("POST", &format!("{}/reboot", x.lnode()))
+                        .json(&json!({"nodeRebootOption": {"nodeRebootOption": "requeue"}})),
+                )
+            },
+        )
+        .value("PropertyName", "nodeRebootOption"),
+    );
     t.push(bad(
         "node: enable scheduling on an enabled node",
         409,

@@ -212,7 +212,9 @@ async fn pools_add_get_exists_list_delete() {
             "InvalidPropertyValue",
         ),
         (
-            json!({"id": "p", "vmSize": "x", "cloudServiceConfiguration": {"osFamily": "6"}, "targetDedicatedNodes": "2"}),
+            // A string holding a decimal integer is read as one (the az CLI sends them); others
+            // are the wrong type.
+            json!({"id": "p", "vmSize": "x", "cloudServiceConfiguration": {"osFamily": "6"}, "targetDedicatedNodes": "2.0"}),
             400,
             "InvalidRequestBody",
         ),

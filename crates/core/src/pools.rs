@@ -3,7 +3,7 @@
 
 use crate::error::{BatchError, Code, Result};
 use crate::model::Os;
-use crate::users::parse_object;
+use crate::users::{BOOLEAN, INTEGER, bool_value, int_prop, int_value, parse_object};
 use serde_json::{Map, Value};
 
 /// A validated Add Pool body.
@@ -56,13 +56,15 @@ const POOL_PROPERTIES: &[(&str, Kind)] = &[
     ("resourceTags", Kind::Obj),
 ];
 
-fn kind_matches(kind: Kind, v: &Value) -> bool {
+/// The value of a property of this kind as Azure reads it (integers and booleans also from
+/// strings: [`int_value`], [`bool_value`]); `None` when it has the wrong type.
+fn typed(kind: Kind, v: &Value) -> Option<Value> {
     match kind {
-        Kind::Str => v.is_string(),
-        Kind::Int => v.is_i64() || v.is_u64(),
-        Kind::Bool => v.is_boolean(),
-        Kind::Obj => v.is_object(),
-        Kind::Arr => v.is_array(),
+        Kind::Str => v.is_string().then(|| v.clone()),
+        Kind::Int => int_value(v).map(Value::from),
+        Kind::Bool => bool_value(v).map(Value::Bool),
+        Kind::Obj => v.is_object().then(|| v.clone()),
+        Kind::Arr => v.is_array().then(|| v.clone()),
     }
 }
 
@@ -73,6 +75,14 @@ fn wrong_type(name: &str) -> BatchError {
             "Reason",
             format!("the property '{name}' has the wrong JSON type"),
         )
+}
+
+fn wrong_kind(name: &str, kind: Kind) -> BatchError {
+    match kind {
+        Kind::Int => crate::users::wrong_type(name, INTEGER),
+        Kind::Bool => crate::users::wrong_type(name, BOOLEAN),
+        _ => wrong_type(name),
+    }
 }
 
 fn invalid(name: &str, value: &str, reason: &str) -> BatchError {
@@ -91,10 +101,9 @@ pub fn valid_pool_id(id: &str) -> bool {
 }
 
 fn node_count(map: &Map<String, Value>, name: &str, max_nodes: u32) -> Result<u32> {
-    match map.get(name) {
-        None | Some(Value::Null) => Ok(0),
-        Some(v) => {
-            let n = v.as_i64().ok_or_else(|| wrong_type(name))?;
+    match int_prop(map, name)? {
+        None => Ok(0),
+        Some(n) => {
             if n < 0 || n > i64::from(max_nodes) {
                 return Err(invalid(
                     name,
@@ -124,11 +133,11 @@ fn node_targets(map: &Map<String, Value>, max_nodes: u32) -> Result<(u32, u32)> 
 pub fn parse_add_pool(bytes: &[u8], max_nodes: u32) -> Result<NewPool> {
     let mut map = parse_object(bytes)?;
     map.retain(|_, v| !v.is_null());
+    // Type-check the known properties; "3" and "true" are stored as 3 and true, as Azure
+    // returns them.
     for (name, kind) in POOL_PROPERTIES {
-        if let Some(v) = map.get(*name)
-            && !kind_matches(*kind, v)
-        {
-            return Err(wrong_type(name));
+        if let Some(v) = map.get_mut(*name) {
+            *v = typed(*kind, v).ok_or_else(|| wrong_kind(name, *kind))?;
         }
     }
     let id = map
@@ -294,6 +303,66 @@ pub fn parse_remove_nodes(bytes: &[u8]) -> Result<Vec<String>> {
         .collect()
 }
 
+/// The node-deallocation options of Reboot and Reimage (`nodeRebootOption`, `nodeReimageOption`).
+pub const NODE_DEALLOCATION_OPTIONS: &[&str] =
+    &["requeue", "terminate", "taskcompletion", "retaineddata"];
+/// The options of Disable Scheduling (`nodeDisableSchedulingOption`).
+pub const DISABLE_SCHEDULING_OPTIONS: &[&str] = &["requeue", "terminate", "taskcompletion"];
+
+/// The optional body of Reboot, Reimage and Disable Scheduling: empty, or an object with at most
+/// the one option `property`, whose value is one of `allowed` (any case) or null. Returns the
+/// option given, if any.
+///
+/// With `nested`, the option may also come wrapped once in an object of the same name:
+/// azure-batch 15.0.0b1 (bundled in the az CLI 2.91) wraps the caller's
+/// `{"nodeDisableSchedulingOption": "taskcompletion"}` into
+/// `{"nodeDisableSchedulingOption": {"nodeDisableSchedulingOption": "taskcompletion"}}`.
+/// Deeper nesting is `InvalidRequestBody`.
+pub fn parse_node_option(
+    bytes: &[u8],
+    property: &str,
+    allowed: &[&str],
+    nested: bool,
+) -> Result<Option<String>> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let map = parse_object(bytes)?;
+    check_known(&map, &[property])?;
+    let value = match map.get(property) {
+        Some(Value::Object(inner)) if nested => {
+            check_known(inner, &[property])?;
+            match inner.get(property) {
+                Some(Value::Object(_)) | Some(Value::Array(_)) => {
+                    return Err(BatchError::new(Code::InvalidRequestBody)
+                        .with("PropertyName", property)
+                        .with(
+                            "Reason",
+                            format!(
+                                "the property '{property}' must be a string (one level of \
+                                 wrapping in an object of the same name is accepted, no more)"
+                            ),
+                        ));
+                }
+                v => v,
+            }
+        }
+        v => v,
+    };
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if allowed.iter().any(|a| a.eq_ignore_ascii_case(s)) => {
+            Ok(Some(s.to_ascii_lowercase()))
+        }
+        Some(Value::String(s)) => Err(invalid(
+            property,
+            &s.chars().take(64).collect::<String>(),
+            &format!("one of {}", allowed.join(", ")),
+        )),
+        Some(_) => Err(crate::users::wrong_type(property, "a string")),
+    }
+}
+
 fn check_known(map: &Map<String, Value>, allowed: &[&str]) -> Result<()> {
     match map.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(BatchError::new(Code::InvalidRequestBody)
@@ -316,14 +385,14 @@ fn check_string(map: &Map<String, Value>, name: &str) -> Result<()> {
 fn check_deallocation(map: &Map<String, Value>) -> Result<()> {
     check_string(map, "nodeDeallocationOption")?;
     if let Some(v) = map.get("nodeDeallocationOption").and_then(Value::as_str)
-        && !["requeue", "terminate", "taskcompletion", "retaineddata"]
+        && !NODE_DEALLOCATION_OPTIONS
             .iter()
             .any(|o| o.eq_ignore_ascii_case(v))
     {
         return Err(invalid(
             "nodeDeallocationOption",
             v,
-            "one of requeue, terminate, taskcompletion, retaineddata",
+            &format!("one of {}", NODE_DEALLOCATION_OPTIONS.join(", ")),
         ));
     }
     Ok(())
@@ -361,6 +430,82 @@ mod tests {
     }
 
     #[test]
+    fn reads_integers_and_booleans_sent_as_strings() {
+        // What the az CLI 2.91 sends: node counts (and other integers) as JSON strings.
+        let mut v = example();
+        v["targetDedicatedNodes"] = "1".into();
+        v["targetLowPriorityNodes"] = "2".into();
+        v["taskSlotsPerNode"] = "4".into();
+        v["enableInterNodeCommunication"] = "false".into();
+        v["enableAutoScale"] = "false".into();
+        let p = parse(&v).unwrap();
+        assert_eq!((p.target_dedicated, p.target_low_priority), (1, 2));
+        // Stored typed, as Azure returns them.
+        assert_eq!(p.spec["taskSlotsPerNode"], 4);
+        assert_eq!(p.spec["enableInterNodeCommunication"], false);
+        assert_eq!(p.spec["enableAutoScale"], false);
+        let mut v = example();
+        v["taskSlotsPerNode"] = "0".into();
+        assert_eq!(parse(&v).unwrap_err().code, Code::InvalidPropertyValue);
+        let mut v = example();
+        v["enableAutoScale"] = "true".into();
+        assert_eq!(parse(&v).unwrap_err().code, Code::MissingRequiredProperty);
+    }
+
+    #[test]
+    fn node_options_and_their_one_level_of_nesting() {
+        let p = "nodeDisableSchedulingOption";
+        let opt = |b: &str, nested| {
+            parse_node_option(b.as_bytes(), p, DISABLE_SCHEDULING_OPTIONS, nested)
+        };
+        assert_eq!(opt("", true).unwrap(), None);
+        assert_eq!(opt("{}", true).unwrap(), None);
+        assert_eq!(
+            opt(r#"{"nodeDisableSchedulingOption":"TaskCompletion"}"#, true).unwrap(),
+            Some("taskcompletion".into())
+        );
+        let wrapped =
+            r#"{"nodeDisableSchedulingOption":{"nodeDisableSchedulingOption":"taskcompletion"}}"#;
+        assert_eq!(opt(wrapped, true).unwrap(), Some("taskcompletion".into()));
+        assert_eq!(
+            opt(r#"{"nodeDisableSchedulingOption":{}}"#, true).unwrap(),
+            None
+        );
+        // Not where the option is not wrapped by any client, nor twice, nor with other keys.
+        assert_eq!(
+            opt(wrapped, false).unwrap_err().code,
+            Code::InvalidRequestBody
+        );
+        let twice = r#"{"nodeDisableSchedulingOption":{"nodeDisableSchedulingOption":{"nodeDisableSchedulingOption":"requeue"}}}"#;
+        let e = opt(twice, true).unwrap_err();
+        assert_eq!(
+            (e.code, e.values[0].1.as_str()),
+            (Code::InvalidRequestBody, p)
+        );
+        let e = opt(r#"{"nodeDisableSchedulingOption":{"x":"requeue"}}"#, true).unwrap_err();
+        assert_eq!(
+            (e.code, e.values[0].1.as_str()),
+            (Code::InvalidRequestBody, "x")
+        );
+        let e = opt(
+            r#"{"nodeDisableSchedulingOption":{"nodeDisableSchedulingOption":"later"}}"#,
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, Code::InvalidPropertyValue);
+        assert_eq!(
+            opt(r#"{"other":1}"#, true).unwrap_err().code,
+            Code::InvalidRequestBody
+        );
+        assert_eq!(
+            opt(r#"{"nodeDisableSchedulingOption":3}"#, true)
+                .unwrap_err()
+                .code,
+            Code::InvalidRequestBody
+        );
+    }
+
+    #[test]
     fn tells_windows_pools() {
         let mut v = example();
         v["virtualMachineConfiguration"]["nodeAgentSKUId"] = "batch.node.windows amd64".into();
@@ -385,9 +530,22 @@ mod tests {
         let mut v = example();
         v["targetDedicatedNodes"] = (-1).into();
         assert_eq!(code(v), Code::InvalidPropertyValue);
+        for bad in ["1.5", "abc", "1e3", " 1", "", "5 "] {
+            let mut v = example();
+            v["targetDedicatedNodes"] = bad.into();
+            let e = parse(&v).unwrap_err();
+            assert_eq!(
+                (e.code, e.values[0].1.as_str()),
+                (Code::InvalidRequestBody, "targetDedicatedNodes"),
+                "{bad:?}"
+            );
+        }
         let mut v = example();
-        v["targetDedicatedNodes"] = "5".into();
+        v["enableAutoScale"] = "no".into();
         assert_eq!(code(v), Code::InvalidRequestBody);
+        let mut v = example();
+        v["targetDedicatedNodes"] = "-1".into();
+        assert_eq!(code(v), Code::InvalidPropertyValue);
         let mut v = example();
         v["targetDedicatedNodes"] = 20_000.into();
         assert_eq!(code(v), Code::InvalidPropertyValue);
@@ -428,6 +586,27 @@ mod tests {
             parse_resize(br#"{"bogus":1}"#, 100).unwrap_err().code,
             Code::InvalidRequestBody
         );
+        // The az CLI's resize body.
+        assert_eq!(
+            parse_resize(
+                br#"{"targetDedicatedNodes":"3","targetLowPriorityNodes":"1"}"#,
+                100
+            )
+            .unwrap(),
+            Resize {
+                target_dedicated: 3,
+                target_low_priority: 1
+            }
+        );
+        for bad in ["1.5", "abc", "1e3", " 1", ""] {
+            let body = serde_json::json!({ "targetLowPriorityNodes": bad }).to_string();
+            let e = parse_resize(body.as_bytes(), 100).unwrap_err();
+            assert_eq!(
+                (e.code, e.values[0].1.as_str()),
+                (Code::InvalidRequestBody, "targetLowPriorityNodes"),
+                "{bad:?}"
+            );
+        }
         assert_eq!(
             parse_remove_nodes(br#"{"nodeList":["a","b"]}"#).unwrap(),
             vec!["a", "b"]

@@ -44,6 +44,60 @@ pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>> {
     }
 }
 
+/// An integer as Azure reads one in a request body: a JSON integer, or a JSON string holding a
+/// decimal integer (an optional `-` and ASCII digits only: `"3"`, `"-1"`; not `"1.5"`, `"1e3"`,
+/// `" 1"` or `""`). The az CLI 2.91 sends node counts as strings (`"targetDedicatedNodes": "1"`).
+/// `None` for anything else, including integers past the 64-bit range.
+pub fn int_value(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => {
+            let digits = s.strip_prefix('-').unwrap_or(s);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+/// A boolean as Azure reads one in a request body: `true`/`false`, or the JSON strings `"true"`
+/// and `"false"`. `None` for anything else.
+pub fn bool_value(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) if s == "true" => Some(true),
+        Value::String(s) if s == "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// The integer property `name` of a body ([`int_value`]); `null` means omitted, any other
+/// value is `InvalidRequestBody` naming the property.
+pub fn int_prop(map: &Map<String, Value>, name: &str) -> Result<Option<i64>> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => int_value(v)
+            .map(Some)
+            .ok_or_else(|| wrong_type(name, INTEGER)),
+    }
+}
+
+/// The boolean property `name` of a body ([`bool_value`]); `null` means omitted, any other
+/// value is `InvalidRequestBody` naming the property.
+pub fn bool_prop(map: &Map<String, Value>, name: &str) -> Result<Option<bool>> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => bool_value(v)
+            .map(Some)
+            .ok_or_else(|| wrong_type(name, BOOLEAN)),
+    }
+}
+
+pub(crate) const INTEGER: &str = "an integer (or a string holding a decimal integer)";
+pub(crate) const BOOLEAN: &str = "a boolean (true or false)";
+
 pub fn parse_add_user(bytes: &[u8]) -> Result<UserBody> {
     parse_user(bytes, true)
 }
@@ -71,11 +125,7 @@ fn parse_user(bytes: &[u8], add: bool) -> Result<UserBody> {
     let mut body = UserBody::default();
     // Types first, for every property, so a wrong type is reported before a bad value.
     let name = string_prop(&map, "name")?;
-    let is_admin = match map.get("isAdmin") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(wrong_type("isAdmin", "a boolean")),
-    };
+    let is_admin = bool_prop(&map, "isAdmin")?.unwrap_or(false);
     let password = string_prop(&map, "password")?;
     let expiry = string_prop(&map, "expiryTime")?;
     let key = string_prop(&map, "sshPublicKey")?;
@@ -140,7 +190,7 @@ fn string_prop<'a>(map: &'a Map<String, Value>, name: &str) -> Result<Option<&'a
     }
 }
 
-fn wrong_type(name: &str, expected: &str) -> BatchError {
+pub(crate) fn wrong_type(name: &str, expected: &str) -> BatchError {
     BatchError::new(Code::InvalidRequestBody)
         .with("PropertyName", name)
         .with(
@@ -398,6 +448,29 @@ mod tests {
             err(parse_add_user(br#"{"name":"a","isAdmin":"yes"}"#)).0,
             Code::InvalidRequestBody
         );
+        // "true"/"false" are read as the booleans (the az CLI sends strings); nothing else is.
+        assert!(
+            parse_add_user(br#"{"name":"a","isAdmin":"true"}"#)
+                .unwrap()
+                .is_admin
+        );
+        assert!(
+            !parse_add_user(br#"{"name":"a","isAdmin":"false"}"#)
+                .unwrap()
+                .is_admin
+        );
+        for bad in [r#""True""#, r#""1""#, "1", r#""""#, r#"" true""#] {
+            let body = format!(r#"{{"name":"a","isAdmin":{bad}}}"#);
+            let (c, v) = err(parse_add_user(body.as_bytes()));
+            assert_eq!(
+                (c, v[0].1.as_str()),
+                (Code::InvalidRequestBody, "isAdmin"),
+                "{bad}"
+            );
+        }
+        // Update bodies stay strict about unknown properties.
+        let (c, v) = err(parse_update_user(br#"{"password":"x","isAdmin":"true"}"#));
+        assert_eq!((c, v[0].1.as_str()), (Code::InvalidRequestBody, "isAdmin"));
         let b = parse_add_user(br#"{"name":"userName","isAdmin":true,"expiryTime":"2017-08-01T00:00:00Z","password":"Password"}"#).unwrap();
         assert_eq!(b.name.as_deref(), Some("userName"));
         assert!(b.is_admin);
@@ -409,6 +482,41 @@ mod tests {
                 .as_deref(),
             Some(KEY)
         );
+    }
+
+    #[test]
+    fn lenient_integers_and_booleans() {
+        use serde_json::json;
+        for (v, want) in [
+            (json!(3), Some(3)),
+            (json!("3"), Some(3)),
+            (json!("-1"), Some(-1)),
+            (json!("007"), Some(7)),
+            (json!("1.5"), None),
+            (json!("abc"), None),
+            (json!("1e3"), None),
+            (json!(" 1"), None),
+            (json!("1 "), None),
+            (json!("+1"), None),
+            (json!("-"), None),
+            (json!(""), None),
+            (json!("99999999999999999999"), None),
+            (json!(1.5), None),
+            (json!(u64::MAX), None),
+            (json!(true), None),
+            (json!([1]), None),
+        ] {
+            assert_eq!(int_value(&v), want, "{v}");
+        }
+        for (v, want) in [
+            (json!(true), Some(true)),
+            (json!("false"), Some(false)),
+            (json!("TRUE"), None),
+            (json!(1), None),
+            (json!("yes"), None),
+        ] {
+            assert_eq!(bool_value(&v), want, "{v}");
+        }
     }
 
     #[test]

@@ -14,8 +14,11 @@ use axum::http::{HeaderMap, Response, StatusCode};
 use bluebatch_core::crypt::hash_password;
 use bluebatch_core::error::{BatchError, Code};
 use bluebatch_core::model::Pool;
-use bluebatch_core::pools::{parse_add_pool, parse_remove_nodes, parse_resize};
-use bluebatch_core::users::{parse_add_user, parse_object, parse_update_user};
+use bluebatch_core::pools::{
+    DISABLE_SCHEDULING_OPTIONS, NODE_DEALLOCATION_OPTIONS, parse_add_pool, parse_node_option,
+    parse_remove_nodes, parse_resize,
+};
+use bluebatch_core::users::{parse_add_user, parse_update_user};
 use bluebatch_service::{NodeView, PoolView, UserAddr};
 use serde_json::{Value, json};
 
@@ -44,47 +47,6 @@ fn next_link(ctx: &Ctx, path: &str, q: &Query, last: &str) -> String {
     params.push(format!("$skiptoken={}", encode(last)));
     format!("{}{path}?{}", ctx.base, params.join("&"))
 }
-
-/// Optional bodies (Reboot, Reimage, Disable Scheduling): an object with only the known option.
-fn optional_option(body: &Bytes, property: &str, allowed: &[&str]) -> Result<(), BatchError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(());
-    }
-    let map = parse_object(body)?;
-    for (k, v) in &map {
-        if k != property {
-            return Err(BatchError::new(Code::InvalidRequestBody)
-                .with("PropertyName", k.as_str())
-                .with(
-                    "Reason",
-                    format!("the property '{k}' is not allowed in this request body"),
-                ));
-        }
-        match v {
-            Value::Null => {}
-            Value::String(s) if allowed.iter().any(|a| a.eq_ignore_ascii_case(s)) => {}
-            Value::String(s) => {
-                return Err(BatchError::property(
-                    Code::InvalidPropertyValue,
-                    property,
-                    format!("one of {}", allowed.join(", ")),
-                )
-                .with("PropertyValue", s.chars().take(64).collect::<String>()));
-            }
-            _ => {
-                return Err(BatchError::new(Code::InvalidRequestBody)
-                    .with("PropertyName", property)
-                    .with(
-                        "Reason",
-                        format!("the property '{property}' must be a string"),
-                    ));
-            }
-        }
-    }
-    Ok(())
-}
-
-const DEALLOCATION: &[&str] = &["requeue", "terminate", "taskcompletion", "retaineddata"];
 
 pub async fn dispatch(
     app: &App,
@@ -320,20 +282,22 @@ pub async fn dispatch(
             Ok(with_resource(r, &v.node.etag, v.node.last_modified, None))
         }
         Endpoint::ComputeNodeReboot { pool, node } => {
-            optional_option(&body, "nodeRebootOption", DEALLOCATION)?;
+            parse_node_option(&body, "nodeRebootOption", NODE_DEALLOCATION_OPTIONS, false)?;
             svc.reboot_node(account, &pool, &node).await?;
             node_write_answer(svc, ctx, account, &pool, &node, StatusCode::ACCEPTED)
         }
         Endpoint::ComputeNodeReimage { pool, node } => {
-            optional_option(&body, "nodeReimageOption", DEALLOCATION)?;
+            parse_node_option(&body, "nodeReimageOption", NODE_DEALLOCATION_OPTIONS, false)?;
             svc.reimage_node(account, &pool, &node).await?;
             node_write_answer(svc, ctx, account, &pool, &node, StatusCode::ACCEPTED)
         }
         Endpoint::ComputeNodeDisableScheduling { pool, node } => {
-            optional_option(
+            // azure-batch 15.0.0b1 (the az CLI's) wraps this option once: accept that.
+            parse_node_option(
                 &body,
                 "nodeDisableSchedulingOption",
-                &["requeue", "terminate", "taskcompletion"],
+                DISABLE_SCHEDULING_OPTIONS,
+                true,
             )?;
             svc.disable_scheduling(account, &pool, &node).await?;
             node_write_answer(svc, ctx, account, &pool, &node, StatusCode::OK)
