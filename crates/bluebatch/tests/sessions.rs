@@ -156,21 +156,22 @@ async fn sessions_have_own_homes_and_uids_and_cannot_reach_other_nodes_or_secret
     let host_key = node0_dir.join("private").join("ssh_host_ed25519_key");
     assert!(host_key.exists(), "{}", host_key.display());
     assert!(data.join("state.db").exists());
-    for (port, user) in [(port0, "bob"), (port0, "alice"), (port1, "carol")] {
-        for secret in [data.join("state.db"), host_key.clone()] {
-            let out = run(port, user, &key, &format!("cat '{}'", secret.display())).await;
-            assert_ne!(out.code, 0, "{user} read {}", secret.display());
-            if is_root() {
-                assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
-            }
-        }
-    }
-
     if !is_root() {
+        // Sessions run as the server's own user, which owns these files: nothing to show.
         eprintln!("not root: sessions run as the server's own user; uid checks skipped");
         assert_eq!(etc_accounts(), etc_before);
         return;
     }
+    for (port, user) in [(port0, "bob"), (port0, "alice"), (port1, "carol")] {
+        for secret in [data.join("state.db"), host_key.clone()] {
+            let out = run(port, user, &key, &format!("cat '{}'", secret.display())).await;
+            assert_ne!(out.code, 0, "{user} read {}", secret.display());
+            assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+        }
+    }
+    let out = run(port0, "bob", &key, &format!("ls '{}'", data.display())).await;
+    assert_ne!(out.code, 0, "the data directory was listed: {}", out.stdout);
+
     // One uid per node (its users share it), another for the other node; never root.
     assert_eq!(alice_uid, bob_uid);
     assert_ne!(alice_uid, carol_uid, "two nodes' sessions share a uid");
@@ -219,4 +220,58 @@ async fn sessions_have_own_homes_and_uids_and_cannot_reach_other_nodes_or_secret
     assert_eq!(home, carol_home);
 
     assert_eq!(etc_accounts(), etc_before, "the host's /etc changed");
+}
+
+/// Kills the server when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_is_absolute_with_a_relative_data_dir() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+        .args(["serve", "--port", "0", "--node-step-ms", "20"])
+        .args(["--data-dir", "relative-data"])
+        .current_dir(dir.path())
+        .env("BLUEBATCH_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _server = Killed(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Some(url) = line.strip_prefix("bluebatch listening on ") {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server did not start");
+    let c = Client::new(&url, common::ACCOUNT, common::KEY);
+    let nodes = c.ready_pool("p", "linux", 1).await;
+    let (key, public) = keypair(dir.path(), "k");
+    add_user(&c, "p", &nodes[0], "rel", false, &public).await;
+    let port = c.ssh_port("p", &nodes[0]).await;
+    let (_, _, home) = identity(port, "rel", &key).await;
+    let expected = std::fs::canonicalize(dir.path().join("relative-data")).unwrap();
+    assert!(home.starts_with('/'), "HOME {home:?} is not absolute");
+    assert!(
+        std::fs::canonicalize(&home).unwrap().starts_with(&expected),
+        "{home}"
+    );
+    let out = run(port, "rel", &key, "cd && pwd && touch here").await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), home);
 }

@@ -202,38 +202,54 @@ async fn scp_and_sftp_work_without_the_hosts_sftp_server() {
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     assert!(!home.join("d").exists());
 
-    // The service's secrets stay out of reach: the store cannot be fetched.
-    let stolen = dir.path().join("stolen.db");
-    let out = sftp_batch(
-        port,
-        "sam",
-        &key,
-        &format!(
-            "get {} {}\n",
-            data.join("state.db").display(),
-            stolen.display()
-        ),
-    )
-    .await;
-    assert_ne!(out.code, 0, "state.db was fetched: {}", out.stdout);
-    assert!(!stolen.exists() || std::fs::read(&stolen).unwrap().is_empty());
+    // The service's secrets stay out of reach: the store cannot be fetched (when the server is
+    // not root, sessions are the server's own user, which owns the store).
     if is_root() {
+        let stolen = dir.path().join("stolen.db");
+        let out = sftp_batch(
+            port,
+            "sam",
+            &key,
+            &format!(
+                "get {} {}\n",
+                data.join("state.db").display(),
+                stolen.display()
+            ),
+        )
+        .await;
+        assert_ne!(out.code, 0, "state.db was fetched: {}", out.stdout);
+        assert!(!stolen.exists() || std::fs::read(&stolen).unwrap().is_empty());
         assert!(
             out.stderr.contains("Permission denied"),
             "{}\n{}",
             out.stdout,
             out.stderr
         );
+        // Nor the node's host key, nor a listing of the data directory.
+        let host_key = home
+            .parent()
+            .and_then(Path::parent)
+            .unwrap()
+            .join("private/ssh_host_ed25519_key");
+        assert!(host_key.exists());
+        for batch in [
+            format!("get {} {}\n", host_key.display(), stolen.display()),
+            format!("ls {}\n", data.display()),
+        ] {
+            let out = sftp_batch(port, "sam", &key, &batch).await;
+            assert_ne!(out.code, 0, "{batch}: {}", out.stdout);
+            assert!(!stolen.exists() || std::fs::read(&stolen).unwrap().is_empty());
+        }
+        // Nor written into.
+        let out = sftp_batch(
+            port,
+            "sam",
+            &key,
+            &format!("put {} {}/x\n", small.display(), data.display()),
+        )
+        .await;
+        assert_ne!(out.code, 0, "wrote into the data directory");
     }
-    // Nor written into, nor overwritten over the node's private files.
-    let out = sftp_batch(
-        port,
-        "sam",
-        &key,
-        &format!("put {} {}/x\n", small.display(), data.display()),
-    )
-    .await;
-    assert_ne!(out.code, 0, "wrote into the data directory");
 
     // While a transfer session is open, the server side is a bluebatch process running as the
     // session's uid (not the host's sftp-server, not root).
