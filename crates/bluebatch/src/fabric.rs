@@ -1,8 +1,9 @@
 //! The embedded SSH provider plugged into the service's node fabric.
 
+use bluebatch_core::model::NodeState;
 use bluebatch_core::{AccountChange, NodeAccount};
 use bluebatch_node::SshNodes;
-use bluebatch_service::{BoxFuture, NodeFabric};
+use bluebatch_service::{BoxFuture, LoginLockout, NodeFabric};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,5 +40,24 @@ impl NodeFabric for SshFabric {
     }
     fn accounts(&self, key: &str) -> Vec<NodeAccount> {
         self.0.accounts(key)
+    }
+    fn set_state(&self, key: &str, state: NodeState) {
+        self.0.set_state(key, state)
+    }
+    fn login_state(&self, key: &str) -> Option<(NodeState, bool)> {
+        self.0
+            .state(key)
+            .map(|s| (s, bluebatch_node::accepts_logins(s)))
+    }
+    fn login_lockouts(&self, key: &str) -> Vec<LoginLockout> {
+        self.0
+            .login_lockouts(key)
+            .into_iter()
+            .map(|l| LoginLockout {
+                source: l.source,
+                failures: l.failures,
+                refused_until: l.refused_until,
+            })
+            .collect()
     }
 }

@@ -71,8 +71,38 @@ pub struct ServeArgs {
     /// entry); default: the first of --session-uids, which no node is given.
     #[arg(long, value_name = "GID")]
     admin_gid: Option<u32>,
+    /// Failed SSH logins from one source address to one node, within --failed-login-window,
+    /// after which that node refuses every login from that address (even with the right
+    /// password or key) for --failed-login-window. 0 turns the lockout off.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    max_failed_logins: u32,
+    /// How long failed SSH logins are counted, and how long a locked-out source stays refused:
+    /// a number with a unit (500ms, 60s, 5m, 1h; no unit = seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_window, value_name = "DURATION")]
+    failed_login_window: Duration,
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
+}
+
+/// `500ms`, `60s`, `5m`, `1h` or a bare number of seconds; more than zero.
+fn parse_window(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: a number with a unit such as 60s, 5m, 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: the unit is one of ms, s, m, h")),
+    };
+    if d.is_zero() {
+        return Err("the window must be longer than zero".into());
+    }
+    Ok(d)
 }
 
 fn load_accounts(args: &ServeArgs) -> Result<Accounts, String> {
@@ -173,6 +203,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             bind_ip: args.ssh_bind,
             port_range: parse_ports(&args.ssh_ports)?,
             data_dir: data_dir.join("nodes"),
+            max_failed_logins: args.max_failed_logins,
+            failed_login_window: args.failed_login_window,
             session_uids: parse_uids(&args.session_uids)?,
             admin_gid: args.admin_gid,
             ..SshConfig::default()

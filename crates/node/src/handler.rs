@@ -13,6 +13,7 @@ use russh::{
 };
 
 use crate::Inner;
+use crate::auth::Method;
 use crate::hostkey;
 use crate::node::{ConnCtl, Node};
 use crate::session::{self, Program, PtySpec, Running, SpawnSpec};
@@ -75,29 +76,31 @@ impl ConnHandler {
         }
     }
 
-    fn refused_source(&self) -> bool {
-        let refused = self.node.refused(self.peer);
-        if refused {
-            tracing::debug!(node = %self.node.key, ip = %self.peer, "login refused: too many failures from this source");
+    /// Settles one authentication request (registered, counted and logged in `auth`).
+    fn settle(
+        &mut self,
+        user: &str,
+        method: Method,
+        key: Option<&russh::keys::PublicKey>,
+        verdict: crate::auth::Verdict,
+    ) -> Auth {
+        let (inner, node, ctl) = (&self.inner, &self.node, &self.ctl);
+        if crate::auth::settle(
+            inner,
+            node,
+            self.conn_id,
+            ctl,
+            self.peer,
+            user,
+            method,
+            key,
+            verdict,
+        ) {
+            self.user = Some(user.to_string());
+            Auth::Accept
+        } else {
+            reject()
         }
-        refused
-    }
-
-    fn failed(&self, user: &str, method: &str) -> Auth {
-        self.node
-            .record_failure(self.peer, self.inner.config.max_failed_logins);
-        tracing::debug!(node = %self.node.key, user, method, "login failed");
-        reject()
-    }
-
-    fn accept(&mut self, user: &str, method: &str) -> Auth {
-        if self.ctl.is_killed() || !self.node.login(self.conn_id, user, self.inner.clock.now()) {
-            return self.failed(user, method);
-        }
-        self.ctl.set_logged_in();
-        self.user = Some(user.to_string());
-        tracing::debug!(node = %self.node.key, user, method, "login accepted");
-        Auth::Accept
     }
 
     async fn start(
@@ -169,20 +172,16 @@ impl ConnHandler {
 impl russh::server::Handler for ConnHandler {
     type Error = russh::Error;
 
-    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        // Every client probes "none" first: not a login attempt, so not an info line.
+        tracing::debug!(target: "bluebatch::ssh", node = %self.node.key, user, source = %self.peer, "auth method none refused");
         Ok(reject())
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        if self.refused_source() {
-            return Ok(reject());
-        }
-        let now = self.inner.clock.now();
-        if crate::auth::password_ok(&self.node, user, password, now).await {
-            Ok(self.accept(user, "password"))
-        } else {
-            Ok(self.failed(user, "password"))
-        }
+        let verdict =
+            crate::auth::password(&self.inner, &self.node, self.peer, user, password).await;
+        Ok(self.settle(user, Method::Password, None, verdict))
     }
 
     async fn auth_publickey_offered(
@@ -191,11 +190,14 @@ impl russh::server::Handler for ConnHandler {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         // Not counted as a failure: clients offer every key they have.
-        let now = self.inner.clock.now();
-        if !self.refused_source() && crate::auth::key_ok(&self.node, user, offer.public_key, now) {
-            Ok(Auth::Accept)
-        } else {
-            Ok(reject())
+        match crate::auth::key(&self.inner, &self.node, self.peer, user, offer.public_key) {
+            Ok(()) => Ok(Auth::Accept),
+            Err(refusal) => {
+                let fp = crate::auth::key_fingerprint(offer.public_key);
+                let method = Method::PublicKey;
+                crate::auth::refused(&self.node, self.peer, user, method, fp.as_deref(), refusal);
+                Ok(reject())
+            }
         }
     }
 
@@ -204,23 +206,25 @@ impl russh::server::Handler for ConnHandler {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        if self.refused_source() {
-            return Ok(reject());
-        }
-        let now = self.inner.clock.now();
-        if crate::auth::key_ok(&self.node, user, key.public_key, now) {
-            Ok(self.accept(user, "publickey"))
-        } else {
-            Ok(self.failed(user, "publickey"))
-        }
+        let verdict = crate::auth::key(&self.inner, &self.node, self.peer, user, key.public_key);
+        Ok(self.settle(user, Method::PublicKey, Some(key.public_key), verdict))
     }
 
     async fn auth_keyboard_interactive<'a>(
         &'a mut self,
-        _user: &str,
+        user: &str,
         _submethods: &str,
         _response: Option<Response<'a>>,
     ) -> Result<Auth, Self::Error> {
+        let refusal = crate::auth::Refusal::MethodNotOffered;
+        crate::auth::refused(
+            &self.node,
+            self.peer,
+            user,
+            Method::KeyboardInteractive,
+            None,
+            refusal,
+        );
         Ok(reject())
     }
 

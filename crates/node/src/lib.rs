@@ -40,9 +40,21 @@
 //! executable run as `{exe} __sftp-server`, which must call [`sftp::serve_stdio`].
 //!
 //! Sessions end when the client leaves, when the account is removed or expires (checked at login
-//! and by a once-a-second sweep), and when the node is stopped, reimaged or removed: the
-//! processes of the session's process group are killed. Processes that deliberately leave that
-//! group (`setsid`, job control in an interactive shell) are not hunted down.
+//! and by a once-a-second sweep), when the node is stopped, reimaged or removed, and when it
+//! enters a Batch state that takes no logins ([`accepts_logins`]; the client is told why, e.g.
+//! "node is rebooting"): the processes of the session's process group are killed. Processes
+//! that deliberately leave that group (`setsid`, job control in an interactive shell) are not
+//! hunted down.
+//!
+//! # Logins, refusals and the log
+//!
+//! In a state that takes no logins a node closes each new connection before the SSH banner (as a
+//! host that is down). Otherwise a login is refused for an unknown user, a wrong password, an
+//! expired account, a key the account does not have, or a source locked out after
+//! [`SshConfig::max_failed_logins`] failures within [`SshConfig::failed_login_window`]. Every
+//! login accepted or refused is one info line on the `bluebatch::ssh` target (node, user,
+//! source, method, reason; a key as its SHA256 fingerprint, never a password or key material),
+//! as are a lockout, its end, and a node's state starting or stopping logins.
 
 mod auth;
 mod handler;
@@ -63,6 +75,7 @@ use std::time::Duration;
 
 use bluebatch_core::{Clock, NodeAccount};
 
+pub use crate::node::accepts_logins;
 use crate::node::{Endpoint, Node};
 use crate::sysuser::HostIdentity;
 
@@ -91,9 +104,14 @@ pub struct SshConfig {
     /// subsystem, started as the session's account in its home. `None`: no `sftp` subsystem.
     /// Default: this executable (`/proc/self/exe`) with the argument `__sftp-server`.
     pub sftp_server: Option<(PathBuf, Vec<std::ffi::OsString>)>,
-    /// Failed logins allowed per node and source IP within a minute; past that, every login from
-    /// that IP to that node is refused for a minute. Default 10.
+    /// Failed logins per node and source IP that lock the source out: once a source has this
+    /// many failures within [`SshConfig::failed_login_window`], every login from it to that node
+    /// is refused (even with the right password or key) for that window again. 0: no lockout.
+    /// Default 10.
     pub max_failed_logins: u32,
+    /// How long failed logins are counted, and how long a locked-out source stays refused
+    /// (real time, not the service clock). Default 60 s.
+    pub failed_login_window: Duration,
     /// Every rejected authentication request (including a public key the account does not
     /// have) is answered after this constant delay, so that unknown users and wrong passwords
     /// look the same; brute force is bounded by `max_failed_logins` anyway. Default 250 ms.
@@ -114,6 +132,7 @@ impl Default for SshConfig {
             admin_gid: None,
             sftp_server: Some((PathBuf::from(sftp::SELF_EXE), vec![sftp::SUBCOMMAND.into()])),
             max_failed_logins: 10,
+            failed_login_window: Duration::from_secs(60),
             auth_rejection_delay: Duration::from_millis(250),
             max_connections_per_node: 32,
             login_grace: Duration::from_secs(30),
@@ -130,6 +149,17 @@ pub enum AccountChange {
     Remove(String),
     /// Replace every account of the node (reconciliation).
     ReplaceAll(Vec<NodeAccount>),
+}
+
+/// A source a node refuses for too many failed logins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginLockout {
+    /// The client address refused.
+    pub source: IpAddr,
+    /// Failed logins counted in the window that locked it out.
+    pub failures: u32,
+    /// When logins from it are taken again (wall-clock time, not the service clock).
+    pub refused_until: time::OffsetDateTime,
 }
 
 /// The embedded SSH endpoints of every node of this process. Cheap to share as `Arc<SshNodes>`.
@@ -264,6 +294,35 @@ impl SshNodes {
         node.apply(revision, change, self.inner.clock.now())
     }
 
+    /// Tells the node its Batch state. In a state that takes no logins (see [`accepts_logins`])
+    /// the node closes every new connection before the SSH banner and refuses every
+    /// authentication, and entering such a state ends every connection it has. A node never
+    /// told its state takes logins. In memory only; never blocks on I/O.
+    pub fn set_state(&self, node_key: &str, state: bluebatch_core::model::NodeState) {
+        self.inner.node_or_create(node_key).set_state(state);
+    }
+
+    /// The Batch state the node was last told, if any.
+    pub fn state(&self, node_key: &str) -> Option<bluebatch_core::model::NodeState> {
+        self.inner.node(node_key).and_then(|n| n.state())
+    }
+
+    /// The sources the node refuses right now for too many failed logins, by address.
+    pub fn login_lockouts(&self, node_key: &str) -> Vec<LoginLockout> {
+        let Some(node) = self.inner.node(node_key) else {
+            return Vec::new();
+        };
+        let (now, wall) = (std::time::Instant::now(), time::OffsetDateTime::now_utc());
+        node.lockouts()
+            .into_iter()
+            .map(|l| LoginLockout {
+                source: l.source,
+                failures: l.failures,
+                refused_until: wall + l.until.saturating_duration_since(now),
+            })
+            .collect()
+    }
+
     /// The revision last applied to the node, if any.
     pub fn applied_revision(&self, node_key: &str) -> Option<u64> {
         self.inner.node(node_key).and_then(|n| n.applied_revision())
@@ -394,7 +453,8 @@ impl Inner {
 }
 
 /// Once a second: end the sessions of accounts that expired (time passed or the service clock
-/// moved) or disappeared; once a minute: forget old failed-login records.
+/// moved) or disappeared, and lift the failed-login lockouts that are over (logging each); once
+/// a minute: forget old failed-login records.
 async fn sweep(inner: Weak<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -413,11 +473,13 @@ async fn sweep(inner: Weak<Inner>) {
             node.enforce(now);
         }
         n += 1;
-        if n.is_multiple_of(60) {
-            let map = inner.nodes.read().unwrap_or_else(|e| e.into_inner());
-            for node in map.values() {
-                node.prune_failures();
+        let window = inner.config.failed_login_window;
+        let map = inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        for node in map.values() {
+            if node.has_lockouts() || n.is_multiple_of(60) {
+                node.prune_failures(window);
             }
         }
+        drop(map);
     }
 }

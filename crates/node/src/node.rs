@@ -1,5 +1,5 @@
-//! One node's state: the accounts it enforces, its live connections, its failed-login records
-//! and its running endpoint.
+//! One node's state: the accounts it enforces, its Batch state (which decides whether it takes
+//! logins), its live connections, its failed-login records and its running endpoint.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bluebatch_core::NodeAccount;
+use bluebatch_core::model::NodeState;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -16,14 +17,32 @@ use crate::AccountChange;
 use crate::Inner;
 use crate::session::Leader;
 
-/// How long failed logins are counted, and how long a source is refused once over the limit.
-const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Where the node's SSH events go (logins accepted and refused, lockouts, state changes).
+pub(crate) const TARGET: &str = "bluebatch::ssh";
+
+/// Whether a node in `state` takes SSH logins. A node that takes none also has no sessions:
+/// entering such a state ends every connection of the node.
+///
+/// Taken: `idle`, `running`, `offline` (scheduling disabled: the VM is up) and
+/// `starttaskfailed` (the VM is up; logging in is how a failed start task is investigated).
+/// Refused: `creating`, `starting`, `waitingforstarttask`, `rebooting`, `reimaging`,
+/// `unusable`, `unknown`, `leavingpool`, `preempted` (the VM is down, being set up, or going).
+pub fn accepts_logins(state: NodeState) -> bool {
+    matches!(
+        state,
+        NodeState::Idle | NodeState::Running | NodeState::Offline | NodeState::StartTaskFailed
+    )
+}
 
 pub(crate) struct Node {
     pub key: String,
     accounts: RwLock<AccountState>,
     conns: Mutex<HashMap<u64, ConnEntry>>,
     failures: Mutex<HashMap<IpAddr, FailureWindow>>,
+    /// Some source is refused right now (the sweep looks for lockouts to lift only then).
+    locked_out: AtomicBool,
+    /// The Batch state the service last gave the node; `None` (never told) takes logins.
+    state: Mutex<Option<NodeState>>,
     /// Serialises start/stop/reimage/remove; holds the running endpoint.
     pub lifecycle: tokio::sync::Mutex<Option<Endpoint>>,
     /// Mirror of the running endpoint for the synchronous getters, and the listener task.
@@ -47,6 +66,13 @@ struct FailureWindow {
     started: Instant,
     count: u32,
     refused_until: Option<Instant>,
+}
+
+/// A source refused for too many failed logins.
+pub(crate) struct Lockout {
+    pub source: IpAddr,
+    pub failures: u32,
+    pub until: Instant,
 }
 
 struct RunningInfo {
@@ -79,6 +105,8 @@ pub(crate) struct ConnCtl {
     killed: AtomicBool,
     logged_in: AtomicBool,
     leaders: Mutex<Vec<Arc<Leader>>>,
+    /// Why the node ended the connection (sent in the SSH disconnect message).
+    reason: Mutex<Option<String>>,
 }
 
 impl ConnCtl {
@@ -91,6 +119,20 @@ impl ConnCtl {
         }
         drop(leaders);
         self.kill.notify_one();
+    }
+
+    /// Ends the connection, telling the client why.
+    pub fn terminate_because(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        self.terminate();
+    }
+
+    /// Why the node ended the connection, if it said.
+    pub fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn is_killed(&self) -> bool {
@@ -153,6 +195,8 @@ impl Node {
             accounts: RwLock::new(AccountState::default()),
             conns: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            locked_out: AtomicBool::new(false),
+            state: Mutex::new(None),
             lifecycle: tokio::sync::Mutex::new(None),
             running: Mutex::new(None),
             open_conns: AtomicUsize::new(0),
@@ -296,52 +340,164 @@ impl Node {
         }
     }
 
-    // ---- failed logins --------------------------------------------------------------------
+    // ---- Batch state ----------------------------------------------------------------------
 
-    /// Whether logins from `ip` are refused right now.
-    pub fn refused(&self, ip: IpAddr) -> bool {
-        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        failures
-            .get(&ip)
-            .and_then(|f| f.refused_until)
-            .is_some_and(|until| Instant::now() < until)
+    /// Records the node's Batch state. Entering a state that takes no logins ends every
+    /// connection of the node (the client is told why). Returns whether the state changed.
+    pub fn set_state(&self, state: NodeState) -> bool {
+        let before = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(state);
+        if before == Some(state) {
+            return false;
+        }
+        let was_open = before.is_none_or(accepts_logins);
+        // A node's first boot (creating → starting → idle) is no news; later changes are.
+        let first_boot = before.is_none_or(|b| {
+            matches!(
+                b,
+                NodeState::Creating | NodeState::Starting | NodeState::WaitingForStartTask
+            )
+        });
+        if accepts_logins(state) {
+            if !was_open && !first_boot {
+                tracing::info!(target: TARGET, node = %self.key, state = state.as_str(), "node takes logins again");
+            }
+            return true;
+        }
+        let reason = format!("node is {}", state.as_str());
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ended = 0usize;
+        for entry in conns.values() {
+            if !entry.ctl.is_killed() {
+                ended += 1;
+                entry.ctl.terminate_because(reason.clone());
+            }
+        }
+        drop(conns);
+        if (was_open && before.is_some()) || ended > 0 {
+            tracing::info!(target: TARGET, node = %self.key, state = state.as_str(), sessions_ended = ended, "node takes no logins in this state");
+        }
+        true
     }
 
-    /// Counts a failed login from `ip`; at `max` within a minute, refuses it for a minute
-    /// (`max == 0`: no limit).
-    pub fn record_failure(&self, ip: IpAddr, max: u32) {
+    /// The node's state, if the service gave one.
+    pub fn state(&self) -> Option<NodeState> {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state that makes the node refuse logins right now, if any.
+    pub fn login_refusal(&self) -> Option<NodeState> {
+        self.state().filter(|s| !accepts_logins(*s))
+    }
+
+    // ---- failed logins --------------------------------------------------------------------
+
+    /// Whether logins from `ip` are refused right now. A lockout found over is lifted (and
+    /// logged) here if the sweep has not done it yet.
+    pub fn refused(&self, ip: IpAddr) -> bool {
         let now = Instant::now();
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let window = failures.entry(ip).or_insert(FailureWindow {
+        let Some(until) = failures.get(&ip).and_then(|f| f.refused_until) else {
+            return false;
+        };
+        if now < until {
+            return true;
+        }
+        failures.remove(&ip);
+        self.let_in(ip);
+        false
+    }
+
+    fn let_in(&self, ip: IpAddr) {
+        tracing::info!(target: TARGET, node = %self.key, source = %ip, "failed-login lockout over: source let in again");
+    }
+
+    /// Counts a failed login from `ip`; at `max` failures within `window`, refuses that source
+    /// for `window` (`max == 0`: no limit, nothing is counted).
+    pub fn record_failure(&self, ip: IpAddr, max: u32, window: Duration) {
+        if max == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = failures.entry(ip).or_insert(FailureWindow {
             started: now,
             count: 0,
             refused_until: None,
         });
-        let over = match window.refused_until {
+        let over = match entry.refused_until {
             Some(until) => now >= until,
-            None => now.duration_since(window.started) >= FAILURE_WINDOW,
+            None => now.duration_since(entry.started) >= window,
         };
         if over {
-            *window = FailureWindow {
+            if entry.refused_until.is_some() {
+                self.let_in(ip);
+            }
+            *entry = FailureWindow {
                 started: now,
                 count: 0,
                 refused_until: None,
             };
         }
-        window.count = window.count.saturating_add(1);
-        if max > 0 && window.count >= max && window.refused_until.is_none() {
-            tracing::debug!(node = %self.key, %ip, "too many failed logins: refusing this source for a minute");
-            window.refused_until = Some(now + FAILURE_WINDOW);
+        entry.count = entry.count.saturating_add(1);
+        if entry.count >= max && entry.refused_until.is_none() {
+            entry.refused_until = Some(now + window);
+            self.locked_out.store(true, Ordering::SeqCst);
+            tracing::info!(
+                target: TARGET,
+                node = %self.key,
+                source = %ip,
+                failures = entry.count,
+                refused_for_secs = window.as_secs_f64(),
+                "too many failed logins: refusing every login from this source"
+            );
         }
     }
 
-    pub fn prune_failures(&self) {
+    /// Lifts the lockouts that are over (logging each) and forgets failures older than
+    /// `window`.
+    pub fn prune_failures(&self, window: Duration) {
         let now = Instant::now();
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        failures.retain(|_, f| {
-            now.duration_since(f.started) < FAILURE_WINDOW
-                || f.refused_until.is_some_and(|until| now < until)
+        let mut still_locked = false;
+        failures.retain(|ip, f| match f.refused_until {
+            Some(until) if now >= until => {
+                self.let_in(*ip);
+                false
+            }
+            Some(_) => {
+                still_locked = true;
+                true
+            }
+            None => now.duration_since(f.started) < window,
         });
+        self.locked_out.store(still_locked, Ordering::SeqCst);
+    }
+
+    /// Whether some source is (or was, until the next prune) refused.
+    pub fn has_lockouts(&self) -> bool {
+        self.locked_out.load(Ordering::SeqCst)
+    }
+
+    /// The sources refused right now, by address.
+    pub fn lockouts(&self) -> Vec<Lockout> {
+        let now = Instant::now();
+        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Lockout> = failures
+            .iter()
+            .filter_map(|(ip, f)| {
+                f.refused_until.filter(|u| now < *u).map(|until| Lockout {
+                    source: *ip,
+                    failures: f.count,
+                    until,
+                })
+            })
+            .collect();
+        out.sort_by_key(|l| l.source);
+        out
     }
 
     // ---- endpoint -------------------------------------------------------------------------

@@ -155,6 +155,10 @@ async fn serve(
         tracing::debug!(node = %node.key, %peer, "connection refused: too many connections");
         return;
     };
+    if let Some(state) = node.login_refusal() {
+        refuse_before_banner(&node, socket, peer, state).await;
+        return;
+    }
     let grace = tokio::time::sleep(inner.config.login_grace);
     tokio::pin!(grace);
     let handler = ConnHandler::new(inner.clone(), node.clone(), id, ctl.clone(), peer.ip());
@@ -188,11 +192,35 @@ async fn serve(
             }
         }
     }
-    let bye = handle.disconnect(
-        Disconnect::ByApplication,
-        "session ended by the node".into(),
-        String::new(),
-    );
+    let why = ctl
+        .reason()
+        .unwrap_or_else(|| "session ended by the node".into());
+    let bye = handle.disconnect(Disconnect::ByApplication, why, String::new());
     let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), session).await;
+}
+
+/// A node whose state takes no logins is down for its clients: the connection is closed before
+/// the SSH identification string, after one line saying why (RFC 4253 lets a server send lines
+/// before it; OpenSSH shows it with `-v` and reports "Connection closed by remote host").
+async fn refuse_before_banner(
+    node: &Node,
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    state: bluebatch_core::model::NodeState,
+) {
+    use tokio::io::AsyncWriteExt;
+    tracing::info!(
+        target: crate::node::TARGET,
+        node = %node.key,
+        source = %peer.ip(),
+        reason = %format!("node state {}", state.as_str()),
+        "ssh connection refused before the banner"
+    );
+    let line = format!("bluebatch: node is {}, no logins\r\n", state.as_str());
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = socket.write_all(line.as_bytes()).await;
+        let _ = socket.shutdown().await;
+    })
+    .await;
 }

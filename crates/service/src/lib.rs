@@ -12,7 +12,7 @@ mod pools;
 mod state;
 mod users;
 
-pub use fabric::{BoxFuture, NodeFabric};
+pub use fabric::{BoxFuture, LoginLockout, NodeFabric};
 pub use nodes::{AppliedUsers, NodeView};
 pub use pools::PoolView;
 pub use pools::Precondition;

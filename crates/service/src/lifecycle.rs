@@ -2,6 +2,9 @@
 //! (creating → starting → idle, rebooting → idle, reimaging → idle, leavingpool → gone), the pool's
 //! allocation state follows, and a deleted pool goes once its nodes have left. After a restart the
 //! same steps resume from what the store holds.
+//!
+//! Every state a Linux node takes is told to its node provider as it is taken (under the state
+//! lock, in order), so logins follow the node's state whatever changed it.
 
 use crate::pools::set_node_state;
 use crate::state::{
@@ -39,6 +42,28 @@ type Endpoint = (
 const START_CONCURRENCY: usize = 64;
 
 impl Service {
+    /// Tells a Linux node's provider the node's state (Windows nodes have no endpoint).
+    pub(crate) fn push_state(&self, os: Os, key: &str, state: NodeState) {
+        if os == Os::Linux {
+            self.inner.nodes.set_state(key, state);
+        }
+    }
+
+    /// Tells the provider the state of every Linux node of the pool.
+    fn push_pool_states(&self, account: &str, pool_key: &str) {
+        let st = self.lock();
+        let Some(entry) = st.pool(account, pool_key) else {
+            return;
+        };
+        if entry.pool.os != Os::Linux {
+            return;
+        }
+        for n in entry.nodes.values() {
+            let key = node_key(account, &entry.pool.id, &n.node.id);
+            self.inner.nodes.set_state(&key, n.node.state);
+        }
+    }
+
     /// Starts endpoints concurrently: (tag, fabric key, preferred port) → (tag, outcome).
     async fn start_endpoints<T: Send + 'static>(
         &self,
@@ -66,8 +91,10 @@ impl Service {
         out
     }
 
-    /// Moves the pool's transitional nodes one step after `node_step`.
+    /// Tells the nodes their states now, then moves the pool's transitional nodes one step after
+    /// `node_step`. Every pool or node write that changes states ends here.
     pub(crate) fn schedule(&self, account: &str, pool_key: &str) {
+        self.push_pool_states(account, pool_key);
         let svc = self.clone();
         let (account, pool_key) = (account.to_string(), pool_key.to_string());
         tokio::spawn(async move {
@@ -148,6 +175,10 @@ impl Service {
                     _ => continue,
                 };
                 set_node_state(&mut n.node, next, now);
+                if entry.pool.os == Os::Linux {
+                    let key = node_key(account, &pool_id, &n.node.id);
+                    self.inner.nodes.set_state(&key, next);
+                }
                 ops.push(put_json(
                     node_record(account, &pool_id, &n.node.id),
                     &n.node,
@@ -220,6 +251,8 @@ impl Service {
                         continue;
                     }
                     for n in entry.nodes.values() {
+                        let key = node_key(account, &entry.pool.id, &n.node.id);
+                        self.inner.nodes.set_state(&key, n.node.state);
                         if n.node.ssh_port.is_some() && n.node.state != NodeState::LeavingPool {
                             endpoints.push(Self::endpoint_of(account, &entry.pool.id, n));
                         }

@@ -46,12 +46,17 @@ enum Restart {
     Reimage,
 }
 
-/// A node's users as the emulator's inspect control shows them (never a password).
+/// A node's users as the emulator's inspect control shows them (never a password), with what
+/// its SSH endpoint enforces besides: the state it was told and the sources it locks out.
 #[derive(Debug, Clone)]
 pub struct AppliedUsers {
     pub stored: Vec<NodeUser>,
     pub applied_revision: Option<u64>,
     pub applied: Vec<NodeAccount>,
+    /// The state the node's provider enforces at login and whether it takes logins in it
+    /// (`None`: no endpoint, e.g. Windows).
+    pub login_state: Option<(NodeState, bool)>,
+    pub login_lockouts: Vec<crate::LoginLockout>,
 }
 
 impl Service {
@@ -156,6 +161,8 @@ impl Service {
                 }
             };
             set_node_state(&mut n.node, state, now);
+            // Sessions end and logins are refused from now on, before the answer.
+            self.push_state(os, &key, state);
             ops.push(put_json(node_record(account, &pool_id, node), &n.node));
             (self.submit(ops), key, os == Os::Linux)
         };
@@ -200,7 +207,7 @@ impl Service {
         let now = self.now();
         let pending = {
             let mut st = self.lock();
-            let (_, pool_id, n) = st.node_mut(account, pool, node)?;
+            let (os, pool_id, n) = st.node_mut(account, pool, node)?;
             if n.node.scheduling_state == to {
                 return Err(BatchError::new(Code::NodeAlreadyInTargetSchedulingState));
             }
@@ -218,6 +225,7 @@ impl Service {
                     n.node.last_modified = now;
                 }
             }
+            self.push_state(os, &node_key(account, &pool_id, node), n.node.state);
             self.submit(vec![put_json(
                 node_record(account, &pool_id, node),
                 &n.node,
@@ -237,8 +245,10 @@ impl Service {
         let now = self.now();
         let pending = {
             let mut st = self.lock();
-            let (_, pool_id, n) = st.node_mut(account, pool, node)?;
+            let (os, pool_id, n) = st.node_mut(account, pool, node)?;
             set_node_state(&mut n.node, state, now);
+            // Logins follow at once (and sessions end when the state takes none).
+            self.push_state(os, &node_key(account, &pool_id, node), state);
             self.submit(vec![put_json(
                 node_record(account, &pool_id, node),
                 &n.node,
@@ -262,6 +272,8 @@ impl Service {
             stored,
             applied_revision: self.inner.nodes.applied_revision(&key),
             applied: self.inner.nodes.accounts(&key),
+            login_state: self.inner.nodes.login_state(&key),
+            login_lockouts: self.inner.nodes.login_lockouts(&key),
         })
     }
 }

@@ -7,7 +7,7 @@
 //! | `GET /_bluebatch/clock` | the service clock |
 //! | `POST /_bluebatch/clock/advance` `{"by":"1d12h"}` | move the service clock forward |
 //! | `PUT /_bluebatch/pools/{p}/nodes/{n}/state` `{"state":"rebooting"}` | put a node in any state |
-//! | `GET /_bluebatch/pools/{p}/nodes/{n}/users` | the node's users as stored and as applied |
+//! | `GET /_bluebatch/pools/{p}/nodes/{n}/users` | the node's users as stored and as applied, the state its SSH endpoint enforces and the sources it locks out |
 //!
 //! Everything but health needs the same Shared Key (or bearer) authentication as the Batch API;
 //! `api-version` is not required.
@@ -144,9 +144,28 @@ pub async fn handle(
                     })
                 })
                 .collect();
+            // What the node's SSH endpoint enforces besides the accounts (Linux nodes).
+            let lockouts: Vec<Value> = u
+                .login_lockouts
+                .iter()
+                .map(|l| {
+                    json!({
+                        "source": l.source.to_string(),
+                        "failures": l.failures,
+                        "refusedUntil": iso(l.refused_until),
+                    })
+                })
+                .collect();
+            let (ssh_state, accepts) = match u.login_state {
+                Some((s, accepts)) => (Some(s.as_str()), Some(accepts)),
+                None => (None, None),
+            };
             Ok(json_response(json!({
                 "appliedRevision": u.applied_revision,
                 "users": users,
+                "sshNodeState": ssh_state,
+                "acceptsLogins": accepts,
+                "loginLockouts": lockouts,
             })))
         }
         _ => Err(BatchError::new(Code::InvalidUri)),
