@@ -414,8 +414,21 @@ async fn seed_file_and_control_cli() {
             .json()["state"],
         "unusable"
     );
+    // The CLI knows the states (and lists them); the server refuses an unknown one too.
     let (ok, _, err) = cli(&["node", "set-state", "ci", &nodes[0], "sideways"]);
-    assert!(!ok && err.contains("InvalidPropertyValue"), "{err}");
+    assert!(
+        !ok && err.contains("sideways") && err.contains("waitingforstarttask"),
+        "{err}"
+    );
+    let r = c
+        .control("PUT", &format!("/pools/ci/nodes/{}/state", nodes[0]))
+        .json(&json!({"state": "sideways"}))
+        .send()
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "InvalidPropertyValue".to_string())
+    );
     // The clock moved two days: the seeded accounts (default expiry) no longer log in.
     let port = c.ssh_port("ci", &nodes[1]).await;
     assert_ne!(pw(port, "ci", "seeded-pw").await, 0);
