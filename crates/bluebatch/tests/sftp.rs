@@ -198,7 +198,48 @@ async fn scp_and_sftp_work_without_the_hosts_sftp_server() {
             uid
         );
     }
-    let out = sftp_batch(port, "sam", &key, "rm d/two.txt\nrmdir d\nls\n").await;
+    // chmod, symlinks, df; scp -r -p keeps modes and times.
+    let out = sftp_batch(
+        port,
+        "sam",
+        &key,
+        "chmod 600 d/two.txt\nln -s two.txt d/link\nls -l d\ndf\n",
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("link"), "{}", out.stdout);
+    let two = std::fs::symlink_metadata(home.join("d/two.txt")).unwrap();
+    assert_eq!(two.mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read_link(home.join("d/link")).unwrap(),
+        Path::new("two.txt")
+    );
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/leaf"), b"leaf\n").unwrap();
+    let leaf = std::fs::File::options()
+        .write(true)
+        .open(tree.join("sub/leaf"))
+        .unwrap();
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_577_934_245);
+    leaf.set_modified(old).unwrap();
+    drop(leaf);
+    let mut cmd = tokio::process::Command::new("scp");
+    cmd.args(client_opts(port, &key, "-P"))
+        .args(["-r", "-p"])
+        .arg(&tree)
+        .arg("sam@127.0.0.1:d/");
+    let out = output(cmd, None).await;
+    assert_eq!(out.code, 0, "scp -r -p: {}", out.stderr);
+    let copied = std::fs::metadata(home.join("d/tree/sub/leaf")).unwrap();
+    assert_eq!(
+        std::fs::read(home.join("d/tree/sub/leaf")).unwrap(),
+        b"leaf\n"
+    );
+    assert_eq!(copied.modified().unwrap(), old);
+    std::fs::remove_dir_all(home.join("d/tree")).unwrap();
+
+    let out = sftp_batch(port, "sam", &key, "rm d/link\nrm d/two.txt\nrmdir d\nls\n").await;
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     assert!(!home.join("d").exists());
 

@@ -7,7 +7,8 @@
 //! Requests are answered one at a time, in order (clients may send many ahead; the protocol
 //! allows answering in order). Served: open, close, read, write, lstat, fstat, setstat,
 //! fsetstat, opendir, readdir, remove, mkdir, rmdir, realpath, stat, rename, readlink, symlink,
-//! and the extensions `posix-rename@openssh.com`, `fsync@openssh.com`, `hardlink@openssh.com`.
+//! and the extensions `posix-rename@openssh.com`, `fsync@openssh.com`, `hardlink@openssh.com`,
+//! `statvfs@openssh.com` (`df`).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -59,6 +60,7 @@ const FXP_DATA: u8 = 103;
 const FXP_NAME: u8 = 104;
 const FXP_ATTRS: u8 = 105;
 const FXP_EXTENDED: u8 = 200;
+const FXP_EXTENDED_REPLY: u8 = 201;
 
 const FX_OK: u32 = 0;
 const FX_EOF: u32 = 1;
@@ -306,6 +308,7 @@ impl Server {
                 ("posix-rename@openssh.com", "1"),
                 ("fsync@openssh.com", "1"),
                 ("hardlink@openssh.com", "1"),
+                ("statvfs@openssh.com", "2"),
             ] {
                 out.bytes(name.as_bytes()).bytes(data.as_bytes());
             }
@@ -452,6 +455,19 @@ impl Server {
                         match self.file(handle) {
                             Some(f) => result(id, f.sync_all()),
                             None => status(id, FX_FAILURE, "Invalid handle"),
+                        }
+                    }
+                    b"statvfs@openssh.com" => {
+                        let path = msg.path()?;
+                        match statvfs(&path) {
+                            Ok(fields) => {
+                                let mut out = Out::new(FXP_EXTENDED_REPLY, id);
+                                for f in fields {
+                                    out.u64(f);
+                                }
+                                out.0
+                            }
+                            Err(e) => error(id, &e),
                         }
                     }
                     _ => status(id, FX_OP_UNSUPPORTED, "Operation unsupported"),
@@ -681,6 +697,32 @@ fn realpath(path: &Path) -> io::Result<PathBuf> {
         }
     }
     Ok(normal)
+}
+
+/// The fields of `statvfs@openssh.com`, in its order.
+fn statvfs(path: &Path) -> io::Result<[u64; 11]> {
+    let c = crate::sysuser::c_path(path)?;
+    // SAFETY: statvfs is plain old data that statvfs(3) fills in from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (ro, nosuid) = (libc::ST_RDONLY, libc::ST_NOSUID);
+    let flag =
+        (if st.f_flag & ro != 0 { 1 } else { 0 }) | (if st.f_flag & nosuid != 0 { 2 } else { 0 });
+    Ok([
+        st.f_bsize as u64,
+        st.f_frsize as u64,
+        st.f_blocks as u64,
+        st.f_bfree as u64,
+        st.f_bavail as u64,
+        st.f_files as u64,
+        st.f_ffree as u64,
+        st.f_favail as u64,
+        st.f_fsid as u64,
+        flag,
+        st.f_namemax as u64,
+    ])
 }
 
 fn set_path_attrs(path: &Path, a: Attrs) -> io::Result<()> {
