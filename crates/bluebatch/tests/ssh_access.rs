@@ -458,6 +458,40 @@ async fn reboot_ends_sessions_and_refuses_logins_until_idle() {
 }
 
 #[tokio::test]
+async fn reimage_ends_sessions_and_closes_connections_until_idle() {
+    let srv = LogServer::start(&["--node-step-ms", "4000"]);
+    let c = srv.client();
+    let nodes = c.ready_pool("p", "linux", 1).await;
+    let n = &nodes[0];
+    let port = c.ssh_port("p", n).await;
+    add_user(&c, "p", n, json!({"name": "rita", "password": "pw-rita"})).await;
+    let src = loopback_source(908);
+    let session = open_session(port, "rita", "pw-rita", &src).await;
+    let r = c
+        .req("POST", &format!("/pools/p/nodes/{n}/reimage"))
+        .send()
+        .await;
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    let (err, _) = session.ended(Duration::from_secs(10)).await;
+    assert!(err.contains("node is reimaging"), "ssh said: {err}");
+    assert_eq!(state_of(&c, "p", n).await, "reimaging");
+    let refused = pw(port, "rita", "pw-rita", &src).await;
+    assert!(!refused.ok);
+    assert!(
+        refused.stderr.contains("Connection closed") || refused.stderr.contains("reset by peer"),
+        "closed before the banner: {}",
+        refused.stderr
+    );
+    srv.log_line(&["refused before the banner", "node state reimaging"])
+        .await;
+    // Back once idle, as a fresh image: the user is gone (reimage removes users), a new one
+    // logs in.
+    wait_state(&c, "p", n, "idle").await;
+    add_user(&c, "p", n, json!({"name": "rita", "password": "pw-rita-2"})).await;
+    assert!(logged_in(&pw(port, "rita", "pw-rita-2", &src).await));
+}
+
+#[tokio::test]
 async fn set_state_refuses_or_accepts_logins_and_offline_accepts() {
     let srv = LogServer::start(&[]);
     let c = srv.client();

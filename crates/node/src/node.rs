@@ -265,8 +265,10 @@ impl Node {
                 && !entry.ctl.is_killed()
                 && !self.may_stay(user, now)
             {
-                tracing::debug!(node = %self.key, user = %user, "ending session: account removed or expired");
-                entry.ctl.terminate();
+                tracing::info!(target: TARGET, node = %self.key, user = %user, "ending session: account removed or expired");
+                entry
+                    .ctl
+                    .terminate_because("account removed or expired".into());
             }
         }
     }

@@ -143,26 +143,26 @@ impl Service {
             let mut ops = Vec::new();
             let state = match how {
                 Restart::Reboot => NodeState::Rebooting,
-                Restart::Reimage => {
-                    // A reimaged node comes back as a fresh image: no user accounts.
-                    n.node.users_revision += 1;
-                    n.users.clear();
-                    if os == Os::Linux {
-                        self.inner.nodes.apply(
-                            &key,
-                            n.node.users_revision,
-                            AccountChange::ReplaceAll(Vec::new()),
-                        );
-                    }
-                    ops.push(Op::DeletePrefix {
-                        prefix: node_users_prefix(account, &pool_id, node),
-                    });
-                    NodeState::Reimaging
-                }
+                Restart::Reimage => NodeState::Reimaging,
             };
-            set_node_state(&mut n.node, state, now);
             // Sessions end and logins are refused from now on, before the answer.
             self.push_state(os, &key, state);
+            if how == Restart::Reimage {
+                // A reimaged node comes back as a fresh image: no user accounts.
+                n.node.users_revision += 1;
+                n.users.clear();
+                if os == Os::Linux {
+                    self.inner.nodes.apply(
+                        &key,
+                        n.node.users_revision,
+                        AccountChange::ReplaceAll(Vec::new()),
+                    );
+                }
+                ops.push(Op::DeletePrefix {
+                    prefix: node_users_prefix(account, &pool_id, node),
+                });
+            }
+            set_node_state(&mut n.node, state, now);
             ops.push(put_json(node_record(account, &pool_id, node), &n.node));
             (self.submit(ops), key, os == Os::Linux)
         };
