@@ -228,7 +228,11 @@ fn cases() -> Vec<Case> {
     // ---- Routing and paths (checked first, even before api-version and authentication).
     for (path, what) in [
         ("/", "root path"),
-        ("/jobs", "an operation out of scope"),
+        ("/nonsense", "a path the published API does not have"),
+        (
+            "/jobs/j/nonsense",
+            "a job path the published API does not have",
+        ),
         ("/POOLS/x/y/z/w/v/u", "too many segments"),
         ("/pools//nodes", "empty segment"),
         ("/pools/%zz", "malformed percent escape"),
@@ -258,7 +262,11 @@ fn cases() -> Vec<Case> {
         },
     ));
     for (method, path, what) in [
-        ("PATCH", "/pools/hp", "PATCH a pool"),
+        (
+            "PUT",
+            "/jobs",
+            "PUT the job collection (published path, no such operation)",
+        ),
         ("PUT", "/pools", "PUT the pool collection"),
         ("DELETE", "/pools/hp/nodes/n", "DELETE a node"),
         ("GET", "/pools/hp/nodes/n/users", "GET the user collection"),
@@ -279,8 +287,37 @@ fn cases() -> Vec<Case> {
         ));
     }
     t.push(bad("route before api-version", 400, "InvalidUri", |x| {
-        Out::Api(x.c.req("GET", "/jobs").query("").unsigned())
+        Out::Api(x.c.req("GET", "/nonsense").query("").unsigned())
     }));
+    // Published operations bluebatch does not serve: 501 naming the operation, decided by the
+    // route (before api-version and authentication), and they change nothing.
+    for (method, path, op) in [
+        ("GET", "/jobs", "Job_List"),
+        ("POST", "/jobs", "Job_Add"),
+        ("PATCH", "/pools/hp", "Pool_Patch"),
+        ("POST", "/pools/hp/enableautoscale", "Pool_EnableAutoScale"),
+        ("POST", "/pools/hp/stopresize", "Pool_StopResize"),
+        (
+            "GET",
+            "/pools/hp/nodes/n/files/..%2F..%2Fetc%2Fshadow",
+            "File_GetFromComputeNode",
+        ),
+        (
+            "DELETE",
+            "/pools/hp/nodes/n/files/state.db",
+            "File_DeleteFromComputeNode",
+        ),
+    ] {
+        t.push(
+            bad(
+                format!("not served: {method} {path}"),
+                501,
+                "NotImplemented",
+                move |x| Out::Api(x.c.req(method, path).query("").unsigned()),
+            )
+            .value("Operation", op),
+        );
+    }
     t.push(bad(
         "path traversal, encoded, as a pool id",
         404,

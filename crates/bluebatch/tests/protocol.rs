@@ -141,8 +141,12 @@ async fn query_parameters_and_headers() {
 async fn routing_errors() {
     let srv = Server::start();
     let c = srv.client();
-    let r = c.req("GET", "/jobs").send().await;
+    let r = c.req("GET", "/nonsense").send().await;
     assert_eq!((r.status, r.code().as_str()), (400, "InvalidUri"));
+    // A published operation bluebatch does not serve: 501 naming it.
+    let r = c.req("GET", "/jobs").send().await;
+    assert_eq!((r.status, r.code().as_str()), (501, "NotImplemented"));
+    assert_eq!(r.value("Operation").as_deref(), Some("Job_List"));
     let r = c.req("PATCH", "/pools/p/nodes/n/users/u").send().await;
     assert_eq!((r.status, r.code().as_str()), (405, "UnsupportedHttpVerb"));
     let r = c.req("GET", "/pools/..%2F..%2Fetc%2Fpasswd").send().await;

@@ -42,6 +42,8 @@ pub enum Code {
     RequestBodyTooLarge,
     OperationTimedOut,
     InternalError,
+    /// An operation of the published Batch API that bluebatch does not serve: 501.
+    NotImplemented,
     ServerBusy,
 }
 
@@ -90,6 +92,7 @@ impl Code {
             RequestBodyTooLarge => "RequestBodyTooLarge",
             OperationTimedOut => "OperationTimedOut",
             InternalError => "InternalError",
+            NotImplemented => "NotImplemented",
             ServerBusy => "ServerBusy",
         }
     }
@@ -129,6 +132,7 @@ impl Code {
             ConditionNotMet => 412,
             RequestBodyTooLarge => 413,
             OperationTimedOut | InternalError => 500,
+            NotImplemented => 501,
             ServerBusy => 503,
         }
     }
@@ -201,6 +205,7 @@ impl Code {
             InternalError => {
                 "Server encountered an internal error. Please try again after some time."
             }
+            NotImplemented => "The requested operation is not served by bluebatch.",
             ServerBusy => "Server is busy. Please retry the request later.",
         }
     }

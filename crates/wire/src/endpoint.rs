@@ -1,6 +1,7 @@
 //! Routing: every Batch operation in scope as one enum named as Azure names its operations.
 
 use crate::percent::decode;
+use crate::unserved::{self, Lookup};
 use axum::http::Method;
 use bluebatch_core::error::{BatchError, Code};
 
@@ -115,10 +116,21 @@ pub fn route_segments(raw_path: &str) -> Result<Vec<String>, BatchError> {
         .collect()
 }
 
-/// Maps a method and the raw (percent-encoded) path to an endpoint: a path that names no
-/// resource is `InvalidUri`, a known path with another method `UnsupportedHttpVerb`.
+/// Maps a method and the raw (percent-encoded) path to an endpoint: an operation of the
+/// published API that bluebatch does not serve is 501 `NotImplemented` naming it
+/// ([`crate::unserved`]), a path that names nothing in the published API `InvalidUri`, a known
+/// path with another method `UnsupportedHttpVerb`.
 pub fn route(method: &Method, raw_path: &str) -> Result<Endpoint, BatchError> {
     let segs = route_segments(raw_path)?;
+    served(method, &segs).map_err(|e| match unserved::lookup(method, &segs) {
+        Lookup::Operation(op) => unserved::not_served(op),
+        Lookup::OtherMethod => verb_not_allowed(),
+        Lookup::Unknown => e,
+    })
+}
+
+/// The operations bluebatch serves.
+fn served(method: &Method, segs: &[String]) -> Result<Endpoint, BatchError> {
     let lit = |i: usize, name: &str| segs.get(i).is_some_and(|s| s.eq_ignore_ascii_case(name));
     let m = method;
     let pick = |allowed: &[(Method, Endpoint)]| {
@@ -237,7 +249,22 @@ mod tests {
     fn unknown_paths_and_verbs() {
         let code = |m: Method, p: &str| route(&m, p).unwrap_err().code;
         assert_eq!(code(Method::GET, "/"), Code::InvalidUri);
-        assert_eq!(code(Method::GET, "/jobs"), Code::InvalidUri);
+        assert_eq!(code(Method::GET, "/nonsense"), Code::InvalidUri);
+        assert_eq!(code(Method::GET, "/jobs/j/nonsense"), Code::InvalidUri);
+        // Published but not served: 501 naming the operation; a wrong method on such a path 405.
+        let e = route(&Method::GET, "/jobs").unwrap_err();
+        assert_eq!(
+            (e.code, e.values[0].clone()),
+            (
+                Code::NotImplemented,
+                ("Operation".into(), "Job_List".into())
+            )
+        );
+        assert_eq!(code(Method::PATCH, "/pools/p1"), Code::NotImplemented);
+        assert_eq!(
+            code(Method::PUT, "/jobs/j/disable"),
+            Code::UnsupportedHttpVerb
+        );
         assert_eq!(
             code(Method::GET, "/pools/p1/nodes/n1/users/a/b"),
             Code::InvalidUri

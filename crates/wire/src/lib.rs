@@ -17,6 +17,7 @@ pub mod query;
 pub mod respond;
 pub mod server;
 pub mod sharedkey;
+pub mod unserved;
 
 pub use accounts::{Accounts, DEV_ACCOUNT, DEV_KEY};
 pub use axum::http;
