@@ -244,6 +244,33 @@ async fn wait_state(c: &Client, pool: &str, node: &str, want: &str) {
     }
 }
 
+trait ReadyPool {
+    async fn ready_pool_nodes(&self, pool: &str, count: usize) -> Vec<String>;
+}
+
+impl ReadyPool for Client {
+    /// Waits (up to 30 s) until the pool has `count` nodes, all idle; returns their ids.
+    async fn ready_pool_nodes(&self, pool: &str, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self
+                .req("GET", &format!("/pools/{pool}/nodes"))
+                .send()
+                .await
+                .json();
+            let list = v["value"].as_array().cloned().unwrap_or_default();
+            if list.len() == count && list.iter().all(|n| n["state"] == "idle") {
+                return list
+                    .iter()
+                    .map(|n| n["id"].as_str().unwrap().to_string())
+                    .collect();
+            }
+            assert!(Instant::now() < deadline, "{pool}: never idle: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// A long exec session (`echo started; sleep 60`), returned once it runs.
 struct Open {
     child: tokio::process::Child,
@@ -562,28 +589,54 @@ async fn set_state_refuses_or_accepts_logins_and_offline_accepts() {
 
 #[tokio::test]
 async fn leaving_the_pool_ends_sessions_at_once() {
+    // Long steps: the sessions must end when the node starts leaving, not when it is gone.
     let srv = LogServer::start(&["--node-step-ms", "3000"]);
     let c = srv.client();
-    let nodes = c.ready_pool("p", "linux", 1).await;
-    let n = &nodes[0];
-    let port = c.ssh_port("p", n).await;
-    add_user(&c, "p", n, json!({"name": "dave", "password": "pw-dave"})).await;
-    let src = loopback_source(906);
-    let session = open_session(port, "dave", "pw-dave", &src).await;
-    let r = c
-        .req("POST", "/pools/p/removenodes")
-        .json(&json!({"nodeList": [n]}))
-        .send()
-        .await;
-    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
-    assert_eq!(state_of(&c, "p", n).await, "leavingpool");
-    let (err, took) = session.ended(Duration::from_secs(2)).await;
-    assert!(
-        took < Duration::from_secs(2),
-        "ended before the node is gone"
-    );
-    assert!(err.contains("node is leavingpool"), "ssh said: {err}");
-    assert!(!pw(port, "dave", "pw-dave", &src).await.ok);
+    // Three pools, one per way of leaving: Remove Nodes, Resize down, Delete Pool.
+    for p in ["rm", "rs", "del"] {
+        let r = c.create_pool(p, "linux", 1).await;
+        assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+    }
+    let mut open = Vec::new();
+    for (i, p) in ["rm", "rs", "del"].into_iter().enumerate() {
+        let n = c.ready_pool_nodes(p, 1).await.remove(0);
+        let port = c.ssh_port(p, &n).await;
+        add_user(&c, p, &n, json!({"name": "dave", "password": "pw-dave"})).await;
+        let src = loopback_source(906 + 10 * i as u32);
+        let session = open_session(port, "dave", "pw-dave", &src).await;
+        open.push((p, n, port, src, session));
+    }
+    for (p, n, port, src, session) in open {
+        let r = match p {
+            "rm" => {
+                c.req("POST", "/pools/rm/removenodes")
+                    .json(&json!({"nodeList": [n]}))
+                    .send()
+                    .await
+            }
+            "rs" => {
+                c.req("POST", "/pools/rs/resize")
+                    .json(&json!({"targetDedicatedNodes": 0}))
+                    .send()
+                    .await
+            }
+            _ => c.req("DELETE", "/pools/del").send().await,
+        };
+        assert_eq!(r.status, 202, "{p}: {:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(state_of(&c, p, &n).await, "leavingpool", "{p}");
+        let (err, took) = session.ended(Duration::from_secs(2)).await;
+        assert!(
+            took < Duration::from_secs(2),
+            "{p}: ended before the node is gone"
+        );
+        assert!(err.contains("node is leavingpool"), "{p}: ssh said: {err}");
+        assert!(!pw(port, "dave", "pw-dave", &src).await.ok, "{p}");
+        assert_eq!(
+            state_of(&c, p, &n).await,
+            "leavingpool",
+            "{p}: checked while leaving"
+        );
+    }
 }
 
 // ---- item 8: one log line per login --------------------------------------------------------

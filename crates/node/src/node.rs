@@ -534,3 +534,68 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 9));
+    const OTHER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 10));
+
+    #[test]
+    fn lockout_after_max_failures_for_the_window_then_lifted() {
+        let node = Node::new("n".into());
+        let window = Duration::from_millis(300);
+        node.record_failure(IP, 3, window);
+        node.record_failure(IP, 3, window);
+        assert!(!node.refused(IP) && node.lockouts().is_empty());
+        node.record_failure(IP, 3, window);
+        assert!(node.refused(IP), "locked out at the 3rd failure");
+        assert!(!node.refused(OTHER), "per source");
+        let l = node.lockouts();
+        assert_eq!((l.len(), l[0].source, l[0].failures), (1, IP, 3));
+        assert!(node.has_lockouts());
+        std::thread::sleep(window + Duration::from_millis(50));
+        node.prune_failures(window);
+        assert!(!node.refused(IP) && node.lockouts().is_empty() && !node.has_lockouts());
+    }
+
+    #[test]
+    fn failures_older_than_the_window_do_not_add_up() {
+        let node = Node::new("n".into());
+        let window = Duration::from_millis(200);
+        node.record_failure(IP, 2, window);
+        std::thread::sleep(window + Duration::from_millis(50));
+        node.record_failure(IP, 2, window);
+        assert!(
+            !node.refused(IP),
+            "the first failure fell out of the window"
+        );
+    }
+
+    #[test]
+    fn zero_means_no_lockout() {
+        let node = Node::new("n".into());
+        for _ in 0..100 {
+            node.record_failure(IP, 0, Duration::from_secs(60));
+        }
+        assert!(!node.refused(IP) && node.lockouts().is_empty());
+    }
+
+    #[test]
+    fn states_that_take_logins() {
+        let open: Vec<&str> = NodeState::ALL
+            .iter()
+            .filter(|s| accepts_logins(**s))
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(open, ["idle", "running", "starttaskfailed", "offline"]);
+        let node = Node::new("n".into());
+        assert_eq!(node.login_refusal(), None, "never told: takes logins");
+        assert!(node.set_state(NodeState::Rebooting));
+        assert_eq!(node.login_refusal(), Some(NodeState::Rebooting));
+        assert!(!node.set_state(NodeState::Rebooting), "no change");
+        node.set_state(NodeState::Offline);
+        assert_eq!(node.login_refusal(), None);
+    }
+}
