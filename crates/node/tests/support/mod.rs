@@ -306,6 +306,19 @@ pub fn process_running(argv: &[&str]) -> bool {
     })
 }
 
+/// No process with this argv is left within `within`: the kill is sent before the client is
+/// disconnected, but the process may take a moment to die after the client has exited.
+pub fn process_gone_within(argv: &[&str], within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while process_running(argv) {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
