@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need besides Rust and Python: the OpenSSH client and sshpass.
+# Installs what the tests need besides Rust and Python: the OpenSSH client and sshpass, and the
+# az CLI (a cached venv, reused across runs and clones: scripts/setup-az.sh).
 set -euo pipefail
 need=()
 command -v ssh >/dev/null || need+=(openssh-client)
@@ -12,3 +13,4 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
 fi
 python3 -m venv --help >/dev/null 2>&1 || { echo "python3 venv module missing (apt-get install python3-venv)"; exit 1; }
+"$(dirname "$0")/setup-az.sh" >/dev/null
