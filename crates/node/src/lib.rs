@@ -63,6 +63,7 @@ mod node;
 mod server;
 mod session;
 pub mod sftp;
+pub mod sftp;
 mod sysuser;
 
 use std::collections::{HashMap, HashSet};
@@ -87,10 +88,12 @@ pub struct SshConfig {
     /// Ports the nodes take, one each. Default `20000..=29999`, outside the kernel's ephemeral
     /// range (32768–60999) so outgoing connections never take a node's port.
     pub port_range: RangeInclusive<u16>,
-    /// Per node: `{data_dir}/{node_key}/ssh_host_ed25519_key` (persistent host key) and
-    /// `{data_dir}/{node_key}/home` (the sessions' working directory). When sessions switch to
-    /// `session_user`, `data_dir` gets the "others may search" bit so that account can reach
-    /// the homes; each home is owned by it.
+    /// Per node (made absolute): `{data_dir}/{node_key}/private/` (root's, 0700: the persistent
+    /// host key `ssh_host_ed25519_key` and `session-uid`) and `{data_dir}/{node_key}/home/{user}`
+    /// (each user's home and working directory, owned by the node's uid, 0700; `home/` itself
+    /// is root's, readable by the node's gid only). When sessions switch uid, `data_dir` and
+    /// the node directories get the "others may search" bit (0711) so sessions reach their
+    /// homes; every directory above `data_dir` must let them pass too.
     pub data_dir: PathBuf,
     /// The uids (and gids of the same numbers) the nodes' sessions run as when the server runs
     /// as root: one per node, kept across restarts; numbers the host names as a user or group
@@ -246,6 +249,9 @@ impl SshNodes {
             let result = tokio::task::spawn_blocking(move || hostkey::remove_node_dir(&dir)).await;
             if let Ok(Err(e)) = result {
                 tracing::warn!(node = node_key, error = %e, "could not delete the node's directory");
+            }
+            if let Some(host) = self.inner.host() {
+                host.release(node_key);
             }
             if let Some(host) = self.inner.host() {
                 host.release(node_key);
