@@ -63,7 +63,6 @@ mod node;
 mod server;
 mod session;
 pub mod sftp;
-pub mod sftp;
 mod sysuser;
 
 use std::collections::{HashMap, HashSet};
@@ -249,9 +248,6 @@ impl SshNodes {
             let result = tokio::task::spawn_blocking(move || hostkey::remove_node_dir(&dir)).await;
             if let Ok(Err(e)) = result {
                 tracing::warn!(node = node_key, error = %e, "could not delete the node's directory");
-            }
-            if let Some(host) = self.inner.host() {
-                host.release(node_key);
             }
             if let Some(host) = self.inner.host() {
                 host.release(node_key);
