@@ -237,27 +237,38 @@ def test_node_list_and_show(az, client, sdk_pool):
 
 def test_scheduling_disable_taskcompletion_then_enable(az, client, node):
     pool_id, node_id, _, _ = node
-    r = az("batch", "node", "scheduling", "disable", "--pool-id", pool_id, "--node-id", node_id,
-           "--node-disable-scheduling-option", "taskcompletion")
-    sent = r.only("POST", f"/pools/{pool_id}/nodes/{node_id}/disablescheduling")
-    # az 2.91 (azure-batch 15.0.0b1's _patch.py) wraps the option in an object of the same name.
-    assert sent["body"] == {"nodeDisableSchedulingOption": {"nodeDisableSchedulingOption": "taskcompletion"}}
-    assert sent["status"] == 200, r.brief()
-    r.ok()
-    api = client.get_node(pool_id, node_id)
-    assert (api.state, api.scheduling_state) == ("offline", "disabled")
-    shown = az("batch", "node", "show", "--pool-id", pool_id, "--node-id", node_id).ok().json
-    assert (shown["state"], shown["schedulingState"]) == ("offline", "disabled")
+    try:
+        r = az("batch", "node", "scheduling", "disable", "--pool-id", pool_id, "--node-id", node_id,
+               "--node-disable-scheduling-option", "taskcompletion")
+        sent = r.only("POST", f"/pools/{pool_id}/nodes/{node_id}/disablescheduling")
+        # az 2.91 (azure-batch 15.0.0b1's _patch.py) wraps the option in an object of the same name.
+        assert sent["body"] == {"nodeDisableSchedulingOption": {"nodeDisableSchedulingOption": "taskcompletion"}}
+        assert sent["status"] == 200, r.brief()
+        r.ok()
+        api = client.get_node(pool_id, node_id)
+        assert (api.state, api.scheduling_state) == ("offline", "disabled")
+        shown = az("batch", "node", "show", "--pool-id", pool_id, "--node-id", node_id).ok().json
+        assert (shown["state"], shown["schedulingState"]) == ("offline", "disabled")
 
-    # Without an option az sends {}.
-    again = az("batch", "node", "scheduling", "disable", "--pool-id", pool_id, "--node-id", node_id).ok()
-    assert again.only("POST", f"/pools/{pool_id}/nodes/{node_id}/disablescheduling")["body"] == {}
+        # Disabling a disabled node is a conflict, as on Azure.
+        twice = az("batch", "node", "scheduling", "disable", "--pool-id", pool_id, "--node-id", node_id)
+        assert twice.returncode == 1 and "NodeAlreadyInTargetSchedulingState" in twice.stderr, twice
 
-    enabled = az("batch", "node", "scheduling", "enable", "--pool-id", pool_id, "--node-id", node_id).ok()
-    sent = enabled.only("POST", f"/pools/{pool_id}/nodes/{node_id}/enablescheduling")
-    assert sent["raw_body"] == "" and sent["status"] == 200
-    api = client.get_node(pool_id, node_id)
-    assert (api.state, api.scheduling_state) == ("idle", "enabled")
+        enabled = az("batch", "node", "scheduling", "enable", "--pool-id", pool_id, "--node-id", node_id).ok()
+        sent = enabled.only("POST", f"/pools/{pool_id}/nodes/{node_id}/enablescheduling")
+        assert sent["raw_body"] == "" and sent["status"] == 200
+        api = client.get_node(pool_id, node_id)
+        assert (api.state, api.scheduling_state) == ("idle", "enabled")
+
+        # Without an option az sends {}.
+        plain = az("batch", "node", "scheduling", "disable", "--pool-id", pool_id, "--node-id", node_id).ok()
+        assert plain.only("POST", f"/pools/{pool_id}/nodes/{node_id}/disablescheduling")["body"] == {}
+        assert client.get_node(pool_id, node_id).state == "offline"
+    finally:
+        # The node's other tests need it idle.
+        if client.get_node(pool_id, node_id).scheduling_state == "disabled":
+            client.enable_node_scheduling(pool_id, node_id)
+    assert client.get_node(pool_id, node_id).state == "idle"
 
 
 def test_user_create_with_password_key_expiry_and_admin(az, server, node, tmp_path):
