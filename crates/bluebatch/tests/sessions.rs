@@ -202,7 +202,12 @@ async fn sessions_have_own_homes_and_uids_and_cannot_reach_other_nodes_or_secret
         assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
         assert!(!Path::new(&target).exists());
     }
-    for listed in [homes0.clone(), data.clone(), node0_dir.join("private")] {
+    for listed in [
+        homes0.clone(),
+        data.clone(),
+        data.join("nodes"),
+        node0_dir.join("private"),
+    ] {
         let out = run(port1, "carol", &key, &format!("ls '{}'", listed.display())).await;
         assert_ne!(out.code, 0, "carol listed {}", listed.display());
     }

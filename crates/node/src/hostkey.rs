@@ -80,12 +80,13 @@ fn make_dir(dir: &Path, mode: u32) -> io::Result<()> {
 /// Creates the node's directories if needed and loads (or generates and saves) its host key.
 /// `run_as`: the account the node's sessions run as (when the server is root), and whether it
 /// changed since the node's files were made (they are then given to it). `data_dir` and the
-/// node directory get the "others may search" bit so that account can reach its homes.
+/// node directory are made 0711 (passable, not listable) so that account reaches its homes;
+/// `data_dir` is 0700 when sessions do not switch account.
 pub(crate) fn prepare(node_dir: &Path, run_as: Option<(RunAs, bool)>) -> io::Result<PrivateKey> {
     let data_dir = node_dir.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(data_dir)?;
+    // Passable by the sessions, listable by nobody but the server.
+    make_dir(data_dir, if run_as.is_some() { 0o711 } else { 0o700 })?;
     if run_as.is_some() {
-        allow_search(data_dir)?;
         warn_if_unreachable(data_dir);
     }
     let private = private_dir(node_dir);
@@ -241,15 +242,6 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
-}
-
-/// Adds the "others may search" bit to a directory the session account must pass through.
-fn allow_search(dir: &Path) -> io::Result<()> {
-    let mode = fs::metadata(dir)?.permissions().mode();
-    if mode & 0o001 == 0 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o001))?;
-    }
-    Ok(())
 }
 
 fn warn_if_unreachable(data_dir: &Path) {
