@@ -3,6 +3,11 @@
 //! Callers append to a shared queue; the writer takes the whole queue at once, commits it as one
 //! transaction and answers every change in it. A caller wakes the writer only when it is parked,
 //! so under load (the writer busy syncing) submitting costs a lock and a push, no wake-up.
+//!
+//! The first failed commit stops the writer for good: that change and every change queued or
+//! submitted after it fail, and the backend is never written again. After a failed `write` or
+//! `fsync` the disk's state is unknown (a later `fsync` may succeed without the earlier pages
+//! having reached the disk), so no later commit could be answered as durable.
 
 use crate::{Backend, Op, Result, StoreError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,6 +23,8 @@ struct Queue {
     parked: bool,
     /// Every handle is gone: drain and stop.
     closed: bool,
+    /// A commit failed: every change from then on fails with this.
+    failed: Option<StoreError>,
 }
 
 #[derive(Default)]
@@ -73,8 +80,24 @@ impl GroupCommit {
                     let (ops, dones): (Vec<Vec<Op>>, Vec<Done>) = batch.into_iter().unzip();
                     let ops: Vec<Op> = ops.into_iter().flatten().collect();
                     let outcome = backend.commit(&ops);
+                    let failed = outcome.as_ref().err().map(|e| {
+                        StoreError(format!("the store stopped after a failed commit ({e})"))
+                    });
                     for done in dones {
                         done(outcome.clone());
+                    }
+                    if let Some(stopped) = failed {
+                        // No later change reaches the backend: fail what is queued, and (in
+                        // `submit`) whatever comes after.
+                        let queued = {
+                            let mut q = writer.lock();
+                            q.failed = Some(stopped.clone());
+                            std::mem::take(&mut q.items)
+                        };
+                        for (_, done) in queued {
+                            done(Err(stopped.clone()));
+                        }
+                        return;
                     }
                 }
             })
@@ -88,6 +111,11 @@ impl GroupCommit {
     /// Queues `ops` as one unit; `done` runs on the writer thread once they are durable (or not).
     pub fn submit(&self, ops: Vec<Op>, done: Done) {
         let mut q = self.shared.lock();
+        if let Some(e) = q.failed.clone() {
+            drop(q);
+            done(Err(e));
+            return;
+        }
         if q.closed {
             drop(q);
             done(Err(StoreError("the store writer has stopped".into())));
@@ -98,5 +126,56 @@ impl GroupCommit {
             q.parked = false;
             self.shared.wake.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Fails its second commit, and counts every commit it is asked for.
+    struct FailsSecond(Arc<AtomicUsize>);
+
+    impl Backend for FailsSecond {
+        fn load_all(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
+            Ok(Vec::new())
+        }
+        fn commit(&mut self, _ops: &[Op]) -> Result<()> {
+            match self.0.fetch_add(1, Ordering::SeqCst) {
+                1 => Err(StoreError("disk I/O error".into())),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    fn put(k: &str) -> Vec<Op> {
+        vec![Op::Put {
+            key: k.into(),
+            value: Vec::new(),
+        }]
+    }
+
+    fn commit(g: &GroupCommit, k: &str) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        g.submit(put(k), Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the writer answers")
+    }
+
+    #[test]
+    fn after_a_failed_commit_nothing_is_committed_again() {
+        let commits = Arc::new(AtomicUsize::new(0));
+        let g = GroupCommit::start(FailsSecond(commits.clone()));
+        assert_eq!(commit(&g, "a"), Ok(()));
+        assert!(commit(&g, "b").is_err());
+        // The backend would succeed now; the writer must not ask it.
+        for k in ["c", "d"] {
+            let e = commit(&g, k).unwrap_err();
+            assert!(e.0.contains("failed commit"), "{e}");
+        }
+        assert_eq!(commits.load(Ordering::SeqCst), 2);
     }
 }
