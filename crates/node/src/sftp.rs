@@ -509,7 +509,7 @@ impl Server {
         let mut buf = vec![0u8; len as usize];
         let mut filled = 0;
         while filled < buf.len() {
-            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            match file.read_at(&mut buf[filled..], offset.saturating_add(filled as u64)) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -196,12 +196,15 @@ impl HostIdentity {
         table
     }
 
-    /// A free uid: from a point of the range derived from the node's key, the first one no
+    /// A free uid: from a point of the range derived from the node's path, the first one no
     /// other node has and the host does not name as a user or group.
     fn pick(&self, table: &UidTable, node_key: &str) -> io::Result<u32> {
         let (start, end) = (*self.uids.start() as u64, *self.uids.end() as u64);
         let len = end - start + 1;
-        let offset = fnv1a(node_key.as_bytes()) % len;
+        // The data directory is part of the seed, so that servers side by side on one host
+        // (other data directories, same node names) rarely meet.
+        let seed = self.nodes_dir.join(node_key);
+        let offset = fnv1a(seed.as_os_str().as_encoded_bytes()) % len;
         for i in 0..len {
             let uid = (start + (offset + i) % len) as u32;
             if !self.usable(uid) || table.taken.contains(&uid) {

@@ -565,3 +565,76 @@ async fn revisions_and_node_keys() {
     f.nodes.shutdown().await;
     assert_eq!(f.nodes.endpoint(node), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_directory_of_the_old_layout_keeps_its_host_key_and_files() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-old";
+    f.start(node).await;
+    let host_key = f.nodes.host_public_key(node).unwrap();
+    f.nodes.shutdown().await;
+    // Before: the key in the node directory, one shared home owned by the session account.
+    let dir = f.dir.path().join("nodes").join(node);
+    for name in ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"] {
+        std::fs::rename(dir.join("private").join(name), dir.join(name)).unwrap();
+    }
+    std::fs::remove_dir_all(dir.join("private")).unwrap();
+    std::fs::remove_dir_all(dir.join("home")).unwrap();
+    std::fs::create_dir(dir.join("home")).unwrap();
+    std::fs::write(dir.join("home").join("old.txt"), b"kept\n").unwrap();
+    if is_root() {
+        for p in [dir.join("home"), dir.join("home").join("old.txt")] {
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+        }
+    }
+
+    let again = bluebatch_node::SshNodes::new(
+        SshConfig {
+            data_dir: f.dir.path().join("nodes"),
+            ..SshConfig::default()
+        },
+        f.clock.clone(),
+    );
+    let addr = again.start_node(node, None).await.unwrap();
+    assert_eq!(again.host_public_key(node).unwrap(), host_key);
+    assert!(dir.join("private").join("ssh_host_ed25519_key").exists());
+    assert!(!dir.join("ssh_host_ed25519_key").exists());
+    let (key, public) = f.keygen("old", "ed25519", None);
+    again.apply(
+        node,
+        1,
+        AccountChange::Upsert(account("olga", None, Some(&public), false, DAY)),
+    );
+    let out = Ssh::new(addr, "olga", Login::Key(&key))
+        .run(&["cat ../old.txt; id -u; stat -c %u ../old.txt"], None)
+        .await;
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{out:?}");
+    assert_eq!(lines[0], "kept");
+    assert_eq!(
+        lines[2], lines[1],
+        "the old files were not given to the node's uid"
+    );
+    again.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uid_range_holding_root_is_refused() {
+    if !is_root() {
+        eprintln!("skipped: the range is used only when the server is root");
+        return;
+    }
+    let f = Fixture::with(|c: &mut SshConfig| c.session_uids = 0..=100);
+    let err = f
+        .nodes
+        .start_node("acct.pool1.tvm-r0", None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("root"), "{err}");
+    let f = Fixture::with(|c: &mut SshConfig| {
+        c.session_uids = 2_000_200_000..=2_000_200_000;
+        c.admin_gid = None; // the range's only number: nothing left for a node
+    });
+    assert!(f.nodes.start_node("acct.pool1.tvm-r1", None).await.is_err());
+}
