@@ -809,3 +809,169 @@ pub fn loopback_source(n: u32) -> String {
     let n = n % (250 * 250 * 250);
     format!("127.{}.{}.{}", 1 + n / 62_500, (n / 250) % 250, 2 + n % 250)
 }
+
+// ---------------------------------------------------------------------------------------------
+// SSH outcomes that tell a refusal from a node that did not answer, and deadlines (issue 10).
+
+/// What came of one SSH login attempt over the real OpenSSH client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshOutcome {
+    /// Logged in and ran the command; its exit status and stdout.
+    Accepted { code: i32, stdout: String },
+    /// sshd answered and refused authentication (ssh exit 255 with "Permission denied").
+    Refused,
+    /// No SSH conversation: connection refused or closed before authentication, timeout, … (the
+    /// client's stderr). A check of refusal must not pass on this.
+    Unreachable(String),
+}
+
+impl SshOutcome {
+    pub fn accepted(&self) -> bool {
+        matches!(self, SshOutcome::Accepted { .. })
+    }
+    /// The command's stdout; panics (with `what`) unless the login was accepted and the command
+    /// exited 0.
+    pub fn stdout(&self, what: &str) -> &str {
+        match self {
+            SshOutcome::Accepted { code: 0, stdout } => stdout,
+            other => panic!("{what}: expected a login running the command, got {other:?}"),
+        }
+    }
+}
+
+/// How long one SSH attempt may take before the check fails as [`SshOutcome::Unreachable`].
+pub const SSH_DEADLINE: Duration = Duration::from_secs(20);
+
+async fn ssh_outcome(mut cmd: tokio::process::Command) -> SshOutcome {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = match tokio::time::timeout(SSH_DEADLINE, cmd.output()).await {
+        Err(_) => return SshOutcome::Unreachable(format!("no outcome within {SSH_DEADLINE:?}")),
+        Ok(Err(e)) => return SshOutcome::Unreachable(format!("could not run ssh: {e}")),
+        Ok(Ok(out)) => out,
+    };
+    let code = out.status.code().unwrap_or(-1);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // sshpass exits 5 when the password prompt comes back: sshd answered and refused.
+    if (code == 255 && stderr.contains("Permission denied")) || code == 5 {
+        SshOutcome::Refused
+    } else if code == 255 || code == -1 {
+        SshOutcome::Unreachable(stderr)
+    } else {
+        SshOutcome::Accepted {
+            code,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        }
+    }
+}
+
+/// Logs in with a password only (sshpass, the password in the environment) from the local
+/// address `source` and runs `cmd`.
+pub async fn ssh_password_outcome(
+    port: u16,
+    user: &str,
+    password: &str,
+    source: &str,
+    cmd: &str,
+) -> SshOutcome {
+    let mut c = tokio::process::Command::new("sshpass");
+    c.arg("-e")
+        .env("SSHPASS", password)
+        .arg("ssh")
+        .args(ssh_base_args(port, source))
+        .args([
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-o",
+            "PubkeyAuthentication=no",
+        ])
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(cmd);
+    ssh_outcome(c).await
+}
+
+/// Logs in with one private key file only (BatchMode: no password prompt) from `source` and
+/// runs `cmd`.
+pub async fn ssh_key_outcome(
+    port: u16,
+    user: &str,
+    key_file: &Path,
+    source: &str,
+    cmd: &str,
+) -> SshOutcome {
+    let mut c = tokio::process::Command::new("ssh");
+    c.args(ssh_base_args(port, source))
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "PreferredAuthentications=publickey",
+            "-o",
+            "PasswordAuthentication=no",
+            "-i",
+        ])
+        .arg(key_file)
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(cmd);
+    ssh_outcome(c).await
+}
+
+/// The node's ed25519 host key as `ssh-keyscan` reads it (at most 20 s); panics when no key
+/// was read, so that a comparison of host keys cannot pass on two empty strings.
+pub async fn host_key_read(port: u16) -> String {
+    let mut c = tokio::process::Command::new("ssh-keyscan");
+    c.args([
+        "-T",
+        "10",
+        "-t",
+        "ed25519",
+        "-p",
+        &port.to_string(),
+        "127.0.0.1",
+    ])
+    .stdin(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(SSH_DEADLINE, c.output())
+        .await
+        .unwrap_or_else(|_| panic!("ssh-keyscan -p {port}: no answer within {SSH_DEADLINE:?}"))
+        .expect("running ssh-keyscan");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let key = text
+        .lines()
+        .find(|l| l.contains("ssh-ed25519"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !key.is_empty(),
+        "no host key read from port {port}: {text:?}"
+    );
+    key
+}
+
+/// Runs `fut`, failing the test (naming `what`) when it has not finished within `limit`.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {limit:?} (a hang)"))
+}
+
+impl Req<'_> {
+    /// As [`Req::send`], failing the test when no answer came within `limit`.
+    pub async fn send_within(self, limit: Duration) -> Resp {
+        let what = format!("{} {}", self.method, self.path);
+        match self.try_send_within(limit).await {
+            Ok(r) => r,
+            Err(e) => panic!("{what}: no answer within {limit:?}: {e}"),
+        }
+    }
+}
