@@ -70,7 +70,7 @@ def assert_batch_error(exc_info, status: int, code: str):
     assert error_code(exc) == code, f"expected Batch error code {code!r}, got {error_code(exc)!r}: {body}"
     # Azure's error bodies carry a message object; the SDK surfaces message.value as .message.
     assert exc.error is not None and exc.error.message, f"error body lacks message.value: {body}"
-    # The message ends with "RequestId:<request-id header>" and "Time:..." lines (CONTRACT.md §3).
+    # The message ends with "RequestId:<request-id header>" and "Time:..." lines (docs/contract.md §3).
     request_id = exc.response.headers.get("request-id")
     assert request_id, "error response lacks a request-id header"
     assert f"\nRequestId:{request_id}\n" in exc.error.message, f"message lacks RequestId line: {exc.error.message!r}"

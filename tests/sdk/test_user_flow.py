@@ -1,6 +1,6 @@
 """azure-batch 15.1.0 (unmodified) against bluebatch: pools, nodes and node users.
 
-These tests encode Azure's documented behaviour and spec/CONTRACT.md; a failure is a server
+These tests encode Azure's documented behaviour and docs/contract.md; a failure is a server
 bug unless the contract says otherwise.
 """
 from __future__ import annotations
@@ -288,7 +288,7 @@ def test_duplicate_user(client, linux_node):
 
 
 def test_invalid_user_properties(client, linux_node, tmp_path):
-    """sshPublicKey must be one OpenSSH public key line; empty strings are invalid (CONTRACT.md §6)."""
+    """sshPublicKey must be one OpenSSH public key line; empty strings are invalid (docs/contract.md §6)."""
     pool_id, node_id = linux_node
     key_path, public_key = generate_ssh_key(tmp_path)
     with open(key_path, encoding="ascii") as f:
@@ -445,7 +445,7 @@ def test_scheduling_reboot_and_reimage(client):
         wait_node_state(client, pool_id, node_id, (models.BatchNodeState.IDLE,))
         client.replace_node_user(pool_id, node_id, user, models.BatchNodeUserReplaceOptions(password="Life-pass-3"))
 
-        # Reimage removes them (our decision, CONTRACT.md §5).
+        # Reimage removes them (our decision, docs/contract.md §5).
         client.begin_reimage_node(pool_id, node_id, {"nodeReimageOption": "requeue"}, polling_interval=1).result(timeout=60)
         wait_node_state(client, pool_id, node_id, (models.BatchNodeState.IDLE,))
         with pytest.raises(ResourceNotFoundError) as ei:

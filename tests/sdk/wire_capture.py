@@ -3,7 +3,7 @@ server that answers as Azure does, and print each request exactly as received.
 
 Usage: python wire_capture.py > capture.txt
 It verifies each request's Shared Key signature with an independent
-implementation of the algorithm in spec/CONTRACT.md §4.
+implementation of the algorithm in docs/contract.md §4.
 """
 import base64
 import datetime
@@ -32,7 +32,7 @@ SIGNED = ["content-encoding", "content-language", "content-length", "content-md5
 
 
 def expected_signature(method, target, headers):
-    """CONTRACT.md §4, written independently of the SDK."""
+    """docs/contract.md §4, written independently of the SDK."""
     h = {k.lower(): v for k, v in headers.items()}
     parts = [method] + [h.get(n, "") for n in SIGNED]
     s = "\n".join(parts) + "\n"
