@@ -280,3 +280,23 @@ async fn home_is_absolute_with_a_relative_data_dir() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), home);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_session_uid_range_is_refused_at_start() {
+    for bad in ["0-10", "10-5", "x-9", "100", "1-4294967295"] {
+        let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+            .args(["serve", "--in-memory", "--port", "0", "--session-uids", bad])
+            .env("BLUEBATCH_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the server did not refuse in time")
+            .unwrap();
+        assert!(!out.status.success(), "{bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--session-uids"), "{bad}: {err}");
+    }
+}
