@@ -100,7 +100,7 @@ fn assert_accepted(o: &SshOutcome, what: &str) {
 }
 
 /// How long one Update User takes when nothing competes (password hashing and the commit): the
-/// racing operation is delayed by a random part of up to twice that, so both orders happen.
+/// racing operations are delayed by random parts of it, so that both orders happen.
 async fn update_latency(c: &Client, path: &str, body: &Value) -> Duration {
     let mut worst = Duration::ZERO;
     for _ in 0..3 {
@@ -255,12 +255,17 @@ async fn delete_vs_update_of_one_user_is_one_order_or_the_other() {
             assert_eq!(r.status, 201, "{}", text(&r));
             let barrier = Arc::new(tokio::sync::Barrier::new(2));
             let path = Client::user_path("du", &node, &name);
-            let delay = jitter(latency / 2);
+            // Odd rounds hold the delete back a random while, even rounds the update.
+            let (del_delay, upd_delay) = if round % 2 == 1 {
+                (jitter(latency), Duration::ZERO)
+            } else {
+                (Duration::ZERO, jitter(latency / 4))
+            };
             let del = {
                 let (c, b, path) = (c.clone(), barrier.clone(), path.clone());
                 tokio::spawn(async move {
                     b.wait().await;
-                    tokio::time::sleep(delay).await;
+                    tokio::time::sleep(del_delay).await;
                     c.req("DELETE", &path).send_within(REQ).await
                 })
             };
@@ -270,6 +275,7 @@ async fn delete_vs_update_of_one_user_is_one_order_or_the_other() {
                     let body =
                         json!({"password": format!("new-{round}"), "expiryTime": expiry(round, 1)});
                     b.wait().await;
+                    tokio::time::sleep(upd_delay).await;
                     c.req("PUT", &path).json(&body).send_within(REQ).await
                 })
             };
@@ -355,21 +361,27 @@ async fn update_vs_reboot_is_applied_or_refused_never_half() {
             };
             let next = (format!("pw-{round}"), key, expiry(round, 1));
             let barrier = Arc::new(tokio::sync::Barrier::new(2));
+            // Odd rounds hold the reboot back a random while, even rounds the update.
+            let (reboot_delay, upd_delay) = if round % 2 == 1 {
+                (jitter(latency), Duration::ZERO)
+            } else {
+                (Duration::ZERO, jitter(latency / 4))
+            };
             let upd = {
                 let (c, b, path) = (c.clone(), barrier.clone(), path.clone());
                 let body =
                     json!({"password": next.0, "sshPublicKey": public, "expiryTime": next.2});
                 tokio::spawn(async move {
                     b.wait().await;
+                    tokio::time::sleep(upd_delay).await;
                     c.req("PUT", &path).json(&body).send_within(REQ).await
                 })
             };
-            let delay = jitter(latency);
             let reboot = {
                 let (c, b, node) = (c.clone(), barrier.clone(), node.clone());
                 tokio::spawn(async move {
                     b.wait().await;
-                    tokio::time::sleep(delay).await;
+                    tokio::time::sleep(reboot_delay).await;
                     c.req("POST", &format!("/pools/rb/nodes/{node}/reboot"))
                         .send_within(REQ)
                         .await
