@@ -237,21 +237,32 @@ impl Drop for Killed {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn home_is_absolute_with_a_relative_data_dir() {
+/// Starts the server in `cwd` with `args`; returns it, its URL and what it logs on stderr.
+fn spawn_server(
+    cwd: &Path,
+    args: &[&str],
+) -> (Killed, String, std::sync::Arc<std::sync::Mutex<String>>) {
     use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bluebatch"))
         .args(["serve", "--port", "0", "--node-step-ms", "20"])
-        .args(["--data-dir", "relative-data"])
-        .current_dir(dir.path())
+        .args(args)
+        .current_dir(cwd)
         .env("BLUEBATCH_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let _server = Killed(child);
+    let stderr = child.stderr.take().unwrap();
+    let logged = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = logged.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            eprintln!("{line}");
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines() {
@@ -261,9 +272,17 @@ async fn home_is_absolute_with_a_relative_data_dir() {
             }
         }
     });
+    let server = Killed(child);
     let url = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the server did not start");
+    (server, url, logged)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_is_absolute_with_a_relative_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url, _) = spawn_server(dir.path(), &["--data-dir", "relative-data"]);
     let c = Client::new(&url, common::ACCOUNT, common::KEY);
     let nodes = c.ready_pool("p", "linux", 1).await;
     let (key, public) = keypair(dir.path(), "k");
@@ -298,5 +317,33 @@ async fn a_bad_session_uid_range_is_refused_at_start() {
         assert!(!out.status.success(), "{bad} accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("--session-uids"), "{bad}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_sessions_cannot_reach_is_named_in_a_warning() {
+    if !is_root() {
+        eprintln!("skipped: sessions are the server's own user when it is not root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = dir.path().join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let data = closed.join("data");
+    let (_server, url, logged) = spawn_server(dir.path(), &["--data-dir", data.to_str().unwrap()]);
+    let c = Client::new(&url, common::ACCOUNT, common::KEY);
+    c.ready_pool("p", "linux", 2).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = logged.lock().unwrap().clone();
+        if text.contains("cannot pass through") {
+            assert!(text.contains(closed.to_str().unwrap()), "{text}");
+            assert_eq!(text.matches("cannot pass through").count(), 1, "{text}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no warning: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

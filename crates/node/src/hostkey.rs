@@ -244,7 +244,13 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Warns (once per process) when a directory above `data_dir` does not let other users pass:
+/// sessions could not reach their homes (they would start in `/`, and sftp paths would fail).
 fn warn_if_unreachable(data_dir: &Path) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let Ok(abs) = fs::canonicalize(data_dir) else {
         return;
     };
@@ -252,10 +258,12 @@ fn warn_if_unreachable(data_dir: &Path) {
         if let Ok(meta) = fs::metadata(dir)
             && meta.permissions().mode() & 0o001 == 0
         {
-            tracing::warn!(
-                dir = %dir.display(),
-                "the session account cannot pass through this directory; sessions will start in / instead of the node's home"
-            );
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "node sessions cannot pass through this directory to their homes (it lacks o+x); they will start in / and sftp will fail: put --data-dir somewhere every user may pass through"
+                );
+            }
             return;
         }
     }
