@@ -17,7 +17,13 @@ pub struct Ctx {
     /// `{scheme}://{host}` as the client addressed us.
     pub base: String,
     pub head: bool,
+    /// The account the request acts for, once authenticated (for the request log).
+    pub account: Option<String>,
 }
+
+/// The Batch error code of an error answer, kept on the response for the request log.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
 
 pub fn error(ctx: &Ctx, e: &BatchError) -> Response<Body> {
     let message = format!(
@@ -51,6 +57,7 @@ pub fn error(ctx: &Ctx, e: &BatchError) -> Response<Body> {
         json_response(Value::Object(body))
     };
     *r.status_mut() = status;
+    r.extensions_mut().insert(ErrorCode(e.code.as_str()));
     if e.status() == 401 {
         r.headers_mut()
             .insert("www-authenticate", HeaderValue::from_static("SharedKey"));

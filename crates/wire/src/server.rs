@@ -16,12 +16,23 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, Response, request::Parts};
 use bluebatch_core::error::{BatchError, Code};
 use bluebatch_service::Service;
+use http_body_util::BodyExt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tower_http::catch_panic::CatchPanicLayer;
+use tracing::field::display;
 
 /// The emulator's own paths live under this prefix, which no Azure path uses.
 pub const CONTROL_PREFIX: &str = "/_bluebatch";
+
+/// After an answer given before the request body was read (413, 401, 501, …), the server reads
+/// and discards up to this much of the rest of the body, within [`DRAIN_TIME`], so a client that
+/// writes its whole body before reading (Python's http.client) reads the answer instead of a
+/// broken pipe. A body longer than this, or slower, is cut off and the connection closed.
+pub const DRAIN_MAX_BYTES: u64 = 8 << 20;
+/// See [`DRAIN_MAX_BYTES`].
+pub const DRAIN_TIME: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct WireConfig {
@@ -68,6 +79,7 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
         echo_client_request_id: None,
         base: String::new(),
         head: false,
+        account: None,
     };
     tracing::error!(request_id = %ctx.request_id, "a request handler panicked");
     respond::finish(
@@ -77,6 +89,7 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
 }
 
 async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
+    let started = Instant::now();
     let (parts, body) = req.into_parts();
     let host = parts
         .headers
@@ -90,6 +103,7 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
         echo_client_request_id: None,
         base: format!("{}://{host}", app.config.scheme),
         head: parts.method == Method::HEAD,
+        account: None,
     };
     // A request whose body we answer without reading leaves the connection unusable: say so,
     // or the client would send its next request on a connection the server is closing.
@@ -98,8 +112,10 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
             .headers
             .get("content-length")
             .is_some_and(|v| v.as_bytes() != b"0");
-    let mut body_read = false;
-    let answer = match process(&app, &parts, body, &mut ctx, &mut body_read).await {
+    // What is left of the body once the answer is known: drained before answering, so a client
+    // still writing it reads the answer instead of a reset.
+    let mut body = Unread::Body(body);
+    let answer = match process(&app, &parts, &mut body, &mut ctx).await {
         Ok(r) => r,
         Err(e) => {
             if e.code == Code::InternalError {
@@ -109,26 +125,130 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
         }
     };
     let mut answer = respond::finish(&ctx, answer);
-    if has_body && !body_read {
-        answer
-            .headers_mut()
-            .insert("connection", axum::http::HeaderValue::from_static("close"));
+    if has_body {
+        let clean = match body {
+            Unread::Read => true,
+            Unread::Lost => false,
+            Unread::Body(mut rest) => drain(&parts.headers, &mut rest).await,
+        };
+        if !clean {
+            answer
+                .headers_mut()
+                .insert("connection", axum::http::HeaderValue::from_static("close"));
+        }
     }
+    log_request(&parts, &ctx, &answer, started.elapsed());
     answer
+}
+
+/// Where the request body stands once the answer is known.
+enum Unread {
+    /// Not read, or read in part: what is left can be drained.
+    Body(Body),
+    /// Read to its end.
+    Read,
+    /// Handed to code that may have left part of it unread.
+    Lost,
+}
+
+impl Unread {
+    fn take(&mut self) -> Body {
+        match std::mem::replace(self, Unread::Lost) {
+            Unread::Body(b) => b,
+            _ => Body::empty(),
+        }
+    }
+}
+
+/// Reads and discards the rest of a body the answer did not need, within [`DRAIN_MAX_BYTES`] and
+/// [`DRAIN_TIME`]; whether it reached the end (the connection can then be reused). A client that
+/// asked `Expect: 100-continue` has sent nothing yet and waits for the answer: nothing to drain.
+async fn drain(headers: &HeaderMap, body: &mut Body) -> bool {
+    let expects_continue = headers
+        .get("expect")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if expects_continue || declared.is_some_and(|n| n > DRAIN_MAX_BYTES) {
+        return false;
+    }
+    let read_all = async {
+        let mut seen: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            if let Some(data) = frame.data_ref() {
+                seen += data.len() as u64;
+                if seen > DRAIN_MAX_BYTES {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DRAIN_TIME, read_all)
+        .await
+        .unwrap_or(false)
+}
+
+/// One info line per request (target `bluebatch::http`): method, path (the query string is left
+/// out but for `api-version`), status, the Batch error code of an error, duration, request-id and
+/// the account once authenticated. Never headers or bodies.
+fn log_request(parts: &Parts, ctx: &Ctx, answer: &Response<Body>, elapsed: Duration) {
+    let path: String = parts.uri.path().chars().take(512).collect();
+    let api_version = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("api-version="))
+        .map(|v| {
+            if v.len() <= 32
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            {
+                v
+            } else {
+                "(invalid)"
+            }
+        })
+        .unwrap_or("");
+    let status = answer.status().as_u16();
+    let duration_ms = (elapsed.as_secs_f64() * 10_000.0).round() / 10.0;
+    // Fields that are `None` are left out of the line.
+    let code = answer
+        .extensions()
+        .get::<respond::ErrorCode>()
+        .map(|c| display(c.0));
+    let account = ctx.account.as_deref().map(display);
+    tracing::info!(
+        target: "bluebatch::http",
+        method = %parts.method,
+        path = %path,
+        api_version = %api_version,
+        status,
+        code,
+        duration_ms,
+        request_id = %ctx.request_id,
+        account,
+        "request"
+    );
 }
 
 async fn process(
     app: &App,
     parts: &Parts,
-    body: Body,
+    body: &mut Unread,
     ctx: &mut Ctx,
-    body_read: &mut bool,
 ) -> Result<Response<Body>, BatchError> {
     let raw_path = parts.uri.path();
     let raw_query = parts.uri.query().unwrap_or("");
     if let Some(rest) = raw_path.strip_prefix(CONTROL_PREFIX) {
-        let answer = crate::controls::handle(app, parts, rest, body, ctx).await;
-        *body_read = answer.is_ok();
+        let answer = crate::controls::handle(app, parts, rest, body.take(), ctx).await;
+        if answer.is_ok() {
+            *body = Unread::Read;
+        }
         return answer;
     }
     let endpoint = route(&parts.method, raw_path)?;
@@ -146,12 +266,11 @@ async fn process(
         Ok(account) => account,
         Err(e) => return Ok(auth::refusal(ctx, &parts.headers, &app.config, &e)),
     };
+    ctx.account = Some(account.clone());
     let query = query::parse(raw_query, &endpoint, api_version)?;
     ctx.echo_client_request_id = client_request_id(&parts.headers)?;
     let body = if endpoint.has_body() {
-        let bytes = read_body(&parts.headers, body, app.config.max_body_bytes).await?;
-        *body_read = true;
-        bytes
+        read_body(&parts.headers, body, app.config.max_body_bytes).await?
     } else {
         Bytes::new()
     };
@@ -192,7 +311,8 @@ fn too_large(max: usize) -> BatchError {
     BatchError::new(Code::RequestBodyTooLarge).with("MaxLimit", max.to_string())
 }
 
-async fn read_body(h: &HeaderMap, body: Body, max: usize) -> Result<Bytes, BatchError> {
+/// Reads the whole body, at most `max` bytes. On an error the rest stays in `body` (to drain).
+async fn read_body(h: &HeaderMap, body: &mut Unread, max: usize) -> Result<Bytes, BatchError> {
     if let Some(len) = h.get("content-length") {
         let len: u64 = len
             .to_str()
@@ -214,14 +334,22 @@ async fn read_body(h: &HeaderMap, body: Body, max: usize) -> Result<Bytes, Batch
                 .with("Reason", "request bodies are JSON (application/json)"));
         }
     }
-    axum::body::to_bytes(body, max).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-        {
-            too_large(max)
-        } else {
-            BatchError::bad_body("the request body could not be read")
+    let Unread::Body(b) = body else {
+        return Ok(Bytes::new());
+    };
+    let mut buf = Vec::new();
+    while let Some(frame) = b.frame().await {
+        let frame =
+            frame.map_err(|_| BatchError::bad_body("the request body could not be read"))?;
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > max {
+                return Err(too_large(max));
+            }
+            buf.extend_from_slice(data);
         }
-    })
+    }
+    *body = Unread::Read;
+    Ok(Bytes::from(buf))
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish.
