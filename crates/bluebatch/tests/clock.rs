@@ -141,6 +141,18 @@ async fn clock_reset_answers_and_advance_accumulates() {
     let r = c.control("POST", "/clock/reset").send().await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["offsetSeconds"], 0);
+    // At the limit (about 292 years) the offset stays there rather than wrapping back.
+    for _ in 0..2 {
+        let r = c
+            .control("POST", "/clock/advance")
+            .json(&json!({ "by": "1000000w" }))
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(offset_seconds(&c).await, i64::MAX / 1_000_000_000);
+    let r = c.control("POST", "/clock/reset").send().await;
+    assert_eq!(r.status, 200);
     let r = c.control("GET", "/clock/reset").send().await;
     assert_eq!(r.status, 405);
     assert_eq!(r.code(), "UnsupportedHttpVerb");

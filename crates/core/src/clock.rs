@@ -25,7 +25,12 @@ impl ServiceClock {
     /// so expiry that has happened stays happened).
     pub fn advance(&self, by: Duration) {
         let nanos = by.whole_nanoseconds().clamp(0, i64::MAX as i128) as i64;
-        self.offset_nanos.fetch_add(nanos, Ordering::SeqCst);
+        // Saturating: an offset at the limit (about 292 years) stays there, never wraps back.
+        let _ = self
+            .offset_nanos
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| {
+                Some(o.saturating_add(nanos))
+            });
     }
 
     /// Sets the offset outright: restoring a stored offset at start-up, or `ZERO` to go back to
@@ -59,6 +64,15 @@ mod tests {
         let after = c.now();
         assert!(after - before >= Duration::days(2));
         assert!(after - before < Duration::days(2) + Duration::minutes(1));
+    }
+
+    #[test]
+    fn advance_saturates_instead_of_wrapping() {
+        let c = ServiceClock::new();
+        c.advance(Duration::weeks(1_000_000));
+        c.advance(Duration::weeks(1_000_000));
+        assert_eq!(c.offset(), Duration::nanoseconds(i64::MAX));
+        assert!(c.now() > OffsetDateTime::now_utc());
     }
 
     #[test]
