@@ -51,11 +51,12 @@ pub fn lock(dir: &Path) -> Result<DirLock, String> {
                 Ok(pid) => format!("pid {pid}"),
                 Err(_) => "another process".to_string(),
             };
+            let shown = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
             return Err(format!(
                 "data directory {} is in use by another bluebatch server ({holder}, lock {}); \
                  stop it or give a different --data-dir",
-                dir.display(),
-                path.display()
+                shown.display(),
+                shown.join("lock").display()
             ));
         }
         Err(std::fs::TryLockError::Error(e)) => {

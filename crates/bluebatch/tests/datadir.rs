@@ -12,7 +12,12 @@ use std::time::{Duration, Instant};
 
 /// Runs `bluebatch serve` on `dir` and waits (at most 30 s) for it to exit by itself.
 fn serve_expecting_exit(dir: &Path) -> Output {
+    serve_expecting_exit_in(dir, Path::new("."))
+}
+
+fn serve_expecting_exit_in(dir: &Path, cwd: &Path) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+        .current_dir(cwd)
         .args(["serve", "--port", "0", "--data-dir"])
         .arg(dir)
         .env("BLUEBATCH_LOG", "warn")
@@ -62,6 +67,15 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start_until_the_first_dies() 
     assert!(
         stderr.contains(&format!("pid {pid}")),
         "the refusal names the holder's pid {pid}: {stderr}"
+    );
+    // Given as a relative path, the message still says which directory (absolute).
+    let out = serve_expecting_exit_in(Path::new("data"), tmp.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let absolute = std::fs::canonicalize(&dir).unwrap();
+    assert!(
+        stderr.contains(&format!("data directory {} is in use", absolute.display())),
+        "{stderr}"
     );
     // The first server is unharmed.
     assert!(first.child.try_wait().unwrap().is_none());
