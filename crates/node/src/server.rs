@@ -209,7 +209,7 @@ async fn refuse_before_banner(
     peer: SocketAddr,
     state: bluebatch_core::model::NodeState,
 ) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tracing::info!(
         target: crate::node::TARGET,
         node = %node.key,
@@ -218,9 +218,19 @@ async fn refuse_before_banner(
         "ssh connection refused before the banner"
     );
     let line = format!("bluebatch: node is {}, no logins\r\n", state.as_str());
+    // Say it, close our side, then drain what the client sent (its own identification) until
+    // it closes too, so the connection ends with a FIN rather than a reset.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = socket.write_all(line.as_bytes()).await;
         let _ = socket.shutdown().await;
+        let mut buf = [0u8; 512];
+        let mut left = 16 * 1024usize;
+        while left > 0 {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
     })
     .await;
 }
