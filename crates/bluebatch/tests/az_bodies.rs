@@ -322,3 +322,44 @@ async fn disable_scheduling_option_wrapped_once_is_accepted() {
     })
     .await;
 }
+
+/// `az batch pool create … --target-low-priority-nodes 1 --task-slots-per-node 2
+/// --enable-inter-node-communication --resize-timeout PT10M --metadata a=b
+/// --start-task-command-line /bin/true --start-task-max-task-retry-count 2
+/// --start-task-wait-for-success --os-disk-size 64 --max-batch-instance-percent 20`, as sent.
+#[tokio::test]
+async fn az_pool_create_with_more_options_is_stored_typed() {
+    within(async {
+        let srv = Server::start();
+        let c = srv.client();
+        let sent = json!({"id": "p2", "vmSize": "standard_d2s_v3",
+            "virtualMachineConfiguration": {
+                "imageReference": {"publisher": "canonical",
+                    "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
+                "nodeAgentSKUId": "batch.node.ubuntu 22.04", "osDisk": {"diskSizeGB": "64"}},
+            "resizeTimeout": "PT10M00S", "targetDedicatedNodes": "2", "targetLowPriorityNodes": "1",
+            "enableInterNodeCommunication": true,
+            "startTask": {"commandLine": "/bin/true", "maxTaskRetryCount": "2", "waitForSuccess": true},
+            "upgradePolicy": {"mode": "automatic",
+                "automaticOSUpgradePolicy": {"enableAutomaticOSUpgrade": true},
+                "rollingUpgradePolicy": {"maxBatchInstancePercent": "20"}},
+            "taskSlotsPerNode": "2", "metadata": [{"name": "a", "value": "b"}]});
+        let r = c.req("POST", "/pools").json(&sent).send().await;
+        assert_eq!(r.status, 201, "{}", body(&r));
+        wait_nodes(&c, "p2", 2, 1).await;
+        let p = c.req("GET", "/pools/p2").send().await.json();
+        assert_eq!(p["taskSlotsPerNode"], 2, "{p}");
+        assert_eq!(
+            p["virtualMachineConfiguration"]["osDisk"]["diskSizeGB"], 64,
+            "{p}"
+        );
+        assert_eq!(p["startTask"]["maxTaskRetryCount"], 2, "{p}");
+        assert_eq!(p["startTask"]["waitForSuccess"], true, "{p}");
+        assert_eq!(
+            p["upgradePolicy"]["rollingUpgradePolicy"]["maxBatchInstancePercent"], 20,
+            "{p}"
+        );
+        assert_eq!(p["metadata"], json!([{"name": "a", "value": "b"}]), "{p}");
+    })
+    .await;
+}

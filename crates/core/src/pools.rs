@@ -56,6 +56,155 @@ const POOL_PROPERTIES: &[(&str, Kind)] = &[
     ("resourceTags", Kind::Obj),
 ];
 
+/// Integer and boolean properties nested in PoolAddParameter (from Azure's OpenAPI definitions
+/// and azure-batch 15.1's models; `[]` marks an array). These are stored as given, like the rest
+/// of the nested configuration, except that a JSON string holding a decimal integer, or
+/// `"true"`/`"false"`, is stored as the integer or boolean, as Azure returns it (the az CLI sends
+/// `"osDisk": {"diskSizeGB": "64"}` and `"startTask": {"maxTaskRetryCount": "2"}`).
+const POOL_NESTED_TYPED: &[(&str, Kind)] = &[
+    (
+        "networkConfiguration.enableAcceleratedNetworking",
+        Kind::Bool,
+    ),
+    (
+        "networkConfiguration.endpointConfiguration.inboundNATPools[].backendPort",
+        Kind::Int,
+    ),
+    (
+        "networkConfiguration.endpointConfiguration.inboundNATPools[].frontendPortRangeStart",
+        Kind::Int,
+    ),
+    (
+        "networkConfiguration.endpointConfiguration.inboundNATPools[].frontendPortRangeEnd",
+        Kind::Int,
+    ),
+    (
+        "networkConfiguration.endpointConfiguration.inboundNATPools[].networkSecurityGroupRules[].priority",
+        Kind::Int,
+    ),
+    ("startTask.maxTaskRetryCount", Kind::Int),
+    ("startTask.waitForSuccess", Kind::Bool),
+    (
+        "startTask.containerSettings.containerHostBatchBindMounts[].isReadOnly",
+        Kind::Bool,
+    ),
+    (
+        "upgradePolicy.automaticOSUpgradePolicy.disableAutomaticRollback",
+        Kind::Bool,
+    ),
+    (
+        "upgradePolicy.automaticOSUpgradePolicy.enableAutomaticOSUpgrade",
+        Kind::Bool,
+    ),
+    (
+        "upgradePolicy.automaticOSUpgradePolicy.osRollingUpgradeDeferral",
+        Kind::Bool,
+    ),
+    (
+        "upgradePolicy.automaticOSUpgradePolicy.useRollingUpgradePolicy",
+        Kind::Bool,
+    ),
+    (
+        "upgradePolicy.rollingUpgradePolicy.enableCrossZoneUpgrade",
+        Kind::Bool,
+    ),
+    (
+        "upgradePolicy.rollingUpgradePolicy.maxBatchInstancePercent",
+        Kind::Int,
+    ),
+    (
+        "upgradePolicy.rollingUpgradePolicy.maxUnhealthyInstancePercent",
+        Kind::Int,
+    ),
+    (
+        "upgradePolicy.rollingUpgradePolicy.maxUnhealthyUpgradedInstancePercent",
+        Kind::Int,
+    ),
+    (
+        "upgradePolicy.rollingUpgradePolicy.prioritizeUnhealthyInstances",
+        Kind::Bool,
+    ),
+    (
+        "upgradePolicy.rollingUpgradePolicy.rollbackFailedInstancesOnPolicyBreach",
+        Kind::Bool,
+    ),
+    ("userAccounts[].linuxUserConfiguration.uid", Kind::Int),
+    ("userAccounts[].linuxUserConfiguration.gid", Kind::Int),
+    (
+        "virtualMachineConfiguration.dataDisks[].diskSizeGB",
+        Kind::Int,
+    ),
+    ("virtualMachineConfiguration.dataDisks[].lun", Kind::Int),
+    (
+        "virtualMachineConfiguration.diskEncryptionConfiguration.customerManagedKey.rotationToLatestKeyVersionEnabled",
+        Kind::Bool,
+    ),
+    (
+        "virtualMachineConfiguration.extensions[].autoUpgradeMinorVersion",
+        Kind::Bool,
+    ),
+    (
+        "virtualMachineConfiguration.extensions[].enableAutomaticUpgrade",
+        Kind::Bool,
+    ),
+    ("virtualMachineConfiguration.osDisk.diskSizeGB", Kind::Int),
+    (
+        "virtualMachineConfiguration.osDisk.writeAcceleratorEnabled",
+        Kind::Bool,
+    ),
+    (
+        "virtualMachineConfiguration.securityProfile.encryptionAtHost",
+        Kind::Bool,
+    ),
+    (
+        "virtualMachineConfiguration.securityProfile.proxyAgentSettings.enabled",
+        Kind::Bool,
+    ),
+    (
+        "virtualMachineConfiguration.securityProfile.uefiSettings.secureBootEnabled",
+        Kind::Bool,
+    ),
+    (
+        "virtualMachineConfiguration.securityProfile.uefiSettings.vTpmEnabled",
+        Kind::Bool,
+    ),
+    (
+        "virtualMachineConfiguration.windowsConfiguration.enableAutomaticUpdates",
+        Kind::Bool,
+    ),
+];
+
+/// Stores a string at `path` in `map` (see [`POOL_NESTED_TYPED`]) as its integer or boolean
+/// when it reads as one; leaves every other value as given.
+fn store_typed(map: &mut Map<String, Value>, path: &[&str], kind: Kind) {
+    let Some((segment, rest)) = path.split_first() else {
+        return;
+    };
+    let (name, array) = match segment.strip_suffix("[]") {
+        Some(n) => (n, true),
+        None => (*segment, false),
+    };
+    let Some(child) = map.get_mut(name) else {
+        return;
+    };
+    let targets: Vec<&mut Value> = match child {
+        Value::Array(items) if array => items.iter_mut().collect(),
+        _ if array => Vec::new(),
+        _ => vec![child],
+    };
+    for target in targets {
+        if rest.is_empty() {
+            if target.is_string()
+                && let Some(t) = typed(kind, target)
+            {
+                *target = t;
+            }
+        } else if let Some(m) = target.as_object_mut() {
+            store_typed(m, rest, kind);
+        }
+    }
+}
+
 /// The value of a property of this kind as Azure reads it (integers and booleans also from
 /// strings: [`int_value`], [`bool_value`]); `None` when it has the wrong type.
 fn typed(kind: Kind, v: &Value) -> Option<Value> {
@@ -139,6 +288,10 @@ pub fn parse_add_pool(bytes: &[u8], max_nodes: u32) -> Result<NewPool> {
         if let Some(v) = map.get_mut(*name) {
             *v = typed(*kind, v).ok_or_else(|| wrong_kind(name, *kind))?;
         }
+    }
+    for (path, kind) in POOL_NESTED_TYPED {
+        let segments: Vec<&str> = path.split('.').collect();
+        store_typed(&mut map, &segments, *kind);
     }
     let id = map
         .get("id")
@@ -450,6 +603,33 @@ mod tests {
         let mut v = example();
         v["enableAutoScale"] = "true".into();
         assert_eq!(parse(&v).unwrap_err().code, Code::MissingRequiredProperty);
+    }
+
+    #[test]
+    fn nested_integers_and_booleans_sent_as_strings_are_stored_typed() {
+        // What the az CLI sends for --os-disk-size, --start-task-max-task-retry-count,
+        // --max-batch-instance-percent.
+        let mut v = example();
+        v["virtualMachineConfiguration"]["osDisk"] = serde_json::json!({"diskSizeGB": "64"});
+        v["virtualMachineConfiguration"]["dataDisks"] =
+            serde_json::json!([{"lun": "1", "diskSizeGB": 10}, {"lun": "x"}]);
+        v["startTask"] = serde_json::json!({"commandLine": "/bin/true", "maxTaskRetryCount": "2", "waitForSuccess": "true"});
+        v["upgradePolicy"] = serde_json::json!({"mode": "automatic",
+            "rollingUpgradePolicy": {"maxBatchInstancePercent": "20"}});
+        let p = parse(&v).unwrap();
+        let vmc = &p.spec["virtualMachineConfiguration"];
+        assert_eq!(vmc["osDisk"]["diskSizeGB"], 64);
+        assert_eq!(vmc["dataDisks"][0]["lun"], 1);
+        assert_eq!(vmc["dataDisks"][0]["diskSizeGB"], 10);
+        // Not a decimal integer: stored as given, as the rest of the nested configuration.
+        assert_eq!(vmc["dataDisks"][1]["lun"], "x");
+        assert_eq!(p.spec["startTask"]["maxTaskRetryCount"], 2);
+        assert_eq!(p.spec["startTask"]["waitForSuccess"], true);
+        assert_eq!(p.spec["startTask"]["commandLine"], "/bin/true");
+        assert_eq!(
+            p.spec["upgradePolicy"]["rollingUpgradePolicy"]["maxBatchInstancePercent"],
+            20
+        );
     }
 
     #[test]
