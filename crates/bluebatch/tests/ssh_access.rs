@@ -332,7 +332,7 @@ fn cli(url: &str, args: &[&str]) -> (bool, String) {
 
 #[tokio::test]
 async fn failed_logins_lock_a_source_out_visibly_then_let_it_in_again() {
-    let srv = LogServer::start(&["--max-failed-logins", "3", "--failed-login-window", "4s"]);
+    let srv = LogServer::start(&["--max-failed-logins", "3", "--failed-login-window", "8s"]);
     let c = srv.client();
     let nodes = c.ready_pool("p", "linux", 1).await;
     let n = &nodes[0];
@@ -356,7 +356,7 @@ async fn failed_logins_lock_a_source_out_visibly_then_let_it_in_again() {
         .log_line(&["too many failed logins", &bad, "failures=3"])
         .await;
     assert!(line.contains("INFO") && line.contains(n.as_str()), "{line}");
-    assert!(line.contains("refused_for_secs=4"), "{line}");
+    assert!(line.contains("refused_for_secs=8"), "{line}");
     srv.log_line(&["ssh login refused", &bad, "locked out"])
         .await;
 
@@ -371,12 +371,12 @@ async fn failed_logins_lock_a_source_out_visibly_then_let_it_in_again() {
         time::OffsetDateTime::parse(until, &time::format_description::well_known::Rfc3339).unwrap();
     let left = until - time::OffsetDateTime::now_utc();
     assert!(
-        left > time::Duration::ZERO && left <= time::Duration::seconds(5),
-        "refusedUntil {until} is within the 4 s window"
+        left > time::Duration::ZERO && left <= time::Duration::seconds(9),
+        "refusedUntil {until} is within the 8 s window"
     );
 
     // After the window, the right password works again and the log says so.
-    let wait = Duration::from_millis(4300).saturating_sub(locked_at.elapsed());
+    let wait = Duration::from_millis(8300).saturating_sub(locked_at.elapsed());
     tokio::time::sleep(wait).await;
     assert!(logged_in(&pw(port, "alice", "right-pw", &bad).await));
     srv.log_line(&["let in again", &bad]).await;
