@@ -815,4 +815,119 @@ mod tests {
         let huge = ((MAX_PACKET + 1) as u32).to_be_bytes();
         assert!(serve(&huge[..], &mut Vec::new()).is_err());
     }
+
+    /// Runs the requests (after INIT) and splits the answers: (type, id, rest).
+    fn exchange(requests: &[Vec<u8>]) -> Vec<(u8, u32, Vec<u8>)> {
+        let mut input = packet(FXP_INIT, None, &[&3u32.to_be_bytes()]);
+        for r in requests {
+            input.extend_from_slice(r);
+        }
+        let mut output = Vec::new();
+        serve(&input[..], &mut output).unwrap();
+        let mut answers = Vec::new();
+        let mut rest = &output[..];
+        while rest.len() >= 4 {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            let body = &rest[4..4 + len];
+            rest = &rest[4 + len..];
+            if body[0] == FXP_VERSION {
+                continue;
+            }
+            let id = u32::from_be_bytes(body[1..5].try_into().unwrap());
+            answers.push((body[0], id, body[5..].to_vec()));
+        }
+        answers
+    }
+
+    fn code(answer: &(u8, u32, Vec<u8>)) -> u32 {
+        assert_eq!(answer.0, FXP_STATUS, "{answer:?}");
+        u32::from_be_bytes(answer.2[..4].try_into().unwrap())
+    }
+
+    #[test]
+    fn write_read_rename_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| s(dir.path().join(name).as_os_str().as_bytes());
+        let no_attrs = 0u32.to_be_bytes();
+        let flags = (OPEN_WRITE | OPEN_CREAT | OPEN_TRUNC).to_be_bytes();
+        let answers = exchange(&[
+            // 1: open "a" for writing (handle "0"), 2: write at 3, 3: close.
+            packet(FXP_OPEN, Some(1), &[&path("a"), &flags, &no_attrs]),
+            packet(
+                FXP_WRITE,
+                Some(2),
+                &[&s(b"0"), &3u64.to_be_bytes(), &s(b"xyz")],
+            ),
+            packet(FXP_CLOSE, Some(3), &[&s(b"0")]),
+            // 4: open for reading (handle "1"), 5: read all, 6: read past the end.
+            packet(
+                FXP_OPEN,
+                Some(4),
+                &[&path("a"), &OPEN_READ.to_be_bytes(), &no_attrs],
+            ),
+            packet(
+                FXP_READ,
+                Some(5),
+                &[&s(b"1"), &0u64.to_be_bytes(), &100u32.to_be_bytes()],
+            ),
+            packet(
+                FXP_READ,
+                Some(6),
+                &[&s(b"1"), &6u64.to_be_bytes(), &100u32.to_be_bytes()],
+            ),
+            // 7: a handle never given, 8: a missing file, 9: rename onto an existing name.
+            packet(FXP_CLOSE, Some(7), &[&s(b"99")]),
+            packet(FXP_STAT, Some(8), &[&path("missing")]),
+            packet(FXP_RENAME, Some(9), &[&path("a"), &path("a")]),
+            // 10: posix-rename replaces, 11: an unknown request type.
+            packet(
+                FXP_EXTENDED,
+                Some(10),
+                &[&s(b"posix-rename@openssh.com"), &path("a"), &path("b")],
+            ),
+            packet(99, Some(11), &[]),
+        ]);
+        let ids: Vec<u32> = answers.iter().map(|a| a.1).collect();
+        assert_eq!(ids, (1..=11).collect::<Vec<_>>(), "answered in order");
+        assert_eq!(answers[0].0, FXP_HANDLE);
+        assert_eq!(code(&answers[1]), FX_OK);
+        assert_eq!(code(&answers[2]), FX_OK);
+        assert_eq!(answers[4].0, FXP_DATA);
+        assert_eq!(answers[4].2, s(b"\0\0\0xyz"), "a hole, then the data");
+        assert_eq!(code(&answers[5]), FX_EOF);
+        assert_eq!(code(&answers[6]), FX_FAILURE);
+        assert_eq!(code(&answers[7]), FX_NO_SUCH_FILE);
+        assert_eq!(code(&answers[8]), FX_FAILURE);
+        assert_eq!(code(&answers[9]), FX_OK);
+        assert!(dir.path().join("b").exists() && !dir.path().join("a").exists());
+        assert_eq!(code(&answers[10]), FX_OP_UNSUPPORTED);
+    }
+
+    #[test]
+    fn readdir_lists_every_entry_then_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..150 {
+            std::fs::write(dir.path().join(format!("f{i}")), b"").unwrap();
+        }
+        let mut requests = vec![packet(
+            FXP_OPENDIR,
+            Some(1),
+            &[&s(dir.path().as_os_str().as_bytes())],
+        )];
+        for id in 2..6 {
+            requests.push(packet(FXP_READDIR, Some(id), &[&s(b"0")]));
+        }
+        let answers = exchange(&requests);
+        assert_eq!(answers[0].0, FXP_HANDLE);
+        let mut listed = 0;
+        for a in &answers[1..] {
+            if a.0 == FXP_NAME {
+                listed += u32::from_be_bytes(a.2[..4].try_into().unwrap());
+            } else {
+                assert_eq!(code(a), FX_EOF);
+            }
+        }
+        assert_eq!(listed, 152, "150 files, . and ..");
+        assert_eq!(code(answers.last().unwrap()), FX_EOF);
+    }
 }
