@@ -5,7 +5,8 @@
 //! | `GET /_bluebatch/health` | liveness, no authentication |
 //! | `POST /_bluebatch/reset` | forget every pool, node and user of the calling account |
 //! | `GET /_bluebatch/clock` | the service clock |
-//! | `POST /_bluebatch/clock/advance` `{"by":"1d12h"}` | move the service clock forward |
+//! | `POST /_bluebatch/clock/advance` `{"by":"1d12h"}` | move the service clock forward (stored: survives a restart) |
+//! | `POST /_bluebatch/clock/reset` | back to the wall clock (offset 0, stored) |
 //! | `PUT /_bluebatch/pools/{p}/nodes/{n}/state` `{"state":"rebooting"}` | put a node in any state |
 //! | `GET /_bluebatch/pools/{p}/nodes/{n}/users` | the node's users as stored and as applied, the state its SSH endpoint enforces and the sources it locks out |
 //!
