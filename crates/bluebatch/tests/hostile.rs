@@ -511,6 +511,23 @@ fn cases() -> Vec<Case> {
             },
         ));
     }
+    // The Bearer scheme with no token is a refused token (401 with the Bearer challenge), not
+    // a malformed header.
+    for auth in ["Bearer", "Bearer ", "bearer   ", "Bearer \t"] {
+        t.push(bad(
+            format!("Authorization: {auth:?} (no token)"),
+            401,
+            "AuthenticationFailed",
+            move |x| {
+                Out::Api(
+                    x.c.req("GET", "/pools")
+                        .header("ocp-date", &http_date())
+                        .header("authorization", auth)
+                        .unsigned(),
+                )
+            },
+        ));
+    }
     t.push(bad(
         "Authorization with bytes that are not ASCII",
         400,
