@@ -1,5 +1,21 @@
-//! The node fabric as the service sees it: whatever hosts the nodes (the embedded SSH provider,
-//! later remote agents) applies account changes and acknowledges the revision it has applied.
+//! The node provider seam: the one interface between the service and whatever hosts the nodes
+//! (the embedded SSH provider today, remote node agents later).
+//!
+//! The service owns the truth (the store); a provider enforces it on its nodes. What the service
+//! tells a provider, and when:
+//! - **accounts**: every user change of a node, tagged with the node's next users revision, in
+//!   revision order ([`NodeFabric::apply`]); after a restart the whole set at the stored revision
+//!   (`ReplaceAll`). The provider acknowledges a revision once the node enforces it (at once, as
+//!   `apply`'s answer, or later through [`NodeFabric::acknowledged`]). A user write answers only
+//!   after the acknowledgement; past the service's `ack_timeout` it answers `OperationTimedOut`
+//!   and the change stays recorded, so a node that acknowledges later has converged.
+//! - **state**: every Batch state a node takes, as it takes it ([`NodeFabric::set_state`]), which
+//!   decides whether the node takes logins.
+//! - **lifecycle**: start (a node leaving `creating`, every node after a restart), stop and start
+//!   (reboot), stop, reimage and start (reimage), remove (the node left its pool).
+//!
+//! `apply`, `set_state` and the reads are called under the service's state lock: they must not
+//! block. The lifecycle calls are awaited outside it.
 
 use bluebatch_core::model::NodeState;
 use bluebatch_core::{AccountChange, NodeAccount};
@@ -33,9 +49,19 @@ pub trait NodeFabric: Send + Sync + 'static {
     fn remove_node<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()>;
     /// A fresh image: new host identity, empty home.
     fn reimage_node<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<()>>;
-    /// Applies a change tagged with `revision`; returns the revision the node now has applied.
+    /// Hands the node a change tagged with `revision` (the node's next users revision; a change
+    /// older than what the node has applied was superseded and is ignored). Returns the revision
+    /// the node has applied now: `revision` or later when it acknowledges at once, less when the
+    /// acknowledgement comes later (see [`NodeFabric::acknowledged`]). Called under the state
+    /// lock, in revision order; must not block.
     fn apply(&self, key: &str, revision: u64, change: AccountChange) -> u64;
+    /// Resolves once the node has applied `revision` or a later one: the acknowledgement of a
+    /// change that [`NodeFabric::apply`] did not acknowledge at once. The service bounds the
+    /// wait (it may drop the future at any point); a node that never acknowledges never resolves.
+    fn acknowledged<'a>(&'a self, key: &'a str, revision: u64) -> BoxFuture<'a, ()>;
+    /// The revision the node has applied (acknowledged), if it has applied any.
     fn applied_revision(&self, key: &str) -> Option<u64>;
+    /// The accounts the node enforces.
     fn accounts(&self, key: &str) -> Vec<NodeAccount>;
     /// Tells the node its Batch state, which decides whether it takes logins (and whether its
     /// sessions end). In memory; called under the service's state lock, in the order of the

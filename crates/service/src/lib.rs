@@ -36,6 +36,9 @@ pub struct Config {
     pub node_step: Duration,
     /// The address Get Remote Login Settings reports for Linux nodes.
     pub remote_login_ip: String,
+    /// How long a user write waits, once durable, for the node to acknowledge its revision
+    /// before it answers `OperationTimedOut` (the change stays recorded either way).
+    pub ack_timeout: Duration,
 }
 
 impl Default for Config {
@@ -45,6 +48,7 @@ impl Default for Config {
             max_users_per_node: 1_000,
             node_step: Duration::from_millis(100),
             remote_login_ip: "127.0.0.1".into(),
+            ack_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -187,11 +191,36 @@ impl Service {
         Pending(rx)
     }
 
-    /// Pushes one account change to a Linux node's agent; whether it acknowledged `revision`.
-    /// Windows nodes have no endpoint: the store is their whole truth.
-    fn apply_to_node(&self, os: Os, key: &str, revision: u64, change: AccountChange) -> bool {
-        os != Os::Linux || self.inner.nodes.apply(key, revision, change) >= revision
+    /// Pushes one account change to a Linux node's provider (under the state lock, in revision
+    /// order). Windows nodes have no endpoint: the store is their whole truth.
+    fn apply_to_node(&self, os: Os, key: &str, revision: u64, change: AccountChange) -> Ack {
+        if os != Os::Linux || self.inner.nodes.apply(key, revision, change) >= revision {
+            Ack::Given
+        } else {
+            Ack::Awaited {
+                key: key.to_string(),
+                revision,
+            }
+        }
     }
+
+    /// Waits (outside the state lock, once the change is durable) for the node's
+    /// acknowledgement, up to `ack_timeout`; past it, `OperationTimedOut`.
+    async fn acknowledged(&self, ack: Ack) -> Result<(), BatchError> {
+        let Ack::Awaited { key, revision } = ack else {
+            return Ok(());
+        };
+        let wait = self.inner.nodes.acknowledged(&key, revision);
+        tokio::time::timeout(self.inner.config.ack_timeout, wait)
+            .await
+            .map_err(|_| not_acknowledged())
+    }
+}
+
+/// Whether a node acknowledged a change when it was handed it.
+enum Ack {
+    Given,
+    Awaited { key: String, revision: u64 },
 }
 
 /// The answer when a node did not acknowledge in time: the change is recorded regardless and the

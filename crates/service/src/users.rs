@@ -1,7 +1,7 @@
 //! Node-user operations: Add, Update (replace-all), Delete.
 
 use crate::state::{node_key, node_record, user_key, user_record};
-use crate::{Service, not_acknowledged, put_json};
+use crate::{Service, put_json};
 use bluebatch_core::AccountChange;
 use bluebatch_core::error::{BatchError, Code, Result};
 use bluebatch_core::model::{NodeUser, new_etag};
@@ -121,9 +121,7 @@ impl Service {
         };
         let (pending, written, acked) = pending;
         pending.durable().await?;
-        if !acked {
-            return Err(not_acknowledged());
-        }
+        self.acknowledged(acked).await?;
         Ok(written)
     }
 
@@ -152,10 +150,6 @@ impl Service {
         };
         let (pending, acked) = pending;
         pending.durable().await?;
-        if acked {
-            Ok(())
-        } else {
-            Err(not_acknowledged())
-        }
+        self.acknowledged(acked).await
     }
 }
