@@ -975,3 +975,45 @@ impl Req<'_> {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The README-claims suites (claims_*.rs).
+
+impl Server {
+    /// `bluebatch serve --port 0` with exactly `args` (no `--node-step-ms` added, so a test can
+    /// set its own) and the environment `env` added; waits (at most 20 s) for the HTTP listening
+    /// line.
+    pub fn start_exact(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .env("BLUEBATCH_LOG", "warn")
+            .env_remove("BLUEBATCH_ACCOUNTS")
+            .env_remove("BLUEBATCH_ACCOUNTS_FILE")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting bluebatch");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent && let Some(u) = line.strip_prefix("bluebatch listening on ") {
+                    let _ = tx.send(u.trim().to_string());
+                    sent = true;
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("bluebatch serve {args:?} did not listen within 20 s");
+            }
+        };
+        Server { child, url }
+    }
+}

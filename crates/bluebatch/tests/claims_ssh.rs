@@ -1,0 +1,254 @@
+//! README claims about logins on the nodes, over the real OpenSSH client against the real binary:
+//! expiry through a moved clock ends open sessions, and the failed-login lockout is per node and
+//! per source ("Repeated failed logins from one source are refused for a while"; `serve --help`:
+//! "from one source address to one node").
+
+mod common;
+
+use common::{
+    Client, Server, SshOutcome, have_ssh_client, loopback_source, ssh_password_outcome, within,
+};
+use serde_json::json;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(10);
+
+fn require_ssh() {
+    assert!(
+        have_ssh_client(),
+        "these tests need the OpenSSH client, ssh-keygen and sshpass (scripts/setup.sh installs them)"
+    );
+}
+
+async fn add_user(c: &Client, pool: &str, node: &str, body: serde_json::Value) {
+    let r = c
+        .req("POST", &format!("/pools/{pool}/nodes/{node}/users"))
+        .json(&body)
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+}
+
+/// An open SSH session running `sleep 60`, started over the real client (password through the
+/// environment).
+struct Session(tokio::process::Child);
+
+async fn open_session(port: u16, user: &str, password: &str, source: &str) -> Session {
+    let mut cmd = tokio::process::Command::new("sshpass");
+    cmd.arg("-e")
+        .env("SSHPASS", password)
+        .arg("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "PreferredAuthentications=password",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+            "-b",
+            source,
+            "-p",
+            &port.to_string(),
+        ])
+        .arg(format!("{user}@127.0.0.1"))
+        .arg("echo started; sleep 60")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("running sshpass/ssh");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = within(
+        Duration::from_secs(20),
+        "the session starting",
+        lines.next_line(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        first.as_deref(),
+        Some("started"),
+        "the session did not start"
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Session(child)
+}
+
+impl Session {
+    /// Whether the session is still running after `wait`.
+    async fn alive_after(&mut self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.0.wait()).await.is_err()
+    }
+    /// Waits (at most `limit`) for the session to be ended; its stderr.
+    async fn ended_within(mut self, limit: Duration) -> String {
+        let st = within(limit, "the session being ended", self.0.wait())
+            .await
+            .unwrap();
+        assert!(!st.success(), "the session was ended, it did not finish");
+        let mut err = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err),
+            )
+            .await;
+        }
+        err
+    }
+}
+
+async fn advance(c: &Client, by: &str) {
+    let r = c
+        .control("POST", "/clock/advance")
+        .json(&json!({ "by": by }))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+}
+
+/// README: "Delete (and expiry, including a moved clock) ends the user's open sessions." The
+/// clock is moved through `POST /_bluebatch/clock/advance`; a user whose expiry is far away
+/// keeps its session on the same node.
+#[tokio::test(flavor = "multi_thread")]
+async fn advancing_the_clock_past_expiry_ends_open_sessions_and_refuses_the_login() {
+    require_ssh();
+    within(Duration::from_secs(120), "the test", async {
+        let srv = Server::start();
+        let c = srv.client();
+        let nodes = c.ready_pool("p", "linux", 1).await;
+        let n = &nodes[0];
+        let port = c.ssh_port("p", n).await;
+        // Default expiry (now + 1 day) for short; a year for long.
+        add_user(
+            &c,
+            "p",
+            n,
+            json!({"name": "short", "password": "Short-pw-1"}),
+        )
+        .await;
+        let far = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+        add_user(
+            &c,
+            "p",
+            n,
+            json!({"name": "long", "password": "Long-pw-1",
+                   "expiryTime": bluebatch_core::timefmt::iso(far)}),
+        )
+        .await;
+        let mut short = open_session(port, "short", "Short-pw-1", &loopback_source(1)).await;
+        let mut long = open_session(port, "long", "Long-pw-1", &loopback_source(2)).await;
+        assert!(
+            short.alive_after(Duration::from_millis(500)).await,
+            "the session runs before the clock moves"
+        );
+
+        advance(&c, "3d").await;
+        let t0 = Instant::now();
+        short.ended_within(Duration::from_secs(10)).await;
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        assert!(
+            long.alive_after(Duration::from_millis(500)).await,
+            "an account that has not expired keeps its session"
+        );
+        // And the expired account is refused (sshd answered), the other still logs in.
+        assert_eq!(
+            ssh_password_outcome(port, "short", "Short-pw-1", &loopback_source(3), "true").await,
+            SshOutcome::Refused
+        );
+        let ok =
+            ssh_password_outcome(port, "long", "Long-pw-1", &loopback_source(4), "echo in").await;
+        assert_eq!(ok.stdout("long after the clock moved").trim(), "in");
+        drop(long);
+    })
+    .await;
+}
+
+/// `--max-failed-logins`: "Failed SSH logins from one source address to one node … after which
+/// that node refuses every login from that address". A source locked out of node A still logs
+/// in to node B of the same pool, and another source still logs in to A.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lockout_on_one_node_does_not_refuse_that_source_on_another_node() {
+    require_ssh();
+    within(Duration::from_secs(150), "the test", async {
+        let srv = Server::start_with(&[
+            "--in-memory",
+            "--max-failed-logins",
+            "3",
+            "--failed-login-window",
+            "30s",
+        ]);
+        let c = srv.client();
+        let nodes = c.ready_pool("p", "linux", 2).await;
+        let (a, b) = (&nodes[0], &nodes[1]);
+        let (port_a, port_b) = (c.ssh_port("p", a).await, c.ssh_port("p", b).await);
+        assert_ne!(port_a, port_b);
+        for n in [a, b] {
+            add_user(
+                &c,
+                "p",
+                n,
+                json!({"name": "alice", "password": "Right-pw-1"}),
+            )
+            .await;
+        }
+        let (src, other) = (loopback_source(7001), loopback_source(7002));
+        for i in 0..3 {
+            assert_eq!(
+                ssh_password_outcome(port_a, "alice", "Wrong-pw-1", &src, "true").await,
+                SshOutcome::Refused,
+                "wrong password #{i} on node A"
+            );
+        }
+        // Locked out of A: the right password is refused from that source (sshd answered).
+        let locked = ssh_password_outcome(port_a, "alice", "Right-pw-1", &src, "true").await;
+        assert_eq!(
+            locked,
+            SshOutcome::Refused,
+            "the right password must be refused on A while the source is locked out"
+        );
+        let v = c
+            .control("GET", &format!("/pools/p/nodes/{a}/users"))
+            .send_within(T)
+            .await
+            .json();
+        assert_eq!(v["loginLockouts"][0]["source"], src.as_str(), "{v}");
+        // The same source on node B: not locked out.
+        let on_b = ssh_password_outcome(port_b, "alice", "Right-pw-1", &src, "echo b").await;
+        assert_eq!(on_b.stdout("same source, node B").trim(), "b");
+        let v = c
+            .control("GET", &format!("/pools/p/nodes/{b}/users"))
+            .send_within(T)
+            .await
+            .json();
+        assert_eq!(
+            v["loginLockouts"],
+            json!([]),
+            "node B locks nobody out: {v}"
+        );
+        // Another source on node A: not locked out either.
+        let on_a = ssh_password_outcome(port_a, "alice", "Right-pw-1", &other, "echo a").await;
+        assert_eq!(on_a.stdout("other source, node A").trim(), "a");
+        // Failures on B are counted apart: two more on B do not lock the source out of B.
+        for _ in 0..2 {
+            assert_eq!(
+                ssh_password_outcome(port_b, "alice", "Wrong-pw-1", &src, "true").await,
+                SshOutcome::Refused
+            );
+        }
+        let on_b = ssh_password_outcome(port_b, "alice", "Right-pw-1", &src, "echo b").await;
+        assert_eq!(on_b.stdout("two failures on B").trim(), "b");
+    })
+    .await;
+}
