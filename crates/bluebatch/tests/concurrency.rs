@@ -2,12 +2,16 @@
 //! requests (never a mix), every answer's ETag is distinct, and writers on different users never
 //! lose each other's updates. State is read back through the node-users control (what the store
 //! holds and whether the node applied exactly that) and, where OpenSSH is installed, by logging
-//! in on the node. `BLUEBATCH_LONG=1` runs more rounds.
+//! in on the node (a refusal counts only when sshd answered "Permission denied"). Every request
+//! and each test have deadlines, so a hang fails. `BLUEBATCH_LONG=1` runs more rounds.
 
 mod common;
 
 use base64::Engine;
-use common::{Client, Server, have_ssh_client, keypair, loopback_source, ssh_key_login};
+use common::{
+    Client, Server, SshOutcome, have_ssh_client, keypair, loopback_source, ssh_key_outcome,
+    ssh_password_outcome, within,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
@@ -35,7 +39,7 @@ fn fingerprint(public_line: &str) -> String {
 async fn node_users(c: &Client, pool: &str, node: &str) -> (Value, HashMap<String, Value>) {
     let r = c
         .control("GET", &format!("/pools/{pool}/nodes/{node}/users"))
-        .send()
+        .send_within(REQ)
         .await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     let v = r.json();
@@ -61,16 +65,40 @@ fn next_source() -> String {
     loopback_source(SOURCE.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Deadline of one request.
+const REQ: Duration = Duration::from_secs(10);
+
+/// Deadline of each test.
+fn limit() -> Duration {
+    Duration::from_secs(if long() { 600 } else { 180 })
+}
+
+/// A login's outcome: true accepted, false refused by sshd; a node that
+/// did not answer fails the test at once.
+fn answered(out: SshOutcome, what: &str) -> bool {
+    match out {
+        SshOutcome::Accepted { .. } => true,
+        SshOutcome::Refused => false,
+        SshOutcome::Unreachable(e) => panic!("{what}: the node did not answer: {e}"),
+    }
+}
+
 async fn password_login(port: u16, user: &str, password: String) -> bool {
-    common::ssh_password_login(port, user, &password, &next_source()).await
+    let out = ssh_password_outcome(port, user, &password, &next_source(), "true").await;
+    answered(out, &format!("{user} with password {password}"))
 }
 
 async fn key_login(port: u16, user: &str, key: &std::path::Path) -> bool {
-    ssh_key_login(port, user, key, &next_source()).await
+    let out = ssh_key_outcome(port, user, key, &next_source(), "true").await;
+    answered(out, &format!("{user} with key {}", key.display()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_writers_on_one_user_leave_exactly_one_requests_state() {
+    within(limit(), "the test", racing_writers()).await;
+}
+
+async fn racing_writers() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start_in(dir.path());
     let c = Arc::new(srv.client());
@@ -80,7 +108,7 @@ async fn racing_writers_on_one_user_leave_exactly_one_requests_state() {
     let r = c
         .req("POST", &users_path)
         .json(&json!({"name": "racer", "password": "initial-pw"}))
-        .send()
+        .send_within(REQ)
         .await;
     assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
     let mut etags: HashSet<String> = HashSet::new();
@@ -113,7 +141,7 @@ async fn racing_writers_on_one_user_leave_exactly_one_requests_state() {
                 let r = c
                     .req("PUT", &Client::user_path("race", &node, "racer"))
                     .json(&body)
-                    .send()
+                    .send_within(REQ)
                     .await;
                 (r.status, r.header("etag").map(str::to_string), r.body)
             }));
@@ -177,6 +205,10 @@ enum Last {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writers_on_different_users_lose_no_update() {
+    within(limit(), "the test", different_users()).await;
+}
+
+async fn different_users() {
     let dir = tempfile::tempdir().unwrap();
     let srv = Server::start_in(dir.path());
     let c = Arc::new(srv.client());
@@ -189,7 +221,7 @@ async fn writers_on_different_users_lose_no_update() {
         let r = c
             .req("POST", &format!("/pools/many/nodes/{n}/users"))
             .json(&json!({"name": format!("user{u}"), "password": "start"}))
-            .send()
+            .send_within(REQ)
             .await;
         assert_eq!(r.status, 201);
     }
@@ -205,7 +237,7 @@ async fn writers_on_different_users_lose_no_update() {
                 let r = c
                     .req("PUT", &Client::user_path("many", n, &format!("user{u}")))
                     .json(&json!({"password": format!("pw-{u}-{k}"), "expiryTime": expiry(k, u)}))
-                    .send()
+                    .send_within(REQ)
                     .await;
                 assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
                 etags.push(r.header("etag").unwrap().to_string());
@@ -225,7 +257,7 @@ async fn writers_on_different_users_lose_no_update() {
                     let r = c
                         .req("POST", &format!("/pools/many/nodes/{n}/users"))
                         .json(&json!({"name": name, "password": format!("c-{k}")}))
-                        .send()
+                        .send_within(REQ)
                         .await;
                     assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
                     etags.push(r.header("etag").unwrap().to_string());
@@ -233,7 +265,7 @@ async fn writers_on_different_users_lose_no_update() {
                 } else {
                     let r = c
                         .req("DELETE", &Client::user_path("many", n, &name))
-                        .send()
+                        .send_within(REQ)
                         .await;
                     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
                     last = Last::Deleted;

@@ -8,11 +8,17 @@
 //!   that; where OpenSSH is installed, logging in on the node checks the node's side too (the
 //!   stored password works; a deleted user's last password does not).
 //!
+//! Each cycle must acknowledge at least a floor of writes (the test cannot pass on a server that
+//! answers nothing); SSH checks tell "refused" (sshd answered "Permission denied") from "could
+//! not connect"; every request and the whole test have deadlines, so a hang fails.
+//!
 //! 20 kill cycles by default (about 30 s); `BLUEBATCH_LONG=1` runs 100.
 
 mod common;
 
-use common::{Client, Server, have_ssh_client, loopback_source, ssh_password_login};
+use common::{
+    Client, Server, SshOutcome, have_ssh_client, loopback_source, ssh_password_outcome, within,
+};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::collections::HashMap;
@@ -23,6 +29,10 @@ use std::time::{Duration, Instant};
 const TASKS: usize = 6;
 const USERS_PER_TASK: usize = 4;
 const POOL: &str = "crash";
+/// Deadline of one request.
+const REQ: Duration = Duration::from_secs(10);
+/// Writes each cycle must acknowledge before the kill.
+const FLOOR: usize = 3;
 
 /// A user's state as the test knows it. `expiry` is unique per write, so it names the request.
 #[derive(Clone, Debug, PartialEq)]
@@ -144,7 +154,7 @@ async fn stored_users(c: &Client, nodes: &[String]) -> HashMap<String, Shown> {
     for n in nodes {
         let r = c
             .control("GET", &format!("/pools/{POOL}/nodes/{n}/users"))
-            .send()
+            .send_within(REQ)
             .await;
         assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
         for u in r.json()["users"].as_array().unwrap() {
@@ -218,14 +228,25 @@ async fn verify(c: &Client, nodes: &[String], tracks: &mut [Track], cycle: usize
                 let source = loopback_source(SOURCE.fetch_add(1, Ordering::Relaxed));
                 let name = t.name.clone();
                 checks.push(tokio::spawn(async move {
-                    let ok = ssh_password_login(port, &name, &password, &source).await;
-                    (name, ok, expect)
+                    let out = ssh_password_outcome(port, &name, &password, &source, "true").await;
+                    (name, out, expect)
                 }));
             }
         }
         for ch in checks {
-            let (name, ok, expect) = ch.await.unwrap();
-            assert_eq!(ok, expect, "cycle {cycle}: SSH password login of {name}");
+            let (name, out, expect) = ch.await.unwrap();
+            if expect {
+                assert!(
+                    out.accepted(),
+                    "cycle {cycle}: SSH password login of {name}: {out:?}"
+                );
+            } else {
+                assert_eq!(
+                    out,
+                    SshOutcome::Refused,
+                    "cycle {cycle}: {name}'s old password: sshd must answer and refuse"
+                );
+            }
         }
     }
     // The API's side: Update User `{}` answers 200 for present users, 404 for absent ones. It
@@ -234,7 +255,7 @@ async fn verify(c: &Client, nodes: &[String], tracks: &mut [Track], cycle: usize
         let r = c
             .req("PUT", &Client::user_path(POOL, &t.node, &t.name))
             .json(&json!({}))
-            .send()
+            .send_within(REQ)
             .await;
         match t.acked {
             St::Absent => assert_eq!(
@@ -266,6 +287,15 @@ async fn verify(c: &Client, nodes: &[String], tracks: &mut [Track], cycle: usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_changes_survive_sigkill_and_nothing_is_half_applied() {
+    let limit = if std::env::var("BLUEBATCH_LONG").is_ok_and(|v| v == "1") {
+        600
+    } else {
+        180
+    };
+    within(Duration::from_secs(limit), "the crash test", crash_cycles()).await;
+}
+
+async fn crash_cycles() {
     let cycles = if std::env::var("BLUEBATCH_LONG").is_ok_and(|v| v == "1") {
         100
     } else {
@@ -298,12 +328,20 @@ async fn acknowledged_changes_survive_sigkill_and_nothing_is_half_applied() {
         let tasks: Vec<_> = (0..TASKS)
             .map(|task| tokio::spawn(load(c.clone(), shared.clone(), task)))
             .collect();
-        let wait = rand::rng().random_range(0..250u64);
+        let wait = rand::rng().random_range(100..350u64);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         srv.kill(); // SIGKILL
+        let mut acked = 0;
         for t in tasks {
-            acked_ops += t.await.unwrap();
+            acked += within(Duration::from_secs(30), "a load task", t)
+                .await
+                .unwrap();
         }
+        assert!(
+            acked >= FLOOR,
+            "cycle {cycle}: only {acked} writes acknowledged in {wait} ms (floor {FLOOR})"
+        );
+        acked_ops += acked;
         tracks = shared.lock().unwrap().clone();
         unanswered += tracks.iter().filter(|t| t.maybe.is_some()).count();
         srv = Server::start_in(dir.path());
