@@ -58,9 +58,9 @@ pub struct ServeArgs {
     /// range 32768–60999 by default).
     #[arg(long, default_value = "20000-29999")]
     ssh_ports: String,
-    /// Numeric uids for the nodes' SSH sessions when bluebatch runs as root, FIRST-LAST: each
-    /// node gets one (gid of the same number), kept across restarts, with no passwd entry.
-    /// Not root: sessions run as bluebatch's own user.
+    /// Numbers for the nodes' SSH sessions when bluebatch runs as root, FIRST-LAST: a uid for
+    /// each user of each node and a gid for each node, kept across restarts, with no passwd or
+    /// group entry. Not root: sessions run as bluebatch's own user.
     #[arg(
         long,
         default_value = "2000000000-2000099999",
@@ -68,7 +68,7 @@ pub struct ServeArgs {
     )]
     session_uids: String,
     /// Supplementary gid that admin (isAdmin) users' sessions get (a bare number, no group
-    /// entry); default: the first of --session-uids, which no node is given.
+    /// entry); default: the first of --session-uids, which no node or user is given.
     #[arg(long, value_name = "GID")]
     admin_gid: Option<u32>,
     /// Failed SSH logins from one source address to one node, within --failed-login-window,
@@ -152,6 +152,19 @@ fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     );
     if a == 0 || a > b {
         return Err("--ssh-ports: FIRST must be 1..=LAST".into());
+    }
+    Ok(a..=b)
+}
+
+fn parse_uids(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (a, b) = s.split_once('-').ok_or("--session-uids is FIRST-LAST")?;
+    let bad = |_| "--session-uids: FIRST and LAST are numbers";
+    let (a, b): (u32, u32) = (
+        a.trim().parse().map_err(bad)?,
+        b.trim().parse().map_err(bad)?,
+    );
+    if a == 0 || a > b || b == u32::MAX {
+        return Err("--session-uids: FIRST must be 1..=LAST, LAST below 4294967295".into());
     }
     Ok(a..=b)
 }

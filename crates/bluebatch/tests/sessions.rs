@@ -106,7 +106,7 @@ async fn sessions_have_own_homes_and_uids_and_cannot_reach_other_nodes_or_secret
 
     let (alice_uid, alice_groups, alice_home) = identity(port0, "alice", &key).await;
     let (bob_uid, bob_groups, bob_home) = identity(port0, "bob", &key).await;
-    let (carol_uid, _, carol_home) = identity(port1, "carol", &key).await;
+    let (carol_uid, carol_groups, carol_home) = identity(port1, "carol", &key).await;
 
     // $HOME is absolute, one per user, under the data directory's nodes, and is where the
     // session starts.
@@ -172,23 +172,42 @@ async fn sessions_have_own_homes_and_uids_and_cannot_reach_other_nodes_or_secret
     let out = run(port0, "bob", &key, &format!("ls '{}'", data.display())).await;
     assert_ne!(out.code, 0, "the data directory was listed: {}", out.stdout);
 
-    // One uid per node (its users share it), another for the other node; never root.
-    assert_eq!(alice_uid, bob_uid);
-    assert_ne!(alice_uid, carol_uid, "two nodes' sessions share a uid");
-    for uid in [&alice_uid, &carol_uid] {
-        let n: u32 = uid.parse().unwrap();
-        assert!((2_000_000_001..=2_000_099_999).contains(&n), "{uid}");
+    // A uid per user, a gid per node (the primary group, first of `id -G`); never root.
+    let (gid0, carol_gid) = (bob_groups[0].clone(), carol_groups[0].clone());
+    let numbers = [&alice_uid, &bob_uid, &carol_uid, &gid0, &carol_gid];
+    for (i, a) in numbers.iter().enumerate() {
+        let n: u32 = a.parse().unwrap();
+        assert!((2_000_000_001..=2_000_099_999).contains(&n), "{a}");
+        for b in &numbers[i + 1..] {
+            assert_ne!(a, b, "two users or nodes share a number: {numbers:?}");
+        }
     }
     // isAdmin: the bare admin gid, for admins only.
-    assert_eq!(alice_groups, [alice_uid.as_str(), "2000000000"]);
-    assert_eq!(bob_groups, [bob_uid.as_str()]);
+    assert_eq!(alice_groups, [gid0.as_str(), "2000000000"]);
+    assert_eq!(bob_groups, [gid0.as_str()]);
 
-    // The homes belong to the node's uid, 0700.
-    for home in [&alice_home, &bob_home] {
+    // Each home belongs to its user (and the node's gid), 0700.
+    for (home, uid) in [(&alice_home, &alice_uid), (&bob_home, &bob_uid)] {
         let meta = std::fs::metadata(home).unwrap();
-        assert_eq!(meta.uid().to_string(), alice_uid);
+        assert_eq!(meta.uid().to_string(), *uid);
+        assert_eq!(meta.gid().to_string(), gid0);
         assert_eq!(meta.mode() & 0o777, 0o700, "{home}");
     }
+    // Users of one node cannot read or write each other's homes either.
+    let out = run(port0, "bob", &key, &format!("ls '{alice_home}'")).await;
+    assert_ne!(out.code, 0, "bob listed alice's home");
+    let out = run(
+        port0,
+        "bob",
+        &key,
+        &format!("touch '{alice_home}/from-bob'"),
+    )
+    .await;
+    assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+    // But see who else has a home on the node (home/ is readable by the node's group).
+    let homes = PathBuf::from(&alice_home).parent().unwrap().to_path_buf();
+    let out = run(port0, "bob", &key, &format!("ls '{}'", homes.display())).await;
+    assert_eq!(out.stdout, "alice\nbob\n", "{}", out.stderr);
 
     // Node 1's session cannot write into node 0's files, nor list node 0's homes or the data dir.
     let homes0 = PathBuf::from(&alice_home).parent().unwrap().to_path_buf();

@@ -112,11 +112,6 @@ impl ConnHandler {
         let (Some(user), Some(host)) = (self.user.clone(), self.inner.host()) else {
             return session.channel_failure(id);
         };
-        let run_as = host.run_as(&self.node.key);
-        if host.switches() && run_as.is_none() {
-            // Root, but the node has no account of its own: never run as root.
-            return session.channel_failure(id);
-        }
         if !self
             .channels
             .get(&id)
@@ -126,14 +121,24 @@ impl ConnHandler {
             return session.channel_failure(id);
         }
         let node_dir = self.inner.node_dir(&self.node.key);
-        let name = user.clone();
-        let home =
-            tokio::task::spawn_blocking(move || hostkey::user_home(&node_dir, &name, run_as))
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-        let home = match home {
-            Ok(home) => home,
+        let (inner, key, name) = (self.inner.clone(), self.node.key.clone(), user.clone());
+        let prepared = tokio::task::spawn_blocking(move || {
+            let ids = match inner.host() {
+                Some(h) => h.user(&key, &name)?,
+                None => None,
+            };
+            let home = hostkey::user_home(&node_dir, &name, ids)?;
+            Ok::<_, std::io::Error>((home, ids.map(|(run_as, _)| run_as)))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        let (home, run_as) = match prepared {
+            Ok((_, None)) if host.switches() => {
+                // Root, but no account of the user's own: never run as root.
+                return session.channel_failure(id);
+            }
+            Ok(ready) => ready,
             Err(e) => {
                 tracing::warn!(node = %self.node.key, user = %user, error = %e, "cannot make the user's home");
                 return session.channel_failure(id);

@@ -1,9 +1,10 @@
 //! A node's directory, `{data_dir}/{node_key}`:
 //!
 //! * `private/` (root, 0700): `ssh_host_ed25519_key` (its persistent host key, 0600), its public
-//!   half, and `session-uid` (the uid its sessions run as). No session can read it.
+//!   half, `session-gid` (the node's gid) and `session-uids` (its users' uids). No session can
+//!   read it.
 //! * `home/` (root, group = the node's gid, 0750): one directory per user, `home/{user}`, owned
-//!   by the node's uid and gid, mode 0700, created at the user's first session.
+//!   by the user's uid and the node's gid, mode 0700, created at the user's first session.
 //!
 //! The node directory and `data_dir` are 0711 (passable, not listable). All blocking: call from
 //! `spawn_blocking`.
@@ -78,11 +79,11 @@ fn make_dir(dir: &Path, mode: u32) -> io::Result<()> {
 }
 
 /// Creates the node's directories if needed and loads (or generates and saves) its host key.
-/// `run_as`: the account the node's sessions run as (when the server is root), and whether it
-/// changed since the node's files were made (they are then given to it). `data_dir` and the
+/// `gid`: the node's gid (when the server is root), and whether it changed since the node's
+/// files were made (they are then given to it). `data_dir` and the
 /// node directory are made 0711 (passable, not listable) so that account reaches its homes;
 /// `data_dir` is 0700 when sessions do not switch account.
-pub(crate) fn prepare(node_dir: &Path, run_as: Option<(RunAs, bool)>) -> io::Result<PrivateKey> {
+pub(crate) fn prepare(node_dir: &Path, run_as: Option<(u32, bool)>) -> io::Result<PrivateKey> {
     let data_dir = node_dir.parent().unwrap_or(Path::new("."));
     // Passable by the sessions, listable by nobody but the server.
     make_dir(data_dir, if run_as.is_some() { 0o711 } else { 0o700 })?;
@@ -105,7 +106,7 @@ pub(crate) fn prepare(node_dir: &Path, run_as: Option<(RunAs, bool)>) -> io::Res
 }
 
 /// Reimage: a new host key, and every home removed.
-pub(crate) fn reimage_dir(node_dir: &Path, run_as: Option<(RunAs, bool)>) -> io::Result<()> {
+pub(crate) fn reimage_dir(node_dir: &Path, run_as: Option<(u32, bool)>) -> io::Result<()> {
     for dir in [node_dir.to_path_buf(), private_dir(node_dir)] {
         let key = dir.join(KEY_FILE);
         remove_if_exists(&key)?;
@@ -127,30 +128,30 @@ pub(crate) fn remove_node_dir(node_dir: &Path) -> io::Result<()> {
 }
 
 /// `home/`: root's, readable by the node's group only (its sessions can list it, other nodes'
-/// cannot, and none can add to it). If the node's uid changed, or the directory is from before
-/// the per-user homes (owned by the session account), what it holds is given to the node's uid.
-fn make_homes(node_dir: &Path, run_as: Option<(RunAs, bool)>) -> io::Result<()> {
+/// cannot, and none can add to it). If the node's gid changed, or the directory is from before
+/// the per-user homes (owned by the session account), what it holds is given to the node's gid.
+fn make_homes(node_dir: &Path, run_as: Option<(u32, bool)>) -> io::Result<()> {
     let homes = homes_dir(node_dir);
     match fs::DirBuilder::new().mode(0o700).create(&homes) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         other => other?,
     }
-    let Some((ids, changed)) = run_as else {
+    let Some((gid, changed)) = run_as else {
         return fs::set_permissions(&homes, fs::Permissions::from_mode(0o700));
     };
     let legacy = fs::symlink_metadata(&homes)?.uid() != 0;
-    std::os::unix::fs::chown(&homes, Some(0), Some(ids.gid))?;
+    std::os::unix::fs::chown(&homes, Some(0), Some(gid))?;
     fs::set_permissions(&homes, fs::Permissions::from_mode(0o750))?;
     if changed || legacy {
         for entry in fs::read_dir(&homes)? {
-            chown_tree(&entry?.path(), ids.uid, ids.gid)?;
+            chown_tree(&entry?.path(), None, gid)?;
         }
     }
     Ok(())
 }
 
-fn chown_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+fn chown_tree(path: &Path, uid: Option<u32>, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, uid, Some(gid))?;
     if fs::symlink_metadata(path)?.is_dir() {
         for entry in fs::read_dir(path)? {
             chown_tree(&entry?.path(), uid, gid)?;
@@ -159,9 +160,13 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// The user's home on the node, `home/{user}`: created (mode 0700, owned by the node's uid) if
-/// missing. Blocking.
-pub(crate) fn user_home(node_dir: &Path, user: &str, run_as: Option<RunAs>) -> io::Result<PathBuf> {
+/// The user's home on the node, `home/{user}`: created (mode 0700, owned by the user's uid) if
+/// missing; given (with what it holds) to the user's uid if that changed. Blocking.
+pub(crate) fn user_home(
+    node_dir: &Path,
+    user: &str,
+    run_as: Option<(RunAs, bool)>,
+) -> io::Result<PathBuf> {
     if user.is_empty() || user == "." || user == ".." || user.contains(['/', '\0']) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -180,10 +185,12 @@ pub(crate) fn user_home(node_dir: &Path, user: &str, run_as: Option<RunAs>) -> i
             home.display()
         )));
     }
-    if let Some(ids) = run_as
-        && (meta.uid() != ids.uid || meta.gid() != ids.gid)
-    {
-        std::os::unix::fs::lchown(&home, Some(ids.uid), Some(ids.gid))?;
+    if let Some((ids, changed)) = run_as {
+        if changed {
+            chown_tree(&home, Some(ids.uid), ids.gid)?;
+        } else if meta.uid() != ids.uid || meta.gid() != ids.gid {
+            std::os::unix::fs::lchown(&home, Some(ids.uid), Some(ids.gid))?;
+        }
     }
     Ok(home)
 }

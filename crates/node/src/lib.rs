@@ -8,30 +8,30 @@
 //! **It is a real shell on the host, not a container or a VM.** A session runs `/bin/bash` (or
 //! `/bin/sh`) as an unprivileged *host* uid:
 //!
-//! * When the server runs as root, each node's sessions run under the node's own numeric uid
-//!   (gid of the same number), taken from [`SshConfig::session_uids`] and kept in the node's
-//!   private directory, so it stays the same across restarts. It has no passwd or group entry
-//!   (`id` shows numbers) and nothing of the host's `/etc` is changed. Admin accounts
-//!   (`isAdmin`) additionally get the bare supplementary gid [`SshConfig::admin_gid`], which is
-//!   how `isAdmin` shows in `id -G`; that gid grants nothing by itself. Every other
-//!   supplementary group is dropped.
+//! * When the server runs as root, each user of each node has a numeric uid of their own and
+//!   each node a gid of its own (every user's primary group on that node), both taken from
+//!   [`SshConfig::session_uids`] and kept in the node's private directory, so they stay the
+//!   same across restarts. They have no passwd or group entry (`id` shows numbers) and nothing
+//!   of the host's `/etc` is changed. Admin accounts (`isAdmin`) additionally get the bare
+//!   supplementary gid [`SshConfig::admin_gid`], which is how `isAdmin` shows in `id -G`; that
+//!   gid grants nothing by itself. Every other supplementary group is dropped.
 //! * Each user has a home of their own, `{data_dir}/{node_key}/home/{user}` (absolute), owned by
-//!   the node's uid, mode 0700, created at the user's first session. The working directory is
-//!   that home; the environment is built from scratch (`HOME`, `USER`, `LOGNAME`, `SHELL`,
-//!   `PATH`, and `TERM` with a PTY) and holds nothing of the server's.
+//!   the user's uid and the node's gid, mode 0700, created at the user's first session. The
+//!   working directory is that home; the environment is built from scratch (`HOME`, `USER`,
+//!   `LOGNAME`, `SHELL`, `PATH`, and `TERM` with a PTY) and holds nothing of the server's.
 //! * When the server does not run as root, sessions run as the server's own user (it cannot
 //!   switch to another one): every node shares that user, which can read whatever the server
 //!   can, and `isAdmin` cannot show in `id`.
 //!
 //! What such a shell **can** reach: everything its uid can — world-readable files of the host
 //! (`/etc/passwd`, installed software, other users' world-readable files), every network the
-//! host can reach (including services listening on loopback), the homes of the other users of
-//! the *same* node (they share the node's uid). It can run any program installed on the host
-//! and start background processes.
+//! host can reach (including services listening on loopback), the names of the other users'
+//! homes on the same node. It can run any program installed on the host and start background
+//! processes.
 //!
 //! What it **cannot** reach: root privileges (no set-uid path is opened by us; supplementary
-//! groups are reset), other nodes' files (another uid, homes 0700, `home/` readable by the
-//! node's group only), the node's private directory (host key, root-owned, 0700/0600), the
+//! groups are reset), other users' and other nodes' files (other uids, homes 0700, `home/`
+//! readable by the node's group only), the node's private directory (host key, root-owned, 0700/0600), the
 //! server's environment and secrets, and the server's own files unless they are
 //! world-readable.
 //!
@@ -88,18 +88,19 @@ pub struct SshConfig {
     /// range (32768–60999) so outgoing connections never take a node's port.
     pub port_range: RangeInclusive<u16>,
     /// Per node (made absolute): `{data_dir}/{node_key}/private/` (root's, 0700: the persistent
-    /// host key `ssh_host_ed25519_key` and `session-uid`) and `{data_dir}/{node_key}/home/{user}`
-    /// (each user's home and working directory, owned by the node's uid, 0700; `home/` itself
-    /// is root's, readable by the node's gid only). When sessions switch uid, `data_dir` and
+    /// host key `ssh_host_ed25519_key`, `session-gid`, `session-uids`) and
+    /// `{data_dir}/{node_key}/home/{user}` (each user's home and working directory, owned by
+    /// the user's uid and the node's gid, 0700; `home/` itself is root's, readable by the
+    /// node's gid only). When sessions switch uid, `data_dir` and
     /// the node directories get the "others may search" bit (0711) so sessions reach their
     /// homes; every directory above `data_dir` must let them pass too.
     pub data_dir: PathBuf,
-    /// The uids (and gids of the same numbers) the nodes' sessions run as when the server runs
-    /// as root: one per node, kept across restarts; numbers the host names as a user or group
-    /// are skipped. Default `2000000000..=2000099999`: above every regular, system, dynamic
+    /// The numbers the nodes' sessions run as when the server runs as root: a uid per user of
+    /// each node and a gid per node, kept across restarts; numbers the host names as a user or
+    /// group are skipped. Default `2000000000..=2000099999`: above every regular, system, dynamic
     /// (systemd) and usual subordinate (`/etc/subuid`) range, below 2^31.
     pub session_uids: RangeInclusive<u32>,
-    /// The bare supplementary gid of admin (`isAdmin`) sessions; never given to a node.
+    /// The bare supplementary gid of admin (`isAdmin`) sessions; never given to a node or user.
     /// `None`: the first number of `session_uids` (default `2000000000`).
     pub admin_gid: Option<u32>,
     /// The program (and its arguments) that serves SFTP on stdin/stdout for the `sftp`

@@ -1,4 +1,4 @@
-//! The processes of a session: the shell started as the node's session uid (on a PTY when asked),
+//! The processes of a session: the shell started as the user's uid (on a PTY when asked),
 //! in the user's home, with an environment of its own, and its stdin/stdout/stderr streamed over
 //! the SSH channel. Every process starts in a new session (`setsid`), so its process group can be
 //! hung up or killed as a whole.

@@ -1,12 +1,13 @@
-//! Which numeric account each node's sessions run as. When the server runs as root, every node
-//! gets its own uid (and a gid of the same number) from [`crate::SshConfig::session_uids`], with
-//! no passwd or group entry; `isAdmin` is the bare supplementary gid
-//! [`crate::SshConfig::admin_gid`]. Nothing of the host's `/etc` is read to pick them (apart from
-//! skipping numbers the host already names) and nothing there is ever changed.
+//! Which numeric accounts the nodes' sessions run as. When the server runs as root, every node
+//! gets its own gid and every user of a node its own uid, both from
+//! [`crate::SshConfig::session_uids`], with no passwd or group entry; `isAdmin` is the bare
+//! supplementary gid [`crate::SshConfig::admin_gid`]. Nothing of the host's `/etc` is read to
+//! pick them (apart from skipping numbers the host already names) and nothing there is ever
+//! changed.
 //!
-//! The assignment is kept in the node's private directory (`private/session-uid`), so it
-//! survives restarts; on the first start the private directories of every node are read once to
-//! know which numbers are taken.
+//! The assignments are kept in the node's private directory (`private/session-gid`,
+//! `private/session-uids`: one `user uid` line each), so they survive restarts; on the first
+//! start the private directories of every node are read once to know which numbers are taken.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
@@ -18,13 +19,16 @@ use std::sync::Mutex;
 
 use crate::hostkey;
 
-/// The file, in a node's private directory, holding the uid its sessions run as.
-const UID_FILE: &str = "session-uid";
+/// The file, in a node's private directory, holding the node's gid.
+const GID_FILE: &str = "session-gid";
+/// The file, in a node's private directory, holding its users' uids (`user uid` lines).
+const UIDS_FILE: &str = "session-uids";
 
-/// The account a node's sessions switch to (only when the server runs as root).
+/// The account a session switches to (only when the server runs as root).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RunAs {
     pub uid: u32,
+    /// The node's gid.
     pub gid: u32,
     /// The supplementary gid that shows `isAdmin`.
     pub admin_gid: u32,
@@ -32,7 +36,7 @@ pub(crate) struct RunAs {
 
 #[derive(Debug)]
 pub(crate) struct HostIdentity {
-    /// The server runs as root: sessions switch to their node's uid.
+    /// The server runs as root: sessions switch to their user's uid.
     root: bool,
     /// Why sessions cannot run (a bad range), if so.
     error: Option<String>,
@@ -45,11 +49,17 @@ pub(crate) struct HostIdentity {
     pub shell: PathBuf,
 }
 
-/// Which node has which uid.
+/// Which node has which gid, which user which uid.
 #[derive(Debug, Default)]
 struct UidTable {
-    by_node: HashMap<String, u32>,
+    nodes: HashMap<String, NodeIds>,
     taken: HashSet<u32>,
+}
+
+#[derive(Debug, Default)]
+struct NodeIds {
+    gid: u32,
+    users: BTreeMap<String, u32>,
 }
 
 impl HostIdentity {
@@ -61,6 +71,7 @@ impl HostIdentity {
         };
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
+        let usable = uids.clone().filter(|u| *u != admin_gid).take(2).count();
         let error = if !root {
             None
         } else if uids.is_empty() {
@@ -69,8 +80,11 @@ impl HostIdentity {
             Some("the session uid range must not hold 0 (root) or 4294967295".to_string())
         } else if admin_gid == 0 || admin_gid == u32::MAX {
             Some("the admin gid must not be 0 (root) or 4294967295".to_string())
-        } else if uids.clone().all(|u| u == admin_gid) {
-            Some("the session uid range holds nothing but the admin gid".to_string())
+        } else if usable < 2 {
+            Some(
+                "the session uid range needs two numbers besides the admin gid (a node's gid and a user's uid)"
+                    .to_string(),
+            )
         } else {
             None
         };
@@ -110,57 +124,94 @@ impl HostIdentity {
         self.root
     }
 
-    /// The account the node's sessions run as, once assigned by [`HostIdentity::assign`]
-    /// (`None` when the server is not root: sessions run as its own user).
-    pub fn run_as(&self, node_key: &str) -> Option<RunAs> {
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let uid = *table.as_ref()?.by_node.get(node_key)?;
-        Some(self.ids(uid))
-    }
-
-    fn ids(&self, uid: u32) -> RunAs {
-        RunAs {
-            uid,
-            gid: uid,
-            admin_gid: self.admin_gid,
-        }
-    }
-
-    /// The node's uid: the one recorded in its private directory if it is still valid, else a
+    /// The node's gid: the one recorded in its private directory if it is still valid, else a
     /// new free one (recorded there). Returns it and whether it changed (the node's files must
-    /// then be given to it). Blocking (reads the nodes' directories the first time).
-    pub fn assign(&self, node_key: &str) -> io::Result<Option<(RunAs, bool)>> {
+    /// then be given to it). `None` when the server is not root. Blocking (reads the nodes'
+    /// directories the first time).
+    pub fn assign(&self, node_key: &str) -> io::Result<Option<(u32, bool)>> {
         if !self.root {
             return Ok(None);
         }
         self.check()?;
         let mut guard = self.table.lock().unwrap_or_else(|e| e.into_inner());
         let table = guard.get_or_insert_with(|| self.scan());
-        if let Some(uid) = table.by_node.get(node_key) {
-            return Ok(Some((self.ids(*uid), false)));
+        if let Some(ids) = table.nodes.get(node_key) {
+            return Ok(Some((ids.gid, false)));
         }
-        let recorded = read_uid(&self.private_dir(node_key));
-        let uid = self.pick(table, node_key)?;
         let private = self.private_dir(node_key);
+        let recorded = read_number(&private.join(GID_FILE));
+        let gid = self.pick(table, &self.nodes_dir.join(node_key))?;
         hostkey::make_private_dir(&private)?;
         hostkey::write_atomically(
-            &private.join(UID_FILE),
-            format!("{uid}\n").as_bytes(),
+            &private.join(GID_FILE),
+            format!("{gid}\n").as_bytes(),
             0o600,
             true,
         )?;
-        table.by_node.insert(node_key.to_string(), uid);
-        table.taken.insert(uid);
-        Ok(Some((self.ids(uid), recorded.is_some())))
+        table.taken.insert(gid);
+        // Users whose recorded uid was refused by the scan get a new one at their next session.
+        table.nodes.insert(
+            node_key.to_string(),
+            NodeIds {
+                gid,
+                users: BTreeMap::new(),
+            },
+        );
+        Ok(Some((gid, recorded.is_some())))
     }
 
-    /// The node left: its uid is free again.
+    /// The account the user's sessions on the node run as: its recorded uid, or a new free one
+    /// (recorded), and whether it changed (the user's home must then be given to it). `None`
+    /// when the server is not root. The node must have been assigned. Blocking.
+    pub fn user(&self, node_key: &str, user: &str) -> io::Result<Option<(RunAs, bool)>> {
+        if !self.root {
+            return Ok(None);
+        }
+        self.check()?;
+        let mut guard = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let table = guard.get_or_insert_with(|| self.scan());
+        let Some(ids) = table.nodes.get(node_key) else {
+            return Err(io::Error::other("the node has no session gid"));
+        };
+        let gid = ids.gid;
+        let run_as = |uid| RunAs {
+            uid,
+            gid,
+            admin_gid: self.admin_gid,
+        };
+        if let Some(uid) = ids.users.get(user) {
+            return Ok(Some((run_as(*uid), false)));
+        }
+        let private = self.private_dir(node_key);
+        let recorded = read_uids(&private.join(UIDS_FILE)).contains_key(user);
+        let uid = self.pick(table, &self.nodes_dir.join(node_key).join(user))?;
+        let ids = table.nodes.get_mut(node_key).expect("looked up above");
+        ids.users.insert(user.to_string(), uid);
+        let text: String = ids
+            .users
+            .iter()
+            .map(|(name, uid)| format!("{name} {uid}\n"))
+            .collect();
+        if let Err(e) =
+            hostkey::write_atomically(&private.join(UIDS_FILE), text.as_bytes(), 0o600, true)
+        {
+            ids.users.remove(user);
+            return Err(e);
+        }
+        table.taken.insert(uid);
+        Ok(Some((run_as(uid), recorded)))
+    }
+
+    /// The node left: its numbers are free again.
     pub fn release(&self, node_key: &str) {
         let mut guard = self.table.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(table) = guard.as_mut()
-            && let Some(uid) = table.by_node.remove(node_key)
+            && let Some(ids) = table.nodes.remove(node_key)
         {
-            table.taken.remove(&uid);
+            table.taken.remove(&ids.gid);
+            for uid in ids.users.values() {
+                table.taken.remove(uid);
+            }
         }
     }
 
@@ -168,12 +219,12 @@ impl HostIdentity {
         hostkey::private_dir(&self.nodes_dir.join(node_key))
     }
 
-    fn usable(&self, uid: u32) -> bool {
-        self.uids.contains(&uid) && uid != self.admin_gid
+    fn usable(&self, id: u32) -> bool {
+        self.uids.contains(&id) && id != self.admin_gid
     }
 
-    /// Every node's recorded uid that is in the range and not claimed twice (in name order,
-    /// the first keeps it).
+    /// Every node's recorded numbers that are in the range and not claimed twice (in name
+    /// order, the first keeps it).
     fn scan(&self) -> UidTable {
         let mut table = UidTable::default();
         let mut found = BTreeMap::new();
@@ -183,49 +234,66 @@ impl HostIdentity {
                 if hostkey::validate_node_key(&name).is_err() {
                     continue;
                 }
-                if let Some(uid) = read_uid(&hostkey::private_dir(&entry.path())) {
-                    found.insert(name, uid);
+                let private = hostkey::private_dir(&entry.path());
+                if let Some(gid) = read_number(&private.join(GID_FILE)) {
+                    found.insert(name, (gid, read_uids(&private.join(UIDS_FILE))));
                 }
             }
         }
-        for (name, uid) in found {
-            if self.usable(uid) && table.taken.insert(uid) {
-                table.by_node.insert(name, uid);
+        for (name, (gid, users)) in found {
+            if !(self.usable(gid) && table.taken.insert(gid)) {
+                continue;
             }
+            let mut ids = NodeIds {
+                gid,
+                users: BTreeMap::new(),
+            };
+            for (user, uid) in users {
+                if self.usable(uid) && table.taken.insert(uid) {
+                    ids.users.insert(user, uid);
+                }
+            }
+            table.nodes.insert(name, ids);
         }
         table
     }
 
-    /// A free uid: from a point of the range derived from the node's path, the first one no
-    /// other node has and the host does not name as a user or group.
-    fn pick(&self, table: &UidTable, node_key: &str) -> io::Result<u32> {
+    /// A free number: from a point of the range derived from `seed` (a path: servers side by
+    /// side on one host, with other data directories, rarely meet), the first one no node or
+    /// user has and the host does not name as a user or group.
+    fn pick(&self, table: &UidTable, seed: &Path) -> io::Result<u32> {
         let (start, end) = (*self.uids.start() as u64, *self.uids.end() as u64);
         let len = end - start + 1;
-        // The data directory is part of the seed, so that servers side by side on one host
-        // (other data directories, same node names) rarely meet.
-        let seed = self.nodes_dir.join(node_key);
         let offset = fnv1a(seed.as_os_str().as_encoded_bytes()) % len;
         for i in 0..len {
-            let uid = (start + (offset + i) % len) as u32;
-            if !self.usable(uid) || table.taken.contains(&uid) {
+            let id = (start + (offset + i) % len) as u32;
+            if !self.usable(id) || table.taken.contains(&id) {
                 continue;
             }
-            if matches!(user_exists(uid), Ok(false)) && matches!(group_name(uid), Ok(None)) {
-                return Ok(uid);
+            if matches!(user_exists(id), Ok(false)) && matches!(group_name(id), Ok(None)) {
+                return Ok(id);
             }
         }
         Err(io::Error::other(
-            "no free uid left in the session uid range (--session-uids)",
+            "no free number left in the session uid range (--session-uids)",
         ))
     }
 }
 
-fn read_uid(private: &Path) -> Option<u32> {
-    fs::read_to_string(private.join(UID_FILE))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+fn read_number(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn read_uids(path: &Path) -> BTreeMap<String, u32> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return BTreeMap::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let (name, uid) = l.split_once(' ')?;
+            Some((name.to_string(), uid.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {

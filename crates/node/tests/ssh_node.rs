@@ -401,16 +401,18 @@ async fn sessions_never_run_as_root_and_show_the_admin_gid_only_for_admins() {
     assert_eq!(admin[2], homes.join("admin1").to_str().unwrap());
     assert_eq!(plain[2], homes.join("plain1").to_str().unwrap());
     if is_root() {
-        // One uid for the node, from the default range; gid of the same number.
+        // A uid per user and a gid for the node, from the default range.
         let uid: u32 = plain[0].parse().unwrap();
-        assert_eq!(admin[0], plain[0]);
+        assert_ne!(admin[0], plain[0]);
         assert!((2_000_000_001..=2_000_099_999).contains(&uid), "{uid}");
-        assert_eq!(
-            plain[1], plain[0],
-            "a non-admin has only the node's own group"
+        let gid = plain[1];
+        assert!(
+            !gid.contains(' '),
+            "a non-admin has only the node's group: {plain:?}"
         );
+        assert_ne!(gid, plain[0]);
         let admin_groups: Vec<&str> = admin[1].split(' ').collect();
-        assert_eq!(admin_groups, [admin[0], "2000000000"], "{admin:?}");
+        assert_eq!(admin_groups, [gid, "2000000000"], "{admin:?}");
         // The home belongs to the node's uid, mode 0700.
         let out = Ssh::new(addr, "plain1", Login::Key(&key))
             .run(&["touch mine && stat -c '%u %a' mine ."], None)
@@ -606,7 +608,7 @@ async fn a_node_directory_of_the_old_layout_keeps_its_host_key_and_files() {
         AccountChange::Upsert(account("olga", None, Some(&public), false, DAY)),
     );
     let out = Ssh::new(addr, "olga", Login::Key(&key))
-        .run(&["cat ../old.txt; id -u; stat -c %u ../old.txt"], None)
+        .run(&["cat ../old.txt; id -g; stat -c %g ../old.txt"], None)
         .await;
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
@@ -614,7 +616,7 @@ async fn a_node_directory_of_the_old_layout_keeps_its_host_key_and_files() {
     assert_eq!(lines[0], "kept");
     assert_eq!(
         lines[2], lines[1],
-        "the old files were not given to the node's uid"
+        "the old files were not given to the node's gid"
     );
     again.shutdown().await;
 }
