@@ -169,19 +169,6 @@ fn parse_uids(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
     Ok(a..=b)
 }
 
-fn parse_uids(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
-    let (a, b) = s.split_once('-').ok_or("--session-uids is FIRST-LAST")?;
-    let bad = |_| "--session-uids: FIRST and LAST are numbers";
-    let (a, b): (u32, u32) = (
-        a.trim().parse().map_err(bad)?,
-        b.trim().parse().map_err(bad)?,
-    );
-    if a == 0 || a > b || b == u32::MAX {
-        return Err("--session-uids: FIRST must be 1..=LAST, LAST below 4294967295".into());
-    }
-    Ok(a..=b)
-}
-
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let started = std::time::Instant::now();
     let accounts = load_accounts(&args)?;
