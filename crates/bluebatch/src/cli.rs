@@ -328,7 +328,7 @@ pub async fn env(target: &Target, args: EnvArgs) -> Result<(), String> {
     let endpoint = target.url.trim_end_matches('/');
     println!(
         "export AZURE_BATCH_ACCOUNT={}",
-        shell_quote(&target.account)
+        shell_quote(target.account())
     );
     println!("export AZURE_BATCH_ENDPOINT={}", shell_quote(endpoint));
     println!("export AZURE_BATCH_ACCESS_KEY={}", shell_quote(&key));

@@ -22,8 +22,21 @@ pub struct Target {
     pub url: String,
     /// Account the client commands act as. Its key comes from the BLUEBATCH_KEY environment
     /// variable (never the command line); the development account's key is built in.
-    #[arg(long, env = "BLUEBATCH_ACCOUNT", default_value = DEV_ACCOUNT, global = true)]
-    pub account: String,
+    /// (`bluebatch token`: the account the token acts for; without it, the tenant's default.)
+    #[arg(long, env = "BLUEBATCH_ACCOUNT", global = true)]
+    account: Option<String>,
+}
+
+impl Target {
+    /// The account the client commands act as: `--account`, else the development account.
+    pub fn account(&self) -> &str {
+        self.account.as_deref().unwrap_or(DEV_ACCOUNT)
+    }
+
+    /// The account given on the command line or in the environment, if any.
+    pub fn explicit_account(&self) -> Option<&str> {
+        self.account.as_deref()
+    }
 }
 
 #[derive(Subcommand)]
@@ -80,10 +93,10 @@ pub enum NodeCmd {
 pub fn key_text(target: &Target) -> Result<String, String> {
     match std::env::var("BLUEBATCH_KEY") {
         Ok(k) => Ok(k.trim().to_string()),
-        Err(_) if target.account == DEV_ACCOUNT => Ok(DEV_KEY.to_string()),
+        Err(_) if target.account() == DEV_ACCOUNT => Ok(DEV_KEY.to_string()),
         Err(_) => Err(format!(
             "set BLUEBATCH_KEY to the key of account {}",
-            target.account
+            target.account()
         )),
     }
 }
@@ -152,7 +165,7 @@ pub async fn send(
             raw_query: query,
             headers: &headers,
         },
-        &target.account,
+        target.account(),
         &key,
     );
     let client = reqwest::Client::builder()

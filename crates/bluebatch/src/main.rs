@@ -119,7 +119,7 @@ fn main() -> std::process::ExitCode {
     let target = &cli.target;
     let result = match cli.command {
         Command::Serve(args) => rt.block_on(serve::run(args)),
-        Command::Token(args) => token::run(args),
+        Command::Token(args) => token::run(args, target.explicit_account()),
         Command::Pool { cmd } => rt.block_on(cli::pool(target, cmd)),
         Command::Node { cmd } => rt.block_on(control::node(target, cmd)),
         Command::Ssh(args) => rt.block_on(cli::ssh(target, args)),

@@ -12,10 +12,6 @@ pub struct TokenArgs {
     /// account claim (the same file `bluebatch serve` reads).
     #[arg(long, env = "BLUEBATCH_ACCOUNTS_FILE")]
     accounts_file: Option<PathBuf>,
-    /// The Batch account the token acts for (put in the account claim). Without it the token
-    /// acts for its tenant's default account.
-    #[arg(long)]
-    account: Option<String>,
     /// Tenant id (default: the first tenant of the accounts file).
     #[arg(long)]
     tenant: Option<String>,
@@ -46,7 +42,9 @@ pub struct TokenArgs {
     hs256_secret_env: Option<String>,
 }
 
-pub fn run(args: TokenArgs) -> Result<(), String> {
+/// `account`: the global `--account`, put in the account claim; without it the token acts for
+/// its tenant's default account.
+pub fn run(args: TokenArgs, account: Option<&str>) -> Result<(), String> {
     let file = match &args.accounts_file {
         Some(path) => BearerFile::read(path)?,
         None => None,
@@ -104,11 +102,11 @@ pub fn run(args: TokenArgs) -> Result<(), String> {
     if let Some(t) = &tenant {
         claims["tid"] = t.clone().into();
     }
-    if let Some(a) = &args.account {
+    if let Some(a) = account {
         let claim = file
             .as_ref()
             .map_or(bearer::DEFAULT_ACCOUNT_CLAIM, BearerFile::account_claim);
-        claims[claim] = a.clone().into();
+        claims[claim] = a.into();
     }
     let mut header = Header::new(algorithm);
     header.typ = Some("JWT".into());
