@@ -33,7 +33,7 @@ pub async fn handle(
     parts: &Parts,
     rest: &str,
     body: Body,
-    _ctx: &Ctx,
+    ctx: &mut Ctx,
 ) -> Result<Response<Body>, BatchError> {
     let m = &parts.method;
     if rest == "/health" {
@@ -56,6 +56,7 @@ pub async fn handle(
         &app.config,
         OffsetDateTime::now_utc(),
     )?;
+    ctx.account = Some(account.clone());
     let body = axum::body::to_bytes(body, 64 * 1024)
         .await
         .map_err(|_| BatchError::new(Code::RequestBodyTooLarge))?;
