@@ -1,0 +1,297 @@
+//! README claims about `bluebatch serve`'s flags, each against the real binary: the limit flags
+//! (`--max-nodes-per-pool`, `--max-body-bytes`), where nodes listen and what they report
+//! (`--ssh-bind`, `--ssh-ports`, `--remote-login-ip`) and how long node state changes take
+//! (`--node-step-ms`).
+
+mod common;
+
+use common::{Resp, Server, within};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(10);
+
+fn text(r: &Resp) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+fn pool_body(id: &str, nodes: u32) -> Value {
+    json!({"id": id, "vmSize": "STANDARD_D2S_V3", "targetDedicatedNodes": nodes,
+           "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
+               "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
+               "nodeAgentSKUId": "batch.node.ubuntu 22.04"}})
+}
+
+fn assert_invalid(r: &Resp, property: &str) {
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (400, "InvalidPropertyValue"),
+        "{}",
+        text(r)
+    );
+    assert_eq!(
+        r.value("PropertyName").as_deref(),
+        Some(property),
+        "{}",
+        text(r)
+    );
+}
+
+/// `--max-nodes-per-pool`: "nodes per pool by flag". Add Pool and Resize beyond it are 400
+/// `InvalidPropertyValue` (dedicated and low-priority together), up to it they work.
+#[tokio::test]
+async fn max_nodes_per_pool_bounds_add_and_resize() {
+    within(Duration::from_secs(60), "the test", async {
+        let srv = Server::start_with(&["--in-memory", "--max-nodes-per-pool", "3"]);
+        let c = srv.client();
+        let r = c
+            .req("POST", "/pools")
+            .json(&pool_body("four", 4))
+            .send_within(T)
+            .await;
+        assert_invalid(&r, "targetDedicatedNodes");
+        let mut mixed = pool_body("mixed", 2);
+        mixed["targetLowPriorityNodes"] = json!(2);
+        let r = c.req("POST", "/pools").json(&mixed).send_within(T).await;
+        assert_invalid(&r, "targetDedicatedNodes");
+        for id in ["four", "mixed"] {
+            let r = c.req("GET", &format!("/pools/{id}")).send_within(T).await;
+            assert_eq!(r.status, 404, "{id} was not created");
+        }
+        let nodes = c.ready_pool("three", "linux", 3).await;
+        assert_eq!(nodes.len(), 3);
+        let r = c
+            .req("POST", "/pools/three/resize")
+            .json(&json!({"targetDedicatedNodes": 2, "targetLowPriorityNodes": 2}))
+            .send_within(T)
+            .await;
+        assert_invalid(&r, "targetDedicatedNodes");
+        let r = c
+            .req("POST", "/pools/three/resize")
+            .json(&json!({"targetDedicatedNodes": 4}))
+            .send_within(T)
+            .await;
+        assert_invalid(&r, "targetDedicatedNodes");
+        let p = c.req("GET", "/pools/three").send_within(T).await.json();
+        assert_eq!(p["targetDedicatedNodes"], 3, "{p}");
+        // The default (10 000): 10 001 is refused, 10 000 would be accepted (not created here:
+        // 0-node pools show that the bound is the flag's).
+        let dflt = Server::start();
+        let r = dflt
+            .client()
+            .req("POST", "/pools")
+            .json(&pool_body("huge", 10_001))
+            .send_within(T)
+            .await;
+        assert_invalid(&r, "targetDedicatedNodes");
+    })
+    .await;
+}
+
+/// `--max-body-bytes` (default 1 MiB): a body over it → 413 `RequestBodyTooLarge` and nothing
+/// is created; up to it, the request is served.
+#[tokio::test]
+async fn max_body_bytes_is_the_largest_body_served() {
+    within(Duration::from_secs(60), "the test", async {
+        // A pool body padded with an unknown property (pool bodies keep them) to `len` bytes.
+        let padded = |id: &str, len: usize| {
+            let mut b = pool_body(id, 0);
+            b["notes"] = json!("");
+            let base = b.to_string().len();
+            b["notes"] = json!("x".repeat(len - base));
+            let bytes = b.to_string().into_bytes();
+            assert_eq!(bytes.len(), len);
+            bytes
+        };
+        let srv = Server::start_with(&["--in-memory", "--max-body-bytes", "4096"]);
+        let c = srv.client();
+        let r = c
+            .req("POST", "/pools")
+            .raw(padded("fits", 4096))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+        let r = c
+            .req("POST", "/pools")
+            .raw(padded("over", 4097))
+            .send_within(T)
+            .await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (413, "RequestBodyTooLarge"),
+            "{}",
+            text(&r)
+        );
+        assert_eq!(c.req("GET", "/pools/over").send_within(T).await.status, 404);
+
+        // The default is 1 MiB.
+        let dflt = Server::start();
+        let c = dflt.client();
+        let r = c
+            .req("POST", "/pools")
+            .raw(padded("mib", 1 << 20))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+        let r = c
+            .req("POST", "/pools")
+            .raw(padded("mib1", (1 << 20) + 1))
+            .send_within(T)
+            .await;
+        assert_eq!((r.status, r.code().as_str()), (413, "RequestBodyTooLarge"));
+    })
+    .await;
+}
+
+/// `--ssh-bind IP`, `--ssh-ports A-B`: node endpoints listen on that address, on ports of that
+/// range; `--remote-login-ip` defaults to `--ssh-bind` (and overrides it when given:
+/// claims_api.rs checks 127.0.0.9 on a Windows node; here on Linux nodes too).
+#[tokio::test]
+async fn ssh_bind_ports_and_remote_login_ip() {
+    within(Duration::from_secs(60), "the test", async {
+        let srv = Server::start_with(&[
+            "--in-memory",
+            "--ssh-bind",
+            "127.0.0.5",
+            "--ssh-ports",
+            "24310-24313",
+        ]);
+        let c = srv.client();
+        let nodes = c.ready_pool("p", "linux", 3).await;
+        let mut ports = Vec::new();
+        for n in &nodes {
+            let r = c
+                .req("GET", &format!("/pools/p/nodes/{n}/remoteloginsettings"))
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, 200, "{}", text(&r));
+            let v = r.json();
+            assert_eq!(
+                v["remoteLoginIPAddress"], "127.0.0.5",
+                "defaults to --ssh-bind"
+            );
+            let port = v["remoteLoginPort"].as_u64().unwrap() as u16;
+            assert!(
+                (24310..=24313).contains(&port),
+                "{port} outside --ssh-ports"
+            );
+            // Listening on the bind address (an SSH banner), not on 127.0.0.1.
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.5", port))
+                .await
+                .unwrap_or_else(|e| panic!("nothing listens on 127.0.0.5:{port}: {e}"));
+            let mut banner = [0u8; 8];
+            within(
+                T,
+                "the SSH banner",
+                tokio::io::AsyncReadExt::read_exact(&mut s, &mut banner),
+            )
+            .await
+            .unwrap();
+            assert_eq!(&banner, b"SSH-2.0-");
+            assert!(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_err(),
+                "127.0.0.1:{port} must not be served with --ssh-bind 127.0.0.5"
+            );
+            ports.push(port);
+        }
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), 3, "one port per node");
+
+        // --remote-login-ip overrides what is reported (the endpoint stays on --ssh-bind).
+        let srv = Server::start_with(&["--in-memory", "--remote-login-ip", "192.0.2.10"]);
+        let c = srv.client();
+        let nodes = c.ready_pool("p", "linux", 1).await;
+        let v = c
+            .req(
+                "GET",
+                &format!("/pools/p/nodes/{}/remoteloginsettings", nodes[0]),
+            )
+            .send_within(T)
+            .await
+            .json();
+        assert_eq!(v["remoteLoginIPAddress"], "192.0.2.10", "{v}");
+        let port = v["remoteLoginPort"].as_u64().unwrap() as u16;
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        );
+    })
+    .await;
+}
+
+/// `--node-step-ms N`: "how long each node state change takes (creating → starting → idle,
+/// rebooting → idle, …)". With 400 ms, a new node is seen creating, then starting, and is idle
+/// after about two steps, not before; a reboot takes about one step.
+#[tokio::test]
+async fn node_step_ms_paces_every_state_change() {
+    within(Duration::from_secs(60), "the test", async {
+        let step = Duration::from_millis(400);
+        let srv = Server::start_exact(&["--in-memory", "--node-step-ms", "400"], &[]);
+        let c = srv.client();
+        let t0 = Instant::now();
+        let r = c
+            .req("POST", "/pools")
+            .json(&pool_body("p", 1))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+        let mut seen: Vec<(String, Duration)> = Vec::new();
+        let node = loop {
+            let v = c.req("GET", "/pools/p/nodes").send_within(T).await.json();
+            if let Some(n) = v["value"].as_array().and_then(|a| a.first()) {
+                let st = n["state"].as_str().unwrap().to_string();
+                if seen.last().is_none_or(|(s, _)| *s != st) {
+                    seen.push((st.clone(), t0.elapsed()));
+                }
+                if st == "idle" {
+                    break n["id"].as_str().unwrap().to_string();
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{seen:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let states: Vec<&str> = seen.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(states, ["creating", "starting", "idle"], "{seen:?}");
+        let idle_at = seen[2].1;
+        assert!(
+            idle_at >= step * 2 - Duration::from_millis(50),
+            "idle after {idle_at:?}, before two steps of {step:?}"
+        );
+        assert!(idle_at < step * 2 + Duration::from_secs(3), "{seen:?}");
+
+        let t1 = Instant::now();
+        let r = c
+            .req("POST", &format!("/pools/p/nodes/{node}/reboot"))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 202, "{}", text(&r));
+        let v = c
+            .req("GET", &format!("/pools/p/nodes/{node}"))
+            .send_within(T)
+            .await
+            .json();
+        assert_eq!(v["state"], "rebooting", "{v}");
+        loop {
+            let v = c
+                .req("GET", &format!("/pools/p/nodes/{node}"))
+                .send_within(T)
+                .await
+                .json();
+            if v["state"] == "idle" {
+                break;
+            }
+            assert!(t1.elapsed() < Duration::from_secs(10), "{v}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            t1.elapsed() >= step - Duration::from_millis(50),
+            "rebooted in {:?}, less than a step",
+            t1.elapsed()
+        );
+    })
+    .await;
+}
