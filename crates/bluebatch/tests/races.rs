@@ -7,8 +7,11 @@
 //! - Update User vs Reboot of its node: the update is 200 and applied, or 409 (the node is being
 //!   rebooted) and not applied, never half: once the node is idle again its account is the old
 //!   or the new one entirely (control and SSH: password, key, expiry);
-//! - Resize with `If-Match` on one ETag from several clients: exactly one 202, the others 412
-//!   ConditionNotMet, and the pool holds the winner's target;
+//! - Resize with `If-Match` on one ETag from several clients (and Resize against Remove Nodes):
+//!   exactly one 202, the others 412 ConditionNotMet, and the pool holds the winner's change;
+//! - concurrent Add Pool of one id spelled in different cases: one 201, the others 409
+//!   PoolExists, the winner's spelling kept; two Delete User of one user: one 200, one 404; two
+//!   Add User on a Windows node of names differing only in case: one 201, one 409;
 //! - list paging (`maxresults` small) of pools while pools are added and deleted, and of nodes
 //!   while the pool grows and loses nodes: no item twice, none of those present throughout
 //!   missing.
@@ -658,6 +661,204 @@ async fn node_paging_while_the_pool_resizes_lists_each_once_and_misses_none() {
             "the pool never grew and shrank during the listing"
         );
         eprintln!("{n} paged node listings during {cycles} grow/shrink cycles");
+    })
+    .await;
+}
+
+/// `n` requests built by `make(i)`, released together; their answers in order.
+async fn together<F>(c: &Arc<Client>, n: usize, make: F) -> Vec<Resp>
+where
+    F: Fn(&Client, usize) -> common::Req<'_> + Send + Sync + Clone + 'static,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (c, b, make) = (c.clone(), barrier.clone(), make.clone());
+            tokio::spawn(async move {
+                b.wait().await;
+                make(&c, i).send_within(REQ).await
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// The statuses, and the error codes of the answers with status `of`.
+fn tally(rs: &[Resp], of: u16) -> (Vec<u16>, Vec<String>) {
+    let mut statuses: Vec<u16> = rs.iter().map(|r| r.status).collect();
+    statuses.sort();
+    let codes = rs
+        .iter()
+        .filter(|r| r.status == of)
+        .map(Resp::code)
+        .collect();
+    (statuses, codes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_adds_of_one_pool_id_in_any_case_give_one_201() {
+    within(Duration::from_secs(120), "the test", async {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let c = Arc::new(srv.client());
+        let n = rounds(25, 100);
+        for round in 0..n {
+            // Pool ids are unique case-insensitively: three spellings of one id race.
+            let rs = together(&c, 3, move |c, i| {
+                let id = [
+                    format!("race-{round}"),
+                    format!("RACE-{round}"),
+                    format!("Race-{round}"),
+                ][i]
+                    .clone();
+                c.req("POST", "/pools")
+                    .json(&json!({"id": id, "vmSize": "STANDARD_D2S_V3",
+                    "targetDedicatedNodes": 0,
+                    "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
+                        "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
+                        "nodeAgentSKUId": "batch.node.ubuntu 22.04"}}))
+            })
+            .await;
+            let (statuses, codes) = tally(&rs, 409);
+            assert_eq!(statuses, [201, 409, 409], "round {round}");
+            assert_eq!(codes, ["PoolExists", "PoolExists"], "round {round}");
+            let winner = rs.iter().position(|r| r.status == 201).unwrap();
+            let v = c
+                .req("GET", &format!("/pools/race-{round}"))
+                .send_within(REQ)
+                .await
+                .json();
+            let spelled = [
+                format!("race-{round}"),
+                format!("RACE-{round}"),
+                format!("Race-{round}"),
+            ];
+            assert_eq!(
+                v["id"], spelled[winner],
+                "round {round}: the winner's spelling is kept"
+            );
+        }
+        let list = list_all(&c, "/pools", 1000).await;
+        assert_eq!(list.len(), n, "{list:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deletes_of_one_user_give_one_200_and_windows_names_race_in_any_case() {
+    within(Duration::from_secs(120), "the test", async {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let c = Arc::new(srv.client());
+        let linux = c.ready_pool("dl", "linux", 1).await.remove(0);
+        let windows = c.ready_pool("dw", "windows", 1).await.remove(0);
+        let port = c.ssh_port("dl", &linux).await;
+        let n = rounds(25, 100);
+        for round in 0..n {
+            // Two Delete User of one user: one 200, one 404 NodeUserNotFound; the user is gone.
+            let name = format!("del{round}");
+            let r = c
+                .req("POST", &format!("/pools/dl/nodes/{linux}/users"))
+                .json(&json!({"name": name, "password": format!("pw-{round}")}))
+                .send_within(REQ)
+                .await;
+            assert_eq!(r.status, 201, "{}", text(&r));
+            let path = Client::user_path("dl", &linux, &name);
+            let rs = together(&c, 2, move |c, _| c.req("DELETE", &path)).await;
+            let (statuses, codes) = tally(&rs, 404);
+            assert_eq!(statuses, [200, 404], "round {round}");
+            assert_eq!(codes, ["NodeUserNotFound"], "round {round}");
+            if round == 0 || round == n - 1 {
+                let out = password(port, &name, format!("pw-{round}")).await;
+                assert_refused(&out, &format!("round {round}: the deleted user"));
+            }
+            // Windows user names match in any case: "Win" and "WIN" added at once are one user.
+            let users = format!("/pools/dw/nodes/{windows}/users");
+            let rs = together(&c, 2, move |c, i| {
+                let name = [format!("Win{round}"), format!("WIN{round}")][i].clone();
+                c.req("POST", &users)
+                    .json(&json!({"name": name, "password": "Windows-pw-1"}))
+            })
+            .await;
+            let (statuses, codes) = tally(&rs, 409);
+            assert_eq!(statuses, [201, 409], "round {round}: Windows");
+            assert_eq!(codes, ["NodeUserExists"], "round {round}: Windows");
+        }
+        let shown = stored(&c, "dw", &windows).await;
+        assert_eq!(shown.len(), n, "one Windows user per round: {shown:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resize_and_remove_nodes_with_if_match_on_one_etag_let_exactly_one_through() {
+    within(Duration::from_secs(180), "the test", async {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let c = Arc::new(srv.client());
+        c.ready_pool("mx", "linux", 2).await;
+        let n = rounds(12, 50);
+        let (mut resized, mut removed) = (0, 0);
+        for round in 0..n {
+            let before = wait_steady(&c, "mx").await;
+            let count = before["currentDedicatedNodes"].as_u64().unwrap();
+            if count < 2 {
+                let r = c
+                    .req("POST", "/pools/mx/resize")
+                    .json(&json!({"targetDedicatedNodes": 2}))
+                    .send_within(REQ)
+                    .await;
+                assert_eq!(r.status, 202, "{}", text(&r));
+                continue;
+            }
+            let nodes = list_all(&c, "/pools/mx/nodes", 1000).await;
+            let etag = before["eTag"].as_str().unwrap().to_string();
+            // Racers 0 and 1 resize to 3 and 4 nodes; racers 2 and 3 each remove one node.
+            let rs = together(&c, 4, move |c, i| {
+                let r = if i < 2 {
+                    c.req("POST", "/pools/mx/resize")
+                        .json(&json!({"targetDedicatedNodes": 3 + i}))
+                } else {
+                    c.req("POST", "/pools/mx/removenodes")
+                        .json(&json!({"nodeList": [nodes[i - 2]]}))
+                };
+                r.header("if-match", &etag)
+            })
+            .await;
+            let (statuses, codes) = tally(&rs, 412);
+            assert_eq!(statuses, [202, 412, 412, 412], "round {round}");
+            assert!(codes.iter().all(|c| c == "ConditionNotMet"), "{codes:?}");
+            let winner = rs.iter().position(|r| r.status == 202).unwrap();
+            let after = wait_steady(&c, "mx").await;
+            let expect = if winner < 2 { 3 + winner as u64 } else { 1 };
+            if winner < 2 {
+                resized += 1;
+            } else {
+                removed += 1;
+            }
+            assert_eq!(
+                after["targetDedicatedNodes"], expect,
+                "round {round}: {after}"
+            );
+            assert_eq!(
+                after["currentDedicatedNodes"], expect,
+                "round {round}: {after}"
+            );
+            if expect > 2 {
+                // Back to 2 for the next round.
+                let r = c
+                    .req("POST", "/pools/mx/resize")
+                    .json(&json!({"targetDedicatedNodes": 2}))
+                    .send_within(REQ)
+                    .await;
+                assert_eq!(r.status, 202, "{}", text(&r));
+            }
+        }
+        eprintln!("{n} rounds: a resize won {resized}, a removal won {removed}");
     })
     .await;
 }
