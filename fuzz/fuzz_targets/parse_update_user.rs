@@ -1,5 +1,5 @@
 //! `bluebatch_core::users::parse_update_user` on arbitrary bytes: never panics, and whatever it
-//! accepts obeys the contract's rules (CONTRACT.md §6), on both OSes' rule checks.
+//! accepts obeys the contract's rules (docs/contract.md §6), on both OSes' rule checks.
 #![no_main]
 
 use bluebatch_core::model::Os;

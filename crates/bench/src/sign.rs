@@ -1,4 +1,4 @@
-//! Shared Key signing as the Azure SDKs do it (CONTRACT.md §4), for the load generator.
+//! Shared Key signing as the Azure SDKs do it (docs/contract.md §4), for the load generator.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;

@@ -1,5 +1,5 @@
 //! Hostile input: a table of malformed and malicious requests, each with the status and Batch
-//! error code CONTRACT.md prescribes (status only where the HTTP parser itself refuses the bytes,
+//! error code docs/contract.md prescribes (status only where the HTTP parser itself refuses the bytes,
 //! before any Batch logic runs), then a check that the pools, nodes and users set up at the start
 //! are exactly as they were. The table is run whole and every mismatch is listed at the end.
 
@@ -822,7 +822,7 @@ fn cases() -> Vec<Case> {
             Some(code),
         ));
     }
-    // A repeated parameter signs its first value (CONTRACT.md §4); every value is checked.
+    // A repeated parameter signs its first value (docs/contract.md §4); every value is checked.
     t.push(bad(
         "query: duplicate timeout, second bad",
         400,

@@ -12,7 +12,7 @@ pub struct NodeAccount {
     /// `None`: public-key login refused.
     pub ssh_public_key: Option<String>,
     /// Login is refused from this instant on (service clock). For Linux nodes this is 00:00 UTC
-    /// of the day after the requested expiry (day precision, CONTRACT.md §6).
+    /// of the day after the requested expiry (day precision, docs/contract.md §6).
     pub login_refused_from: OffsetDateTime,
 }
 

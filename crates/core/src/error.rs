@@ -1,5 +1,5 @@
 //! Batch errors: each code maps itself to its HTTP status and Azure's message. The wire layer only
-//! renders them (BatchError JSON, CONTRACT.md §3).
+//! renders them (BatchError JSON, docs/contract.md §3).
 
 use std::fmt;
 

@@ -1,4 +1,4 @@
-//! The node-user rules (DESIGN.md "Update User", CONTRACT.md §6) as pure functions: body parsing
+//! The node-user rules (docs/contract.md §6) as pure functions: body parsing
 //! and validation, the OS rules, the state rule and the expiry arithmetic.
 
 use crate::error::{BatchError, Code, Result};
@@ -243,7 +243,7 @@ pub const WINDOWS_SYSTEM_ACCOUNTS: &[&str] = &[
     "WDAGUtilityAccount",
 ];
 
-/// The OS-specific name rule (CONTRACT.md §6 "User names").
+/// The OS-specific name rule (docs/contract.md §6 "User names").
 pub fn validate_user_name(os: Os, name: &str) -> Result<()> {
     let ok = match os {
         Os::Linux => {
@@ -314,7 +314,7 @@ pub fn check_os_rules(os: Os, body: &UserBody) -> Result<()> {
 }
 
 /// User operations are allowed only on `idle` or `running` nodes; the 409 code per state is
-/// CONTRACT.md §6's mapping.
+/// docs/contract.md §6's mapping.
 pub fn check_node_state_for_users(state: NodeState) -> Result<()> {
     let code = match state {
         NodeState::Idle | NodeState::Running => return Ok(()),

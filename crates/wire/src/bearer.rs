@@ -209,7 +209,7 @@ impl std::fmt::Debug for Bearer {
 }
 
 fn refused(detail: impl Into<String>) -> BatchError {
-    // 401 with the code AuthenticationFailed (CONTRACT.md §3, issue D).
+    // 401 with the code AuthenticationFailed (docs/contract.md §3).
     BatchError::new(Code::AuthenticationRequired).with("AuthenticationErrorDetail", detail)
 }
 

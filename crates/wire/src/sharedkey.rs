@@ -1,4 +1,4 @@
-//! Shared Key authentication, as every captured real client computes it (CONTRACT.md §4).
+//! Shared Key authentication, as every captured real client computes it (docs/contract.md §4).
 //! [`verify`] is the one entry point: it yields the authenticated account or a Batch error.
 
 use crate::accounts::Accounts;
