@@ -1,5 +1,6 @@
-//! Node and store agree, seen from the node. Concurrent Add/Update/Delete User load on two nodes,
-//! SIGKILL of the real server at a random moment, restart; after each cycle every user is checked
+//! Node and store agree, seen from the node. Concurrent Add/Update/Delete User load on two nodes
+//! (every other cycle with reboots of the nodes meanwhile), SIGKILL of the real server at a
+//! random moment, restart, nodes idle again; after each cycle every user is checked
 //! over the real OpenSSH client, not through the server's report of itself:
 //! - the current password logs in (sshpass), the current key logs in (BatchMode); an earlier
 //!   password, another key, and every credential of a deleted user are refused — by sshd
@@ -163,6 +164,13 @@ async fn one_op(c: &Client, f: &Fixture, t: &Track, rng: &mut rand::rngs::StdRng
     };
     match req.try_send_within(REQ).await {
         Ok(r) if r.status == expect => Outcome::Acked(next),
+        // The node is being rebooted (or starting after it): refused, nothing changed.
+        Ok(r)
+            if r.status == 409
+                && matches!(r.code().as_str(), "NodeBeingRebooted" | "NodeBeingStarted") =>
+        {
+            Outcome::Acked(t.acked.clone())
+        }
         Ok(r) => panic!(
             "{}: {next:?} answered {} instead of {expect}: {}",
             t.name,
@@ -195,6 +203,54 @@ async fn load(
                 return acked;
             }
         }
+    }
+}
+
+/// Reboots a random node now and then until a request gets no answer; returns how many
+/// reboots were accepted.
+async fn rebooter(c: Arc<Client>, f: Arc<Fixture>) -> usize {
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let mut accepted = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..80))).await;
+        let node = &f.nodes[rng.random_range(0..f.nodes.len())];
+        match c
+            .req("POST", &format!("/pools/{POOL}/nodes/{node}/reboot"))
+            .try_send_within(REQ)
+            .await
+        {
+            Ok(r) if r.status == 202 => accepted += 1,
+            // Already rebooting or starting.
+            Ok(r) if r.status == 409 => {}
+            Ok(r) => panic!(
+                "reboot answered {}: {}",
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            ),
+            Err(_) => return accepted,
+        }
+    }
+}
+
+/// Waits until every node is idle (a restart may find one rebooting).
+async fn nodes_idle(c: &Client, f: &Fixture, cycle: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .req("GET", &format!("/pools/{POOL}/nodes"))
+            .send_within(REQ)
+            .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        let list = v["value"].as_array().unwrap();
+        if list.len() == f.nodes.len() && list.iter().all(|n| n["state"] == "idle") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cycle {cycle}: nodes never idle again: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -407,9 +463,7 @@ async fn after_crashes_every_user_is_on_the_node_as_the_store_has_it() {
 async fn test_body() {
     let long = std::env::var("BLUEBATCH_LONG").is_ok_and(|v| v == "1");
     let cycles = if long { 25 } else { 5 };
-    if !is_root() {
-        eprintln!("note: not root: sessions run as the server's own user, isAdmin not checked");
-    }
+    common::require_root("isAdmin seen on the node (id -G shows the admin gid)");
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let keys_dir = tempfile::tempdir().unwrap();
@@ -436,7 +490,7 @@ async fn test_body() {
             last_key: None,
         })
         .collect();
-    let (mut total_acked, mut ssh_checks) = (0, [0; 3]);
+    let (mut total_acked, mut ssh_checks, mut total_reboots) = (0, [0; 3], 0);
     const FLOOR: usize = 5;
     for cycle in 0..cycles {
         let c = Arc::new(srv.client());
@@ -444,6 +498,8 @@ async fn test_body() {
         let tasks: Vec<_> = (0..TASKS)
             .map(|task| tokio::spawn(load(c.clone(), f.clone(), shared.clone(), task)))
             .collect();
+        // Odd cycles also reboot nodes meanwhile.
+        let reboots = (cycle % 2 == 1).then(|| tokio::spawn(rebooter(c.clone(), f.clone())));
         let wait = rand::rng().random_range(150..400u64);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         srv.kill(); // SIGKILL
@@ -458,9 +514,15 @@ async fn test_body() {
             "cycle {cycle}: only {acked} writes acknowledged in {wait} ms (floor {FLOOR})"
         );
         total_acked += acked;
+        if let Some(r) = reboots {
+            total_reboots += within(Duration::from_secs(30), "the rebooter", r)
+                .await
+                .unwrap();
+        }
         tracks = shared.lock().unwrap().clone();
         srv = server(&data);
         let c = srv.client();
+        nodes_idle(&c, &f, cycle).await;
         resolve(&c, &f, &mut tracks, cycle).await;
         let t = verify_on_nodes(&c, &f, &tracks, &format!("cycle {cycle}"), None).await;
         add(&mut ssh_checks, t);
@@ -502,6 +564,7 @@ async fn test_body() {
     let c = srv.client();
     let t = verify_on_nodes(&c, &f, &tracks, "clock advanced, after SIGKILL", Some(cut)).await;
     add(&mut ssh_checks, t);
+    assert!(total_reboots > 0, "no reboot was accepted during the load");
     // The checks covered refusals and logins of admins and non-admins alike.
     assert!(
         ssh_checks.iter().all(|n| *n > 0),
@@ -509,7 +572,7 @@ async fn test_body() {
     );
     drop(srv);
     eprintln!(
-        "{cycles} SIGKILL cycles in {:.1} s: {total_acked} acknowledged writes, SSH checks \
+        "{cycles} SIGKILL cycles in {:.1} s: {total_acked} acknowledged writes, {total_reboots} reboots, SSH checks \
          [refused, user, admin] {ssh_checks:?}, {expired} of {} users expired by the clock",
         started.elapsed().as_secs_f64(),
         days.len()
