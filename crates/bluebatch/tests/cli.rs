@@ -186,7 +186,6 @@ async fn node_with_key_user(s: &Server, dir: &Path) -> (String, PathBuf) {
 #[tokio::test(flavor = "multi_thread")]
 async fn ssh_print_prints_a_command_that_logs_in() {
     if !have_ssh_client() {
-        eprintln!("note: OpenSSH client missing; skipped");
         return;
     }
     let s = Server::start();
@@ -244,7 +243,6 @@ async fn ssh_print_prints_a_command_that_logs_in() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ssh_runs_the_command_on_the_node_and_passes_its_exit_status() {
     if !have_ssh_client() {
-        eprintln!("note: OpenSSH client missing; skipped");
         return;
     }
     let s = Server::start();
@@ -327,7 +325,13 @@ async fn env_prints_working_exports_and_a_python_snippet() {
         .unwrap_or_else(|_| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/sdk/.venv/bin/python")
         });
-    if sdk.exists() {
+    if common::require(
+        sdk.exists(),
+        &format!(
+            "the azure-batch venv at {} (tests/sdk/run.sh makes it; or set BLUEBATCH_SDK_PYTHON)",
+            sdk.display()
+        ),
+    ) {
         let mut py = Command::new(&sdk);
         py.arg("-c")
             .arg(&python)
@@ -337,11 +341,6 @@ async fn env_prints_working_exports_and_a_python_snippet() {
         let o = run(py);
         assert_eq!(o.code, 0, "{}", o.stderr);
         assert!(o.stdout.contains("envpool"), "{}", o.stdout);
-    } else {
-        eprintln!(
-            "note: no azure-batch venv at {}; snippet not run",
-            sdk.display()
-        );
     }
     // An unreachable server: nothing printed, non-zero exit.
     let o = cli(&["env", "--url", "http://127.0.0.1:9"]);

@@ -184,8 +184,10 @@ fn a_body_past_the_drain_bound_is_cut_off_with_connection_close() {
 /// Python's http.client sends the whole body before it reads the answer (the case users hit).
 #[test]
 fn python_http_client_with_a_2_mib_body_reads_the_413() {
-    if Command::new("python3").arg("-V").output().is_err() {
-        eprintln!("python3 not installed: skipped");
+    if !common::require(
+        Command::new("python3").arg("-V").output().is_ok(),
+        "python3 (for Python's http.client)",
+    ) {
         return;
     }
     let srv = Server::start();

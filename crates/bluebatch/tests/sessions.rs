@@ -64,10 +64,6 @@ async fn add_user(c: &Client, pool: &str, node: &str, name: &str, admin: bool, p
     assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
 }
 
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
 /// /etc/passwd and /etc/group, to show nothing changed them.
 fn etc_accounts() -> (Vec<u8>, Vec<u8>) {
     (
@@ -156,9 +152,8 @@ async fn sessions_have_own_homes_and_uids_and_cannot_reach_other_nodes_or_secret
     let host_key = node0_dir.join("private").join("ssh_host_ed25519_key");
     assert!(host_key.exists(), "{}", host_key.display());
     assert!(data.join("state.db").exists());
-    if !is_root() {
+    if !common::require_root("sessions reading the store and host keys are refused") {
         // Sessions run as the server's own user, which owns these files: nothing to show.
-        eprintln!("not root: sessions run as the server's own user; uid checks skipped");
         assert_eq!(etc_accounts(), etc_before);
         return;
     }
@@ -341,8 +336,7 @@ async fn a_bad_session_uid_range_is_refused_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_sessions_cannot_reach_is_named_in_a_warning() {
-    if !is_root() {
-        eprintln!("skipped: sessions are the server's own user when it is not root");
+    if !common::require_root("the warning about a data dir sessions cannot reach") {
         return;
     }
     use std::os::unix::fs::PermissionsExt;

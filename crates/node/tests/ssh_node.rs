@@ -348,6 +348,10 @@ async fn host_key_is_stable_across_restarts_and_new_after_reimage() {
     f.nodes.reimage_node(node).await.unwrap();
     assert_eq!(f.nodes.endpoint(node), Some(addr));
     let new_key = f.nodes.host_public_key(node).unwrap();
+    assert!(
+        new_key.starts_with("ssh-ed25519 "),
+        "new host key: {new_key:?}"
+    );
     assert_ne!(new_key, host_key);
     let out = ssh.run(&["echo logged-in-ok"], None).await;
     assert!(!out.status.success());
@@ -400,7 +404,7 @@ async fn sessions_never_run_as_root_and_show_the_admin_gid_only_for_admins() {
     let homes = f.dir.path().join("nodes").join(node).join("home");
     assert_eq!(admin[2], homes.join("admin1").to_str().unwrap());
     assert_eq!(plain[2], homes.join("plain1").to_str().unwrap());
-    if is_root() {
+    if require_root("a uid per user and a gid per node") {
         // A uid per user and a gid for the node, from the default range.
         let uid: u32 = plain[0].parse().unwrap();
         assert_ne!(admin[0], plain[0]);
@@ -425,8 +429,7 @@ async fn sessions_never_run_as_root_and_show_the_admin_gid_only_for_admins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_node_has_its_own_uid_kept_across_restarts() {
-    if !is_root() {
-        eprintln!("skipped: sessions switch uid only when the server is root");
+    if !require_root("each node's own uid kept across restarts") {
         return;
     }
     let f = Fixture::new();
@@ -574,6 +577,10 @@ async fn a_node_directory_of_the_old_layout_keeps_its_host_key_and_files() {
     let node = "acct.pool1.tvm-old";
     f.start(node).await;
     let host_key = f.nodes.host_public_key(node).unwrap();
+    assert!(
+        host_key.starts_with("ssh-ed25519 "),
+        "host key: {host_key:?}"
+    );
     f.nodes.shutdown().await;
     // Before: the key in the node directory, one shared home owned by the session account.
     let dir = f.dir.path().join("nodes").join(node);
@@ -623,8 +630,7 @@ async fn a_node_directory_of_the_old_layout_keeps_its_host_key_and_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uid_range_holding_root_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: the range is used only when the server is root");
+    if !require_root("refusing a uid range that holds root") {
         return;
     }
     let f = Fixture::with(|c: &mut SshConfig| c.session_uids = 0..=100);

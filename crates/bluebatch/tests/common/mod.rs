@@ -364,9 +364,10 @@ impl Client {
 }
 
 /// Runs `cmd` on a node over real OpenSSH with a password (given to sshpass through the
-/// environment, never argv). Returns (exit status, stdout).
+/// environment, never argv). Returns (exit status, stdout); at most 60 s (then exit 124).
 pub fn ssh_password(port: u16, user: &str, password: &str, cmd: &str) -> (i32, String) {
-    let out = Command::new("sshpass")
+    let out = Command::new("timeout")
+        .args(["-k", "5", "60", "sshpass"])
         .arg("-e")
         .arg("ssh")
         .args(ssh_opts(port, "password"))
@@ -382,9 +383,10 @@ pub fn ssh_password(port: u16, user: &str, password: &str, cmd: &str) -> (i32, S
     )
 }
 
-/// Runs `cmd` on a node over real OpenSSH with a private key file.
+/// Runs `cmd` on a node over real OpenSSH with a private key file; at most 60 s (then exit 124).
 pub fn ssh_key(port: u16, user: &str, key: &Path, cmd: &str) -> (i32, String) {
-    let out = Command::new("ssh")
+    let out = Command::new("timeout")
+        .args(["-k", "5", "60", "ssh"])
         .args(ssh_opts(port, "publickey"))
         .args(["-o", "IdentitiesOnly=yes", "-i"])
         .arg(key)
@@ -458,18 +460,40 @@ impl Client {
     }
 }
 
-/// The node's ed25519 host key as `ssh-keyscan` sees it (empty when nothing answers).
+/// The node's ed25519 host key as `ssh-keyscan` reads it (at most 30 s); panics when no key was
+/// read, so that a comparison of host keys cannot pass on an empty string.
 pub fn host_key(port: u16) -> String {
-    let out = Command::new("ssh-keyscan")
-        .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
+    let out = Command::new("timeout")
+        .args([
+            "-k",
+            "5",
+            "30",
+            "ssh-keyscan",
+            "-T",
+            "10",
+            "-t",
+            "ed25519",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg("127.0.0.1")
+        .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .last()
+        .expect("running ssh-keyscan");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let key = text
+        .lines()
+        .find(|l| l.contains("ssh-ed25519"))
+        .and_then(|l| l.split_whitespace().last())
         .unwrap_or_default()
-        .to_string()
+        .to_string();
+    assert!(
+        !key.is_empty(),
+        "no host key read from port {port} ({}): {text:?}",
+        out.status
+    );
+    key
 }
 // ---- HTTPS and bearer tokens (issue 5) ----
 
@@ -714,17 +738,23 @@ pub fn parse_http_response(buf: &[u8]) -> Option<Resp> {
     })
 }
 
-/// Whether the OpenSSH client and sshpass are installed (SSH login checks are skipped, with a
-/// note, when they are not).
+/// Whether the OpenSSH client and sshpass are installed. When they are not, SSH login checks are
+/// skipped with a loud note, and under CI (see [`require`]) the test fails instead.
 pub fn have_ssh_client() -> bool {
-    ["ssh", "sshpass", "ssh-keygen"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    })
+    let present = ["ssh", "sshpass", "ssh-keygen", "ssh-keyscan"]
+        .iter()
+        .all(|tool| {
+            Command::new(tool)
+                .arg("-V")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok()
+        });
+    require(
+        present,
+        "the OpenSSH client (ssh, ssh-keygen, ssh-keyscan) and sshpass",
+    )
 }
 
 fn ssh_base_args(port: u16, source: &str) -> Vec<String> {
@@ -1016,4 +1046,51 @@ impl Server {
         };
         Server { child, url }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prerequisites: no silent skips in CI (issue 10).
+
+/// Whether this is a CI run (`CI` set to anything but empty, `0` or `false`, as CI services and
+/// `.ci/run` set it): there every prerequisite of a test must be present.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| {
+        let v = v.trim().to_ascii_lowercase();
+        !v.is_empty() && v != "0" && v != "false"
+    })
+}
+
+/// A prerequisite of a check: `present`, or else the check is skipped with a loud note naming
+/// `what` (returns false) — except under CI, where a missing prerequisite fails the test.
+pub fn require(present: bool, what: &str) -> bool {
+    if present {
+        return true;
+    }
+    if in_ci() {
+        panic!("missing prerequisite: {what} (CI is set: this is a failure, not a skip)");
+    }
+    eprintln!(
+        "\n!!! SKIPPED CHECKS: missing {what}; under CI=true this fails. Run scripts/setup.sh \
+         (and the tests as root) to run them.\n"
+    );
+    false
+}
+
+/// Whether the tests run as root (sessions then switch to a uid of their own).
+pub fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// [`require`] root: the checks of per-session uids need it (CI runs as root).
+pub fn require_root(what: &str) -> bool {
+    require(
+        running_as_root(),
+        &format!("root (the tests run as uid {}): {what}", current_uid()),
+    )
+}
+
+fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
 }

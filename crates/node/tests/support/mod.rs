@@ -323,3 +323,24 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Whether this is a CI run (`CI` set to anything but empty, `0` or `false`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| {
+        let v = v.trim().to_ascii_lowercase();
+        !v.is_empty() && v != "0" && v != "false"
+    })
+}
+
+/// Root, as the checks named by `what` need: false (with a loud note) when not root, except
+/// under CI, where the test fails instead of skipping.
+pub fn require_root(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if in_ci() {
+        panic!("missing prerequisite: root, for {what} (CI is set: this is a failure, not a skip)");
+    }
+    eprintln!("\n!!! SKIPPED CHECKS: not root: {what}; under CI=true this fails.\n");
+    false
+}
