@@ -252,3 +252,138 @@ async fn a_lockout_on_one_node_does_not_refuse_that_source_on_another_node() {
     })
     .await;
 }
+
+/// Differences table: "A past `expiryTime` is accepted (200) and the account cannot log in";
+/// "Neither password nor key on Linux: allowed: the account exists and cannot log in".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_past_expiry_and_an_account_without_credentials_are_accepted_and_cannot_log_in() {
+    require_ssh();
+    within(Duration::from_secs(90), "the test", async {
+        let srv = Server::start();
+        let c = srv.client();
+        let nodes = c.ready_pool("p", "linux", 1).await;
+        let n = &nodes[0];
+        let port = c.ssh_port("p", n).await;
+        let past = time::OffsetDateTime::now_utc() - time::Duration::days(3);
+        add_user(
+            &c,
+            "p",
+            n,
+            json!({"name": "late", "password": "Late-pw-1",
+                   "expiryTime": bluebatch_core::timefmt::iso(past)}),
+        )
+        .await;
+        add_user(&c, "p", n, json!({"name": "bare"})).await;
+        add_user(&c, "p", n, json!({"name": "fine", "password": "Fine-pw-1"})).await;
+        // Update with a past expiry: 200 as well.
+        let r = c
+            .req("PUT", &Client::user_path("p", n, "fine"))
+            .json(
+                &json!({"password": "Fine-pw-1", "expiryTime": bluebatch_core::timefmt::iso(past)}),
+            )
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        let v = c
+            .control("GET", &format!("/pools/p/nodes/{n}/users"))
+            .send_within(T)
+            .await
+            .json();
+        let names: Vec<&str> = v["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["bare", "fine", "late"], "the accounts exist: {v}");
+        for (i, (user, pw)) in [
+            ("late", "Late-pw-1"),
+            ("fine", "Fine-pw-1"),
+            ("bare", ""),
+            ("bare", "anything"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert_eq!(
+                ssh_password_outcome(port, user, pw, &loopback_source(7100 + i as u32), "true")
+                    .await,
+                SshOutcome::Refused,
+                "{user} with {pw:?}"
+            );
+        }
+    })
+    .await;
+}
+
+/// Differences table, Passwords: "stored only as SHA-512-crypt (`$6$`, 16-character salt),
+/// never logged or returned": the data directory holds the `$6$` hash and never the password,
+/// the control's user list says only `hasPassword` (ssh_access.rs checks the log).
+#[tokio::test]
+async fn passwords_are_stored_only_as_sha512_crypt_and_never_returned() {
+    within(Duration::from_secs(60), "the test", async {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut srv = Server::start_in(&data);
+        let c = srv.client();
+        let nodes = c.ready_pool("p", "linux", 1).await;
+        let n = &nodes[0];
+        let pw = "Very-secret-password-7f3a";
+        add_user(&c, "p", n, json!({"name": "alice", "password": pw})).await;
+        let r = c
+            .control("GET", &format!("/pools/p/nodes/{n}/users"))
+            .send_within(T)
+            .await;
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(!body.contains(pw) && !body.contains("$6$"), "{body}");
+        assert_eq!(r.json()["users"][0]["hasPassword"], true, "{body}");
+        srv.stop();
+        let mut all = Vec::new();
+        let mut stack = vec![data.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(bytes) = std::fs::read(&p) {
+                    all.push((p, bytes));
+                }
+            }
+        }
+        let find = |needle: &[u8]| {
+            all.iter()
+                .filter(|(_, b)| b.windows(needle.len()).any(|w| w == needle))
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            find(pw.as_bytes()),
+            Vec::<String>::new(),
+            "the password on disk"
+        );
+        let hashes = find(b"$6$");
+        assert!(!hashes.is_empty(), "no $6$ hash in the data directory");
+        // A whole hash: `$6$` (with the default `rounds=5000$` spelt out, as crypt(3) accepts),
+        // a 16-character salt, `$`, 86 characters (crypt base64).
+        let b64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'/';
+        let whole = all.iter().any(|(_, bytes)| {
+            (0..bytes.len().saturating_sub(3)).any(|i| {
+                bytes[i..].starts_with(b"$6$") && {
+                    let rest = &bytes[i + 3..];
+                    let rest = rest
+                        .strip_prefix(b"rounds=5000$".as_slice())
+                        .unwrap_or(rest);
+                    let salt = rest.iter().take_while(|b| b64(b)).count();
+                    salt == 16
+                        && rest.get(16) == Some(&b'$')
+                        && rest[17..].iter().take_while(|b| b64(b)).count() == 86
+                }
+            })
+        });
+        assert!(
+            whole,
+            "no $6$[rounds=5000$]<16-character salt>$<86 characters> hash in {hashes:?}"
+        );
+    })
+    .await;
+}
