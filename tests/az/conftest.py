@@ -35,6 +35,9 @@ _spec.loader.exec_module(_sdk_conftest)
 server = _sdk_conftest.server
 client = _sdk_conftest.client
 pytest_runtest_makereport = _sdk_conftest.pytest_runtest_makereport
+# The skip policy: locally a missing prerequisite skips loudly; under CI=true any skip fails.
+require = _sdk_conftest.require
+in_ci = _sdk_conftest.in_ci
 
 from capture import CaptureProxy  # noqa: E402
 

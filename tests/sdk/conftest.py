@@ -137,11 +137,32 @@ def client(server):
     return server.client
 
 
+def in_ci() -> bool:
+    """Whether this is a CI run (`CI` set to anything but empty, `0` or `false`)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def require(present: bool, what: str) -> None:
+    """A prerequisite of a test: without it the test is skipped with a loud reason locally, and
+    fails under CI (where nothing may be skipped; see the report hook below)."""
+    if present:
+        return
+    if in_ci():
+        pytest.fail(f"missing prerequisite: {what} (CI is set: this is a failure, not a skip)")
+    pytest.skip(f"SKIPPED: missing {what}; under CI=true this fails")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """On failure, attach the tail of the server's log to the report."""
+    """On failure, attach the tail of the server's log to the report. Under CI a skipped test
+    (pytest.skip anywhere, a skip marker) is reported as failed: CI skips nothing."""
     outcome = yield
     report = outcome.get_result()
+    if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true (a failure there, not a skip): {reason}"
+        return
     if report.when == "call" and report.failed:
         srv = item.funcargs.get("server")
         if srv is None:
