@@ -116,6 +116,8 @@ struct Inner {
     told: Vec<Told>,
     nodes: HashMap<String, Sim>,
     mode: AckMode,
+    /// Nodes that withhold whatever the mode.
+    held: std::collections::HashSet<String>,
     next_port: u16,
 }
 
@@ -136,6 +138,7 @@ impl TestNodes {
                 told: Vec::new(),
                 nodes: HashMap::new(),
                 mode,
+                held: Default::default(),
                 next_port: 40_000,
             }),
             acks: watch::Sender::new(0),
@@ -148,6 +151,11 @@ impl TestNodes {
 
     pub fn set_mode(&self, mode: AckMode) {
         self.lock().mode = mode;
+    }
+
+    /// This node withholds its acknowledgements (until [`TestNodes::release`]) whatever the mode.
+    pub fn hold(&self, key: &str) {
+        self.lock().held.insert(key.to_string());
     }
 
     /// Applies and acknowledges everything the node was handed.
@@ -235,7 +243,11 @@ impl NodeFabric for TestNodes {
         let mut g = self.lock();
         g.told
             .push(Told::Apply(key.to_string(), revision, change.clone()));
-        let mode = g.mode;
+        let mode = if g.held.contains(key) {
+            AckMode::Withhold
+        } else {
+            g.mode
+        };
         let sim = g.nodes.entry(key.to_string()).or_default();
         if revision > sim.handed && sim.applied.is_none_or(|a| revision > a) {
             sim.handed = revision;
