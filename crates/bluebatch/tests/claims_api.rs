@@ -623,3 +623,101 @@ async fn an_early_401_with_a_body_the_server_does_not_read_closes_the_connection
     })
     .await;
 }
+
+/// Differences table: "Auto-scale: stored and returned; the formula is not evaluated, targets
+/// stay 0"; "Pool bodies keep unknown properties and return them".
+#[tokio::test]
+async fn auto_scale_is_stored_not_evaluated_and_unknown_pool_properties_come_back() {
+    within(Duration::from_secs(30), "the test", async {
+        let srv = Server::start();
+        let c = srv.client();
+        let mut body = pool_body("auto", 0);
+        body.as_object_mut().unwrap().remove("targetDedicatedNodes");
+        body["enableAutoScale"] = json!(true);
+        body["autoScaleFormula"] = json!("$TargetDedicatedNodes = 5;");
+        body["autoScaleEvaluationInterval"] = json!("PT5M");
+        body["futureProperty"] = json!({"nested": [1, "two"]});
+        let r = c.req("POST", "/pools").json(&body).send_within(T).await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let p = c.req("GET", "/pools/auto").send_within(T).await.json();
+        assert_eq!(p["enableAutoScale"], true, "{p}");
+        assert_eq!(p["autoScaleFormula"], "$TargetDedicatedNodes = 5;", "{p}");
+        assert_eq!(p["autoScaleEvaluationInterval"], "PT5M", "{p}");
+        assert_eq!(p["futureProperty"], json!({"nested": [1, "two"]}), "{p}");
+        assert_eq!(
+            (
+                p["targetDedicatedNodes"].as_u64(),
+                p["currentDedicatedNodes"].as_u64()
+            ),
+            (Some(0), Some(0)),
+            "{p}"
+        );
+        assert_eq!(p["allocationState"], "steady", "{p}");
+        let nodes = c
+            .req("GET", "/pools/auto/nodes")
+            .send_within(T)
+            .await
+            .json();
+        assert_eq!(nodes["value"], json!([]), "{nodes}");
+    })
+    .await;
+}
+
+/// Differences table, Linux expiry precision: "usable to the end of the UTC day containing
+/// `expiryTime`, refused from 00:00 UTC of the next day … Windows keeps the instant"; the
+/// node-users control reports it as `loginRefusedFrom`.
+#[tokio::test]
+async fn linux_refuses_from_the_next_midnight_windows_at_the_instant() {
+    within(Duration::from_secs(60), "the test", async {
+        let srv = Server::start();
+        let c = srv.client();
+        let lin = c.ready_pool("lin", "linux", 1).await;
+        let win = c.ready_pool("win", "windows", 1).await;
+        let expiry = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap()
+            + time::Duration::days(3);
+        let expiry = expiry.replace_time(time::macros::time!(13:45:10));
+        let iso = bluebatch_core::timefmt::iso;
+        for (pool, node) in [("lin", &lin[0]), ("win", &win[0])] {
+            let r = c
+                .req("POST", &format!("/pools/{pool}/nodes/{node}/users"))
+                .json(&json!({"name": "eve", "password": "Eve-pw-1", "expiryTime": iso(expiry)}))
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, 201, "{pool}: {}", text(&r));
+        }
+        let refused = |pool: &'static str, node: String| {
+            let c = &c;
+            async move {
+                let v = c
+                    .control("GET", &format!("/pools/{pool}/nodes/{node}/users"))
+                    .send_within(T)
+                    .await
+                    .json();
+                let u = &v["users"][0];
+                let parse = |s: &Value| {
+                    time::OffsetDateTime::parse(
+                        s.as_str().unwrap(),
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .unwrap()
+                };
+                (parse(&u["expiryTime"]), parse(&u["loginRefusedFrom"]))
+            }
+        };
+        let next_midnight = expiry.replace_time(time::Time::MIDNIGHT) + time::Duration::days(1);
+        assert_eq!(
+            refused("lin", lin[0].clone()).await,
+            (expiry, next_midnight),
+            "Linux: refused from 00:00 UTC after the expiry's day"
+        );
+        assert_eq!(
+            refused("win", win[0].clone()).await,
+            (expiry, expiry),
+            "Windows: refused from the instant"
+        );
+    })
+    .await;
+}
