@@ -424,3 +424,41 @@ async fn bearer_over_plain_http_with_account_claim_and_extra_issuers() {
     })
     .await;
 }
+
+/// "Shared Key freshness always uses the wall clock" (not the movable service clock): after
+/// the service clock moves two days on, a request dated now is accepted and one dated at the
+/// service clock's "now" is 403 `AuthenticationFailed` (stale date).
+#[tokio::test]
+async fn shared_key_freshness_follows_the_wall_clock_not_the_service_clock() {
+    within(Duration::from_secs(30), "the test", async {
+        let srv = Server::start();
+        let c = srv.client();
+        let r = c
+            .control("POST", "/clock/advance")
+            .json(&json!({"by": "2d"}))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 200, "{}", text(&r));
+        let service_now = time::OffsetDateTime::parse(
+            r.json()["now"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        let f = time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        assert_eq!(c.req("GET", "/pools").send_within(T).await.status, 200);
+        let r = c
+            .req("GET", "/pools")
+            .header("ocp-date", &service_now.format(f).unwrap())
+            .send_within(T)
+            .await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (403, "AuthenticationFailed"),
+            "{}",
+            text(&r)
+        );
+    })
+    .await;
+}
