@@ -52,12 +52,14 @@ pub struct Inode {
     pub name: OsString,
 }
 
-/// Which operations fail with EIO, on files whose name starts with `prefix`.
+/// Which operations fail with EIO, on files whose name starts with `prefix` (or, with `exact`,
+/// is `prefix`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fault {
     pub write: bool,
     pub fsync: bool,
     pub prefix: String,
+    pub exact: bool,
     /// Only the first matching operation fails; later ones succeed again.
     pub once: bool,
 }
@@ -237,10 +239,14 @@ impl Model {
             return false;
         };
         let applies = if fsync { fault.fsync } else { fault.write };
-        let named = self
-            .inodes
-            .get(&ino)
-            .is_some_and(|i| i.name.to_string_lossy().starts_with(&fault.prefix));
+        let named = self.inodes.get(&ino).is_some_and(|i| {
+            let name = i.name.to_string_lossy();
+            if fault.exact {
+                name == fault.prefix.as_str()
+            } else {
+                name.starts_with(&fault.prefix)
+            }
+        });
         if !(applies && named) {
             return false;
         }
@@ -414,9 +420,23 @@ mod tests {
         });
         assert!(!m.fails(b, true));
         assert!(!m.fails(a, false));
+        let exact = Fault {
+            exact: true,
+            ..m.fault.clone().unwrap()
+        };
+        let db = file(&mut m, ROOT, "state.db");
+        m.fault = Some(exact);
+        assert!(!m.fails(a, true), "state.db-wal is not exactly state.db");
+        assert!(m.fails(db, true));
+        m.fault = Some(Fault {
+            fsync: true,
+            prefix: "state.db".into(),
+            once: true,
+            ..Fault::default()
+        });
         assert!(m.fails(a, true));
         assert!(!m.fails(a, true));
-        assert_eq!(m.stats.failures, 1);
+        assert_eq!(m.stats.failures, 2);
         assert!(m.first_failure.is_some());
     }
 }
