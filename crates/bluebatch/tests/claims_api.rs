@@ -408,6 +408,7 @@ async fn every_listed_filter_property_selects_what_it_names() {
             .as_str()
             .unwrap()
             .to_string();
+        assert!(low.ends_with("_p") && d0.ends_with("_d"), "{low} {d0}");
         let ip0 = list.iter().find(|n| n["id"] == d0.as_str()).unwrap()["ipAddress"]
             .as_str()
             .unwrap()

@@ -175,6 +175,18 @@ async fn ssh_bind_ports_and_remote_login_ip() {
                 (24310..=24313).contains(&port),
                 "{port} outside --ssh-ports"
             );
+            // The node's endpointConfiguration names the same endpoint.
+            let node = c
+                .req("GET", &format!("/pools/p/nodes/{n}"))
+                .send_within(T)
+                .await
+                .json();
+            let ep = &node["endpointConfiguration"]["inboundEndpoints"][0];
+            assert_eq!(
+                (ep["publicIPAddress"].as_str(), ep["frontendPort"].as_u64()),
+                (Some("127.0.0.5"), Some(u64::from(port))),
+                "{node}"
+            );
             // Listening on the bind address (an SSH banner), not on 127.0.0.1.
             let mut s = tokio::net::TcpStream::connect(("127.0.0.5", port))
                 .await
@@ -292,6 +304,51 @@ async fn node_step_ms_paces_every_state_change() {
             "rebooted in {:?}, less than a step",
             t1.elapsed()
         );
+    })
+    .await;
+}
+
+/// `--in-memory`: "nothing survives a restart"; and "`SIGTERM`/Ctrl-C stop it gracefully"
+/// (exit 0, soon); with `--data-dir` the same restart keeps the pool.
+#[tokio::test]
+async fn in_memory_keeps_nothing_and_sigterm_stops_cleanly() {
+    within(Duration::from_secs(60), "the test", async {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        for (args, survives) in [
+            (vec!["--in-memory"], false),
+            (vec!["--data-dir", data.to_str().unwrap()], true),
+        ] {
+            let mut srv = Server::start_with(&args);
+            let r = srv
+                .client()
+                .req("POST", "/pools")
+                .json(&pool_body("kept", 0))
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, 201, "{}", text(&r));
+            let t0 = Instant::now();
+            let pid = srv.child.id().to_string();
+            let st = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let exit = loop {
+                if let Some(st) = srv.child.try_wait().unwrap() {
+                    break st;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "SIGTERM: still running after 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert!(exit.success(), "{args:?}: SIGTERM exit {exit:?}");
+            let srv = Server::start_with(&args);
+            let r = srv.client().req("GET", "/pools/kept").send_within(T).await;
+            assert_eq!(r.status == 200, survives, "{args:?}: {}", text(&r));
+        }
     })
     .await;
 }
