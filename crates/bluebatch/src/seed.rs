@@ -230,6 +230,7 @@ async fn seed_user(
         account,
         pool,
         node,
+        timeout: None,
     };
     let stored = service
         .node_users(account, pool, node)?

@@ -205,13 +205,17 @@ impl Service {
     }
 
     /// Waits (outside the state lock, once the change is durable) for the node's
-    /// acknowledgement, up to `ack_timeout`; past it, `OperationTimedOut`.
-    async fn acknowledged(&self, ack: Ack) -> Result<(), BatchError> {
+    /// acknowledgement, up to the request's `timeout` and at most `ack_timeout`; past it,
+    /// `OperationTimedOut`.
+    async fn acknowledged(&self, ack: Ack, timeout: Option<Duration>) -> Result<(), BatchError> {
         let Ack::Awaited { key, revision } = ack else {
             return Ok(());
         };
         let wait = self.inner.nodes.acknowledged(&key, revision);
-        tokio::time::timeout(self.inner.config.ack_timeout, wait)
+        let limit = timeout.map_or(self.inner.config.ack_timeout, |t| {
+            t.min(self.inner.config.ack_timeout)
+        });
+        tokio::time::timeout(limit, wait)
             .await
             .map_err(|_| not_acknowledged())
     }

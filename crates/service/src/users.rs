@@ -9,6 +9,7 @@ use bluebatch_core::users::{
     UserBody, check_node_state_for_users, check_os_rules, default_expiry, login_refused_from,
 };
 use bluebatch_store::Op;
+use std::time::Duration;
 
 /// What a successful write reports: the resource's new ETag and Last-Modified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,11 +21,14 @@ pub struct Written {
     pub user_name: String,
 }
 
-/// Where a user lives.
+/// Where a user lives, and how long a write of it waits for the node.
 pub struct UserAddr<'a> {
     pub account: &'a str,
     pub pool: &'a str,
     pub node: &'a str,
+    /// The request's `timeout`: how long the write waits for the node's acknowledgement once it
+    /// is durable (at most the service's `ack_timeout`; `None`: that).
+    pub timeout: Option<Duration>,
 }
 
 impl Service {
@@ -121,7 +125,7 @@ impl Service {
         };
         let (pending, written, acked) = pending;
         pending.durable().await?;
-        self.acknowledged(acked).await?;
+        self.acknowledged(acked, at.timeout).await?;
         Ok(written)
     }
 
@@ -150,6 +154,6 @@ impl Service {
         };
         let (pending, acked) = pending;
         pending.durable().await?;
-        self.acknowledged(acked).await
+        self.acknowledged(acked, at.timeout).await
     }
 }

@@ -475,3 +475,45 @@ async fn a_removed_node_is_told_leaving_pool_then_removed_and_no_other_node_is()
     })
     .await
 }
+
+#[tokio::test]
+async fn the_request_timeout_bounds_the_wait_below_the_services() {
+    deadline(async {
+        // The service would wait 20 s; the request asks for 300 ms and gets it.
+        let h = Harness::in_memory(with_timeout(Duration::from_secs(20)), AckMode::AtOnce).await;
+        let n = h.pool("p1", Os::Linux, 1).await.remove(0);
+        h.nodes.set_mode(AckMode::Withhold);
+        let body = bluebatch_core::users::parse_add_user(br#"{"name":"carol"}"#).unwrap();
+        let mut addr = at("p1", &n);
+        addr.timeout = Some(Duration::from_millis(300));
+        let started = Instant::now();
+        let e = h
+            .svc
+            .add_user(addr, body, None)
+            .await
+            .expect_err("withheld");
+        let took = started.elapsed();
+        assert_eq!(e.code, Code::OperationTimedOut);
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+            "answered after {took:?}: the request's timeout did not bound the wait"
+        );
+        // A request timeout above the service's is capped by it.
+        let h2 =
+            Harness::in_memory(with_timeout(Duration::from_millis(300)), AckMode::AtOnce).await;
+        let n2 = h2.pool("p1", Os::Linux, 1).await.remove(0);
+        h2.nodes.set_mode(AckMode::Withhold);
+        let body = bluebatch_core::users::parse_add_user(br#"{"name":"dave"}"#).unwrap();
+        let mut addr = at("p1", &n2);
+        addr.timeout = Some(Duration::from_secs(30));
+        let started = Instant::now();
+        let e = h2
+            .svc
+            .add_user(addr, body, None)
+            .await
+            .expect_err("withheld");
+        assert_eq!(e.code, Code::OperationTimedOut);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    })
+    .await;
+}

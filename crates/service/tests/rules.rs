@@ -231,6 +231,7 @@ async fn not_found_comes_in_the_order_pool_node_user_and_before_every_other_rule
             account: "other",
             pool: "p1",
             node: &n,
+            timeout: None,
         };
         let b = bluebatch_core::users::parse_add_user(br#"{"name":"z"}"#).unwrap();
         assert_eq!(

@@ -228,6 +228,7 @@ pub async fn dispatch(
                         account,
                         pool: &pool,
                         node: &node,
+                        timeout: Some(q.ack_wait()),
                     },
                     user,
                     hash,
@@ -250,6 +251,7 @@ pub async fn dispatch(
                         account,
                         pool: &pool,
                         node: &node,
+                        timeout: Some(q.ack_wait()),
                     },
                     &user,
                     body,
@@ -270,6 +272,7 @@ pub async fn dispatch(
                     account,
                     pool: &pool,
                     node: &node,
+                    timeout: Some(q.ack_wait()),
                 },
                 &user,
             )

@@ -47,6 +47,13 @@ pub struct Query {
     pub for_next_link: Vec<(String, String)>,
 }
 
+impl Query {
+    /// How long a write waits for its node's acknowledgement: the request's `timeout`.
+    pub fn ack_wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.timeout.max(1)))
+    }
+}
+
 /// Decoded (name, value) pairs; a malformed escape is `InvalidQueryParameterValue`.
 fn pairs(raw: &str) -> Result<Vec<(String, String)>, BatchError> {
     raw.split('&')

@@ -517,6 +517,7 @@ pub fn at<'a>(pool: &'a str, node: &'a str) -> UserAddr<'a> {
         account: ACCOUNT,
         pool,
         node,
+        timeout: None,
     }
 }
 
