@@ -80,8 +80,40 @@ pub struct ServeArgs {
     /// a number with a unit (500ms, 60s, 5m, 1h; no unit = seconds).
     #[arg(long, default_value = "60s", value_parser = parse_window, value_name = "DURATION")]
     failed_login_window: Duration,
+    /// A node closes an SSH connection that has not logged in within this time (as OpenSSH's
+    /// LoginGraceTime), counted from the TCP accept: 500ms, 30s, 2m, … (no unit = seconds).
+    #[arg(long, default_value = "30s", value_parser = parse_window, value_name = "DURATION")]
+    ssh_login_grace_time: Duration,
+    /// SSH connections not logged in yet that a node holds at once, as OpenSSH's MaxStartups
+    /// START:RATE:FULL: past START a new one is closed at once (before the banner) with a
+    /// probability rising from RATE % to 100 % at FULL; a plain N closes every one past N.
+    #[arg(long, default_value = "32:30:128", value_name = "START:RATE:FULL")]
+    ssh_max_startups: bluebatch_node::MaxStartups,
+    /// SSH connections not logged in yet from one source address (IPv6: one /64) to one node
+    /// at once, as OpenSSH's PerSourceMaxStartups: more from that address are closed at once,
+    /// other addresses still get in. "none" turns the cap off.
+    #[arg(long, default_value = "10", value_parser = parse_per_source, value_name = "N|none")]
+    ssh_per_source_max_startups: PerSource,
+    /// Logged-in SSH connections per node at once (each with up to 10 channels, as OpenSSH's
+    /// MaxSessions); a login past it is refused with "too many sessions on this node".
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    ssh_max_sessions: u32,
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
+}
+
+/// `--ssh-per-source-max-startups`: a count, or no cap.
+#[derive(Clone, Copy, Debug)]
+struct PerSource(Option<usize>);
+
+fn parse_per_source(s: &str) -> Result<PerSource, String> {
+    match s.trim() {
+        "none" => Ok(PerSource(None)),
+        n => match n.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(PerSource(Some(n))),
+            _ => Err(format!("{s:?}: a number of at least 1, or none")),
+        },
+    }
 }
 
 /// `500ms`, `60s`, `5m`, `1h` or a bare number of seconds; more than zero.
@@ -205,6 +237,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             data_dir: data_dir.join("nodes"),
             max_failed_logins: args.max_failed_logins,
             failed_login_window: args.failed_login_window,
+            login_grace: args.ssh_login_grace_time,
+            max_startups: args.ssh_max_startups,
+            per_source_max_startups: args.ssh_per_source_max_startups.0,
+            max_sessions_per_node: args.ssh_max_sessions as usize,
             session_uids: parse_uids(&args.session_uids)?,
             admin_gid: args.admin_gid,
             ..SshConfig::default()

@@ -51,6 +51,8 @@ pub(crate) enum Refusal {
     MethodNotOffered,
     /// The connection is being ended (node stopping, account removed meanwhile).
     Closing,
+    /// The node has its maximum of sessions (the connection is ended, the client told why).
+    SessionsFull,
 }
 
 impl Refusal {
@@ -65,6 +67,7 @@ impl Refusal {
             Refusal::NodeState(s) => format!("node state {}", s.as_str()),
             Refusal::MethodNotOffered => "method not offered".into(),
             Refusal::Closing => "connection closing".into(),
+            Refusal::SessionsFull => "too many sessions on this node".into(),
         }
     }
 
@@ -77,6 +80,7 @@ impl Refusal {
                 | Refusal::NodeState(_)
                 | Refusal::MethodNotOffered
                 | Refusal::Closing
+                | Refusal::SessionsFull
         )
     }
 }
@@ -176,10 +180,12 @@ pub(crate) fn settle(
     let verdict = verdict.and_then(|()| {
         if ctl.is_killed() {
             Err(Refusal::Closing)
-        } else if !node.login(conn_id, user, inner.clock.now()) {
-            Err(Refusal::Expired)
         } else {
-            Ok(())
+            node.login(conn_id, user, inner.clock.now())
+                .map_err(|blocked| match blocked {
+                    crate::node::LoginBlocked::AccountGone => Refusal::Expired,
+                    crate::node::LoginBlocked::SessionsFull => Refusal::SessionsFull,
+                })
         }
     });
     let fp = key.and_then(key_fingerprint);

@@ -119,10 +119,103 @@ pub struct SshConfig {
     /// have) is answered after this constant delay, so that unknown users and wrong passwords
     /// look the same; brute force is bounded by `max_failed_logins` anyway. Default 250 ms.
     pub auth_rejection_delay: Duration,
-    /// Connections per node at once, logged in or not; more are closed at once. Default 32.
-    pub max_connections_per_node: usize,
-    /// A connection that has not logged in within this time is closed. Default 30 s.
+    /// Sessions (logged-in connections, each with up to 10 channels) per node at once; a login
+    /// past it is refused and its connection ended with the reason ("too many sessions on this
+    /// node"). Connections not logged in yet are bounded by the startup caps instead. Default 32.
+    pub max_sessions_per_node: usize,
+    /// A connection that has not logged in within this time is closed, as OpenSSH's
+    /// `LoginGraceTime`; it counts from the TCP accept and covers the SSH handshake and every
+    /// authentication attempt. Default 30 s.
     pub login_grace: Duration,
+    /// Connections not logged in yet (startups) per node at once, as OpenSSH's `MaxStartups`
+    /// start:rate:full: past `start`, a new connection is closed at once (before the SSH
+    /// banner) with a probability rising from `rate` % to 100 % at `full`. Default `32:30:128`.
+    pub max_startups: MaxStartups,
+    /// Startups from one source address per node at once, as OpenSSH's `PerSourceMaxStartups`:
+    /// more from that address are closed at once (before the banner) while other addresses
+    /// still get in. `None`: no per-source cap. Default `Some(10)`; below `max_startups.start`
+    /// so that up to three flooding addresses never cost a fourth address its logins.
+    pub per_source_max_startups: Option<usize>,
+}
+
+/// OpenSSH's `MaxStartups` start:rate:full: how many connections that have not logged in yet
+/// a node holds at once. With `s` of them open, a new one is taken when `s < start`, closed
+/// when `s >= full`, and in between closed with a probability of
+/// `rate + (100 - rate) * (s - start) / (full - start)` percent. Written `start:rate:full`, or
+/// `N` (a plain cap: `N:100:N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxStartups {
+    pub start: usize,
+    pub rate: u32,
+    pub full: usize,
+}
+
+impl MaxStartups {
+    /// Whether a new connection is shed with `startups` open, `draw` a uniform 0..100.
+    pub fn sheds(&self, startups: usize, draw: u32) -> bool {
+        if startups < self.start {
+            return false;
+        }
+        if startups >= self.full || self.rate >= 100 {
+            return true;
+        }
+        let span = (self.full - self.start) as u64;
+        let p = self.rate as u64 + (100 - self.rate as u64) * (startups - self.start) as u64 / span;
+        (draw as u64) < p
+    }
+}
+
+impl Default for MaxStartups {
+    fn default() -> Self {
+        MaxStartups {
+            start: 32,
+            rate: 30,
+            full: 128,
+        }
+    }
+}
+
+impl std::fmt::Display for MaxStartups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.start, self.rate, self.full)
+    }
+}
+
+impl std::str::FromStr for MaxStartups {
+    type Err = String;
+
+    /// `start:rate:full` (1 <= start <= full, rate 0..=100) or `N` (N >= 1).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{s:?}: START:RATE:FULL or N, whole numbers"))
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        let m = match parts[..] {
+            [n] => {
+                let n = num(n)?;
+                MaxStartups {
+                    start: n,
+                    rate: 100,
+                    full: n,
+                }
+            }
+            [a, r, f] => MaxStartups {
+                start: num(a)?,
+                rate: u32::try_from(num(r)?).unwrap_or(u32::MAX),
+                full: num(f)?,
+            },
+            _ => return Err(format!("{s:?}: START:RATE:FULL (such as 32:30:128) or N")),
+        };
+        if m.start == 0 || m.start > m.full {
+            return Err(format!("{s:?}: START must be 1..=FULL"));
+        }
+        if m.rate > 100 {
+            return Err(format!("{s:?}: RATE is a percentage, 0..=100"));
+        }
+        Ok(m)
+    }
 }
 
 impl Default for SshConfig {
@@ -137,8 +230,10 @@ impl Default for SshConfig {
             max_failed_logins: 10,
             failed_login_window: Duration::from_secs(60),
             auth_rejection_delay: Duration::from_millis(250),
-            max_connections_per_node: 32,
+            max_sessions_per_node: 32,
             login_grace: Duration::from_secs(30),
+            max_startups: MaxStartups::default(),
+            per_source_max_startups: Some(10),
         }
     }
 }

@@ -37,7 +37,9 @@ pub fn accepts_logins(state: NodeState) -> bool {
 pub(crate) struct Node {
     pub key: String,
     accounts: RwLock<AccountState>,
-    conns: Mutex<HashMap<u64, ConnEntry>>,
+    conns: Mutex<Conns>,
+    /// Connections shed by the startup caps since the last info line about them.
+    shed: Mutex<ShedLog>,
     failures: Mutex<HashMap<IpAddr, FailureWindow>>,
     /// Some source is refused right now (the sweep looks for lockouts to lift only then).
     locked_out: AtomicBool,
@@ -57,9 +59,80 @@ struct AccountState {
     accounts: HashMap<String, NodeAccount>,
 }
 
+/// The node's connections, and how many of them are startups (not logged in yet: counted
+/// against the startup caps, overall and per source) or sessions (logged in).
+#[derive(Default)]
+struct Conns {
+    map: HashMap<u64, ConnEntry>,
+    startups: usize,
+    startups_by_source: HashMap<IpAddr, usize>,
+    sessions: usize,
+}
+
+impl Conns {
+    fn end_startup(&mut self, source: IpAddr) {
+        self.startups = self.startups.saturating_sub(1);
+        if let Some(n) = self.startups_by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.startups_by_source.remove(&source);
+            }
+        }
+    }
+}
+
 struct ConnEntry {
     user: Option<String>,
     ctl: Arc<ConnCtl>,
+    source: IpAddr,
+    /// Not logged in yet (a startup) rather than a session.
+    startup: bool,
+    /// Sessions the node takes at once, as configured when the connection came.
+    max_sessions: usize,
+}
+
+/// The limits a new connection is admitted under.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Admission {
+    /// Startups of the node at once: `MaxStartups` start:rate:full.
+    pub max_startups: crate::MaxStartups,
+    /// Startups from one source address at once (`None`: no such cap).
+    pub per_source: Option<usize>,
+    /// Logged-in connections of the node at once.
+    pub max_sessions: usize,
+}
+
+/// Why a new connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shed {
+    /// Its source already has `per_source` startups.
+    PerSource,
+    /// The node's startups are at `full`, or past `start` and this one was drawn.
+    MaxStartups,
+}
+
+impl Shed {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Shed::PerSource => "too many unauthenticated connections from this source",
+            Shed::MaxStartups => "too many unauthenticated connections to this node",
+        }
+    }
+}
+
+/// Why a login that passed its checks is refused after all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LoginBlocked {
+    /// The account went away (or expired) meanwhile.
+    AccountGone,
+    /// The node has its maximum of sessions; the connection is ended.
+    SessionsFull,
+}
+
+#[derive(Default)]
+struct ShedLog {
+    last: Option<Instant>,
+    count: u64,
 }
 
 struct FailureWindow {
@@ -180,7 +253,13 @@ pub(crate) struct ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         let mut conns = self.node.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.remove(&self.id);
+        if let Some(entry) = conns.map.remove(&self.id) {
+            if entry.startup {
+                conns.end_startup(entry.source);
+            } else {
+                conns.sessions = conns.sessions.saturating_sub(1);
+            }
+        }
         drop(conns);
         if self.node.open_conns.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.node.conns_gone.notify_waiters();
@@ -193,7 +272,8 @@ impl Node {
         Node {
             key,
             accounts: RwLock::new(AccountState::default()),
-            conns: Mutex::new(HashMap::new()),
+            conns: Mutex::new(Conns::default()),
+            shed: Mutex::new(ShedLog::default()),
             failures: Mutex::new(HashMap::new()),
             locked_out: AtomicBool::new(false),
             state: Mutex::new(None),
@@ -260,7 +340,7 @@ impl Node {
     /// Ends the sessions of accounts that are gone or expired at `now`.
     pub fn enforce(&self, now: OffsetDateTime) {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        for entry in conns.values() {
+        for entry in conns.map.values() {
             if let Some(user) = &entry.user
                 && !entry.ctl.is_killed()
                 && !self.may_stay(user, now)
@@ -275,42 +355,121 @@ impl Node {
 
     // ---- connections ----------------------------------------------------------------------
 
-    /// Registers a new connection, unless the node already has `max` of them.
-    pub fn open_conn(self: &Arc<Self>, id: u64, ctl: Arc<ConnCtl>, max: usize) -> Option<ConnSlot> {
-        if self.open_conns.fetch_add(1, Ordering::SeqCst) >= max {
-            if self.open_conns.fetch_sub(1, Ordering::SeqCst) == 1 {
-                self.conns_gone.notify_waiters();
-            }
-            return None;
-        }
+    /// Registers a new connection from `source` as a startup (not logged in), unless the
+    /// startup caps shed it: `per_source` startups from that source already, or the node's
+    /// startups past `MaxStartups` (at `full`, or past `start` and drawn with the rising
+    /// probability `rate`..100 %, as OpenSSH's sshd). Sessions (logged in) do not count.
+    pub fn open_conn(
+        self: &Arc<Self>,
+        id: u64,
+        ctl: Arc<ConnCtl>,
+        source: IpAddr,
+        limits: &Admission,
+    ) -> Result<ConnSlot, Shed> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.insert(id, ConnEntry { user: None, ctl });
-        Some(ConnSlot {
+        let from_source = conns.startups_by_source.get(&source).copied().unwrap_or(0);
+        if limits.per_source.is_some_and(|cap| from_source >= cap) {
+            return Err(Shed::PerSource);
+        }
+        if limits
+            .max_startups
+            .sheds(conns.startups, rand::random::<u32>() % 100)
+        {
+            return Err(Shed::MaxStartups);
+        }
+        conns.startups += 1;
+        *conns.startups_by_source.entry(source).or_insert(0) += 1;
+        conns.map.insert(
+            id,
+            ConnEntry {
+                user: None,
+                ctl,
+                source,
+                startup: true,
+                max_sessions: limits.max_sessions,
+            },
+        );
+        self.open_conns.fetch_add(1, Ordering::SeqCst);
+        Ok(ConnSlot {
             node: self.clone(),
             id,
         })
     }
 
+    /// Counts a connection shed by the startup caps, logging at info the first one and then at
+    /// most one summary line every 10 s (a flood is thousands of them), each at debug.
+    pub fn log_shed(&self, source: IpAddr, why: Shed) {
+        tracing::debug!(target: TARGET, node = %self.key, %source, reason = why.reason(), "ssh connection shed before the banner");
+        let now = Instant::now();
+        let mut shed = self.shed.lock().unwrap_or_else(|e| e.into_inner());
+        shed.count += 1;
+        if shed
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return;
+        }
+        let count = std::mem::take(&mut shed.count);
+        shed.last = Some(now);
+        drop(shed);
+        let (startups, sessions) = self.conn_counts();
+        tracing::info!(
+            target: TARGET,
+            node = %self.key,
+            %source,
+            reason = why.reason(),
+            shed = count,
+            startups,
+            sessions,
+            "ssh connections shed before the banner (login grace time and startup caps)"
+        );
+    }
+
+    /// (startups, sessions) of the node right now.
+    pub fn conn_counts(&self) -> (usize, usize) {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        (conns.startups, conns.sessions)
+    }
+
     /// Marks the connection as logged in as `user`, then checks the account again so that a
     /// concurrent removal cannot slip between the login check and this registration (`apply`
-    /// updates the accounts before it scans the connections). Returns false if the login must
-    /// be refused after all.
-    pub fn login(&self, id: u64, user: &str, now: OffsetDateTime) -> bool {
+    /// updates the accounts before it scans the connections). The connection then stops being
+    /// a startup and becomes one of the node's sessions, unless the node has its maximum of
+    /// them: then the login is refused and the connection ended, the client told why.
+    pub fn login(&self, id: u64, user: &str, now: OffsetDateTime) -> Result<(), LoginBlocked> {
         {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(entry) = conns.get_mut(&id) else {
-                return false;
+            let Some(entry) = conns.map.get_mut(&id) else {
+                return Err(LoginBlocked::AccountGone);
             };
             entry.user = Some(user.to_string());
         }
-        if self.may_stay(user, now) {
-            return true;
-        }
+        let stays = self.may_stay(user, now);
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = conns.get_mut(&id) {
+        let sessions = conns.sessions;
+        let Some(entry) = conns.map.get_mut(&id) else {
+            return Err(LoginBlocked::AccountGone);
+        };
+        if !stays {
             entry.user = None;
+            return Err(LoginBlocked::AccountGone);
         }
-        false
+        if !entry.startup {
+            return Ok(());
+        }
+        if sessions >= entry.max_sessions {
+            entry.user = None;
+            entry.ctl.terminate_because(format!(
+                "too many sessions on this node (at most {})",
+                entry.max_sessions
+            ));
+            return Err(LoginBlocked::SessionsFull);
+        }
+        entry.startup = false;
+        let source = entry.source;
+        conns.end_startup(source);
+        conns.sessions += 1;
+        Ok(())
     }
 
     pub fn has_sessions(&self) -> bool {
@@ -319,7 +478,7 @@ impl Node {
 
     pub fn terminate_all(&self) {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        for entry in conns.values() {
+        for entry in conns.map.values() {
             entry.ctl.terminate();
         }
     }
@@ -372,7 +531,7 @@ impl Node {
         let reason = format!("node is {}", state.as_str());
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let mut ended = 0usize;
-        for entry in conns.values() {
+        for entry in conns.map.values() {
             if !entry.ctl.is_killed() {
                 ended += 1;
                 entry.ctl.terminate_because(reason.clone());
@@ -580,6 +739,108 @@ mod tests {
             node.record_failure(IP, 0, Duration::from_secs(60));
         }
         assert!(!node.refused(IP) && node.lockouts().is_empty());
+    }
+
+    fn limits(start: usize, full: usize, per_source: Option<usize>, sessions: usize) -> Admission {
+        Admission {
+            max_startups: crate::MaxStartups {
+                start,
+                rate: 100,
+                full,
+            },
+            per_source,
+            max_sessions: sessions,
+        }
+    }
+
+    fn account(name: &str) -> NodeAccount {
+        NodeAccount {
+            name: name.into(),
+            password_hash: None,
+            ssh_public_key: None,
+            is_admin: false,
+            login_refused_from: OffsetDateTime::now_utc() + Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn per_source_cap_sheds_one_source_and_not_another() {
+        let node = Arc::new(Node::new("n".into()));
+        let lim = limits(100, 100, Some(3), 10);
+        let mut held = Vec::new();
+        for id in 0..3 {
+            held.push(node.open_conn(id, Arc::default(), IP, &lim).unwrap());
+        }
+        assert_eq!(
+            node.open_conn(3, Arc::default(), IP, &lim).err(),
+            Some(Shed::PerSource)
+        );
+        let other = node.open_conn(4, Arc::default(), OTHER, &lim).unwrap();
+        assert_eq!(node.conn_counts(), (4, 0));
+        held.pop();
+        assert!(
+            node.open_conn(5, Arc::default(), IP, &lim).is_ok(),
+            "a slot freed"
+        );
+        drop(other);
+        drop(held);
+        assert_eq!(node.conn_counts(), (0, 0));
+    }
+
+    #[test]
+    fn max_startups_caps_the_node_and_sessions_do_not_count() {
+        let node = Arc::new(Node::new("n".into()));
+        let now = OffsetDateTime::now_utc();
+        node.apply(1, AccountChange::Upsert(account("u")), now);
+        let lim = limits(2, 2, None, 2);
+        let a = node.open_conn(1, Arc::default(), IP, &lim).unwrap();
+        let _b = node.open_conn(2, Arc::default(), OTHER, &lim).unwrap();
+        assert_eq!(
+            node.open_conn(3, Arc::default(), IP, &lim).err(),
+            Some(Shed::MaxStartups)
+        );
+        assert_eq!(node.login(1, "u", now), Ok(()));
+        assert_eq!(
+            node.conn_counts(),
+            (1, 1),
+            "a login turns a startup into a session"
+        );
+        let _c = node.open_conn(3, Arc::default(), IP, &lim).unwrap();
+        drop(a);
+        assert_eq!(node.conn_counts(), (2, 0));
+    }
+
+    #[test]
+    fn a_login_past_the_session_bound_is_refused_and_its_connection_ended() {
+        let node = Arc::new(Node::new("n".into()));
+        let now = OffsetDateTime::now_utc();
+        node.apply(1, AccountChange::Upsert(account("u")), now);
+        let lim = limits(10, 10, None, 1);
+        let _a = node.open_conn(1, Arc::default(), IP, &lim).unwrap();
+        let ctl = Arc::new(ConnCtl::default());
+        let _b = node.open_conn(2, ctl.clone(), IP, &lim).unwrap();
+        assert_eq!(node.login(1, "u", now), Ok(()));
+        assert_eq!(node.login(2, "u", now), Err(LoginBlocked::SessionsFull));
+        assert!(ctl.is_killed());
+        assert!(ctl.reason().unwrap().contains("too many sessions"));
+        assert_eq!(node.conn_counts(), (1, 1));
+        assert_eq!(node.login(3, "u", now), Err(LoginBlocked::AccountGone));
+    }
+
+    #[test]
+    fn max_startups_random_early_drop_as_openssh() {
+        let m: crate::MaxStartups = "10:30:100".parse().unwrap();
+        assert!(!m.sheds(9, 0), "below start: never");
+        assert!(m.sheds(10, 29) && !m.sheds(10, 30), "at start: rate %");
+        assert!(m.sheds(55, 64) && !m.sheds(55, 65), "half way: 65 %");
+        assert!(m.sheds(100, 99), "at full: always");
+        let n: crate::MaxStartups = "7".parse().unwrap();
+        assert_eq!((n.start, n.rate, n.full), (7, 100, 7));
+        assert!(!n.sheds(6, 99) && n.sheds(7, 0));
+        for bad in ["0", "10:30:5", "10:101:100", "10:30", "x", "1:2:3:4"] {
+            assert!(bad.parse::<crate::MaxStartups>().is_err(), "{bad}");
+        }
+        assert_eq!(crate::MaxStartups::default().to_string(), "32:30:128");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use crate::Inner;
 use crate::handler::{ConnHandler, methods};
 use crate::hostkey;
-use crate::node::{ConnCtl, Endpoint, Node};
+use crate::node::{Admission, ConnCtl, ConnSlot, Endpoint, Node, Shed};
 use crate::sysuser::HostIdentity;
 
 /// Rejected authentication requests before the connection is closed, as OpenSSH's MaxAuthTries.
@@ -117,16 +117,38 @@ async fn accept_loop(
     listener: TcpListener,
     config: Arc<Config>,
 ) {
+    let c = &inner.config;
+    let admission = Admission {
+        max_startups: c.max_startups,
+        per_source: c.per_source_max_startups,
+        max_sessions: c.max_sessions_per_node,
+    };
     loop {
         match listener.accept().await {
             Ok((socket, peer)) => {
-                tokio::spawn(serve(
-                    inner.clone(),
-                    node.clone(),
-                    config.clone(),
-                    socket,
-                    peer,
-                ));
+                // Admitted or shed here, before any task or buffer is spent on it: a flood of
+                // connections costs an accept and a close each.
+                let id = inner
+                    .next_conn_id
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let ctl = Arc::new(ConnCtl::default());
+                let source = source_block(peer.ip());
+                match node.open_conn(id, ctl.clone(), source, &admission) {
+                    Ok(slot) => {
+                        tokio::spawn(serve(
+                            inner.clone(),
+                            node.clone(),
+                            config.clone(),
+                            socket,
+                            peer,
+                            (slot, id, ctl),
+                        ));
+                    }
+                    Err(why) => {
+                        node.log_shed(source, why);
+                        shed(socket, why);
+                    }
+                }
             }
             Err(e) => {
                 // Out of descriptors or similar: back off instead of spinning.
@@ -137,6 +159,27 @@ async fn accept_loop(
     }
 }
 
+/// The address a source is counted under by the per-source startup cap: an IPv4 address
+/// itself (an IPv4-mapped IPv6 address as that IPv4 address), an IPv6 address by its /64 (what
+/// one site or host is given).
+fn source_block(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+/// A connection shed by the startup caps: one line saying why, if the socket takes it at once,
+/// then closed (no task, no wait: this is what a flood gets).
+fn shed(socket: TcpStream, why: Shed) {
+    let line = format!("bluebatch: {}, try again later\r\n", why.reason());
+    let _ = socket.try_write(line.as_bytes());
+    drop(socket);
+}
+
 /// One connection, from handshake to end; ended early when its account goes away, when it
 /// has not logged in within the login grace time, or when the node stops.
 async fn serve(
@@ -145,15 +188,14 @@ async fn serve(
     config: Arc<Config>,
     socket: TcpStream,
     peer: SocketAddr,
+    (_slot, id, ctl): (ConnSlot, u64, Arc<ConnCtl>),
 ) {
-    let id = inner
-        .next_conn_id
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let ctl = Arc::new(ConnCtl::default());
-    let max = inner.config.max_connections_per_node;
-    let Some(_slot) = node.open_conn(id, ctl.clone(), max) else {
-        tracing::debug!(node = %node.key, %peer, "connection refused: too many connections");
-        return;
+    // A second descriptor of the socket: once the connection is to end and its russh task has
+    // not ended within the wait below, shutting the socket down makes that task end too, so
+    // what a connection holds is bounded by the grace time and these waits.
+    let socket_handle = {
+        use std::os::fd::AsFd;
+        socket.as_fd().try_clone_to_owned().ok()
     };
     if let Some(state) = node.login_refusal() {
         refuse_before_banner(&node, socket, peer, state).await;
@@ -187,6 +229,10 @@ async fn serve(
             _ = &mut grace, if !grace_over => {
                 grace_over = true;
                 if !ctl.is_logged_in() {
+                    ctl.terminate_because(format!(
+                        "not logged in within the login grace time ({:?})",
+                        inner.config.login_grace
+                    ));
                     break;
                 }
             }
@@ -197,7 +243,13 @@ async fn serve(
         .unwrap_or_else(|| "session ended by the node".into());
     let bye = handle.disconnect(Disconnect::ByApplication, why, String::new());
     let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), session).await;
+    if tokio::time::timeout(Duration::from_secs(5), &mut session)
+        .await
+        .is_err()
+        && let Some(fd) = socket_handle
+    {
+        let _ = std::net::TcpStream::from(fd).shutdown(std::net::Shutdown::Both);
+    }
 }
 
 /// A node whose state takes no logins is down for its clients: the connection is closed before
