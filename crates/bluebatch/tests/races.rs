@@ -12,6 +12,9 @@
 //! - concurrent Add Pool of one id spelled in different cases: one 201, the others 409
 //!   PoolExists, the winner's spelling kept; two Delete User of one user: one 200, one 404; two
 //!   Add User on a Windows node of names differing only in case: one 201, one 409;
+//! - Add User vs Reimage of its node: the add is refused (409 NodeBeingReimaged), or made before
+//!   the reimage and wiped by it, or made after it (the later revision) and then there entirely;
+//!   never a user that the reimage should have removed (control, API and SSH agree);
 //! - list paging (`maxresults` small) of pools while pools are added and deleted, and of nodes
 //!   while the pool grows and loses nodes: no item twice, none of those present throughout
 //!   missing.
@@ -670,12 +673,23 @@ async fn together<F>(c: &Arc<Client>, n: usize, make: F) -> Vec<Resp>
 where
     F: Fn(&Client, usize) -> common::Req<'_> + Send + Sync + Clone + 'static,
 {
-    let barrier = Arc::new(tokio::sync::Barrier::new(n));
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
+    together_delayed(c, vec![Duration::ZERO; n], make).await
+}
+
+/// As [`together`], request `i` held back `delays[i]` after the release.
+async fn together_delayed<F>(c: &Arc<Client>, delays: Vec<Duration>, make: F) -> Vec<Resp>
+where
+    F: Fn(&Client, usize) -> common::Req<'_> + Send + Sync + Clone + 'static,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(delays.len()));
+    let tasks: Vec<_> = delays
+        .into_iter()
+        .enumerate()
+        .map(|(i, delay)| {
             let (c, b, make) = (c.clone(), barrier.clone(), make.clone());
             tokio::spawn(async move {
                 b.wait().await;
+                tokio::time::sleep(delay).await;
                 make(&c, i).send_within(REQ).await
             })
         })
@@ -859,6 +873,127 @@ async fn resize_and_remove_nodes_with_if_match_on_one_etag_let_exactly_one_throu
             }
         }
         eprintln!("{n} rounds: a resize won {resized}, a removal won {removed}");
+    })
+    .await;
+}
+
+/// The node-users control's whole answer.
+async fn control_users(c: &Client, pool: &str, node: &str) -> Value {
+    let r = c
+        .control("GET", &format!("/pools/{pool}/nodes/{node}/users"))
+        .send_within(REQ)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    r.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn add_user_vs_reimage_wipes_the_user_or_adds_it_after() {
+    within(Duration::from_secs(240), "the test", async {
+        let dir = tempfile::tempdir().unwrap();
+        let srv = server(dir.path());
+        let c = Arc::new(srv.client());
+        let node = c.ready_pool("ri", "linux", 1).await.remove(0);
+        let port = c.ssh_port("ri", &node).await;
+        let users = format!("/pools/ri/nodes/{node}/users");
+        // How long an Add User takes alone, to hold either side back by a part of it.
+        let t = Instant::now();
+        let r = c
+            .req("POST", &users)
+            .json(&json!({"name": "calibration", "password": "x"}))
+            .send_within(REQ)
+            .await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+        let latency = t.elapsed();
+        let n = rounds(12, 50);
+        let (mut wiped, mut after, mut refused) = (0, 0, 0);
+        for round in 0..n {
+            wait_idle(&c, "ri", &node).await;
+            // Every change of the node's accounts takes the next revision: R0 now, the reimage
+            // and the add take R0+1 and R0+2 in the order they were made.
+            let r0 = control_users(&c, "ri", &node).await["appliedRevision"]
+                .as_u64()
+                .unwrap();
+            let name = format!("ri{round}");
+            let (add_delay, reimage_delay) = if round % 2 == 1 {
+                (Duration::ZERO, jitter(latency))
+            } else {
+                (jitter(latency / 4), Duration::ZERO)
+            };
+            let (u, b) = (users.clone(), node.clone());
+            let rs = together_delayed(&c, vec![add_delay, reimage_delay], move |c, i| {
+                if i == 0 {
+                    c.req("POST", &u).json(
+                        &json!({"name": format!("ri{round}"), "password": format!("pw-{round}")}),
+                    )
+                } else {
+                    c.req("POST", &format!("/pools/ri/nodes/{b}/reimage"))
+                }
+            })
+            .await;
+            assert_eq!(
+                rs[1].status,
+                202,
+                "round {round}: reimage: {}",
+                text(&rs[1])
+            );
+            let added = match rs[0].status {
+                201 => true,
+                409 => {
+                    assert_eq!(rs[0].code(), "NodeBeingReimaged", "{}", text(&rs[0]));
+                    false
+                }
+                s => panic!("round {round}: Add User answered {s}: {}", text(&rs[0])),
+            };
+            wait_idle(&c, "ri", &node).await;
+            let all = control_users(&c, "ri", &node).await;
+            let listed = all["users"].as_array().unwrap();
+            let path = Client::user_path("ri", &node, &name);
+            let again = c
+                .req("PUT", &path)
+                .json(&json!({"password": format!("pw-{round}")}))
+                .send_within(REQ)
+                .await;
+            let login = password(port, &name, format!("pw-{round}")).await;
+            if listed.is_empty() {
+                // Refused, or added before the reimage and wiped by it: gone everywhere.
+                assert_eq!(
+                    all["appliedRevision"].as_u64(),
+                    Some(r0 + 1 + u64::from(added)),
+                    "round {round}: {all}"
+                );
+                assert_eq!(
+                    (again.status, again.code().as_str()),
+                    (404, "NodeUserNotFound")
+                );
+                assert_refused(&login, &format!("round {round}: {name} after the reimage"));
+                if added {
+                    wiped += 1;
+                } else {
+                    refused += 1;
+                }
+            } else {
+                // Kept: only if the add came after the reimage (the later revision), and then
+                // entirely, on the node too.
+                assert!(added, "round {round}: a refused user is there: {all}");
+                assert_eq!(listed.len(), 1, "round {round}: {all}");
+                let u = &listed[0];
+                assert_eq!(u["name"], name.as_str(), "{all}");
+                assert_eq!(
+                    u["revision"].as_u64(),
+                    Some(r0 + 2),
+                    "round {round}: the user added before the reimage survived it: {all}"
+                );
+                assert_eq!(u["appliedOnNode"], true, "round {round}: {all}");
+                assert_eq!(again.status, 200, "round {round}: {}", text(&again));
+                assert_accepted(&login, &format!("round {round}: {name} added after"));
+                after += 1;
+            }
+        }
+        eprintln!(
+            "{n} rounds ({latency:?}): added then wiped {wiped}, added after the reimage \
+             {after}, refused {refused}"
+        );
     })
     .await;
 }
