@@ -37,6 +37,10 @@ const BASE_POOL: &str = "base";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Acknowledged writes each cycle must reach, so the test cannot pass on no work.
 const MIN_ACKED_PER_CYCLE: usize = 10;
+/// Past these, a task only updates (nodes hold at most 1 000 users; every pool is checked after
+/// each cycle).
+const MAX_USERS_PER_TASK: usize = 150;
+const MAX_POOLS_PER_TASK: usize = 40;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -164,9 +168,20 @@ async fn load(
             .filter(|(n, u)| n.starts_with(&mine) && u.expiry.is_some())
             .map(|(n, u)| (n.clone(), u.node.clone()))
             .collect();
+        let (users, pools) = {
+            let k = known.lock().unwrap();
+            let pools_prefix = format!("p{mine}");
+            (
+                k.users.keys().filter(|n| n.starts_with(&mine)).count(),
+                k.pools
+                    .keys()
+                    .filter(|n| n.starts_with(&pools_prefix))
+                    .count(),
+            )
+        };
         let pick = rng.random_range(0..100);
         let n = next();
-        let (write, node) = if present.is_empty() || pick < 25 {
+        let (write, node) = if present.is_empty() || (pick < 25 && users < MAX_USERS_PER_TASK) {
             let name = format!("{mine}{n}");
             let node = nodes[n as usize % nodes.len()].clone();
             known.lock().unwrap().users.insert(
@@ -179,7 +194,7 @@ async fn load(
             );
             let expiry = fresh_expiry();
             (Write::AddUser { name, expiry }, node)
-        } else if pick < 35 {
+        } else if pick < 35 && pools < MAX_POOLS_PER_TASK {
             let id = format!("p{mine}{n}");
             known.lock().unwrap().pools.insert(
                 id.clone(),
@@ -405,6 +420,14 @@ async fn acknowledged_changes_survive_sigkill_and_power_loss() {
             n >= MIN_ACKED_PER_CYCLE,
             "cycle {cycle}: only {n} writes acknowledged before the kill"
         );
+        let refused: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.status.is_some_and(|s| !(200..300).contains(&s)))
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "cycle {cycle}: writes refused: {refused:?}"
+        );
         total += n;
         srv = start(&data);
         let mut snapshot = std::mem::take(&mut *known.lock().unwrap());
@@ -484,6 +507,16 @@ async fn store_failure(fault: Fault, cut: bool, within: Duration, what: &str) {
         .first_failure()
         .unwrap_or_else(|| panic!("{what}: no operation failed: the fault was never hit"));
     let before = acked(&records);
+    // An answer other than success may only be a server error, never a refusal of the request.
+    for r in &records {
+        if let Some(s) = r.status {
+            assert!(
+                (200..300).contains(&s) || s >= 500,
+                "{what}: {:?} answered {s}",
+                r.write
+            );
+        }
+    }
     assert!(
         before >= MIN_ACKED_PER_CYCLE,
         "{what}: only {before} writes acknowledged before the failure"
