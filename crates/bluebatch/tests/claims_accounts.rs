@@ -232,6 +232,15 @@ async fn controls_act_on_the_calling_account_only() {
             matches!(&again, SshOutcome::Accepted { code: 0, .. }),
             "{again:?}"
         );
+        // "`bluebatch reset` does not touch the clock": beta's reset leaves the offset.
+        let clock = alpha.control("GET", "/clock").send_within(T).await.json();
+        assert!(clock["offsetSeconds"].as_i64().unwrap() >= 7200, "{clock}");
+        let r = beta.control("POST", "/reset").send_within(T).await;
+        assert_eq!(r.status, 200, "{}", text(&r));
+        let kept = alpha.control("GET", "/clock").send_within(T).await.json();
+        assert_eq!(kept["offsetSeconds"], clock["offsetSeconds"], "{kept}");
+        let list = beta.req("GET", "/pools").send_within(T).await.json();
+        assert_eq!(list["value"], json!([]), "{list}");
     })
     .await;
 }
