@@ -140,6 +140,38 @@ async fn seeded_users_log_in_at_once_in_their_account_and_a_restart_deletes_noth
             .await;
         assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
 
+        // Users without expiryTime get the default (a day after creation), and a restart
+        // does not renew it.
+        let expiry_of_ci = |c: &Client, node: String| {
+            let c = Client::new(&c.base, ACCOUNT, KEY);
+            async move {
+                let v = c
+                    .control("GET", &format!("/pools/dev/nodes/{node}/users"))
+                    .send_within(T)
+                    .await
+                    .json();
+                v["users"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|u| u["name"] == "ci")
+                    .unwrap()["expiryTime"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            }
+        };
+        let ci_expiry = expiry_of_ci(&dev, nodes[0].clone()).await;
+        let e =
+            time::OffsetDateTime::parse(&ci_expiry, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+        let ahead = e - time::OffsetDateTime::now_utc();
+        assert!(
+            ahead > time::Duration::hours(23) && ahead <= time::Duration::days(1),
+            "default expiry a day ahead: {ci_expiry}"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+
         // The seed drops a user and a pool; the restart deletes neither, nor the API's user.
         srv.stop();
         std::fs::write(
@@ -171,6 +203,11 @@ async fn seeded_users_log_in_at_once_in_their_account_and_a_restart_deletes_noth
         assert_eq!(
             user_names(&dev, "dev", &nodes[1]).await,
             ["ci", "dropped", "keyed"]
+        );
+        assert_eq!(
+            expiry_of_ci(&dev, nodes[0].clone()).await,
+            ci_expiry,
+            "a restart does not renew the default expiry"
         );
         let port = dev.ssh_port("dev", &nodes[0]).await;
         for (i, (user, pw)) in [("dropped", "Dropped-1"), ("api", "Api-pass-1")]
