@@ -98,8 +98,49 @@ pub struct ServeArgs {
     /// MaxSessions); a login past it is refused with "too many sessions on this node".
     #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     ssh_max_sessions: u32,
+    /// HTTP(S) connections open at once, per listener. At the bound a new connection closes the
+    /// one that has used the largest share of its deadline among those waiting for a request
+    /// head, idle, or stalled; connections working on a request are kept.
+    #[arg(long, default_value_t = 4096, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// HTTP(S) connections open at once from one source address, per listener; more from that
+    /// address are closed at once while other addresses are served. "none" turns the cap off.
+    #[arg(long, default_value = "256", value_parser = parse_http_per_source, value_name = "N|none")]
+    max_connections_per_source: usize,
+    /// An HTTP(S) connection that has not sent a complete request head within this time (from
+    /// the accept, the TLS handshake included, or from the first byte after an idle time) is
+    /// closed: 500ms, 15s, 1m, … (no unit = seconds).
+    #[arg(long, default_value = "15s", value_parser = parse_window, value_name = "DURATION")]
+    http_head_timeout: Duration,
+    /// An idle keep-alive HTTP(S) connection (no request since the last answer) is closed after
+    /// this time.
+    #[arg(long, default_value = "120s", value_parser = parse_window, value_name = "DURATION")]
+    http_idle_timeout: Duration,
+    /// A request body that makes no progress for this time fails with 400 InvalidRequestBody
+    /// (and the connection closes); a connection whose client does not read the answer for
+    /// this time is closed.
+    #[arg(long, default_value = "30s", value_parser = parse_window, value_name = "DURATION")]
+    http_stall_timeout: Duration,
+    /// Largest request head (request line and header fields), in bytes; a larger one is
+    /// answered 400 InvalidHeaderValue.
+    #[arg(long, default_value_t = 32 << 10, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1024..=(1 << 20)))]
+    max_header_bytes: u64,
+    /// Header fields in one request at most; more are answered 400 InvalidHeaderValue.
+    #[arg(long, default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    max_headers: u64,
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
+}
+
+/// `--max-connections-per-source`: a count, or `none` (0: no cap).
+fn parse_http_per_source(s: &str) -> Result<usize, String> {
+    match s.trim() {
+        "none" => Ok(0),
+        n => match n.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{s:?}: a number of at least 1, or none")),
+        },
+    }
 }
 
 /// `--ssh-per-source-max-startups`: a count, or no cap.
@@ -264,6 +305,15 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             accept_any_api_version: args.accept_any_api_version,
             max_body_bytes: args.max_body_bytes,
             bearer: bearer.map(Arc::new),
+            limits: bluebatch_wire::HttpLimits {
+                max_connections: args.max_connections as usize,
+                max_connections_per_source: args.max_connections_per_source,
+                head_timeout: args.http_head_timeout,
+                idle_timeout: args.http_idle_timeout,
+                stall_timeout: args.http_stall_timeout,
+                max_head_bytes: args.max_header_bytes as usize,
+                max_headers: args.max_headers as usize,
+            },
             ..WireConfig::default()
         },
     });

@@ -17,7 +17,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct TlsArgs {
@@ -201,13 +200,8 @@ pub async fn start(
             ..app.config.clone()
         },
     });
-    let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp_rustls(
-        listener,
-        axum_server::tls_rustls::RustlsConfig::from_config(config),
-    )
-    .map_err(|e| format!("HTTPS on {addr}: {e}"))?
-    .handle(handle.clone());
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|e| format!("HTTPS on {addr}: {e}"))?;
 
     println!("bluebatch listening on https://{addr}");
     match &ca {
@@ -225,13 +219,14 @@ pub async fn start(
         }
     }
 
-    tokio::spawn(async move {
-        let _ = stop.changed().await;
-        handle.graceful_shutdown(Some(Duration::from_secs(10)));
-    });
-    Ok(Some(tokio::spawn(async move {
-        server
-            .serve(bluebatch_wire::router(https).into_make_service())
-            .await
-    })))
+    // The same accept loop and connection limits as the HTTP listener (bluebatch_wire::conn);
+    // the TLS handshake counts within the head deadline.
+    Ok(Some(tokio::spawn(bluebatch_wire::serve_tls(
+        listener,
+        https,
+        config,
+        async move {
+            let _ = stop.changed().await;
+        },
+    ))))
 }

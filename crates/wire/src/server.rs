@@ -4,9 +4,9 @@
 
 use crate::accounts::Accounts;
 use crate::auth;
+use crate::conn::HttpLimits;
 use crate::endpoint::route;
 use crate::handlers;
-use crate::limit::LimitedListener;
 use crate::query;
 use crate::respond::{self, Ctx};
 use crate::sharedkey::Signed;
@@ -43,8 +43,8 @@ pub struct WireConfig {
     pub scheme: &'static str,
     /// Bearer-token verification; `None` refuses bearer tokens.
     pub bearer: Option<Arc<crate::bearer::Bearer>>,
-    /// Connections served at once; more wait in the listen backlog.
-    pub max_connections: usize,
+    /// The limits on the listener's connections and request heads (docs/contract.md §7).
+    pub limits: HttpLimits,
 }
 
 impl Default for WireConfig {
@@ -55,7 +55,7 @@ impl Default for WireConfig {
             max_body_bytes: 1 << 20,
             scheme: "http",
             bearer: None,
-            max_connections: 4096,
+            limits: HttpLimits::default(),
         }
     }
 }
@@ -242,6 +242,7 @@ async fn process(
     body: &mut Unread,
     ctx: &mut Ctx,
 ) -> Result<Response<Body>, BatchError> {
+    check_head(parts, &app.config.limits)?;
     let raw_path = parts.uri.path();
     let raw_query = parts.uri.query().unwrap_or("");
     if let Some(rest) = raw_path.strip_prefix(CONTROL_PREFIX) {
@@ -275,6 +276,55 @@ async fn process(
         Bytes::new()
     };
     handlers::dispatch(app, ctx, &account, endpoint, &query, &parts.headers, body).await
+}
+
+/// The request line and header fields against [`HttpLimits::max_headers`] and
+/// [`HttpLimits::max_head_bytes`] (each field counted as `name: value` and its CRLF): 400
+/// `InvalidHeaderValue` naming the limit beyond them.
+fn check_head(parts: &Parts, limits: &HttpLimits) -> Result<(), BatchError> {
+    let too_large = |max: usize, reason: String| {
+        BatchError::new(Code::InvalidHeaderValue)
+            .message("The request line and header fields are too large.")
+            .with("MaxLimit", max.to_string())
+            .with("Reason", reason)
+    };
+    let count = parts.headers.len();
+    if count > limits.max_headers {
+        return Err(too_large(
+            limits.max_headers,
+            format!(
+                "the request has {count} header fields; at most {} are accepted",
+                limits.max_headers
+            ),
+        ));
+    }
+    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + parts.uri.authority().map_or(0, |a| a.as_str().len() + 8);
+    let line = parts.method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let mut largest: (usize, &str) = (0, "");
+    let fields: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            let n = name.as_str().len() + 2 + value.len() + 2;
+            if n > largest.0 {
+                largest = (n, name.as_str());
+            }
+            n
+        })
+        .sum();
+    let size = line + fields + 2;
+    if size > limits.max_head_bytes {
+        return Err(too_large(
+            limits.max_head_bytes,
+            format!(
+                "the request line and header fields take {size} bytes; at most {} are accepted",
+                limits.max_head_bytes
+            ),
+        )
+        .with("HeaderName", largest.1.to_string()));
+    }
+    Ok(())
 }
 
 /// Validates `client-request-id` (a GUID) and `return-client-request-id`; returns the value to
@@ -339,8 +389,26 @@ async fn read_body(h: &HeaderMap, body: &mut Unread, max: usize) -> Result<Bytes
     };
     let mut buf = Vec::new();
     while let Some(frame) = b.frame().await {
-        let frame =
-            frame.map_err(|_| BatchError::bad_body("the request body could not be read"))?;
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                // What is left cannot be drained: the connection closes after the answer.
+                let stalled = crate::conn::stalled(&e).map(|s| s.0);
+                *body = Unread::Lost;
+                return Err(match stalled {
+                    Some(limit) => BatchError::new(Code::InvalidRequestBody)
+                        .message("The request body did not arrive in time.")
+                        .with(
+                            "Reason",
+                            format!(
+                                "no part of the request body arrived for {} s",
+                                limit.as_secs_f64()
+                            ),
+                        ),
+                    None => BatchError::bad_body("the request body could not be read"),
+                });
+            }
+        };
         if let Some(data) = frame.data_ref() {
             if buf.len() + data.len() > max {
                 return Err(too_large(max));
@@ -352,14 +420,25 @@ async fn read_body(h: &HeaderMap, body: &mut Unread, max: usize) -> Result<Bytes
     Ok(Bytes::from(buf))
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish.
+/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish
+/// (at most [`crate::conn::SHUTDOWN_GRACE`]), within `app.config.limits` (see [`crate::conn`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let max = app.config.max_connections;
-    axum::serve(LimitedListener::new(listener, max), router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = app.config.limits.clone();
+    crate::conn::serve(listener, router(app), limits, None, shutdown).await
+}
+
+/// As [`serve`], over TLS with `tls` (the handshake counts within the head deadline).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let limits = app.config.limits.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    crate::conn::serve(listener, router(app), limits, Some(acceptor), shutdown).await
 }
