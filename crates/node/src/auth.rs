@@ -164,7 +164,8 @@ pub(crate) fn key(
 
 /// The outcome of one authentication request: a login registers the connection as `user`
 /// (refused after all if the account went away meanwhile); a refusal counts towards the
-/// source's lockout when it should. Logs the decision once. Returns whether to accept.
+/// source's lockout when it should. Logs the decision once. Returns whether to accept (also for
+/// a refusal for the session bound, see below).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn settle(
     inner: &Inner,
@@ -212,7 +213,11 @@ pub(crate) fn settle(
                     inner.config.failed_login_window,
                 );
             }
-            false
+            // Right credentials, but the node has its maximum of sessions: the connection is
+            // ended already (no channel opens on it). Accepting lets the handler's
+            // `auth_succeeded` send the disconnect naming why at once, which the client shows,
+            // instead of a bare "Permission denied" that would read as a wrong password.
+            refusal == Refusal::SessionsFull
         }
     }
 }

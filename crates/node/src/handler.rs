@@ -177,6 +177,19 @@ impl ConnHandler {
 impl russh::server::Handler for ConnHandler {
     type Error = russh::Error;
 
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        // A login refused after its checks (the node has its maximum of sessions) ended the
+        // connection: say why now, before anything the client sends next is answered.
+        if self.ctl.is_killed() {
+            let why = self
+                .ctl
+                .reason()
+                .unwrap_or_else(|| "session ended by the node".into());
+            session.disconnect(russh::Disconnect::ByApplication, &why, "")?;
+        }
+        Ok(())
+    }
+
     async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
         // Every client probes "none" first: not a login attempt, so not an info line.
         tracing::debug!(target: "bluebatch::ssh", node = %self.node.key, user, source = %self.peer, "auth method none refused");

@@ -241,11 +241,16 @@ async fn serve(
     let why = ctl
         .reason()
         .unwrap_or_else(|| "session ended by the node".into());
+    // A connection that never logged in may still be in its key exchange, where russh sends
+    // nothing: it gets half a second to take the disconnect, then its socket is shut.
+    let (say, wait) = if ctl.is_logged_in() {
+        (Duration::from_secs(2), Duration::from_secs(5))
+    } else {
+        (Duration::from_millis(500), Duration::from_millis(500))
+    };
     let bye = handle.disconnect(Disconnect::ByApplication, why, String::new());
-    let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
-    if tokio::time::timeout(Duration::from_secs(5), &mut session)
-        .await
-        .is_err()
+    let _ = tokio::time::timeout(say, bye).await;
+    if tokio::time::timeout(wait, &mut session).await.is_err()
         && let Some(fd) = socket_handle
     {
         let _ = std::net::TcpStream::from(fd).shutdown(std::net::Shutdown::Both);
