@@ -166,3 +166,81 @@ async fn bluebatch_ssh_checks_host_keys_only_with_strict_host_keys() {
     })
     .await;
 }
+
+/// The numbers named in /etc/passwd (users) and /etc/group (groups).
+fn host_ids(file: &str) -> Vec<u32> {
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+        .collect()
+}
+
+/// `--session-uids A-B`: "when bluebatch runs as root: a uid for each user of each node and a
+/// gid for each node … numbers the host already uses are skipped". The range starts at the
+/// host's `nobody` (65534, also `nogroup`): no session runs as a uid or gid the host names.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_uids_skip_numbers_the_host_already_uses() {
+    assert!(have_ssh_client(), "needs the OpenSSH client and sshpass");
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    assert!(
+        is_root,
+        "--session-uids applies only when bluebatch runs as root"
+    );
+    let (users, groups) = (host_ids("/etc/passwd"), host_ids("/etc/group"));
+    assert!(
+        users.contains(&65534) && groups.contains(&65534),
+        "the host has nobody/nogroup"
+    );
+    within(Duration::from_secs(90), "the test", async {
+        let dir = tempfile::tempdir().unwrap();
+        let data = std::fs::canonicalize(dir.path()).unwrap().join("data");
+        let srv = Server::start_with(&[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--session-uids",
+            "65534-65600",
+            "--admin-gid",
+            "2000000000",
+        ]);
+        let c = srv.client();
+        let nodes = c.ready_pool("p", "linux", 2).await;
+        let mut seen = Vec::new();
+        let mut src = 7600;
+        for n in &nodes {
+            let port = c.ssh_port("p", n).await;
+            for user in ["alice", "bob"] {
+                add_user(&c, "p", n, user, "User-pw-1").await;
+                src += 1;
+                let o = ssh_password_outcome(
+                    port,
+                    user,
+                    "User-pw-1",
+                    &loopback_source(src),
+                    "id -u; id -g",
+                )
+                .await;
+                let out = o.stdout("id").to_string();
+                let ids: Vec<u32> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
+                let (uid, gid) = (ids[0], ids[1]);
+                assert!(
+                    (65534..=65600).contains(&uid),
+                    "uid {uid} outside the range"
+                );
+                assert!(!users.contains(&uid), "uid {uid} is a host user's");
+                assert!(!groups.contains(&gid), "gid {gid} is a host group's");
+                seen.push((n.clone(), user, uid, gid));
+            }
+        }
+        let mut uids: Vec<u32> = seen.iter().map(|s| s.2).collect();
+        uids.sort();
+        uids.dedup();
+        assert_eq!(uids.len(), 4, "a uid for each user of each node: {seen:?}");
+        assert_eq!(seen[0].3, seen[1].3, "one gid per node: {seen:?}");
+        assert_ne!(seen[0].3, seen[2].3, "one gid per node: {seen:?}");
+    })
+    .await;
+}
