@@ -352,3 +352,23 @@ async fn in_memory_keeps_nothing_and_sigterm_stops_cleanly() {
     })
     .await;
 }
+
+/// `--port`, `--host`: the Batch API listens on that address (`--port 0` picks a free port).
+#[tokio::test]
+async fn host_sets_the_api_listener_address() {
+    within(Duration::from_secs(30), "the test", async {
+        let srv = Server::start_with(&["--in-memory", "--host", "127.0.0.6"]);
+        assert!(srv.url.starts_with("http://127.0.0.6:"), "{}", srv.url);
+        let r = srv.client().req("GET", "/pools").send_within(T).await;
+        assert_eq!(r.status, 200, "{}", text(&r));
+        let port = srv.url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        assert_ne!(port, 0);
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err(),
+            "127.0.0.1:{port} must not be served with --host 127.0.0.6"
+        );
+    })
+    .await;
+}
