@@ -79,6 +79,23 @@ async fn accounts_file_environment_and_no_dev_account() {
             .await;
         assert_eq!((r.status, r.code().as_str()), (403, "AuthenticationFailed"));
 
+        // Rotation: "rotate by editing the accounts file and restarting".
+        drop(srv);
+        std::fs::write(
+            &af,
+            json!({"accounts": [{"name": "alpha", "keys": [ALPHA_KEY2, GAMMA_KEY]}]}).to_string(),
+        )
+        .unwrap();
+        let srv = Server::start_exact(&["--in-memory", "--accounts-file", &af], &[]);
+        for (key, status) in [(ALPHA_KEY1, 403), (ALPHA_KEY2, 200), (GAMMA_KEY, 200)] {
+            let r = Client::new(&srv.url, "alpha", key)
+                .req("GET", "/pools")
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, status, "after the rotation: {}", text(&r));
+        }
+        drop(srv);
+
         // --no-dev-account: the development account is unknown, the others work.
         let srv = Server::start_exact(
             &["--in-memory", "--no-dev-account"],

@@ -191,6 +191,13 @@ async fn remote_login_settings_of_windows_and_cloud_service_pools() {
         let v = r.json();
         assert_eq!(v["remoteLoginPort"], 3389, "{v}");
         assert_eq!(v["remoteLoginIPAddress"], "127.0.0.9", "{v}");
+        // "Windows nodes have no endpoint": no SSH endpoint in the node either.
+        let node = c
+            .req("GET", &format!("/pools/win/nodes/{}", win[0]))
+            .send_within(T)
+            .await
+            .json();
+        assert!(node.get("endpointConfiguration").is_none(), "{node}");
 
         let body = json!({"id": "cs", "vmSize": "small", "targetDedicatedNodes": 1,
                           "cloudServiceConfiguration": {"osFamily": "6"}});

@@ -372,3 +372,57 @@ async fn host_sets_the_api_listener_address() {
     })
     .await;
 }
+
+/// `--tls` without a certificate: "it generates a local CA and a certificate … in
+/// `DATA_DIR/tls/` (reused on every start; delete the folder to renew)".
+#[tokio::test]
+async fn the_generated_certificate_is_reused_until_its_folder_is_deleted() {
+    within(Duration::from_secs(60), "the test", async {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let args = ["--data-dir", data.to_str().unwrap()];
+        let https_ok = |https: &str, ca: &std::path::Path| {
+            let c = common::Client::with_ca(https, common::ACCOUNT, common::KEY, ca);
+            async move {
+                c.req("GET", "/pools")
+                    .try_send_within(T)
+                    .await
+                    .map(|r| r.status)
+            }
+        };
+        let first = Server::start_tls(&args);
+        let ca = first.ca.clone().expect("the generated CA's path");
+        let ca_pem = std::fs::read(&ca).unwrap();
+        let saved = dir.path().join("first-ca.pem");
+        std::fs::write(&saved, &ca_pem).unwrap();
+        assert_eq!(https_ok(&first.https, &saved).await, Ok(200));
+        drop(first);
+
+        let second = Server::start_tls(&args);
+        assert_eq!(
+            std::fs::read(second.ca.as_ref().unwrap()).unwrap(),
+            ca_pem,
+            "the CA is reused on the next start"
+        );
+        assert_eq!(
+            https_ok(&second.https, &saved).await,
+            Ok(200),
+            "the first CA still verifies the server"
+        );
+        drop(second);
+
+        std::fs::remove_dir_all(data.join("tls")).unwrap();
+        let third = Server::start_tls(&args);
+        let renewed = std::fs::read(third.ca.as_ref().unwrap()).unwrap();
+        assert_ne!(renewed, ca_pem, "deleting the folder renews the CA");
+        assert!(
+            https_ok(&third.https, &saved).await.is_err(),
+            "the old CA no longer verifies the server"
+        );
+        assert_eq!(
+            https_ok(&third.https, third.ca.as_ref().unwrap()).await,
+            Ok(200)
+        );
+    })
+    .await;
+}
