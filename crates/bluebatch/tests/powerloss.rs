@@ -358,6 +358,15 @@ async fn verify(c: &Client, nodes: &[String], known: &mut Known, when: &str) {
     }
 }
 
+/// The nodes' host keys as ssh-keyscan reads them (it fails when none is read).
+async fn node_host_keys(c: &Client, nodes: &[String]) -> Vec<String> {
+    let mut keys = Vec::new();
+    for n in nodes {
+        keys.push(common::host_key_read(c.ssh_port(BASE_POOL, n).await).await);
+    }
+    keys
+}
+
 fn acked(records: &[Record]) -> usize {
     records
         .iter()
@@ -394,6 +403,9 @@ async fn acknowledged_changes_survive_sigkill_and_power_loss() {
     let data = pf.path().join("data");
     let mut srv = start(&data);
     let nodes = srv.client().ready_pool(BASE_POOL, "linux", 2).await;
+    // Each node's host key is written durably at its first start: a power cut must not lose it
+    // (clients that trusted it would see a changed key).
+    let host_keys = node_host_keys(&srv.client(), &nodes).await;
     let known = Arc::new(Mutex::new(Known::default()));
     known.lock().unwrap().pools.insert(
         BASE_POOL.into(),
@@ -439,6 +451,11 @@ async fn acknowledged_changes_survive_sigkill_and_power_loss() {
         )
         .await;
         *known.lock().unwrap() = snapshot;
+        assert_eq!(
+            node_host_keys(&srv.client(), &nodes).await,
+            host_keys,
+            "cycle {cycle}: a node's host key changed across the power cut"
+        );
     }
     srv.kill();
     let k = known.lock().unwrap();
@@ -461,6 +478,9 @@ async fn store_failure(fault: Fault, cut: bool, within: Duration, what: &str) {
     let data = pf.path().join("data");
     let mut srv = start(&data);
     let nodes = srv.client().ready_pool(BASE_POOL, "linux", 2).await;
+    // Each node's host key is written durably at its first start: a power cut must not lose it
+    // (clients that trusted it would see a changed key).
+    let host_keys = node_host_keys(&srv.client(), &nodes).await;
     let known = Arc::new(Mutex::new(Known::default()));
     known.lock().unwrap().pools.insert(
         BASE_POOL.into(),

@@ -241,7 +241,15 @@ pub(crate) fn write_atomically(
         file.sync_all()?;
     }
     drop(file);
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    if durable {
+        // The rename is durable only once the directory holding it is synced; without this a
+        // power cut can leave the `.tmp` file and no key (and a new host key at restart).
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+    }
+    Ok(())
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
