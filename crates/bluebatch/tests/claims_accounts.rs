@@ -488,3 +488,68 @@ async fn shared_key_freshness_follows_the_wall_clock_not_the_service_clock() {
     })
     .await;
 }
+
+/// Client commands: "`--url`/`BLUEBATCH_URL` … and `--account`/`BLUEBATCH_ACCOUNT` … go before or
+/// after the subcommand. The key comes only from `BLUEBATCH_KEY` (never the command line)".
+#[tokio::test]
+async fn the_cli_acts_for_another_account_with_its_key_from_the_environment() {
+    within(Duration::from_secs(60), "the test", async {
+        let dir = tempfile::tempdir().unwrap();
+        let af = accounts_file(dir.path(), None);
+        let srv = Server::start_with(&["--in-memory", "--accounts-file", &af]);
+        let alpha = Client::new(&srv.url, "alpha", ALPHA_KEY1);
+        let r = alpha
+            .req("POST", "/pools")
+            .json(&pool_body("alphapool", 0))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+        let cli = |args: &[&str], env: &[(&str, &str)]| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+                .args(args)
+                .env_remove("BLUEBATCH_URL")
+                .env_remove("BLUEBATCH_KEY")
+                .env_remove("BLUEBATCH_ACCOUNT")
+                .envs(env.iter().copied())
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let url = srv.url.as_str();
+        for (args, env) in [
+            (
+                vec!["pool", "list"],
+                vec![
+                    ("BLUEBATCH_URL", url),
+                    ("BLUEBATCH_ACCOUNT", "alpha"),
+                    ("BLUEBATCH_KEY", ALPHA_KEY1),
+                ],
+            ),
+            (
+                vec!["--url", url, "--account", "alpha", "pool", "list"],
+                vec![("BLUEBATCH_KEY", ALPHA_KEY2)],
+            ),
+            (
+                vec!["pool", "list", "--url", url, "--account", "alpha"],
+                vec![("BLUEBATCH_KEY", ALPHA_KEY1)],
+            ),
+        ] {
+            let (ok, out, err) = cli(&args, &env);
+            assert!(ok, "{args:?}: {err}");
+            assert!(out.contains("alphapool"), "{args:?}: {out}");
+        }
+        // Without BLUEBATCH_KEY the account has no key (only the dev account's is built in).
+        let (ok, out, err) = cli(&["pool", "list", "--url", url, "--account", "alpha"], &[]);
+        assert!(!ok && !out.contains("alphapool"), "{out} {err}");
+        // The dev account needs no key, and does not see alpha's pool.
+        let (ok, out, err) = cli(&["pool", "list", "--url", url], &[]);
+        assert!(ok, "{err}");
+        assert!(!out.contains("alphapool"), "{out}");
+    })
+    .await;
+}
