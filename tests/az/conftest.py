@@ -35,6 +35,10 @@ _spec.loader.exec_module(_sdk_conftest)
 server = _sdk_conftest.server
 client = _sdk_conftest.client
 pytest_runtest_makereport = _sdk_conftest.pytest_runtest_makereport
+# The deadline of each test's setup, body and teardown (a hang fails), as in the SDK suite.
+pytest_runtest_setup = _sdk_conftest.pytest_runtest_setup
+pytest_runtest_call = _sdk_conftest.pytest_runtest_call
+pytest_runtest_teardown = _sdk_conftest.pytest_runtest_teardown
 # The skip policy: locally a missing prerequisite skips loudly; under CI=true any skip fails.
 require = _sdk_conftest.require
 in_ci = _sdk_conftest.in_ci

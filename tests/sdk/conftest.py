@@ -7,6 +7,7 @@ Environment:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -150,6 +151,48 @@ def require(present: bool, what: str) -> None:
     if in_ci():
         pytest.fail(f"missing prerequisite: {what} (CI is set: this is a failure, not a skip)")
     pytest.skip(f"SKIPPED: missing {what}; under CI=true this fails")
+
+
+# Every test (its setup, body and teardown, each) has a deadline, so a hang fails the test
+# instead of blocking the run; every wait inside a test has a shorter one of its own.
+TEST_DEADLINE = float(os.environ.get("BLUEBATCH_TEST_DEADLINE", "120"))
+
+
+@contextlib.contextmanager
+def _deadline(item, phase: str):
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        pytest.fail(f"{item.nodeid}: {phase} not done within {TEST_DEADLINE:.0f} s (a hang; "
+                    "BLUEBATCH_TEST_DEADLINE sets the limit)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _deadline(item, "setup"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _deadline(item, "the test"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    with _deadline(item, "teardown"):
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)

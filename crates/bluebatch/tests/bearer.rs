@@ -239,7 +239,8 @@ async fn hs256_over_https_with_the_generated_certificate() {
     );
     // And curl, told the exact CA file, can.
     let out = Command::new("curl")
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .args(["-sS", "--max-time", "20", "-o", "/dev/null", "-w"])
+        .args(["%{http_code}", "--cacert"])
         .arg(&ca)
         .arg("-H")
         .arg(format!("Authorization: Bearer {token}"))
