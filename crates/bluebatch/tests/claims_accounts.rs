@@ -163,7 +163,7 @@ async fn controls_act_on_the_calling_account_only() {
             "--accounts-file",
             af.as_str(),
         ];
-        let mut srv = Server::start_with(&args);
+        let mut srv = Server::launch(&args);
         let alpha = Client::new(&srv.url, "alpha", ALPHA_KEY1);
         let beta = Client::new(&srv.url, "beta", BETA_KEY);
         let a_nodes = alpha.ready_pool("same", "linux", 1).await;
@@ -235,7 +235,7 @@ async fn controls_act_on_the_calling_account_only() {
 
         // After a restart: still only beta's.
         srv.stop();
-        let srv = Server::start_with(&args);
+        let srv = Server::launch(&args);
         let alpha = Client::new(&srv.url, "alpha", ALPHA_KEY1);
         let beta = Client::new(&srv.url, "beta", BETA_KEY);
         let list = alpha.req("GET", "/pools").send_within(T).await.json();
@@ -314,7 +314,7 @@ async fn bearer_over_plain_http_with_account_claim_and_extra_issuers() {
                 "accountClaim": "batch_acct",
             })),
         );
-        let srv = Server::start_with(&["--in-memory", "--accounts-file", &af]);
+        let srv = Server::launch(&["--in-memory", "--accounts-file", &af]);
         assert!(srv.url.starts_with("http://"), "{}", srv.url);
         let c = srv.client();
         let alpha = Client::new(&srv.url, "alpha", ALPHA_KEY1);
@@ -457,7 +457,7 @@ async fn bearer_over_plain_http_with_account_claim_and_extra_issuers() {
 #[tokio::test]
 async fn shared_key_freshness_follows_the_wall_clock_not_the_service_clock() {
     within(Duration::from_secs(30), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         let r = c
             .control("POST", "/clock/advance")
@@ -496,7 +496,7 @@ async fn the_cli_acts_for_another_account_with_its_key_from_the_environment() {
     within(Duration::from_secs(60), "the test", async {
         let dir = tempfile::tempdir().unwrap();
         let af = accounts_file(dir.path(), None);
-        let srv = Server::start_with(&["--in-memory", "--accounts-file", &af]);
+        let srv = Server::launch(&["--in-memory", "--accounts-file", &af]);
         let alpha = Client::new(&srv.url, "alpha", ALPHA_KEY1);
         let r = alpha
             .req("POST", "/pools")
@@ -504,22 +504,6 @@ async fn the_cli_acts_for_another_account_with_its_key_from_the_environment() {
             .send_within(T)
             .await;
         assert_eq!(r.status, 201, "{}", text(&r));
-        let cli = |args: &[&str], env: &[(&str, &str)]| {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_bluebatch"))
-                .args(args)
-                .env_remove("BLUEBATCH_URL")
-                .env_remove("BLUEBATCH_KEY")
-                .env_remove("BLUEBATCH_ACCOUNT")
-                .envs(env.iter().copied())
-                .stdin(std::process::Stdio::null())
-                .output()
-                .unwrap();
-            (
-                out.status.success(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        };
         let url = srv.url.as_str();
         for (args, env) in [
             (
@@ -539,17 +523,27 @@ async fn the_cli_acts_for_another_account_with_its_key_from_the_environment() {
                 vec![("BLUEBATCH_KEY", ALPHA_KEY1)],
             ),
         ] {
-            let (ok, out, err) = cli(&args, &env);
+            let (ok, out, err) = cli(&args, &env).await;
             assert!(ok, "{args:?}: {err}");
             assert!(out.contains("alphapool"), "{args:?}: {out}");
         }
         // Without BLUEBATCH_KEY the account has no key (only the dev account's is built in).
-        let (ok, out, err) = cli(&["pool", "list", "--url", url, "--account", "alpha"], &[]);
+        let (ok, out, err) = cli(&["pool", "list", "--url", url, "--account", "alpha"], &[]).await;
         assert!(!ok && !out.contains("alphapool"), "{out} {err}");
         // The dev account needs no key, and does not see alpha's pool.
-        let (ok, out, err) = cli(&["pool", "list", "--url", url], &[]);
+        let (ok, out, err) = cli(&["pool", "list", "--url", url], &[]).await;
         assert!(ok, "{err}");
         assert!(!out.contains("alphapool"), "{out}");
     })
     .await;
+}
+
+/// The CLI's (success, stdout, stderr).
+async fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = common::bluebatch_cli(args, env).await;
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

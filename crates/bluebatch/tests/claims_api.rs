@@ -80,7 +80,7 @@ async fn wait_steady(c: &Client, pool: &str) {
 #[tokio::test]
 async fn every_listed_api_version_is_accepted_on_a_read_and_a_write() {
     within(Duration::from_secs(60), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         for (i, v) in LISTED.iter().enumerate() {
             let q = format!("api-version={v}");
@@ -148,7 +148,7 @@ async fn every_listed_api_version_is_accepted_on_a_read_and_a_write() {
 
         // --accept-any-api-version: an unlisted version works for a write too (and still none
         // is required to be missing: a missing one stays 400).
-        let any = Server::start_with(&["--in-memory", "--accept-any-api-version"]);
+        let any = Server::launch(&["--in-memory", "--accept-any-api-version"]);
         let a = any.client();
         let r = a
             .req("POST", "/pools")
@@ -177,7 +177,7 @@ async fn every_listed_api_version_is_accepted_on_a_read_and_a_write() {
 #[tokio::test]
 async fn remote_login_settings_of_windows_and_cloud_service_pools() {
     within(Duration::from_secs(60), "the test", async {
-        let srv = Server::start_with(&["--in-memory", "--remote-login-ip", "127.0.0.9"]);
+        let srv = Server::launch(&["--in-memory", "--remote-login-ip", "127.0.0.9"]);
         let c = srv.client();
         let win = c.ready_pool("win", "windows", 1).await;
         let r = c
@@ -230,7 +230,7 @@ async fn remote_login_settings_of_windows_and_cloud_service_pools() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_thousand_and_first_user_of_a_node_is_refused() {
     within(Duration::from_secs(240), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = std::sync::Arc::new(srv.client());
         let nodes = c.ready_pool("p", "linux", 2).await;
         let node = nodes[0].clone();
@@ -312,7 +312,7 @@ async fn the_thousand_and_first_user_of_a_node_is_refused() {
 async fn an_early_401_with_a_body_the_server_does_not_read_closes_the_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     within(Duration::from_secs(30), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         let head = c
             .req("PUT", "/pools/p/nodes/n/users/u")
@@ -347,7 +347,7 @@ async fn an_early_401_with_a_body_the_server_does_not_read_closes_the_connection
 #[tokio::test]
 async fn auto_scale_is_stored_not_evaluated_and_unknown_pool_properties_come_back() {
     within(Duration::from_secs(30), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         let mut body = pool_body("auto", 0);
         body.as_object_mut().unwrap().remove("targetDedicatedNodes");
@@ -388,7 +388,7 @@ async fn auto_scale_is_stored_not_evaluated_and_unknown_pool_properties_come_bac
 #[tokio::test]
 async fn linux_refuses_from_the_next_midnight_windows_at_the_instant() {
     within(Duration::from_secs(60), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         let lin = c.ready_pool("lin", "linux", 1).await;
         let win = c.ready_pool("win", "windows", 1).await;

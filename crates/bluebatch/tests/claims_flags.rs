@@ -42,7 +42,7 @@ fn assert_invalid(r: &Resp, property: &str) {
 #[tokio::test]
 async fn max_nodes_per_pool_bounds_add_and_resize() {
     within(Duration::from_secs(60), "the test", async {
-        let srv = Server::start_with(&["--in-memory", "--max-nodes-per-pool", "3"]);
+        let srv = Server::launch(&["--in-memory", "--max-nodes-per-pool", "3"]);
         let c = srv.client();
         let r = c
             .req("POST", "/pools")
@@ -76,7 +76,7 @@ async fn max_nodes_per_pool_bounds_add_and_resize() {
         assert_eq!(p["targetDedicatedNodes"], 3, "{p}");
         // The default (10 000): 10 001 is refused, 10 000 would be accepted (not created here:
         // 0-node pools show that the bound is the flag's).
-        let dflt = Server::start();
+        let dflt = Server::launch(&["--in-memory"]);
         let r = dflt
             .client()
             .req("POST", "/pools")
@@ -103,7 +103,7 @@ async fn max_body_bytes_is_the_largest_body_served() {
             assert_eq!(bytes.len(), len);
             bytes
         };
-        let srv = Server::start_with(&["--in-memory", "--max-body-bytes", "4096"]);
+        let srv = Server::launch(&["--in-memory", "--max-body-bytes", "4096"]);
         let c = srv.client();
         let r = c
             .req("POST", "/pools")
@@ -125,7 +125,7 @@ async fn max_body_bytes_is_the_largest_body_served() {
         assert_eq!(c.req("GET", "/pools/over").send_within(T).await.status, 404);
 
         // The default is 1 MiB.
-        let dflt = Server::start();
+        let dflt = Server::launch(&["--in-memory"]);
         let c = dflt.client();
         let r = c
             .req("POST", "/pools")
@@ -149,7 +149,7 @@ async fn max_body_bytes_is_the_largest_body_served() {
 #[tokio::test]
 async fn ssh_bind_ports_and_remote_login_ip() {
     within(Duration::from_secs(60), "the test", async {
-        let srv = Server::start_with(&[
+        let srv = Server::launch(&[
             "--in-memory",
             "--ssh-bind",
             "127.0.0.5",
@@ -213,7 +213,7 @@ async fn ssh_bind_ports_and_remote_login_ip() {
         assert_eq!(ports.len(), 3, "one port per node");
 
         // --remote-login-ip overrides what is reported (the endpoint stays on --ssh-bind).
-        let srv = Server::start_with(&["--in-memory", "--remote-login-ip", "192.0.2.10"]);
+        let srv = Server::launch(&["--in-memory", "--remote-login-ip", "192.0.2.10"]);
         let c = srv.client();
         let nodes = c.ready_pool("p", "linux", 1).await;
         let v = c
@@ -236,13 +236,13 @@ async fn ssh_bind_ports_and_remote_login_ip() {
 }
 
 /// `--node-step-ms N`: "how long each node state change takes (creating → starting → idle,
-/// rebooting → idle, …)". With 400 ms, a new node is seen creating, then starting, and is idle
+/// rebooting → idle, …)". With 600 ms, a new node is seen creating, then starting, and is idle
 /// after about two steps, not before; a reboot takes about one step.
 #[tokio::test]
 async fn node_step_ms_paces_every_state_change() {
     within(Duration::from_secs(60), "the test", async {
-        let step = Duration::from_millis(400);
-        let srv = Server::start_exact(&["--in-memory", "--node-step-ms", "400"], &[]);
+        let step = Duration::from_millis(600);
+        let srv = Server::start_exact(&["--in-memory", "--node-step-ms", "600"], &[]);
         let c = srv.client();
         let t0 = Instant::now();
         let r = c
@@ -319,7 +319,7 @@ async fn in_memory_keeps_nothing_and_sigterm_stops_cleanly() {
             (vec!["--in-memory"], false),
             (vec!["--data-dir", data.to_str().unwrap()], true),
         ] {
-            let mut srv = Server::start_with(&args);
+            let mut srv = Server::launch(&args);
             let r = srv
                 .client()
                 .req("POST", "/pools")
@@ -345,7 +345,7 @@ async fn in_memory_keeps_nothing_and_sigterm_stops_cleanly() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             };
             assert!(exit.success(), "{args:?}: SIGTERM exit {exit:?}");
-            let srv = Server::start_with(&args);
+            let srv = Server::launch(&args);
             let r = srv.client().req("GET", "/pools/kept").send_within(T).await;
             assert_eq!(r.status == 200, survives, "{args:?}: {}", text(&r));
         }
@@ -357,7 +357,7 @@ async fn in_memory_keeps_nothing_and_sigterm_stops_cleanly() {
 #[tokio::test]
 async fn host_sets_the_api_listener_address() {
     within(Duration::from_secs(30), "the test", async {
-        let srv = Server::start_with(&["--in-memory", "--host", "127.0.0.6"]);
+        let srv = Server::launch(&["--in-memory", "--host", "127.0.0.6"]);
         assert!(srv.url.starts_with("http://127.0.0.6:"), "{}", srv.url);
         let r = srv.client().req("GET", "/pools").send_within(T).await;
         assert_eq!(r.status, 200, "{}", text(&r));
@@ -390,7 +390,7 @@ async fn the_generated_certificate_is_reused_until_its_folder_is_deleted() {
                     .map(|r| r.status)
             }
         };
-        let first = Server::start_tls(&args);
+        let first = Server::launch_tls(&args);
         let ca = first.ca.clone().expect("the generated CA's path");
         let ca_pem = std::fs::read(&ca).unwrap();
         let saved = dir.path().join("first-ca.pem");
@@ -398,7 +398,7 @@ async fn the_generated_certificate_is_reused_until_its_folder_is_deleted() {
         assert_eq!(https_ok(&first.https, &saved).await, Ok(200));
         drop(first);
 
-        let second = Server::start_tls(&args);
+        let second = Server::launch_tls(&args);
         assert_eq!(
             std::fs::read(second.ca.as_ref().unwrap()).unwrap(),
             ca_pem,
@@ -412,7 +412,7 @@ async fn the_generated_certificate_is_reused_until_its_folder_is_deleted() {
         drop(second);
 
         std::fs::remove_dir_all(data.join("tls")).unwrap();
-        let third = Server::start_tls(&args);
+        let third = Server::launch_tls(&args);
         let renewed = std::fs::read(third.ca.as_ref().unwrap()).unwrap();
         assert_ne!(renewed, ca_pem, "deleting the folder renews the CA");
         assert!(

@@ -93,7 +93,7 @@ fn httpdate(s: &str) -> time::OffsetDateTime {
 #[tokio::test]
 async fn list_etag_and_last_modified_are_those_of_the_newest_item_listed() {
     within(Duration::from_secs(60), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         for id in ["a", "b", "c"] {
             let r = c
@@ -186,7 +186,7 @@ async fn list_etag_and_last_modified_are_those_of_the_newest_item_listed() {
 #[tokio::test]
 async fn every_listed_filter_property_selects_what_it_names() {
     within(Duration::from_secs(90), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         let mut big = pool_body("big-1", 0);
         big["vmSize"] = json!("STANDARD_D4S_V3");

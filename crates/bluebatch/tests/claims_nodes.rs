@@ -55,7 +55,7 @@ async fn a_home_stays_after_its_user_is_deleted_until_reimage_or_removal() {
     within(Duration::from_secs(120), "the test", async {
         let dir = tempfile::tempdir().unwrap();
         let data = std::fs::canonicalize(dir.path()).unwrap().join("data");
-        let srv = Server::start_in(&data);
+        let srv = Server::launch(&["--data-dir", data.to_str().unwrap()]);
         let c = srv.client();
         let nodes = c.ready_pool("p", "linux", 2).await;
         let (a, b) = (&nodes[0], &nodes[1]);
@@ -130,31 +130,24 @@ async fn a_home_stays_after_its_user_is_deleted_until_reimage_or_removal() {
 #[tokio::test]
 async fn bluebatch_ssh_checks_host_keys_only_with_strict_host_keys() {
     within(Duration::from_secs(60), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         let nodes = c.ready_pool("p", "linux", 1).await;
-        let run = |extra: &[&str]| {
+        let run = async |extra: &[&str]| {
             let mut args = vec!["ssh", "p", nodes[0].as_str(), "alice", "--print"];
             args.extend_from_slice(extra);
             args.extend_from_slice(&["--url", srv.url.as_str()]);
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_bluebatch"))
-                .args(&args)
-                .env_remove("BLUEBATCH_URL")
-                .env_remove("BLUEBATCH_KEY")
-                .env_remove("BLUEBATCH_ACCOUNT")
-                .stdin(std::process::Stdio::null())
-                .output()
-                .unwrap();
+            let out = common::bluebatch_cli(&args, &[]).await;
             assert!(out.status.success(), "{out:?}");
             String::from_utf8(out.stdout).unwrap()
         };
-        let plain = run(&[]);
+        let plain = run(&[]).await;
         assert!(
             plain.contains("StrictHostKeyChecking=no")
                 && plain.contains("UserKnownHostsFile=/dev/null"),
             "{plain}"
         );
-        let strict = run(&["--strict-host-keys"]);
+        let strict = run(&["--strict-host-keys"]).await;
         assert!(
             !strict.contains("StrictHostKeyChecking=no") && !strict.contains("UserKnownHostsFile"),
             "{strict}"
@@ -198,7 +191,7 @@ async fn session_uids_skip_numbers_the_host_already_uses() {
     within(Duration::from_secs(90), "the test", async {
         let dir = tempfile::tempdir().unwrap();
         let data = std::fs::canonicalize(dir.path()).unwrap().join("data");
-        let srv = Server::start_with(&[
+        let srv = Server::launch(&[
             "--data-dir",
             data.to_str().unwrap(),
             "--session-uids",

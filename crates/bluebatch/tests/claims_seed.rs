@@ -32,7 +32,7 @@ fn serve(dir: &Path, seed: &Path) -> Server {
     )
     .unwrap();
     let data = dir.join("data");
-    Server::start_with(&[
+    Server::launch(&[
         "--data-dir",
         data.to_str().unwrap(),
         "--accounts-file",

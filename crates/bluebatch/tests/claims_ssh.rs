@@ -125,7 +125,7 @@ async fn advance(c: &Client, by: &str) {
 async fn advancing_the_clock_past_expiry_ends_open_sessions_and_refuses_the_login() {
     require_ssh();
     within(Duration::from_secs(120), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         let nodes = c.ready_pool("p", "linux", 1).await;
         let n = &nodes[0];
@@ -182,7 +182,7 @@ async fn advancing_the_clock_past_expiry_ends_open_sessions_and_refuses_the_logi
 async fn a_lockout_on_one_node_does_not_refuse_that_source_on_another_node() {
     require_ssh();
     within(Duration::from_secs(150), "the test", async {
-        let srv = Server::start_with(&[
+        let srv = Server::launch(&[
             "--in-memory",
             "--max-failed-logins",
             "3",
@@ -259,7 +259,7 @@ async fn a_lockout_on_one_node_does_not_refuse_that_source_on_another_node() {
 async fn a_past_expiry_and_an_account_without_credentials_are_accepted_and_cannot_log_in() {
     require_ssh();
     within(Duration::from_secs(90), "the test", async {
-        let srv = Server::start();
+        let srv = Server::launch(&["--in-memory"]);
         let c = srv.client();
         let nodes = c.ready_pool("p", "linux", 1).await;
         let n = &nodes[0];
@@ -324,7 +324,7 @@ async fn passwords_are_stored_only_as_sha512_crypt_and_never_returned() {
     within(Duration::from_secs(60), "the test", async {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let mut srv = Server::start_in(&data);
+        let mut srv = Server::launch(&["--data-dir", data.to_str().unwrap()]);
         let c = srv.client();
         let nodes = c.ready_pool("p", "linux", 1).await;
         let n = &nodes[0];
@@ -425,7 +425,7 @@ async fn what_counts_toward_a_lockout_and_what_does_not_lift_it() {
             "--failed-login-window",
             "60s",
         ];
-        let mut srv = Server::start_with(&args);
+        let mut srv = Server::launch(&args);
         let c = srv.client();
         let nodes = c.ready_pool("p", "linux", 1).await;
         let n = &nodes[0];
@@ -500,7 +500,7 @@ async fn what_counts_toward_a_lockout_and_what_does_not_lift_it() {
 
         // A restart forgets it.
         srv.stop();
-        let srv = Server::start_with(&args);
+        let srv = Server::launch(&args);
         let c = srv.client();
         assert_eq!(c.ssh_port("p", n).await, port);
         assert_eq!(lockouts(&c, "p", n).await, json!([]));

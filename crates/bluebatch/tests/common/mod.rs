@@ -1094,3 +1094,45 @@ fn current_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
 }
+
+impl Server {
+    /// [`Server::start_with`] with a deadline: `serve --port 0 --node-step-ms 20` and `args`,
+    /// failing the test when it has not listened within 20 s (instead of blocking).
+    pub fn launch(args: &[&str]) -> Self {
+        let mut all = vec!["--node-step-ms", "20"];
+        all.extend_from_slice(args);
+        Self::start_exact(&all, &[])
+    }
+
+    /// [`Server::start_tls`] with a deadline of 20 s.
+    pub fn launch_tls(args: &[&str]) -> TlsServer {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _ = tx.send(Server::start_tls(&a));
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("bluebatch serve --tls did not listen within 20 s")
+    }
+}
+
+/// Runs the `bluebatch` CLI with `args` and `env` (BLUEBATCH_URL, BLUEBATCH_KEY and
+/// BLUEBATCH_ACCOUNT removed first); fails the test when it has not exited within 20 s.
+pub async fn bluebatch_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_bluebatch"));
+    c.args(args)
+        .env_remove("BLUEBATCH_URL")
+        .env_remove("BLUEBATCH_KEY")
+        .env_remove("BLUEBATCH_ACCOUNT")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    within(
+        Duration::from_secs(20),
+        &format!("bluebatch {args:?}"),
+        c.output(),
+    )
+    .await
+    .expect("running bluebatch")
+}
