@@ -65,6 +65,8 @@ struct Inner {
     clock: Arc<ServiceClock>,
     nodes: Arc<dyn NodeFabric>,
     config: Config,
+    /// When each node between states takes its next step (see lifecycle.rs).
+    due: lifecycle::Due,
 }
 
 /// A commit the caller must await (outside the state lock) before answering.
@@ -116,6 +118,7 @@ impl Service {
                 clock,
                 nodes,
                 config,
+                due: Default::default(),
             }),
         };
         svc.recover().await;

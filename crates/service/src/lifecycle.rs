@@ -3,6 +3,11 @@
 //! allocation state follows, and a deleted pool goes once its nodes have left. After a restart the
 //! same steps resume from what the store holds.
 //!
+//! Each node keeps its own due instant: a pool's timers fire for the pool, but a node moves on only
+//! once its own step has passed since it entered its state (a node being rebooted or reimaged is
+//! not due before its request has done its work), so one node's pending timer never cuts another
+//! node's step short.
+//!
 //! Every state a Linux node takes is told to its node provider as it is taken (under the state
 //! lock, in order), so logins follow the node's state whatever changed it.
 
@@ -16,6 +21,12 @@ use bluebatch_core::AccountChange;
 use bluebatch_core::model::{AllocationState, NodeState, Os, PoolState};
 use bluebatch_store::Op;
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use tokio::time::Instant;
+
+/// Per node (fabric key): the transitional state it was stamped in and when it is due to leave it
+/// (`None`: its own request is still at work, not due until that request schedules it).
+pub(crate) type Due = Mutex<HashMap<String, (NodeState, Option<Instant>)>>;
 
 fn is_transitional(s: NodeState) -> bool {
     matches!(
@@ -91,19 +102,80 @@ impl Service {
         out
     }
 
+    fn due(&self) -> MutexGuard<'_, HashMap<String, (NodeState, Option<Instant>)>> {
+        self.inner.due.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called under the state lock as a request puts a node into a transitional state whose work
+    /// it does before it answers (reboot, reimage): the node is not due until that request calls
+    /// [`Service::schedule_node`], whatever other timers of its pool fire meanwhile.
+    pub(crate) fn hold_step(&self, key: &str, state: NodeState) {
+        self.due().insert(key.to_string(), (state, None));
+    }
+
     /// Tells the nodes their states now, then moves the pool's transitional nodes one step after
-    /// `node_step`. Every pool or node write that changes states ends here.
+    /// `node_step`: each node newly between states is due one step from now, nodes already due
+    /// keep their time. Every pool or node write that changes states ends here.
     pub(crate) fn schedule(&self, account: &str, pool_key: &str) {
+        self.schedule_with(account, pool_key, None);
+    }
+
+    /// [`Service::schedule`] for a request that has just done a node's work (reboot, reimage):
+    /// that node's step starts now.
+    pub(crate) fn schedule_node(&self, account: &str, pool_key: &str, node_id: &str) {
+        self.schedule_with(account, pool_key, Some(node_id));
+    }
+
+    fn schedule_with(&self, account: &str, pool_key: &str, restamp: Option<&str>) {
         self.push_pool_states(account, pool_key);
+        let at = Instant::now() + self.inner.config.node_step;
+        self.stamp_due(account, pool_key, at, restamp);
         let svc = self.clone();
         let (account, pool_key) = (account.to_string(), pool_key.to_string());
         tokio::spawn(async move {
-            tokio::time::sleep(svc.inner.config.node_step).await;
+            tokio::time::sleep_until(at).await;
             svc.advance_pool(&account, &pool_key).await;
         });
     }
 
+    /// Gives the pool's transitional nodes that have no due time for their state `at` (and
+    /// `restamp`, if it is between states, `at` whatever it had); forgets nodes not between states.
+    fn stamp_due(&self, account: &str, pool_key: &str, at: Instant, restamp: Option<&str>) {
+        let st = self.lock();
+        let Some(entry) = st.pool(account, pool_key) else {
+            return;
+        };
+        let mut due = self.due();
+        for n in entry.nodes.values() {
+            let key = node_key(account, &entry.pool.id, &n.node.id);
+            if !is_transitional(n.node.state) {
+                due.remove(&key);
+                continue;
+            }
+            let fresh = restamp == Some(n.node.id.as_str());
+            match due.get(&key) {
+                Some((s, Some(_))) if *s == n.node.state && !fresh => {}
+                Some((s, None)) if *s == n.node.state && !fresh => {}
+                _ => {
+                    due.insert(key, (n.node.state, Some(at)));
+                }
+            }
+        }
+    }
+
+    /// Whether the node (between states) has spent its step in its current state.
+    fn is_due(
+        due: &HashMap<String, (NodeState, Option<Instant>)>,
+        key: &str,
+        state: NodeState,
+        now: Instant,
+    ) -> bool {
+        matches!(due.get(key), Some((s, Some(t))) if *s == state && *t <= now)
+    }
+
     async fn advance_pool(&self, account: &str, pool_key: &str) {
+        // Only nodes whose own step has passed move; other nodes wait for their own timers.
+        let tick = Instant::now();
         // Linux nodes finishing `creating` get their SSH endpoint first (binding is async).
         let to_start: Vec<(String, String, Option<u16>)> = {
             let st = self.lock();
@@ -113,10 +185,19 @@ impl Service {
             if entry.pool.os != Os::Linux {
                 Vec::new()
             } else {
+                let due = self.due();
                 entry
                     .nodes
                     .values()
-                    .filter(|n| n.node.state == NodeState::Creating)
+                    .filter(|n| {
+                        n.node.state == NodeState::Creating
+                            && Self::is_due(
+                                &due,
+                                &node_key(account, &entry.pool.id, &n.node.id),
+                                NodeState::Creating,
+                                tick,
+                            )
+                    })
                     .map(|n| {
                         (
                             n.node.id.clone(),
@@ -149,9 +230,15 @@ impl Service {
                 return;
             };
             let pool_id = entry.pool.id.clone();
+            let linux = entry.pool.os == Os::Linux;
             let mut ops = Vec::new();
             let mut removed = Vec::new();
+            let mut due = self.due();
             for n in entry.nodes.values_mut() {
+                let key = node_key(account, &pool_id, &n.node.id);
+                if !Self::is_due(&due, &key, n.node.state, tick) {
+                    continue;
+                }
                 let next = match n.node.state {
                     NodeState::Creating => match ports.get(&n.node.id) {
                         Some(None) => NodeState::Unusable,
@@ -159,7 +246,10 @@ impl Service {
                             n.node.ssh_port = Some(*port);
                             NodeState::Starting
                         }
-                        None => NodeState::Starting, // Windows: no endpoint
+                        // Windows: no endpoint. A Linux node due only after the endpoints
+                        // were started waits for the next timer.
+                        None if linux => continue,
+                        None => NodeState::Starting,
                     },
                     NodeState::Starting
                     | NodeState::WaitingForStartTask
@@ -169,14 +259,15 @@ impl Service {
                         NodeState::Idle
                     }
                     NodeState::LeavingPool => {
+                        due.remove(&key);
                         removed.push(n.node.id.clone());
                         continue;
                     }
                     _ => continue,
                 };
+                due.remove(&key);
                 set_node_state(&mut n.node, next, now);
-                if entry.pool.os == Os::Linux {
-                    let key = node_key(account, &pool_id, &n.node.id);
+                if linux {
                     self.inner.nodes.set_state(&key, next);
                 }
                 ops.push(put_json(

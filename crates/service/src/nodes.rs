@@ -163,6 +163,8 @@ impl Service {
                 });
             }
             set_node_state(&mut n.node, state, now);
+            // Its step starts once this request has done the node's work (below).
+            self.hold_step(&key, state);
             ops.push(put_json(node_record(account, &pool_id, node), &n.node));
             (self.submit(ops), key, os == Os::Linux)
         };
@@ -183,7 +185,7 @@ impl Service {
                 tracing::warn!(node = %key, "node endpoint did not restart: {e}");
             }
         }
-        self.schedule(account, &pool_key(pool));
+        self.schedule_node(account, &pool_key(pool), node);
         Ok(())
     }
 

@@ -336,6 +336,31 @@ impl Harness {
         Self::start(backend, config, mode, None).await
     }
 
+    /// [`Harness::in_memory`] whose service talks to `fabric`, a provider wrapping `nodes` (so
+    /// what the service tells it is still recorded there).
+    pub async fn in_memory_through(
+        config: Config,
+        nodes: Arc<TestNodes>,
+        fabric: Arc<dyn NodeFabric>,
+    ) -> Self {
+        let backend = SqliteBackend::in_memory().expect("in-memory store");
+        let clock = Arc::new(ServiceClock::new());
+        let svc = tokio::time::timeout(
+            WAIT,
+            Service::start(backend, clock.clone(), fabric, config.clone()),
+        )
+        .await
+        .expect("the service started in time")
+        .expect("the service starts");
+        Self {
+            svc,
+            nodes,
+            clock,
+            config,
+            dir: None,
+        }
+    }
+
     pub async fn on_disk(config: Config, mode: AckMode) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let backend = SqliteBackend::open(&dir.path().join("state.db")).expect("store file");
