@@ -312,7 +312,7 @@ async fn idle_flood_from_one_address_leaves_logins_from_another() {
     eprintln!(
         "ssh_flood: server VmRSS {rss_before} KiB before, {rss_held} KiB with {FLOOD} idle \
          connections opened ({PER_SOURCE} held), {rss_after} KiB after 5 logins and 1,000 more shed; \
-         flood opened in {flood_secs:.1} s"
+         flood opened and watched (3 s hold) in {flood_secs:.1} s"
     );
     assert!(
         rss_held < 256 * 1024 && rss_after < 256 * 1024,
@@ -463,7 +463,7 @@ async fn sessions_per_node_are_bounded() {
     else {
         return;
     };
-    let mut held = vec![
+    let mut held = [
         held_session(port, "127.0.0.1", 5).await,
         held_session(port, "127.0.0.1", 5).await,
     ];

@@ -55,6 +55,21 @@
 //! login accepted or refused is one info line on the `bluebatch::ssh` target (node, user,
 //! source, method, reason; a key as its SHA256 fingerprint, never a password or key material),
 //! as are a lockout, its end, and a node's state starting or stopping logins.
+//!
+//! # Idle and slow connections
+//!
+//! A connection that has not logged in yet is a *startup* (as in OpenSSH). Each node holds at
+//! most [`SshConfig::per_source_max_startups`] startups from one source address (IPv6: one
+//! /64) and at most [`SshConfig::max_startups`] in all (OpenSSH's `MaxStartups`
+//! start:rate:full); a connection past these caps is closed at once, before the SSH banner,
+//! after one line saying why (`bluebatch: too many unauthenticated connections from this
+//! source, try again later`), so one address flooding a node costs other addresses nothing.
+//! A startup that has not logged in within [`SshConfig::login_grace`] is closed (told why in
+//! an SSH disconnect once past its key exchange). Logged-in connections (sessions) do not
+//! count against the startup caps; they are bounded by [`SshConfig::max_sessions_per_node`]
+//! (a login past it is told "too many sessions on this node" and disconnected), each with at
+//! most 10 channels. Shed connections are counted in one info line on the `bluebatch::ssh`
+//! target at most every 10 s per node.
 
 mod auth;
 mod handler;
