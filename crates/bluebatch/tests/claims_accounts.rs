@@ -547,3 +547,30 @@ async fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// "a wrong signature … → 403 `AuthenticationFailed` with an `AuthenticationErrorDetail` that
+/// says which (never the expected signature)": the answer holds neither the signature the right
+/// key gives nor the key.
+#[tokio::test]
+async fn a_wrong_signature_answer_never_holds_the_expected_one() {
+    within(Duration::from_secs(30), "the test", async {
+        let srv = Server::launch(&["--in-memory"]);
+        let right = srv.client();
+        let wrong = Client::new(&srv.url, common::ACCOUNT, BETA_KEY);
+        let date = common::http_date();
+        let req = wrong.req("GET", "/pools").header("ocp-date", &date);
+        let expected = right.authorization(&req.string_to_sign(common::ACCOUNT));
+        let expected_sig = expected.rsplit(':').next().unwrap().to_string();
+        let r = req.send_within(T).await;
+        assert_eq!((r.status, r.code().as_str()), (403, "AuthenticationFailed"));
+        let detail = r.value("AuthenticationErrorDetail").unwrap_or_default();
+        assert!(detail.contains("signature"), "{detail}");
+        let all = format!("{:?} {}", r.headers, text(&r));
+        assert!(
+            !all.contains(&expected_sig),
+            "the expected signature leaked: {all}"
+        );
+        assert!(!all.contains(KEY), "the key leaked: {all}");
+    })
+    .await;
+}
