@@ -426,3 +426,58 @@ async fn the_generated_certificate_is_reused_until_its_folder_is_deleted() {
     })
     .await;
 }
+
+/// The README's flag table defaults, as `bluebatch serve --help` states them (the fixed default
+/// ports are not bound by tests: other servers share this machine).
+#[tokio::test]
+async fn serve_help_states_the_readme_defaults() {
+    within(Duration::from_secs(30), "the test", async {
+        let out = common::bluebatch_cli(&["serve", "--help"], &[]).await;
+        assert!(out.status.success(), "{out:?}");
+        let help = String::from_utf8(out.stdout).unwrap();
+        let option = |flag: &str| -> String {
+            // The flag's own paragraph: from its line to the next option.
+            let start = help
+                .find(&format!("      {flag}"))
+                .or_else(|| help.find(&format!(", {flag}")))
+                .unwrap_or_else(|| panic!("{flag} missing from serve --help"));
+            let rest = &help[start..];
+            let end = rest[1..].find("\n  -").map_or(rest.len(), |e| e + 1);
+            rest[..end].to_string()
+        };
+        for (flag, default) in [
+            ("--port", "[default: 8521]"),
+            ("--host", "[default: 127.0.0.1]"),
+            ("--data-dir", "[default: bluebatch-data]"),
+            ("--node-step-ms", "[default: 100]"),
+            ("--ssh-bind", "[default: 127.0.0.1]"),
+            ("--ssh-ports", "[default: 20000-29999]"),
+            ("--session-uids", "[default: 2000000000-2000099999]"),
+            ("--max-failed-logins", "[default: 10]"),
+            ("--failed-login-window", "[default: 60s]"),
+            ("--tls-port", "[default: 8522]"),
+            ("--max-body-bytes", "[default: 1048576]"),
+            ("--max-nodes-per-pool", "[default: 10000]"),
+            ("--log-format", "[default: text]"),
+        ] {
+            let text = option(flag);
+            assert!(text.contains(default), "{flag}: {text}");
+        }
+        for flag in [
+            "--in-memory",
+            "--accounts-file",
+            "--no-dev-account",
+            "--seed",
+            "--remote-login-ip",
+            "--admin-gid",
+            "--tls",
+            "--tls-cert",
+            "--tls-key",
+            "--accept-any-api-version",
+        ] {
+            option(flag);
+        }
+        assert!(option("--accounts-file").contains("BLUEBATCH_ACCOUNTS"));
+    })
+    .await;
+}
