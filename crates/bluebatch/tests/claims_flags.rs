@@ -154,7 +154,7 @@ async fn ssh_bind_ports_and_remote_login_ip() {
             "--ssh-bind",
             "127.0.0.5",
             "--ssh-ports",
-            "24310-24313",
+            "24310-24317",
         ]);
         let c = srv.client();
         let nodes = c.ready_pool("p", "linux", 3).await;
@@ -172,7 +172,7 @@ async fn ssh_bind_ports_and_remote_login_ip() {
             );
             let port = v["remoteLoginPort"].as_u64().unwrap() as u16;
             assert!(
-                (24310..=24313).contains(&port),
+                (24310..=24317).contains(&port),
                 "{port} outside --ssh-ports"
             );
             // The node's endpointConfiguration names the same endpoint.
