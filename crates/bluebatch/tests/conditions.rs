@@ -309,3 +309,94 @@ async fn writes_with_conditions_that_hold_succeed() {
     })
     .await;
 }
+
+/// If-Match compares strongly (RFC 9110 §13.1.1): a weak entity tag never matches, even the
+/// pool's own, so reads and writes answer 412 ConditionNotMet and nothing changes; a strong tag
+/// beside it in the list still matches. If-None-Match compares weakly: `W/"<etag>"` matches the
+/// pool's ETag (304 on reads, 412 on writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weak_etag_never_satisfies_if_match_but_satisfies_if_none_match() {
+    within(Duration::from_secs(60), "the test", async {
+        let srv = Server::start();
+        let c = srv.client();
+        c.ready_pool("weak", "linux", 0).await;
+        let v = steady(&c, "weak").await;
+        let (etag, _) = etag_and_date(&v, 0);
+        let weak = [format!("W/\"{etag}\""), format!("W/{etag}")];
+        for value in &weak {
+            for method in ["GET", "HEAD"] {
+                let r = c
+                    .req(method, "/pools/weak")
+                    .header("if-match", value)
+                    .send_within(REQ)
+                    .await;
+                assert_eq!(r.status, 412, "{method} If-Match: {value}: {}", text(&r));
+                if method == "GET" {
+                    assert_eq!(r.code(), "ConditionNotMet", "{method} If-Match: {value}");
+                }
+            }
+            let r = c
+                .req("POST", "/pools/weak/resize")
+                .header("if-match", value)
+                .json(&json!({"targetDedicatedNodes": 1}))
+                .send_within(REQ)
+                .await;
+            assert_eq!(
+                (r.status, r.code().as_str()),
+                (412, "ConditionNotMet"),
+                "Resize If-Match: {value}: {}",
+                text(&r)
+            );
+            let r = c
+                .req("DELETE", "/pools/weak")
+                .header("if-match", value)
+                .send_within(REQ)
+                .await;
+            assert_eq!(
+                (r.status, r.code().as_str()),
+                (412, "ConditionNotMet"),
+                "Delete If-Match: {value}: {}",
+                text(&r)
+            );
+        }
+        // Nothing changed: same ETag, no resize, the pool still there.
+        let after = get(&c, "weak").await;
+        assert_eq!(after["eTag"], v["eTag"]);
+        assert_eq!(after["targetDedicatedNodes"], 0);
+        assert_eq!(after["state"], "active");
+        // A strong tag in the same list matches.
+        let list = format!("W/\"{etag}\", \"{etag}\"");
+        let r = c
+            .req("GET", "/pools/weak")
+            .header("if-match", &list)
+            .send_within(REQ)
+            .await;
+        assert_eq!(r.status, 200, "If-Match: {list}: {}", text(&r));
+        // If-None-Match compares weakly: the weak spelling of the pool's ETag matches.
+        for value in &weak {
+            let r = c
+                .req("GET", "/pools/weak")
+                .header("if-none-match", value)
+                .send_within(REQ)
+                .await;
+            assert_eq!(
+                (r.status, r.body.len()),
+                (304, 0),
+                "GET If-None-Match: {value}"
+            );
+            let r = c
+                .req("POST", "/pools/weak/resize")
+                .header("if-none-match", value)
+                .json(&json!({"targetDedicatedNodes": 1}))
+                .send_within(REQ)
+                .await;
+            assert_eq!(
+                (r.status, r.code().as_str()),
+                (412, "ConditionNotMet"),
+                "Resize If-None-Match: {value}"
+            );
+        }
+        assert_eq!(get(&c, "weak").await["eTag"], v["eTag"]);
+    })
+    .await;
+}

@@ -21,10 +21,21 @@ pub enum Failed {
     ConditionNotMet,
 }
 
-fn etag_matches(list: &str, etag: &str) -> bool {
-    list.split(',')
-        .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
-        .any(|t| t == "*" || t == etag)
+/// Whether `list` (an If-Match or If-None-Match value: `*` or entity tags, quoted or, as Batch
+/// clients send them, bare) names `etag`. `strong` is If-Match's comparison (RFC 9110 §13.1.1):
+/// a weak tag (`W/"…"`) never matches, since the service's ETags are all strong. If-None-Match
+/// compares weakly (§13.1.2): `W/"…"` matches the same tag.
+fn etag_matches(list: &str, etag: &str, strong: bool) -> bool {
+    list.split(',').map(str::trim).any(|t| {
+        if t == "*" {
+            return true;
+        }
+        let (weak, tag) = match t.strip_prefix("W/") {
+            Some(rest) => (true, rest),
+            None => (false, t),
+        };
+        !(weak && strong) && tag.trim_matches('"') == etag
+    })
 }
 
 impl Conditions {
@@ -64,7 +75,7 @@ impl Conditions {
     ) -> Result<(), Failed> {
         let lm = last_modified.replace_nanosecond(0).unwrap_or(last_modified);
         if let Some(m) = &self.if_match
-            && !etag_matches(m, etag)
+            && !etag_matches(m, etag, true)
         {
             return Err(Failed::ConditionNotMet);
         }
@@ -80,7 +91,7 @@ impl Conditions {
             Failed::ConditionNotMet
         };
         if let Some(m) = &self.if_none_match {
-            if etag_matches(m, etag) {
+            if etag_matches(m, etag, false) {
                 return Err(not_modified);
             }
         } else if let Some(t) = self.if_modified_since
@@ -142,6 +153,24 @@ mod tests {
             Err(Failed::ConditionNotMet)
         );
         assert!(conds(&[]).check(e, lm, false).is_ok());
+        // If-Match compares strongly: a weak tag never matches, alone or in a list.
+        for weak in ["W/\"0x8D1\"", "W/0x8D1", "W/\"0x8D2\", W/\"0x8D1\""] {
+            let c = Conditions {
+                if_match: Some(weak.into()),
+                ..Default::default()
+            };
+            assert_eq!(c.check(e, lm, true), Err(Failed::ConditionNotMet), "{weak}");
+        }
+        assert!(
+            conds(&[("if-match", "W/\"0x8D2\", \"0x8D1\"")])
+                .check(e, lm, true)
+                .is_ok()
+        );
+        // If-None-Match compares weakly: `W/"0x8D1"` matches 0x8D1.
+        assert_eq!(
+            conds(&[("if-none-match", "W/\"0x8D1\"")]).check(e, lm, true),
+            Err(Failed::NotModified)
+        );
         let mut h = HeaderMap::new();
         h.insert("if-modified-since", HeaderValue::from_static("yesterday"));
         assert_eq!(
