@@ -737,6 +737,18 @@ async fn accept_error(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+/// The listen backlog: connections the kernel completes before they are accepted. tokio
+/// listens with 128, which a burst of connections overflows (the kernel then drops SYNs, and
+/// each such client waits a second for its retry); the kernel caps this at `somaxconn`.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+fn with_backlog(listener: TcpListener) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::from(listener.into_std()?);
+    // Listening again on a listening socket changes its backlog.
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Serves `router` on `listener` (over TLS when `tls` is given) within `limits` until
 /// `shutdown` resolves; then stops accepting, closes the connections not in a request, and
 /// waits up to [`SHUTDOWN_GRACE`] for the requests in flight.
@@ -747,6 +759,7 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
+    let listener = with_backlog(listener)?;
     let registry = Arc::new(Registry::new(limits.clone()));
     let reaper = tokio::spawn(registry.clone().run_reaper());
     let (stop_tx, stop) = watch::channel(false);
