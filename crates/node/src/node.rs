@@ -183,15 +183,16 @@ pub(crate) struct ConnCtl {
 }
 
 impl ConnCtl {
-    /// Ends the connection: kills its processes now and asks its task to disconnect.
+    /// Ends the connection: asks its task to disconnect and kills its processes now (in that
+    /// order, so the disconnect naming the reason usually reaches the client before the
+    /// processes' exit does).
     pub fn terminate(&self) {
         self.killed.store(true, Ordering::SeqCst);
+        self.kill.notify_one();
         let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
         for leader in leaders.iter() {
             leader.signal(libc::SIGKILL);
         }
-        drop(leaders);
-        self.kill.notify_one();
     }
 
     /// Ends the connection, telling the client why.
