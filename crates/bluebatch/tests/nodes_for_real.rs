@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Client, Server, keypair, ssh_key, ssh_password};
+use common::{Client, Server, SshOutcome, host_key_read, keypair, ssh_key_outcome};
 use serde_json::{Value, json};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,12 +26,30 @@ async fn update(c: &Client, pool: &str, node: &str, name: &str, body: Value) {
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
 }
 
-/// Runs the blocking ssh client off the async runtime.
-async fn pw(port: u16, user: &str, password: &str) -> i32 {
-    let (u, p) = (user.to_string(), password.to_string());
-    tokio::task::spawn_blocking(move || ssh_password(port, &u, &p, "echo ok").0)
-        .await
-        .unwrap()
+/// A password login over the real OpenSSH client running `echo ok` (bounded by
+/// `common::SSH_DEADLINE`): accepted, refused by sshd, or no answer, told apart.
+async fn pw(port: u16, user: &str, password: &str) -> SshOutcome {
+    common::ssh_password_outcome(port, user, password, "127.0.0.1", "echo ok").await
+}
+
+/// Panics unless the login was accepted and ran the command.
+async fn accepted(port: u16, user: &str, password: &str, what: &str) {
+    let out = pw(port, user, password).await;
+    assert_eq!(out.stdout(what).trim(), "ok", "{what}");
+}
+
+/// Panics unless the node answered and refused the login (a node that did not answer fails).
+async fn refused(port: u16, user: &str, password: &str, what: &str) {
+    assert_eq!(
+        pw(port, user, password).await,
+        SshOutcome::Refused,
+        "{what}"
+    );
+}
+
+/// A login with one key file only, running `echo ok`.
+async fn with_key(port: u16, user: &str, key: &std::path::Path) -> SshOutcome {
+    ssh_key_outcome(port, user, key, "127.0.0.1", "echo ok").await
 }
 
 #[tokio::test]
@@ -45,34 +63,25 @@ async fn update_user_takes_effect_on_the_node_before_200() {
     let (key, public) = keypair(dir.path(), "k1");
 
     user(&c, "p", n, json!({"name": "alice", "password": "first-pw"})).await;
-    assert_eq!(pw(port, "alice", "first-pw").await, 0);
+    accepted(port, "alice", "first-pw", "the first password").await;
     update(&c, "p", n, "alice", json!({"password": "second-pw"})).await;
-    assert_ne!(
-        pw(port, "alice", "first-pw").await,
-        0,
-        "the old password stops at once"
-    );
-    assert_eq!(pw(port, "alice", "second-pw").await, 0);
+    refused(port, "alice", "first-pw", "the old password stops at once").await;
+    accepted(port, "alice", "second-pw", "the new password").await;
     // Key only: the password is removed, the key works.
     update(&c, "p", n, "alice", json!({"sshPublicKey": public})).await;
-    assert_ne!(pw(port, "alice", "second-pw").await, 0);
-    let k = key.clone();
+    refused(port, "alice", "second-pw", "the password is removed").await;
     assert_eq!(
-        tokio::task::spawn_blocking(move || ssh_key(port, "alice", &k, "echo ok").0)
-            .await
-            .unwrap(),
-        0
+        with_key(port, "alice", &key).await.stdout("the key").trim(),
+        "ok"
     );
     // An update without the key removes it.
     update(&c, "p", n, "alice", json!({"password": "third-pw"})).await;
-    let k = key.clone();
-    assert_ne!(
-        tokio::task::spawn_blocking(move || ssh_key(port, "alice", &k, "echo ok").0)
-            .await
-            .unwrap(),
-        0
+    assert_eq!(
+        with_key(port, "alice", &key).await,
+        SshOutcome::Refused,
+        "the key is removed"
     );
-    assert_eq!(pw(port, "alice", "third-pw").await, 0);
+    accepted(port, "alice", "third-pw", "the third password").await;
     // A bad request changes nothing on the node.
     let r = c
         .req("PUT", &Client::user_path("p", n, "alice"))
@@ -80,7 +89,7 @@ async fn update_user_takes_effect_on_the_node_before_200() {
         .send()
         .await;
     assert_eq!(r.status, 400);
-    assert_eq!(pw(port, "alice", "third-pw").await, 0);
+    accepted(port, "alice", "third-pw", "a bad request changes nothing").await;
     // A past expiry is accepted, and the account cannot log in.
     update(
         &c,
@@ -90,7 +99,7 @@ async fn update_user_takes_effect_on_the_node_before_200() {
         json!({"password": "third-pw", "expiryTime": "2016-11-27T00:45:48.7320857Z"}),
     )
     .await;
-    assert_ne!(pw(port, "alice", "third-pw").await, 0);
+    refused(port, "alice", "third-pw", "an expired account").await;
     // What the node applied agrees with what the API recorded.
     let users = c
         .control("GET", &format!("/pools/p/nodes/{n}/users"))
@@ -152,7 +161,7 @@ async fn delete_refuses_login_and_ends_open_sessions() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(!status.success());
-    assert_ne!(pw(port, "bob", "pw-bob").await, 0);
+    refused(port, "bob", "pw-bob", "a deleted account").await;
 }
 
 #[tokio::test]
@@ -214,10 +223,9 @@ async fn each_state_gives_its_409_and_reboot_keeps_users_reimage_removes_them() 
     assert_eq!(r.status, 200);
     update(&c, "p", n, "u", json!({"password": "pw"})).await;
     let port = c.ssh_port("p", n).await;
-    assert_eq!(pw(port, "u", "pw").await, 0);
-    let host_key = || common::host_key(port);
-    let key_before = host_key();
-    assert!(!key_before.is_empty());
+    accepted(port, "u", "pw", "before the reboot").await;
+    // host_key_read panics when no key was read: the comparisons below cannot pass on nothing.
+    let key_before = host_key_read(port).await;
     // Reboot: the node is `rebooting` at once (SDK pollers look right away), then idle, users kept.
     assert_eq!(
         c.req("POST", &format!("/pools/p/nodes/{n}/reboot"))
@@ -235,8 +243,12 @@ async fn each_state_gives_its_409_and_reboot_keeps_users_reimage_removes_them() 
         "rebooting"
     );
     wait_state(&c, "p", n, "idle").await;
-    assert_eq!(pw(port, "u", "pw").await, 0);
-    assert_eq!(host_key(), key_before, "a reboot keeps the host key");
+    accepted(port, "u", "pw", "a reboot keeps the users").await;
+    assert_eq!(
+        host_key_read(port).await,
+        key_before,
+        "a reboot keeps the host key"
+    );
     // Reimage: users gone, new host key.
     assert_eq!(
         c.req("POST", &format!("/pools/p/nodes/{n}/reimage"))
@@ -253,8 +265,12 @@ async fn each_state_gives_its_409_and_reboot_keeps_users_reimage_removes_them() 
         "reimaging"
     );
     wait_state(&c, "p", n, "idle").await;
-    assert_ne!(host_key(), key_before, "a reimage gives a new host key");
-    assert_ne!(pw(port, "u", "pw").await, 0);
+    assert_ne!(
+        host_key_read(port).await,
+        key_before,
+        "a reimage gives a new host key"
+    );
+    refused(port, "u", "pw", "a reimage removes the users").await;
     assert_eq!(
         c.req("PUT", &Client::user_path("p", n, "u"))
             .json(&json!({}))
@@ -324,30 +340,24 @@ async fn moving_the_clock_expires_accounts_exactly_at_the_day_boundary() {
         (refused_from - clock_now(&c).await).whole_seconds() - 60,
     )
     .await;
-    assert_eq!(
-        pw(port, "dflt", "pw").await,
-        0,
-        "usable until the end of the day"
-    );
+    accepted(port, "dflt", "pw", "usable until the end of the day").await;
     advance(&c, 120).await;
-    assert_ne!(
-        pw(port, "dflt", "pw").await,
-        0,
-        "refused from 00:00 UTC of the next day"
-    );
+    refused(port, "dflt", "pw", "refused from 00:00 UTC of the next day").await;
     // An explicit expiry at 00:30 today: usable until midnight, not beyond.
     let now = clock_now(&c).await;
     let expiry = now.replace_time(time::macros::time!(0:30));
     user(&c, "p", n, json!({"name": "expl", "password": "pw", "expiryTime": bluebatch_core::timefmt::iso(expiry)})).await;
     let midnight = now.replace_time(time::Time::MIDNIGHT) + time::Duration::days(1);
     advance(&c, (midnight - clock_now(&c).await).whole_seconds() - 60).await;
-    assert_eq!(
-        pw(port, "expl", "pw").await,
-        0,
-        "day precision: still usable after 00:30"
-    );
+    accepted(
+        port,
+        "expl",
+        "pw",
+        "day precision: still usable after 00:30",
+    )
+    .await;
     advance(&c, 120).await;
-    assert_ne!(pw(port, "expl", "pw").await, 0);
+    refused(port, "expl", "pw", "refused from the next midnight").await;
 }
 
 #[tokio::test]
@@ -384,7 +394,7 @@ async fn seed_file_and_control_cli() {
     );
     for n in &nodes {
         let port = c.ssh_port("ci", n).await;
-        assert_eq!(pw(port, "ci", "seeded-pw").await, 0);
+        accepted(port, "ci", "seeded-pw", "the seeded account").await;
     }
     let cli = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
@@ -431,7 +441,7 @@ async fn seed_file_and_control_cli() {
     );
     // The clock moved two days: the seeded accounts (default expiry) no longer log in.
     let port = c.ssh_port("ci", &nodes[1]).await;
-    assert_ne!(pw(port, "ci", "seeded-pw").await, 0);
+    refused(port, "ci", "seeded-pw", "a seeded account two days later").await;
     let (ok, _, _) = cli(&["reset"]);
     assert!(ok);
     assert_eq!(
@@ -447,7 +457,6 @@ async fn seed_file_and_control_cli() {
 async fn after_a_restart_every_node_is_back_with_its_accounts_port_and_host_key() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap().to_string();
-    let scan = common::host_key;
     let (nodes, ports, keys) = {
         let mut srv = Server::start_with(&["--data-dir", &data]);
         let c = srv.client();
@@ -458,27 +467,32 @@ async fn after_a_restart_every_node_is_back_with_its_accounts_port_and_host_key(
             update(&c, "p", n, "keeper", json!({"password": "pw-2"})).await;
             ports.push(c.ssh_port("p", n).await);
         }
-        let keys: Vec<String> = ports.iter().map(|p| scan(*p)).collect();
+        let mut keys = Vec::new();
+        for p in &ports {
+            keys.push(host_key_read(*p).await);
+        }
         srv.stop(); // SIGTERM: endpoints go down with the server
         (nodes, ports, keys)
     };
     for p in &ports {
-        assert_ne!(
-            pw(*p, "keeper", "pw-2").await,
-            0,
-            "nothing listens while the server is down"
+        let out = pw(*p, "keeper", "pw-2").await;
+        assert!(
+            matches!(out, SshOutcome::Unreachable(_)),
+            "nothing listens while the server is down: {out:?}"
         );
     }
     let srv = Server::start_with(&["--data-dir", &data]);
     let c = srv.client();
     for (i, n) in nodes.iter().enumerate() {
         assert_eq!(c.ssh_port("p", n).await, ports[i]);
-        assert_eq!(
-            pw(ports[i], "keeper", "pw-2").await,
-            0,
-            "the account is back, with its last password"
-        );
-        assert_ne!(pw(ports[i], "keeper", "pw-1").await, 0);
-        assert_eq!(scan(ports[i]), keys[i], "same host key");
+        accepted(
+            ports[i],
+            "keeper",
+            "pw-2",
+            "the account is back, with its last password",
+        )
+        .await;
+        refused(ports[i], "keeper", "pw-1", "the old password").await;
+        assert_eq!(host_key_read(ports[i]).await, keys[i], "same host key");
     }
 }
