@@ -75,9 +75,11 @@ impl Default for HttpLimits {
 
 impl HttpLimits {
     /// hyper's own bound on the head, above ours: a head between the two is answered with a
-    /// Batch error by the request pipeline; beyond this hyper answers a bare 431.
+    /// Batch error by the request pipeline; beyond this hyper answers a bare 431. At least
+    /// 96 KiB, so that a request target longer than the http crate's 64 KiB still reads hyper's
+    /// 414 URI Too Long.
     pub fn hyper_max_head_bytes(&self) -> usize {
-        self.max_head_bytes.saturating_mul(2).max(16 << 10)
+        self.max_head_bytes.saturating_mul(2).max(96 << 10)
     }
     /// hyper's own bound on the header count, above ours (as [`Self::hyper_max_head_bytes`]).
     pub fn hyper_max_headers(&self) -> usize {
