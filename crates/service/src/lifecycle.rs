@@ -28,6 +28,24 @@ use tokio::time::Instant;
 /// (`None`: its own request is still at work, not due until that request schedules it).
 pub(crate) type Due = Mutex<HashMap<String, (NodeState, Option<Instant>)>>;
 
+/// See [`Service::step_after`].
+pub(crate) struct StepAfter {
+    svc: Service,
+    account: String,
+    pool_key: String,
+    node_id: String,
+}
+
+impl Drop for StepAfter {
+    fn drop(&mut self) {
+        // Outside a runtime (the process is ending) there is nothing left to step.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.svc
+                .schedule_node(&self.account, &self.pool_key, &self.node_id);
+        }
+    }
+}
+
 fn is_transitional(s: NodeState) -> bool {
     matches!(
         s,
@@ -124,6 +142,18 @@ impl Service {
     /// that node's step starts now.
     pub(crate) fn schedule_node(&self, account: &str, pool_key: &str, node_id: &str) {
         self.schedule_with(account, pool_key, Some(node_id));
+    }
+
+    /// For a node just held with [`Service::hold_step`]: schedules its step when dropped, at the
+    /// end of its request or when the request is dropped midway (its connection gone), so a
+    /// held node never stays between states.
+    pub(crate) fn step_after(&self, account: &str, pool_key: &str, node_id: &str) -> StepAfter {
+        StepAfter {
+            svc: self.clone(),
+            account: account.to_string(),
+            pool_key: pool_key.to_string(),
+            node_id: node_id.to_string(),
+        }
     }
 
     fn schedule_with(&self, account: &str, pool_key: &str, restamp: Option<&str>) {

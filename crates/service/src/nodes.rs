@@ -168,6 +168,7 @@ impl Service {
             ops.push(put_json(node_record(account, &pool_id, node), &n.node));
             (self.submit(ops), key, os == Os::Linux)
         };
+        let step = self.step_after(account, &pool_key(pool), node);
         pending.durable().await?;
         if linux {
             // The reboot drops every session; the endpoint is back (same port) when the node is.
@@ -185,7 +186,7 @@ impl Service {
                 tracing::warn!(node = %key, "node endpoint did not restart: {e}");
             }
         }
-        self.schedule_node(account, &pool_key(pool), node);
+        drop(step); // the node's step starts now
         Ok(())
     }
 

@@ -354,3 +354,39 @@ async fn a_removed_node_leaves_after_its_own_step() {
     })
     .await;
 }
+
+/// A reimage request dropped while it is at work (its client gone) still leaves the node to
+/// take its step: it comes back `idle`, with no users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reimage_dropped_midway_still_ends_idle() {
+    deadline(async {
+        let nodes = TestNodes::new(AckMode::AtOnce);
+        let fabric = Arc::new(SlowReimage {
+            inner: nodes.clone(),
+            delay: STEP * 2,
+        });
+        let h = Harness::in_memory_through(slow_steps(), nodes, fabric).await;
+        let ids = h.pool("p", Os::Linux, 2).await;
+        let (a, b) = (ids[0].clone(), ids[1].clone());
+        h.add("p", &a, user("gone")).await.expect("Add User");
+        let svc = h.svc.clone();
+        let a2 = a.clone();
+        let reimage = tokio::spawn(async move { svc.reimage_node(ACCOUNT, "p", &a2).await });
+        let asked = Instant::now();
+        while state_of(&h, "p", &a) != NodeState::Reimaging {
+            assert!(asked.elapsed() < STEP, "the reimage did not begin");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(STEP / 2).await;
+        reimage.abort();
+        assert!(
+            reimage.await.expect_err("aborted").is_cancelled(),
+            "the reimage was dropped midway"
+        );
+        // Another node's step comes and goes meanwhile.
+        h.svc.reboot_node(ACCOUNT, "p", &b).await.expect("reboot B");
+        h.wait_idle("p", 2).await;
+        assert!(h.stored("p", &a).is_empty(), "the reimage wiped A's users");
+    })
+    .await;
+}
