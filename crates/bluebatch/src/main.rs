@@ -51,7 +51,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the Batch API (pools, compute nodes, node users) and the nodes' SSH endpoints.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Mint a bearer token for local development (printed on stdout), signed with the HS256
     /// secret or an RS256 private key.
     Token(token::TokenArgs),
@@ -118,7 +118,7 @@ fn main() -> std::process::ExitCode {
         .expect("building the tokio runtime");
     let target = &cli.target;
     let result = match cli.command {
-        Command::Serve(args) => rt.block_on(serve::run(args)),
+        Command::Serve(args) => rt.block_on(serve::run(*args)),
         Command::Token(args) => token::run(args, target.explicit_account()),
         Command::Pool { cmd } => rt.block_on(cli::pool(target, cmd)),
         Command::Node { cmd } => rt.block_on(control::node(target, cmd)),

@@ -98,6 +98,14 @@ pub struct ServeArgs {
     /// MaxSessions); a login past it is refused with "too many sessions on this node".
     #[arg(long, default_value_t = 32, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     ssh_max_sessions: u32,
+    /// SSH connections not logged in yet across every node of this server together (each holds
+    /// two descriptors); more are closed at once, before the banner.
+    #[arg(long, default_value_t = 2048, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    ssh_max_startups_total: u32,
+    /// SSH connections not logged in yet from one source address (IPv6: one /64) across every
+    /// node of this server; more from that address are closed at once. "none" turns it off.
+    #[arg(long, default_value = "64", value_parser = parse_per_source, value_name = "N|none")]
+    ssh_per_source_max_startups_total: PerSource,
     /// HTTP(S) connections open at once, per listener. At the bound a new connection closes the
     /// one that has used the largest share of its deadline among those waiting for a request
     /// head, idle, or stalled; connections working on a request are kept.
@@ -282,6 +290,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             max_startups: args.ssh_max_startups,
             per_source_max_startups: args.ssh_per_source_max_startups.0,
             max_sessions_per_node: args.ssh_max_sessions as usize,
+            max_startups_total: args.ssh_max_startups_total as usize,
+            per_source_max_startups_total: args.ssh_per_source_max_startups_total.0,
             session_uids: parse_uids(&args.session_uids)?,
             admin_gid: args.admin_gid,
             ..SshConfig::default()

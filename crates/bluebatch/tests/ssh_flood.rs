@@ -520,6 +520,83 @@ async fn max_startups_bounds_a_node_flooded_from_many_addresses() {
     drop(all);
 }
 
+/// The process-wide startup caps (--ssh-per-source-max-startups-total 15,
+/// --ssh-max-startups-total 25) across a pool's three nodes: one address holds at most 15
+/// startups over all the nodes (10 on the first, 5 on the second), every address together 25;
+/// past that, new connections to any node are shed at once, before the banner, and once the
+/// flood is gone a real login goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn startups_are_bounded_across_the_nodes_of_the_server() {
+    if !have_ssh_client() {
+        return;
+    }
+    let server = Server::start_with(&[
+        "--in-memory",
+        "--ssh-per-source-max-startups-total",
+        "15",
+        "--ssh-max-startups-total",
+        "25",
+    ]);
+    let c = server.client();
+    let nodes = within(
+        Duration::from_secs(30),
+        "pool ready",
+        c.ready_pool("p", "linux", 3),
+    )
+    .await;
+    let mut ports = Vec::new();
+    for n in &nodes {
+        let r = c
+            .req("POST", &format!("/pools/p/nodes/{n}/users"))
+            .json(&json!({"name": USER, "password": PW}))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+        ports.push(c.ssh_port("p", n).await);
+    }
+    let hold = Duration::from_millis(300);
+    let taken = |seen: &[Seen]| {
+        seen.iter()
+            .filter(|s| s.banner && s.closed_after.is_none())
+            .count()
+    };
+    let a1 = flood(src(2), ports[0], 12, hold, false).await;
+    assert_eq!(taken(&a1), PER_SOURCE, "the node's per-source cap first");
+    let a2 = flood(src(2), ports[1], 12, hold, false).await;
+    assert_eq!(taken(&a2), 5, "the source's 15 across the server");
+    let b = flood(src(3), ports[1], 12, hold, false).await;
+    assert_eq!(taken(&b), PER_SOURCE, "another source gets in");
+    let d = flood(src(4), ports[2], 5, hold, false).await;
+    assert_eq!(taken(&d), 0, "the server's 25 in all");
+    for s in a1
+        .iter()
+        .chain(&a2)
+        .chain(&b)
+        .chain(&d)
+        .filter(|s| !s.banner)
+    {
+        let after = s.closed_after.expect("shed");
+        assert!(after < Duration::from_secs(2), "shed after {after:?}");
+    }
+    let (code, _, err, _) = ssh(ports[2], "127.0.0.1", "true").await;
+    assert_eq!(code, 255, "{err}");
+    assert!(err.contains("kex_exchange_identification"), "{err}");
+    drop((a1, a2, b, d));
+    let deadline = Instant::now() + T;
+    loop {
+        let (code, out, err, _) = ssh(ports[2], "127.0.0.1", "echo freed").await;
+        if code == 0 {
+            assert_eq!(out.trim(), "freed");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed startups take no login: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The flags' values are checked at start: a bad --ssh-max-startups or
 /// --ssh-per-source-max-startups or --ssh-max-sessions is refused with a message, not served.
 #[test]
@@ -530,6 +607,8 @@ fn startup_flags_are_checked() {
         ("--ssh-max-startups", "0"),
         ("--ssh-per-source-max-startups", "0"),
         ("--ssh-max-sessions", "0"),
+        ("--ssh-max-startups-total", "0"),
+        ("--ssh-per-source-max-startups-total", "0"),
         ("--ssh-login-grace-time", "0s"),
     ] {
         let out = std::process::Command::new("timeout")

@@ -64,6 +64,10 @@
 //! start:rate:full); a connection past these caps is closed at once, before the SSH banner,
 //! after one line saying why (`bluebatch: too many unauthenticated connections from this
 //! source, try again later`), so one address flooding a node costs other addresses nothing.
+//! Across every node of the process, startups are bounded too, in all
+//! ([`SshConfig::max_startups_total`]) and per source
+//! ([`SshConfig::per_source_max_startups_total`]), so that a flood spread over many nodes
+//! cannot exhaust the process's descriptors nor one address take every node's startups.
 //! A startup that has not logged in within [`SshConfig::login_grace`] is closed (told why in
 //! an SSH disconnect once past its key exchange). Logged-in connections (sessions) do not
 //! count against the startup caps; they are bounded by [`SshConfig::max_sessions_per_node`]
@@ -151,6 +155,14 @@ pub struct SshConfig {
     /// still get in. `None`: no per-source cap. Default `Some(10)`; below `max_startups.start`
     /// so that up to three flooding addresses never cost a fourth address its logins.
     pub per_source_max_startups: Option<usize>,
+    /// Startups of every node of this process together: more are closed at once (before the
+    /// banner). Each startup holds two descriptors, so this bounds what a flood spread over
+    /// many nodes costs the process. Default 2048.
+    pub max_startups_total: usize,
+    /// Startups from one source address (IPv6: one /64) across every node of this process:
+    /// more from it are closed at once, so that one address cannot take every node's startups.
+    /// `None`: no such cap. Default `Some(64)`.
+    pub per_source_max_startups_total: Option<usize>,
 }
 
 /// OpenSSH's `MaxStartups` start:rate:full: how many connections that have not logged in yet
@@ -249,6 +261,8 @@ impl Default for SshConfig {
             login_grace: Duration::from_secs(30),
             max_startups: MaxStartups::default(),
             per_source_max_startups: Some(10),
+            max_startups_total: 2048,
+            per_source_max_startups_total: Some(64),
         }
     }
 }
@@ -289,6 +303,8 @@ pub(crate) struct Inner {
     sweeper_started: AtomicBool,
     /// Ports held by our listeners, skipped when picking a free one.
     held_ports: Mutex<HashSet<u16>>,
+    /// The startups of every node, bounded together.
+    pub startup_pool: Arc<node::StartupPool>,
 }
 
 impl SshNodes {
@@ -300,8 +316,13 @@ impl SshNodes {
         if let Ok(abs) = std::path::absolute(&config.data_dir) {
             config.data_dir = abs;
         }
+        let startup_pool = Arc::new(node::StartupPool::new(
+            config.max_startups_total,
+            config.per_source_max_startups_total,
+        ));
         Arc::new(SshNodes {
             inner: Arc::new(Inner {
+                startup_pool,
                 config,
                 clock,
                 nodes: RwLock::new(HashMap::new()),

@@ -89,10 +89,68 @@ struct ConnEntry {
     startup: bool,
     /// Sessions the node takes at once, as configured when the connection came.
     max_sessions: usize,
+    /// The process-wide startup count this startup is part of.
+    pool: Arc<StartupPool>,
+}
+
+/// The startups of every node of this process, bounded in all and per source address, so that
+/// a flood spread over many nodes cannot exhaust the process's descriptors (each startup holds
+/// two) nor one address take every node's startups.
+pub(crate) struct StartupPool {
+    counts: Mutex<PoolCounts>,
+    max_total: usize,
+    per_source: Option<usize>,
+}
+
+#[derive(Default)]
+struct PoolCounts {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+impl StartupPool {
+    pub fn new(max_total: usize, per_source: Option<usize>) -> Self {
+        StartupPool {
+            counts: Mutex::new(PoolCounts::default()),
+            max_total,
+            per_source,
+        }
+    }
+
+    fn admit(&self, source: IpAddr) -> Result<(), Shed> {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let from_source = c.by_source.get(&source).copied().unwrap_or(0);
+        if self.per_source.is_some_and(|cap| from_source >= cap) {
+            return Err(Shed::ServerPerSource);
+        }
+        if c.total >= self.max_total {
+            return Err(Shed::ServerTotal);
+        }
+        c.total += 1;
+        *c.by_source.entry(source).or_insert(0) += 1;
+        Ok(())
+    }
+
+    fn release(&self, source: IpAddr) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_source.remove(&source);
+            }
+        }
+    }
+
+    /// Startups of every node right now.
+    #[cfg(test)]
+    pub fn total(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
 }
 
 /// The limits a new connection is admitted under.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct Admission {
     /// Startups of the node at once: `MaxStartups` start:rate:full.
     pub max_startups: crate::MaxStartups,
@@ -100,6 +158,8 @@ pub(crate) struct Admission {
     pub per_source: Option<usize>,
     /// Logged-in connections of the node at once.
     pub max_sessions: usize,
+    /// The startups of every node of the process.
+    pub pool: Arc<StartupPool>,
 }
 
 /// Why a new connection was closed at once.
@@ -109,6 +169,10 @@ pub(crate) enum Shed {
     PerSource,
     /// The node's startups are at `full`, or past `start` and this one was drawn.
     MaxStartups,
+    /// Its source already has that many startups across every node of the process.
+    ServerPerSource,
+    /// Every node of the process together has its maximum of startups.
+    ServerTotal,
 }
 
 impl Shed {
@@ -116,6 +180,10 @@ impl Shed {
         match self {
             Shed::PerSource => "too many unauthenticated connections from this source",
             Shed::MaxStartups => "too many unauthenticated connections to this node",
+            Shed::ServerPerSource => {
+                "too many unauthenticated connections from this source to this server's nodes"
+            }
+            Shed::ServerTotal => "too many unauthenticated connections to this server's nodes",
         }
     }
 }
@@ -257,6 +325,7 @@ impl Drop for ConnSlot {
         if let Some(entry) = conns.map.remove(&self.id) {
             if entry.startup {
                 conns.end_startup(entry.source);
+                entry.pool.release(entry.source);
             } else {
                 conns.sessions = conns.sessions.saturating_sub(1);
             }
@@ -378,6 +447,7 @@ impl Node {
         {
             return Err(Shed::MaxStartups);
         }
+        limits.pool.admit(source)?;
         conns.startups += 1;
         *conns.startups_by_source.entry(source).or_insert(0) += 1;
         conns.map.insert(
@@ -388,6 +458,7 @@ impl Node {
                 source,
                 startup: true,
                 max_sessions: limits.max_sessions,
+                pool: limits.pool.clone(),
             },
         );
         self.open_conns.fetch_add(1, Ordering::SeqCst);
@@ -468,6 +539,7 @@ impl Node {
         }
         entry.startup = false;
         let source = entry.source;
+        entry.pool.release(source);
         conns.end_startup(source);
         conns.sessions += 1;
         Ok(())
@@ -751,6 +823,7 @@ mod tests {
             },
             per_source,
             max_sessions: sessions,
+            pool: Arc::new(StartupPool::new(1000, None)),
         }
     }
 
@@ -826,6 +899,39 @@ mod tests {
         assert!(ctl.reason().unwrap().contains("too many sessions"));
         assert_eq!(node.conn_counts(), (1, 1));
         assert_eq!(node.login(3, "u", now), Err(LoginBlocked::AccountGone));
+    }
+
+    #[test]
+    fn the_process_wide_pool_bounds_startups_across_nodes() {
+        let pool = Arc::new(StartupPool::new(5, Some(3)));
+        let mut lim = limits(100, 100, Some(10), 10);
+        lim.pool = pool.clone();
+        let (a, b) = (
+            Arc::new(Node::new("a".into())),
+            Arc::new(Node::new("b".into())),
+        );
+        let mut held = Vec::new();
+        for id in 0..3 {
+            held.push(a.open_conn(id, Arc::default(), IP, &lim).unwrap());
+        }
+        assert_eq!(
+            b.open_conn(3, Arc::default(), IP, &lim).err(),
+            Some(Shed::ServerPerSource),
+            "one source's startups count on every node"
+        );
+        held.push(b.open_conn(4, Arc::default(), OTHER, &lim).unwrap());
+        held.push(b.open_conn(5, Arc::default(), OTHER, &lim).unwrap());
+        assert_eq!(
+            b.open_conn(6, Arc::default(), OTHER, &lim).err(),
+            Some(Shed::ServerTotal)
+        );
+        assert_eq!(pool.total(), 5);
+        let now = OffsetDateTime::now_utc();
+        b.apply(1, AccountChange::Upsert(account("u")), now);
+        assert_eq!(b.login(4, "u", now), Ok(()));
+        assert_eq!(pool.total(), 4, "a login leaves the pool");
+        drop(held);
+        assert_eq!(pool.total(), 0);
     }
 
     #[test]

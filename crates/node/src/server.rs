@@ -122,6 +122,7 @@ async fn accept_loop(
         max_startups: c.max_startups,
         per_source: c.per_source_max_startups,
         max_sessions: c.max_sessions_per_node,
+        pool: inner.startup_pool.clone(),
     };
     loop {
         match listener.accept().await {
