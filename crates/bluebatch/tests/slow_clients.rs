@@ -661,3 +661,65 @@ async fn the_https_listener_has_the_same_limits() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_answers_is_closed_after_the_stall_timeout() {
+    let _serial = serial();
+    within(Duration::from_secs(90), "the unread-answer test", async {
+        let srv = Server::start_with(&["--in-memory", "--http-stall-timeout", "2s"]);
+        let to = addr_of(&srv.url);
+        // A small receive buffer, and requests pipelined without reading a single answer: the
+        // server's writes soon wait on the client.
+        let s = TcpSocket::new_v4().unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        let stream = tokio::time::timeout(Duration::from_secs(10), s.connect(to))
+            .await
+            .unwrap()
+            .unwrap();
+        let (mut rd, mut wr) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            let one = health_request("");
+            let batch: Vec<u8> = one
+                .iter()
+                .copied()
+                .cycle()
+                .take(one.len() * 1_000)
+                .collect();
+            let started = Instant::now();
+            // At most 100 000 requests or 40 s; a write error means the server closed.
+            for _ in 0..100 {
+                if started.elapsed() > Duration::from_secs(40) {
+                    return None;
+                }
+                match tokio::time::timeout(Duration::from_secs(40), wr.write_all(&batch)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Some(Instant::now()),
+                    Err(_) => return None,
+                }
+            }
+            None
+        });
+        // Wait for the server to close: the writer's writes fail (within the stall timeout
+        // after the server's writes began to wait, plus the time to fill the buffers).
+        let closed = tokio::time::timeout(Duration::from_secs(45), writer)
+            .await
+            .expect("the writer is bounded")
+            .unwrap();
+        assert!(
+            closed.is_some(),
+            "the server kept a connection whose client reads nothing"
+        );
+        // What had been sent before the close reads, then the end (no endless stream).
+        let mut buf = vec![0u8; 1 << 16];
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(end.into(), rd.read(&mut buf)).await {
+                Err(_) => panic!("the connection still delivers answers 10 s after its close"),
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+        health_served(&srv.url).await;
+    })
+    .await;
+}
