@@ -20,11 +20,9 @@ use tokio::net::{TcpSocket, TcpStream};
 /// bound on a loaded 2-core machine (the issue asks for "within a second"), not a benchmark.
 const SERVED_WITHIN: Duration = Duration::from_secs(2);
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Held by each test of this file for its whole run (tokio's lock: it is held across awaits and
+/// is not poisoned by a failed test).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Raises this process's open-file limit (its soft value, up to the hard one) so that it can
 /// hold thousands of sockets; the server started afterwards inherits it. Returns the limit.
@@ -193,7 +191,7 @@ fn health_request(extra: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_flood_from_one_address_is_shed_while_another_is_served_and_nothing_is_lost() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let fds = raise_fd_limit();
     assert!(
         fds >= 8_000,
@@ -356,7 +354,7 @@ async fn a_slowloris_flood_from_one_address_is_shed_while_another_is_served_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_connection_bound_slow_connections_make_room_for_a_new_client() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     raise_fd_limit();
     within(Duration::from_secs(90), "the bound test", async {
         // A head deadline far off: room is made by closing slow connections, not by the clock.
@@ -408,7 +406,7 @@ async fn at_the_connection_bound_slow_connections_make_room_for_a_new_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_source_cap_refuses_the_excess_from_one_address_while_others_are_served() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     raise_fd_limit();
     within(Duration::from_secs(60), "the per-source test", async {
         let srv = Server::start_with(&[
@@ -456,7 +454,7 @@ async fn the_per_source_cap_refuses_the_excess_from_one_address_while_others_are
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     within(Duration::from_secs(60), "the idle test", async {
         let srv = Server::start_with(&["--in-memory", "--http-idle-timeout", "2s"]);
         let to = addr_of(&srv.url);
@@ -495,7 +493,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_request_heads_are_answered_with_a_batch_error() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     within(Duration::from_secs(60), "the head-size test", async {
         let srv = Server::start();
         let to = addr_of(&srv.url);
@@ -560,7 +558,7 @@ async fn oversized_request_heads_are_answered_with_a_batch_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_request_body_fails_with_a_batch_error_and_the_connection_closes() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     within(Duration::from_secs(60), "the stalled-body test", async {
         let srv = Server::start_with(&["--in-memory", "--http-stall-timeout", "2s"]);
         let c = srv.client();
@@ -621,7 +619,7 @@ async fn a_stalled_request_body_fails_with_a_batch_error_and_the_connection_clos
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_https_listener_has_the_same_limits() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     within(Duration::from_secs(60), "the HTTPS test", async {
         let tls = Server::start_tls(&[
             "--in-memory",
@@ -664,7 +662,7 @@ async fn the_https_listener_has_the_same_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_its_answers_is_closed_after_the_stall_timeout() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     within(Duration::from_secs(90), "the unread-answer test", async {
         let srv = Server::start_with(&["--in-memory", "--http-stall-timeout", "2s"]);
         let to = addr_of(&srv.url);
