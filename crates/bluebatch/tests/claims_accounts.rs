@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    Client, KEY, Resp, Server, SshOutcome, have_ssh_client, loopback_source, ssh_password_outcome,
-    within,
+    Client, KEY, Server, SshOutcome, have_ssh_client, loopback_source, pool_body,
+    ssh_password_outcome, text, within,
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -21,17 +21,6 @@ const GAMMA_KEY: &str = "Z2FtbWEtcHJpbWFyeS1rZXktMDEyMzQ1Njc4OQ==";
 const SECRET: &str = "claims-suite-secret-of-at-least-32-bytes-0123456789";
 const TENANT: &str = "99999999-8888-7777-6666-555555555555";
 const EXTRA_ISSUER: &str = "https://issuer.example.test/custom/";
-
-fn text(r: &Resp) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
-}
-
-fn pool_body(id: &str, nodes: u32) -> Value {
-    json!({"id": id, "vmSize": "STANDARD_D2S_V3", "targetDedicatedNodes": nodes,
-           "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
-               "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
-               "nodeAgentSKUId": "batch.node.ubuntu 22.04"}})
-}
 
 /// An accounts file in `dir` with alpha (two keys) and beta, and a bearer section when given.
 fn accounts_file(dir: &std::path::Path, bearer: Option<Value>) -> String {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Client, Resp, Server, within};
+use common::{Server, pool_body, text, wait_steady, within};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -38,44 +38,6 @@ const LISTED: &[&str] = &[
     "2024-07-01.20.0",
     "2025-06-01",
 ];
-
-fn text(r: &Resp) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
-}
-
-fn pool_body(id: &str, nodes: u32) -> Value {
-    json!({"id": id, "vmSize": "STANDARD_D2S_V3", "targetDedicatedNodes": nodes,
-           "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
-               "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
-               "nodeAgentSKUId": "batch.node.ubuntu 22.04"}})
-}
-
-async fn wait_steady(c: &Client, pool: &str) {
-    within(Duration::from_secs(20), "the pool to be steady", async {
-        loop {
-            let v = c
-                .req("GET", &format!("/pools/{pool}"))
-                .send_within(T)
-                .await
-                .json();
-            let nodes = c
-                .req("GET", &format!("/pools/{pool}/nodes"))
-                .send_within(T)
-                .await
-                .json();
-            let all_idle = nodes["value"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|n| n["state"] == "idle");
-            if v["allocationState"] == "steady" && all_idle {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-}
 
 #[tokio::test]
 async fn every_listed_api_version_is_accepted_on_a_read_and_a_write() {

@@ -5,22 +5,11 @@
 
 mod common;
 
-use common::{Resp, Server, within};
-use serde_json::{Value, json};
+use common::{Resp, Server, pool_body, text, within};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(10);
-
-fn text(r: &Resp) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
-}
-
-fn pool_body(id: &str, nodes: u32) -> Value {
-    json!({"id": id, "vmSize": "STANDARD_D2S_V3", "targetDedicatedNodes": nodes,
-           "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
-               "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
-               "nodeAgentSKUId": "batch.node.ubuntu 22.04"}})
-}
 
 fn assert_invalid(r: &Resp, property: &str) {
     assert_eq!(

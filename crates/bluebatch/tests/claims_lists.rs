@@ -4,22 +4,11 @@
 
 mod common;
 
-use common::{Client, Resp, Server, V, within};
-use serde_json::{Value, json};
+use common::{Client, Resp, Server, V, pool_body, text, wait_steady, within};
+use serde_json::json;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
-
-fn text(r: &Resp) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
-}
-
-fn pool_body(id: &str, nodes: u32) -> Value {
-    json!({"id": id, "vmSize": "STANDARD_D2S_V3", "targetDedicatedNodes": nodes,
-           "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
-               "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
-               "nodeAgentSKUId": "batch.node.ubuntu 22.04"}})
-}
 
 async fn ids(c: &Client, path: &str, filter: &str) -> Vec<String> {
     let q = format!("api-version={V}&%24filter={}", enc(filter));
@@ -42,33 +31,6 @@ fn enc(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-async fn wait_steady(c: &Client, pool: &str) {
-    within(Duration::from_secs(20), "the pool to be steady", async {
-        loop {
-            let v = c
-                .req("GET", &format!("/pools/{pool}"))
-                .send_within(T)
-                .await
-                .json();
-            let nodes = c
-                .req("GET", &format!("/pools/{pool}/nodes"))
-                .send_within(T)
-                .await
-                .json();
-            let all_idle = nodes["value"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|n| n["state"] == "idle");
-            if v["allocationState"] == "steady" && all_idle {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
 }
 
 fn rfc1123(iso: &str) -> String {

@@ -4,28 +4,14 @@
 
 mod common;
 
-use common::{Client, SshOutcome, have_ssh_client, loopback_source, ssh_password_outcome, within};
+use common::{
+    Client, SshOutcome, add_user, loopback_source, require_ssh, ssh_password_outcome, within,
+};
 use serde_json::json;
 use std::process::Stdio;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
-
-fn require_ssh() {
-    assert!(
-        have_ssh_client(),
-        "these tests need the OpenSSH client, ssh-keygen and sshpass (scripts/setup.sh installs them)"
-    );
-}
-
-async fn add_user(c: &Client, pool: &str, node: &str, body: serde_json::Value) {
-    let r = c
-        .req("POST", &format!("/pools/{pool}/nodes/{node}/users"))
-        .json(&body)
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
-}
 
 /// A server with `args` after `serve` (and `before` it), `BLUEBATCH_LOG` = `filter`; its URL,
 /// the child and a task collecting its stderr until it exits.

@@ -9,15 +9,11 @@
 mod common;
 
 use bluebatch_core::timefmt::{parse_iso, rfc1123};
-use common::{Client, Resp, Server, within};
+use common::{Client, Server, text, within};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 const REQ: Duration = Duration::from_secs(10);
-
-fn text(r: &Resp) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
-}
 
 async fn get(c: &Client, pool: &str) -> Value {
     let r = c

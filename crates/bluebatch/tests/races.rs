@@ -23,7 +23,7 @@ mod common;
 
 use common::{
     Client, Resp, Server, SshOutcome, keypair, loopback_source, ssh_key_outcome,
-    ssh_password_outcome, within,
+    ssh_password_outcome, text, within,
 };
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
@@ -40,10 +40,6 @@ fn rounds(short: usize, long: usize) -> usize {
     } else {
         short
     }
-}
-
-fn text(r: &Resp) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
 }
 
 static SOURCE: AtomicU32 = AtomicU32::new(40_000);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ACCOUNT, Client, KEY, keypair, loopback_source};
+use common::{ACCOUNT, Client, KEY, keypair, listening_url, loopback_source};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -37,17 +37,7 @@ impl LogServer {
                 sink.lock().unwrap().push(strip_ansi(&line));
             }
         });
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = loop {
-            let line = lines
-                .next()
-                .expect("bluebatch exited before listening")
-                .unwrap();
-            if let Some(u) = line.strip_prefix("bluebatch listening on ") {
-                break u.trim().to_string();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let url = listening_url(&mut child);
         LogServer { child, url, log }
     }
 

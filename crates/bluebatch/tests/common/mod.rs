@@ -41,18 +41,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting bluebatch");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = loop {
-            let line = lines
-                .next()
-                .expect("bluebatch exited before listening")
-                .unwrap();
-            if let Some(u) = line.strip_prefix("bluebatch listening on ") {
-                break u.trim().to_string();
-            }
-        };
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let url = listening_url(&mut child);
         Server { child, url }
     }
 
@@ -72,6 +61,23 @@ impl Server {
             .status();
         let _ = self.child.wait();
     }
+}
+
+/// Reads `child`'s stdout (piped) up to its `bluebatch listening on <url>` line and returns the
+/// URL; stdout is kept draining afterwards so the server never blocks on a full pipe.
+pub fn listening_url(child: &mut Child) -> String {
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("bluebatch exited before listening")
+            .unwrap();
+        if let Some(u) = line.strip_prefix("bluebatch listening on ") {
+            break u.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    url
 }
 
 impl Drop for Server {
@@ -1135,4 +1141,67 @@ pub async fn bluebatch_cli(args: &[&str], env: &[(&str, &str)]) -> std::process:
     )
     .await
     .expect("running bluebatch")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers shared by the claims_* suites and others.
+
+/// The response body as text (lossy), for assertion messages.
+pub fn text(r: &Resp) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// An Add Pool body: a Linux (Ubuntu 22.04) virtual-machine pool `id` of `nodes` dedicated nodes.
+pub fn pool_body(id: &str, nodes: u32) -> Value {
+    serde_json::json!({"id": id, "vmSize": "STANDARD_D2S_V3", "targetDedicatedNodes": nodes,
+           "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
+               "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
+               "nodeAgentSKUId": "batch.node.ubuntu 22.04"}})
+}
+
+/// Waits (at most 20 s, each request 10 s) until `pool` is steady and all its nodes idle.
+pub async fn wait_steady(c: &Client, pool: &str) {
+    const T: Duration = Duration::from_secs(10);
+    within(Duration::from_secs(20), "the pool to be steady", async {
+        loop {
+            let v = c
+                .req("GET", &format!("/pools/{pool}"))
+                .send_within(T)
+                .await
+                .json();
+            let nodes = c
+                .req("GET", &format!("/pools/{pool}/nodes"))
+                .send_within(T)
+                .await
+                .json();
+            let all_idle = nodes["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["state"] == "idle");
+            if v["allocationState"] == "steady" && all_idle {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// Fails the test unless the OpenSSH client, ssh-keygen and sshpass are installed.
+pub fn require_ssh() {
+    assert!(
+        have_ssh_client(),
+        "these tests need the OpenSSH client, ssh-keygen and sshpass (scripts/setup.sh installs them)"
+    );
+}
+
+/// Add User with `body` on `node` (at most 10 s); asserts 201.
+pub async fn add_user(c: &Client, pool: &str, node: &str, body: Value) {
+    let r = c
+        .req("POST", &format!("/pools/{pool}/nodes/{node}/users"))
+        .json(&body)
+        .send_within(Duration::from_secs(10))
+        .await;
+    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
 }
