@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::Client;
-use std::io::{BufRead, BufReader, Read};
+use common::{Client, listening_url_within};
+use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,18 +32,7 @@ fn serve(before: &[&str], after: &[&str], env: &[(&str, &str)]) -> (Child, Strin
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(u) = line.strip_prefix("bluebatch listening on ") {
-                let _ = tx.send(u.trim().to_string());
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("bluebatch did not listen within 30 s");
+    let url = listening_url_within(&mut child, Duration::from_secs(30));
     (child, url)
 }
 

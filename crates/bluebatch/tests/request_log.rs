@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::Client;
+use common::{Client, listening_url_within};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -50,18 +50,7 @@ fn serve(extra: &[&str]) -> Logged {
             lines.lock().unwrap().push(l);
         }
     });
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(u) = l.strip_prefix("bluebatch listening on ") {
-                let _ = tx.send(u.trim().to_string());
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("bluebatch did not listen within 30 s");
+    let url = listening_url_within(&mut child, Duration::from_secs(30));
     Logged { child, url, stderr }
 }
 

@@ -80,6 +80,22 @@ pub fn listening_url(child: &mut Child) -> String {
     url
 }
 
+/// [`listening_url`] with a deadline: a thread reads `child`'s stdout (piped, drained to its
+/// end) and the test fails when no `bluebatch listening on <url>` line came within `limit`.
+pub fn listening_url_within(child: &mut Child, limit: Duration) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(u) = line.strip_prefix("bluebatch listening on ") {
+                let _ = tx.send(u.trim().to_string());
+            }
+        }
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("bluebatch did not listen within {} s", limit.as_secs_f64()))
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
