@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    Client, Server, SshOutcome, add_user, loopback_source, require_ssh, ssh_password_outcome,
-    within,
+    Client, Server, SshOutcome, add_user, loopback_source, require_ssh, ssh_args,
+    ssh_password_outcome, within,
 };
 use serde_json::json;
 use std::process::Stdio;
@@ -24,27 +24,12 @@ async fn open_session(port: u16, user: &str, password: &str, source: &str) -> Se
     cmd.arg("-e")
         .env("SSHPASS", password)
         .arg("ssh")
+        .args(ssh_args(port, source))
         .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=10",
             "-o",
             "PreferredAuthentications=password",
             "-o",
             "PubkeyAuthentication=no",
-            "-o",
-            "NumberOfPasswordPrompts=1",
-            "-b",
-            source,
-            "-p",
-            &port.to_string(),
         ])
         .arg(format!("{user}@127.0.0.1"))
         .arg("echo started; sleep 60")

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ACCOUNT, Client, KEY, keypair, listening_url, loopback_source};
+use common::{ACCOUNT, Client, KEY, keypair, listening_url, loopback_source, ssh_args};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -102,30 +102,6 @@ struct Ran {
     ok: bool,
     stdout: String,
     stderr: String,
-}
-
-fn ssh_args(port: u16, source: &str) -> Vec<String> {
-    [
-        "-F",
-        "/dev/null",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-        "-o",
-        "ConnectTimeout=10",
-        "-o",
-        "NumberOfPasswordPrompts=1",
-        "-b",
-        source,
-        "-p",
-        &port.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 async fn run(mut cmd: tokio::process::Command) -> Ran {

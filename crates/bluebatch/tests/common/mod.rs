@@ -803,6 +803,33 @@ fn ssh_base_args(port: u16, source: &str) -> Vec<String> {
     .collect()
 }
 
+/// OpenSSH client arguments for a node on `port` from the local address `source`: no config
+/// file, no host-key checks, connect timeout 10 s, one password prompt (then the login options
+/// and `user@127.0.0.1`).
+pub fn ssh_args(port: u16, source: &str) -> Vec<String> {
+    [
+        "-F",
+        "/dev/null",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "NumberOfPasswordPrompts=1",
+        "-b",
+        source,
+        "-p",
+        &port.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 async fn ssh_run(mut cmd: tokio::process::Command) -> bool {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
