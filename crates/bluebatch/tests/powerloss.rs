@@ -559,6 +559,11 @@ async fn store_failure(fault: Fault, cut: bool, within: Duration, what: &str) {
     let c = srv.client();
     let mut k = std::mem::take(&mut *known.lock().unwrap());
     verify(&c, &nodes, &mut k, what).await;
+    assert_eq!(
+        node_host_keys(&c, &nodes).await,
+        host_keys,
+        "{what}: a node's host key changed across the failure and restart"
+    );
     // Nothing sent after the failure reached the store.
     for r in &after {
         match &r.write {
