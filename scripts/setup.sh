@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need besides Rust and Python: the OpenSSH client and sshpass, and the
+# Installs what the tests need besides Rust and Python: the OpenSSH client and sshpass, the
+# azure-batch venv of tests/sdk, and the
 # az CLI (a cached venv, reused across runs and clones: scripts/setup-az.sh).
 set -euo pipefail
 need=()
@@ -14,3 +15,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 python3 -m venv --help >/dev/null 2>&1 || { echo "python3 venv module missing (apt-get install python3-venv)"; exit 1; }
 "$(dirname "$0")/setup-az.sh" >/dev/null
+# The azure-batch SDK venv (tests/sdk/.venv): the SDK suite uses it, and so does a Rust test that
+# runs the Python snippet `bluebatch env --python` prints; made before `cargo test` runs.
+sdk="$(cd "$(dirname "$0")/../tests/sdk" && pwd)"
+[ -x "$sdk/.venv/bin/python" ] || python3 -m venv "$sdk/.venv"
+"$sdk/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$sdk/requirements.txt"
