@@ -830,6 +830,57 @@ pub fn ssh_args(port: u16, source: &str) -> Vec<String> {
     .collect()
 }
 
+/// `ssh` through sshpass (the password in the environment), password only, running `cmd`.
+fn password_login_command(
+    port: u16,
+    user: &str,
+    password: &str,
+    source: &str,
+    cmd: &str,
+) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("sshpass");
+    c.arg("-e")
+        .env("SSHPASS", password)
+        .arg("ssh")
+        .args(ssh_base_args(port, source))
+        .args([
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-o",
+            "PubkeyAuthentication=no",
+        ])
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(cmd);
+    c
+}
+
+/// `ssh` with one private key file only (BatchMode: no password prompt), running `cmd`.
+fn key_login_command(
+    port: u16,
+    user: &str,
+    key_file: &Path,
+    source: &str,
+    cmd: &str,
+) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("ssh");
+    c.args(ssh_base_args(port, source))
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "PreferredAuthentications=publickey",
+            "-o",
+            "PasswordAuthentication=no",
+            "-i",
+        ])
+        .arg(key_file)
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(cmd);
+    c
+}
+
 async fn ssh_run(mut cmd: tokio::process::Command) -> bool {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -845,41 +896,12 @@ async fn ssh_run(mut cmd: tokio::process::Command) -> bool {
 /// address to connect from (any 127.x.y.z): the node refuses an address after 10 failures a
 /// minute, so checks that expect failures use a fresh one each.
 pub async fn ssh_password_login(port: u16, user: &str, password: &str, source: &str) -> bool {
-    let mut cmd = tokio::process::Command::new("sshpass");
-    cmd.arg("-e")
-        .env("SSHPASS", password)
-        .arg("ssh")
-        .args(ssh_base_args(port, source))
-        .args([
-            "-o",
-            "PreferredAuthentications=password,keyboard-interactive",
-            "-o",
-            "PubkeyAuthentication=no",
-        ])
-        .arg(format!("{user}@127.0.0.1"))
-        .arg("true");
-    ssh_run(cmd).await
+    ssh_run(password_login_command(port, user, password, source, "true")).await
 }
 
 /// Logs in to a node with a private key file (nothing else offered) and runs `true`.
 pub async fn ssh_key_login(port: u16, user: &str, key_file: &Path, source: &str) -> bool {
-    let mut cmd = tokio::process::Command::new("ssh");
-    cmd.args(ssh_base_args(port, source))
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "PreferredAuthentications=publickey",
-            "-o",
-            "PasswordAuthentication=no",
-            "-i",
-        ])
-        .arg(key_file)
-        .arg(format!("{user}@127.0.0.1"))
-        .arg("true");
-    ssh_run(cmd).await
+    ssh_run(key_login_command(port, user, key_file, source, "true")).await
 }
 
 /// A distinct loopback source address for the `n`th SSH attempt of a test (127.k.j.i, never
@@ -955,20 +977,7 @@ pub async fn ssh_password_outcome(
     source: &str,
     cmd: &str,
 ) -> SshOutcome {
-    let mut c = tokio::process::Command::new("sshpass");
-    c.arg("-e")
-        .env("SSHPASS", password)
-        .arg("ssh")
-        .args(ssh_base_args(port, source))
-        .args([
-            "-o",
-            "PreferredAuthentications=password,keyboard-interactive",
-            "-o",
-            "PubkeyAuthentication=no",
-        ])
-        .arg(format!("{user}@127.0.0.1"))
-        .arg(cmd);
-    ssh_outcome(c).await
+    ssh_outcome(password_login_command(port, user, password, source, cmd)).await
 }
 
 /// Logs in with one private key file only (BatchMode: no password prompt) from `source` and
@@ -980,23 +989,7 @@ pub async fn ssh_key_outcome(
     source: &str,
     cmd: &str,
 ) -> SshOutcome {
-    let mut c = tokio::process::Command::new("ssh");
-    c.args(ssh_base_args(port, source))
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "PreferredAuthentications=publickey",
-            "-o",
-            "PasswordAuthentication=no",
-            "-i",
-        ])
-        .arg(key_file)
-        .arg(format!("{user}@127.0.0.1"))
-        .arg(cmd);
-    ssh_outcome(c).await
+    ssh_outcome(key_login_command(port, user, key_file, source, cmd)).await
 }
 
 /// The node's ed25519 host key as `ssh-keyscan` reads it (at most 20 s); panics when no key
