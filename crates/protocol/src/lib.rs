@@ -1,0 +1,286 @@
+//! The node protocol: one contract between the service and every node provider that lives in
+//! another process (`bluebatch agent` with the linux or the simulated provider).
+//!
+//! ```text
+//! API write ─▶ store: user row + node revision + 1 ─▶ wait until the node's applied revision ≥ it
+//! agent ──GET  /_bluebatch/agent/desired?after=CURSOR&wait=30s──▶ the host's whole desired state
+//! agent ──POST /_bluebatch/agent/ack {nodes:[{key, revision, results}]}──▶ applied revision
+//! ```
+//! - Desired state is always the **whole** account set of every node a host backs, with each
+//!   node's revision; a provider reconciles it, never applies deltas.
+//! - `after` is the `cursor` of the last answer the agent applied: the service answers at once
+//!   when the host's desired state differs from it, else at the end of `wait` with
+//!   `changed: false` (a long poll, like GCE metadata's `wait_for_change`). Any replica answers
+//!   any agent.
+//! - Identity: a join token `ID.SECRET` (created by an operator, stored hashed, scoped, expiring,
+//!   usable once) is exchanged at [`JOIN_PATH`] for a node credential, sent on every later call as
+//!   `Authorization: BluebatchNode CREDENTIAL`, and renewed through [`DesiredState::credential`].
+//!
+//! Every body is JSON with camelCase names; unknown properties are refused, so a newer peer's
+//! addition is an error rather than silently ignored.
+
+use bluebatch_core::model::{NodeState, Os};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// `POST`: [`JoinRequest`] → [`JoinResponse`]. No other authentication: the token is it.
+pub const JOIN_PATH: &str = "/_bluebatch/agent/join";
+/// `POST` with the node credential: [`HostReport`] → [`HostReportAnswer`]. Sent at every agent
+/// start (and whenever the host's address, sshd port or reserved names change).
+pub const HELLO_PATH: &str = "/_bluebatch/agent/hello";
+/// `GET ?after=CURSOR&wait=SECONDS` with the node credential → [`DesiredState`].
+pub const DESIRED_PATH: &str = "/_bluebatch/agent/desired";
+/// `POST` with the node credential: [`AckRequest`] → [`AckAnswer`].
+pub const ACK_PATH: &str = "/_bluebatch/agent/ack";
+/// The `Authorization` scheme of a node credential.
+pub const CREDENTIAL_SCHEME: &str = "BluebatchNode";
+/// The longest `wait` the service honours (longer asks are cut to it).
+pub const MAX_WAIT_SECONDS: u64 = 60;
+/// The pool metadata item that chooses where a pool's nodes come from (wins over `--nodes`).
+pub const NODES_METADATA: &str = "bluebatch.nodes";
+
+/// Where a pool's nodes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeSource {
+    /// Light SSH endpoints inside `bluebatch serve`.
+    Embedded,
+    /// Hosts joined with `bluebatch agent` (real Linux hosts or simulated capacity).
+    Agents,
+    /// A small Linux machine per node (namespaces and a real sshd) spawned by `bluebatch serve`.
+    Sandbox,
+}
+
+impl NodeSource {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "embedded" => Some(Self::Embedded),
+            "agents" => Some(Self::Agents),
+            "sandbox" => Some(Self::Sandbox),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Agents => "agents",
+            Self::Sandbox => "sandbox",
+        }
+    }
+}
+
+/// Which provider an agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Real OS accounts on the host; the host's own sshd logs them in. One node per host.
+    Linux,
+    /// Light embedded SSH nodes served by the agent process (`--simulate N`): N nodes, for
+    /// Linux and Windows pools alike.
+    Simulate,
+}
+
+/// What a host says about itself: at join, and at every agent start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostReport {
+    /// The host's name (informational; the service names hosts by their id).
+    pub hostname: String,
+    pub provider: ProviderKind,
+    /// How many nodes the host can back: 1 for the linux provider, N for `--simulate N`.
+    pub slots: u32,
+    /// The address the node reports as `ipAddress` and for remote login (`--advertise-address`,
+    /// else the local address of the agent's connection to the service).
+    pub address: String,
+    /// The port of the host's sshd (linux), absent for simulated nodes (each has its own port,
+    /// reported per node in the acknowledgement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_port: Option<u16>,
+    /// User names the host already has and does not manage: Add User of one of them is refused.
+    #[serde(default)]
+    pub reserved_names: Vec<String>,
+    /// The agent's version (informational).
+    #[serde(default)]
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinRequest {
+    /// `ID.SECRET`, as `bluebatch join-token create` printed it.
+    pub token: String,
+    pub host: HostReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinResponse {
+    /// The service's name for this host (`bluebatch host list`).
+    pub host_id: String,
+    /// The node credential: a secret, kept by the agent with mode 0600, never logged.
+    pub credential: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub credential_expires: OffsetDateTime,
+    /// The account whose capacity the host became.
+    pub account: String,
+    /// How long the service waits for a poll before it marks the host's nodes `unknown`.
+    pub grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostReportAnswer {
+    pub host_id: String,
+}
+
+/// The whole desired state of a host: every node it backs right now. A slot missing from
+/// `nodes` backs no node: the provider removes every account it manages there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DesiredState {
+    /// Opaque; send it back as `after` to wait for the next change.
+    pub cursor: String,
+    /// `false`: the wait ended with nothing new (`nodes` is then still the whole state).
+    pub changed: bool,
+    pub nodes: Vec<NodeDesired>,
+    /// The service clock's offset from the wall clock, in seconds: providers that enforce expiry
+    /// with the host's own clock (shadow) shift their expiry by it.
+    pub clock_offset_seconds: i64,
+    /// The host is drained: it takes no new pools (informational for the agent).
+    #[serde(default)]
+    pub drained: bool,
+    /// A renewed node credential: use it from now on (the old one keeps working until it
+    /// expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// One node a host backs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeDesired {
+    /// Which of the host's slots backs the node (0-based, < `slots`).
+    pub slot: u32,
+    /// The node's key in acknowledgements (unique in the service).
+    pub key: String,
+    pub pool_id: String,
+    pub node_id: String,
+    pub os: Os,
+    /// The node's Batch state (a provider may refuse logins in states that take none).
+    pub state: NodeState,
+    /// The node's users revision: acknowledge it once `accounts` is enforced.
+    pub revision: u64,
+    /// Counts the node's reboots: when it grows, end every session of managed accounts.
+    pub boot: u64,
+    /// Counts the node's reimages: when it grows, wipe every managed account and home (and give
+    /// a simulated node a new host key) before applying `accounts`.
+    pub image: u64,
+    /// The whole account set, sorted by name.
+    pub accounts: Vec<DesiredAccount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DesiredAccount {
+    pub name: String,
+    pub is_admin: bool,
+    /// crypt(3) hash; `None`: password login refused (shadow `*`). The password itself never
+    /// leaves the service.
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// One validated OpenSSH public key line; `None`: key login refused.
+    #[serde(default)]
+    pub ssh_public_key: Option<String>,
+    /// Login is refused from this instant of the service clock (Linux: 00:00 UTC of the day
+    /// after the expiry's date).
+    #[serde(with = "time::serde::rfc3339")]
+    pub login_refused_from: OffsetDateTime,
+}
+
+impl DesiredAccount {
+    pub fn from_account(a: &bluebatch_core::NodeAccount) -> Self {
+        Self {
+            name: a.name.clone(),
+            is_admin: a.is_admin,
+            password_hash: a.password_hash.clone(),
+            ssh_public_key: a.ssh_public_key.clone(),
+            login_refused_from: a.login_refused_from,
+        }
+    }
+    pub fn to_account(&self) -> bluebatch_core::NodeAccount {
+        bluebatch_core::NodeAccount {
+            name: self.name.clone(),
+            is_admin: self.is_admin,
+            password_hash: self.password_hash.clone(),
+            ssh_public_key: self.ssh_public_key.clone(),
+            login_refused_from: self.login_refused_from,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AckRequest {
+    pub nodes: Vec<NodeAck>,
+}
+
+/// What a provider enforces on one node now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeAck {
+    pub key: String,
+    /// The revision now enforced. With a failed user, the revision attempted (the service then
+    /// answers the waiting write with the failure; the agent retries with backoff).
+    pub revision: u64,
+    /// The image (reimage count) now in place.
+    pub image: u64,
+    /// The node's SSH port, when it differs from the host's (simulated nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_port: Option<u16>,
+    /// One entry per account that failed; an empty list means every account is enforced.
+    #[serde(default)]
+    pub failures: Vec<UserFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UserFailure {
+    pub name: String,
+    /// The host's reason (a tool's exit status and message, never a secret).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AckAnswer {
+    /// Keys of acknowledgements the service did not take (not this host's node, or a revision
+    /// it never asked for); the rest were recorded.
+    #[serde(default)]
+    pub refused: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_camel_case_and_unknown_fields_refused() {
+        let ack = AckRequest {
+            nodes: vec![NodeAck {
+                key: "k".into(),
+                revision: 3,
+                image: 0,
+                ssh_port: None,
+                failures: vec![],
+            }],
+        };
+        let text = serde_json::to_string(&ack).unwrap();
+        assert_eq!(
+            text,
+            r#"{"nodes":[{"key":"k","revision":3,"image":0,"failures":[]}]}"#
+        );
+        assert!(serde_json::from_str::<AckRequest>(r#"{"nodes":[],"x":1}"#).is_err());
+        assert_eq!(NodeSource::parse("agents"), Some(NodeSource::Agents));
+        assert_eq!(NodeSource::parse("Agents"), None);
+    }
+}
