@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
-# Installs what the tests need besides Rust and Python: the OpenSSH client and sshpass, the
-# azure-batch venv of tests/sdk, and the
+# Installs what the tests need besides Rust and Python: the OpenSSH client and sshpass; for the
+# agent tests a real sshd (openssh-server, never started as a service here: each test runs its own
+# in a namespace), sudo, ip and the shadow tools; the azure-batch venv of tests/sdk, and the
 # az CLI (a cached venv, reused across runs and clones: scripts/setup-az.sh).
 set -euo pipefail
 need=()
 command -v ssh >/dev/null || need+=(openssh-client)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v sshpass >/dev/null || need+=(sshpass)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+[ -x /usr/sbin/visudo ] || need+=(sudo)
+command -v ip >/dev/null || need+=(iproute2)
+command -v unshare >/dev/null || need+=(util-linux)
+command -v useradd >/dev/null || need+=(passwd)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+    # Installing openssh-server must not start a host sshd: a policy-rc.d of our own (only when
+    # the machine has none) tells the package scripts not to start services.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+        $sudo chmod +x /usr/sbin/policy-rc.d
+        policy=1
+    fi
+    rc=0
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" || rc=$?
+    [ -z "$policy" ] || $sudo rm -f /usr/sbin/policy-rc.d
+    [ "$rc" -eq 0 ] || exit "$rc"
 fi
 python3 -m venv --help >/dev/null 2>&1 || { echo "python3 venv module missing (apt-get install python3-venv)"; exit 1; }
 "$(dirname "$0")/setup-az.sh" >/dev/null
