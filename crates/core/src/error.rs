@@ -24,6 +24,8 @@ pub enum Code {
     PoolNotFound,
     NodeNotFound,
     NodeUserNotFound,
+    /// A bluebatch resource (join token, host) that does not exist: 404.
+    ResourceNotFound,
     UnsupportedHttpVerb,
     PoolExists,
     PoolBeingDeleted,
@@ -74,6 +76,7 @@ impl Code {
             PoolNotFound => "PoolNotFound",
             NodeNotFound => "NodeNotFound",
             NodeUserNotFound => "NodeUserNotFound",
+            ResourceNotFound => "ResourceNotFound",
             UnsupportedHttpVerb => "UnsupportedHttpVerb",
             PoolExists => "PoolExists",
             PoolBeingDeleted => "PoolBeingDeleted",
@@ -114,7 +117,7 @@ impl Code {
             | InvalidAuthenticationInfo => 400,
             AuthenticationRequired => 401,
             AuthenticationFailed => 403,
-            PoolNotFound | NodeNotFound | NodeUserNotFound => 404,
+            PoolNotFound | NodeNotFound | NodeUserNotFound | ResourceNotFound => 404,
             UnsupportedHttpVerb => 405,
             PoolExists
             | PoolBeingDeleted
@@ -175,6 +178,7 @@ impl Code {
             PoolNotFound => "The specified pool does not exist.",
             NodeNotFound => "The specified node does not exist.",
             NodeUserNotFound => "The node user does not exist.",
+            ResourceNotFound => "The specified resource does not exist.",
             UnsupportedHttpVerb => "The resource doesn't support the specified HTTP verb.",
             PoolExists => "The specified pool already exists.",
             PoolBeingDeleted => {

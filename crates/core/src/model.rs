@@ -96,6 +96,45 @@ pub enum SchedulingState {
     Disabled,
 }
 
+/// Where a pool's nodes come from (the pool metadata item `bluebatch.nodes`, else the service's
+/// default). Stored with the pool; pools stored before it existed are embedded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeSource {
+    /// Light SSH endpoints inside the service process.
+    #[default]
+    Embedded,
+    /// Hosts joined with `bluebatch agent`.
+    Agents,
+    /// A sandboxed machine per node.
+    Sandbox,
+}
+
+impl NodeSource {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "embedded" => Some(Self::Embedded),
+            "agents" => Some(Self::Agents),
+            "sandbox" => Some(Self::Sandbox),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Agents => "agents",
+            Self::Sandbox => "sandbox",
+        }
+    }
+}
+
+/// An allocation the pool could not complete (Get Pool's `resizeErrors`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeError {
+    pub code: String,
+    pub message: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pool {
     /// As given, case preserved (unique case-insensitively).
@@ -119,6 +158,12 @@ pub struct Pool {
     pub state_transition_time: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub allocation_state_transition_time: OffsetDateTime,
+    /// Where the pool's nodes come from.
+    #[serde(default)]
+    pub source: NodeSource,
+    /// What the last resize could not allocate (cleared by the next resize).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resize_errors: Vec<ResizeError>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,6 +183,23 @@ pub struct Node {
     pub ssh_port: Option<u16>,
     /// Revision of the node's accounts; every user change takes the next one.
     pub users_revision: u64,
+    /// The users revision the node's provider has acknowledged (durable for agent nodes;
+    /// `None`: never acknowledged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_revision: Option<u64>,
+    /// The joined host backing the node (agent nodes), and which of its slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    /// Counts the node's reboots and reimages (a provider acts when they grow).
+    #[serde(default)]
+    pub boot: u64,
+    #[serde(default)]
+    pub image: u64,
+    /// While the node is `unknown` because its host stopped polling: the state it goes back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_before_unknown: Option<NodeState>,
     pub etag: String,
     #[serde(with = "time::serde::rfc3339")]
     pub last_modified: OffsetDateTime,

@@ -90,3 +90,66 @@ mod tests {
         assert!(parse_rfc1123("Wed, 25 Nov 2026 12:00:00 +0000").is_none());
     }
 }
+
+/// An ISO 8601 duration as Batch writes them (`PT15M`, `PT1H30M`, `P1DT2H`, `PT0.5S`); weeks,
+/// months and years are refused (Batch takes none).
+pub fn parse_iso_duration(s: &str) -> Option<std::time::Duration> {
+    let rest = s.strip_prefix('P')?;
+    let (date, time) = match rest.split_once('T') {
+        Some((d, t)) => (d, Some(t)),
+        None => (rest, None),
+    };
+    if rest.is_empty() || time == Some("") {
+        return None;
+    }
+    let mut total = 0f64;
+    let mut take = |part: &str, units: &[(char, f64)]| -> Option<()> {
+        let mut num = String::new();
+        let mut next_unit = 0;
+        for c in part.chars() {
+            if c.is_ascii_digit() || c == '.' {
+                num.push(c);
+                continue;
+            }
+            let i = units[next_unit..].iter().position(|(u, _)| *u == c)? + next_unit;
+            if num.is_empty() {
+                return None;
+            }
+            total += num.parse::<f64>().ok()? * units[i].1;
+            num.clear();
+            next_unit = i + 1;
+        }
+        num.is_empty().then_some(())
+    };
+    take(date, &[('D', 86_400.0)])?;
+    if let Some(t) = time {
+        take(t, &[('H', 3_600.0), ('M', 60.0), ('S', 1.0)])?;
+    }
+    (total.is_finite() && total < 1e12).then(|| std::time::Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_iso_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn iso_durations() {
+        assert_eq!(parse_iso_duration("PT15M"), Some(Duration::from_secs(900)));
+        assert_eq!(
+            parse_iso_duration("PT1H30M"),
+            Some(Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse_iso_duration("P1DT1S"),
+            Some(Duration::from_secs(86_401))
+        );
+        assert_eq!(
+            parse_iso_duration("PT0.5S"),
+            Some(Duration::from_millis(500))
+        );
+        for bad in ["", "P", "PT", "15M", "PT15", "PTM", "PT1S1H", "P1W"] {
+            assert_eq!(parse_iso_duration(bad), None, "{bad}");
+        }
+    }
+}

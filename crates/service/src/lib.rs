@@ -5,6 +5,7 @@
 //! to the node fabric, and answers once the change is durable and the node has acknowledged it.
 //! Reads are served from memory.
 
+mod agents;
 mod fabric;
 mod lifecycle;
 mod nodes;
@@ -12,6 +13,8 @@ mod pools;
 mod state;
 mod users;
 
+pub use agents::{HostView, JoinTokenCreated, JoinTokenView, MAX_HOST_SLOTS, MAX_TOKEN_TTL};
+pub use bluebatch_protocol::NodeSource;
 pub use fabric::{BoxFuture, LoginLockout, NodeFabric};
 pub use nodes::{AppliedUsers, NodeView};
 pub use pools::PoolView;
@@ -39,6 +42,12 @@ pub struct Config {
     /// How long a user write waits, once durable, for the node to acknowledge its revision
     /// before it answers `OperationTimedOut` (the change stays recorded either way).
     pub ack_timeout: Duration,
+    /// Where the nodes of a pool without a `bluebatch.nodes` metadata item come from.
+    pub default_nodes: NodeSource,
+    /// How long a joined host may go without polling before its nodes are `unknown`.
+    pub agent_grace: Duration,
+    /// How long a node credential lives (renewed through the long poll past half its life).
+    pub credential_ttl: Duration,
 }
 
 impl Default for Config {
@@ -49,6 +58,9 @@ impl Default for Config {
             node_step: Duration::from_millis(100),
             remote_login_ip: "127.0.0.1".into(),
             ack_timeout: Duration::from_secs(30),
+            default_nodes: NodeSource::Embedded,
+            agent_grace: Duration::from_secs(60),
+            credential_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -67,6 +79,8 @@ struct Inner {
     config: Config,
     /// When each node between states takes its next step (see lifecycle.rs).
     due: lifecycle::Due,
+    /// Wake-ups of agents' long polls and of writes waiting for agent nodes.
+    hub: agents::Hub,
 }
 
 /// A commit the caller must await (outside the state lock) before answering.
@@ -119,10 +133,28 @@ impl Service {
                 nodes,
                 config,
                 due: Default::default(),
+                hub: Default::default(),
             }),
         };
+        svc.ensure_agent_secret().await;
         svc.recover().await;
+        svc.start_host_sweeper();
         Ok(svc)
+    }
+
+    /// Every `agent_grace / 4` (at most a second), hosts silent past the grace go `unknown`.
+    /// Holds the service weakly: it ends with the service.
+    fn start_host_sweeper(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let tick = (self.inner.config.agent_grace / 4)
+            .clamp(Duration::from_millis(20), Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(tick).await;
+                let Some(inner) = weak.upgrade() else { return };
+                Service { inner }.sweep_hosts().await;
+            }
+        });
     }
 
     pub fn clock(&self) -> &Arc<ServiceClock> {
@@ -160,6 +192,8 @@ impl Service {
             (offset, self.submit(vec![op]))
         };
         pending.durable().await?;
+        // Agents shift shadow's expiry by the offset: their long polls answer.
+        self.inner.hub.notify_all();
         Ok(offset)
     }
 
@@ -195,8 +229,29 @@ impl Service {
     }
 
     /// Pushes one account change to a Linux node's provider (under the state lock, in revision
-    /// order). Windows nodes have no endpoint: the store is their whole truth.
-    fn apply_to_node(&self, os: Os, key: &str, revision: u64, change: AccountChange) -> Ack {
+    /// order). Windows nodes have no endpoint: the store is their whole truth. A node backed by a
+    /// joined host (`host`) reads its whole account set from the store on its host's next poll:
+    /// the poll is woken and the write waits for the node's acknowledgement.
+    fn apply_to_node(
+        &self,
+        os: Os,
+        host: Option<&str>,
+        applied: Option<u64>,
+        key: &str,
+        revision: u64,
+        change: AccountChange,
+    ) -> Ack {
+        if let Some(host) = host {
+            self.inner.hub.notify(host);
+            return if os == Os::Linux {
+                Ack::Agent {
+                    rx: self.inner.hub.ack_watch(key, applied),
+                    revision,
+                }
+            } else {
+                Ack::Given
+            };
+        }
         if os != Os::Linux || self.inner.nodes.apply(key, revision, change) >= revision {
             Ack::Given
         } else {
@@ -209,25 +264,59 @@ impl Service {
 
     /// Waits (outside the state lock, once the change is durable) for the node's
     /// acknowledgement, up to the request's `timeout` and at most `ack_timeout`; past it,
-    /// `OperationTimedOut`.
+    /// `OperationTimedOut`. An agent node that failed to apply the revision answers
+    /// `InternalError` with its reasons.
     async fn acknowledged(&self, ack: Ack, timeout: Option<Duration>) -> Result<(), BatchError> {
-        let Ack::Awaited { key, revision } = ack else {
-            return Ok(());
-        };
-        let wait = self.inner.nodes.acknowledged(&key, revision);
         let limit = timeout.map_or(self.inner.config.ack_timeout, |t| {
             t.min(self.inner.config.ack_timeout)
         });
-        tokio::time::timeout(limit, wait)
-            .await
-            .map_err(|_| not_acknowledged())
+        match ack {
+            Ack::Given => Ok(()),
+            Ack::Awaited { key, revision } => {
+                let wait = self.inner.nodes.acknowledged(&key, revision);
+                tokio::time::timeout(limit, wait)
+                    .await
+                    .map_err(|_| not_acknowledged())
+            }
+            Ack::Agent { mut rx, revision } => {
+                let wait = async move {
+                    let seen: Option<agents::AckSeen> = rx
+                        .wait_for(|s| {
+                            s.applied.is_some_and(|a| a >= revision)
+                                || s.failed.as_ref().is_some_and(|(r, _)| *r >= revision)
+                        })
+                        .await
+                        .ok()
+                        .map(|s| s.clone());
+                    match seen {
+                        Some(s) if s.applied.is_some_and(|a| a >= revision) => Ok(()),
+                        Some(s) => Err(agents::apply_failed(
+                            s.failed.as_ref().map_or(&[][..], |(_, l)| l.as_slice()),
+                        )),
+                        // The node left its pool meanwhile: it will never acknowledge.
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::time::timeout(limit, wait)
+                    .await
+                    .map_err(|_| not_acknowledged())?
+            }
+        }
     }
 }
 
 /// Whether a node acknowledged a change when it was handed it.
 enum Ack {
     Given,
-    Awaited { key: String, revision: u64 },
+    Awaited {
+        key: String,
+        revision: u64,
+    },
+    /// A node backed by a joined host: its acknowledgements, and the revision awaited.
+    Agent {
+        rx: tokio::sync::watch::Receiver<agents::AckSeen>,
+        revision: u64,
+    },
 }
 
 /// The answer when a node did not acknowledge in time: the change is recorded regardless and the

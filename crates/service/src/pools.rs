@@ -1,14 +1,17 @@
 //! Pool operations: Add, Get, List, Delete, Resize, Remove Nodes.
 
+use crate::agents::{HostEntry, NodeRef};
 use crate::state::{PoolEntry, node_record, pool_key, pool_record};
 use crate::{Pending, Service, pool_not_found, put_json};
 use bluebatch_core::error::{BatchError, Code, Result};
 use bluebatch_core::model::{
-    AllocationState, Node, NodeState, Pool, PoolState, SchedulingState, new_etag,
+    AllocationState, Node, NodeSource, NodeState, Os, Pool, PoolState, SchedulingState, new_etag,
 };
 use bluebatch_core::pools::{NewPool, Resize};
+use bluebatch_protocol::ProviderKind;
 use bluebatch_store::Op;
 use rand::RngCore;
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use time::OffsetDateTime;
 
@@ -52,6 +55,12 @@ fn new_node(dedicated: bool, now: OffsetDateTime) -> Node {
         is_dedicated: dedicated,
         ssh_port: None,
         users_revision: 0,
+        applied_revision: None,
+        host: None,
+        slot: None,
+        boot: 0,
+        image: 0,
+        state_before_unknown: None,
         etag: new_etag(now),
         last_modified: now,
     }
@@ -76,11 +85,62 @@ fn set_allocation(pool: &mut Pool, state: AllocationState, now: OffsetDateTime) 
     }
 }
 
-/// Brings the pool's nodes (those not leaving) to its targets: new nodes are created, surplus
-/// nodes leave (idle ones first). Returns whether anything changed.
-fn converge(entry: &mut PoolEntry, account: &str, now: OffsetDateTime, ops: &mut Vec<Op>) -> bool {
+/// A free slot of a joined host for a new node of the pool: hosts that poll first, then the
+/// most free slots (spreading nodes), then the host id.
+fn pick_slot(
+    hosts: &BTreeMap<String, HostEntry>,
+    account: &str,
+    pool: &str,
+    os: Os,
+) -> Option<(String, u32)> {
+    hosts
+        .values()
+        .filter(|h| h.takes(account, pool, os))
+        .filter_map(|h| {
+            let free = h.free_slots().count();
+            let first = h.free_slots().next()?;
+            Some((h.away, std::cmp::Reverse(free), h.rec.id.clone(), first))
+        })
+        .min()
+        .map(|(_, _, id, slot)| (id, slot))
+}
+
+/// What [`converge`] did.
+#[derive(Default)]
+pub(crate) struct Converged {
+    pub changed: bool,
+    /// An agents pool found too few free hosts to meet its targets.
+    pub short: bool,
+}
+
+/// Whether an agents pool has fewer nodes (not leaving) than its targets.
+pub(crate) fn is_short(entry: &PoolEntry) -> bool {
+    if entry.pool.source != NodeSource::Agents {
+        return false;
+    }
+    let staying = |dedicated: bool| {
+        entry
+            .nodes
+            .values()
+            .filter(|n| n.node.is_dedicated == dedicated && n.node.state != NodeState::LeavingPool)
+            .count() as u32
+    };
+    staying(true) < entry.pool.target_dedicated || staying(false) < entry.pool.target_low_priority
+}
+
+/// Brings the pool's nodes (those not leaving) to its targets: new nodes are created (for an
+/// agents pool, each on a free slot of a joined host, dedicated first), surplus nodes leave (idle
+/// ones first; their hosts' slots are released once they are gone).
+pub(crate) fn converge(
+    entry: &mut PoolEntry,
+    account: &str,
+    now: OffsetDateTime,
+    ops: &mut Vec<Op>,
+    hosts: &mut BTreeMap<String, HostEntry>,
+) -> Converged {
     let pool_id = entry.pool.id.clone();
-    let mut changed = false;
+    let pkey = pool_key(&pool_id);
+    let mut out = Converged::default();
     for (dedicated, target) in [
         (true, entry.pool.target_dedicated),
         (false, entry.pool.target_low_priority),
@@ -95,7 +155,30 @@ fn converge(entry: &mut PoolEntry, account: &str, now: OffsetDateTime, ops: &mut
         };
         let have = staying(entry);
         for _ in have..target {
-            let node = new_node(dedicated, now);
+            let mut node = new_node(dedicated, now);
+            if entry.pool.source == NodeSource::Agents {
+                let Some((host, slot)) = pick_slot(hosts, account, &pkey, entry.pool.os) else {
+                    out.short = true;
+                    break;
+                };
+                let h = hosts.get_mut(&host).expect("picked from the map");
+                node.ip_address = h.rec.address.clone();
+                node.ssh_port = match h.rec.provider {
+                    ProviderKind::Linux => h.rec.ssh_port,
+                    // Each simulated node has its own port, acknowledged by the agent.
+                    ProviderKind::Simulate => None,
+                };
+                node.host = Some(host);
+                node.slot = Some(slot);
+                h.slots.insert(
+                    slot,
+                    NodeRef {
+                        account: account.to_string(),
+                        pool: pkey.clone(),
+                        node: node.id.clone(),
+                    },
+                );
+            }
             ops.push(put_json(node_record(account, &pool_id, &node.id), &node));
             entry.nodes.insert(
                 node.id.clone(),
@@ -104,7 +187,7 @@ fn converge(entry: &mut PoolEntry, account: &str, now: OffsetDateTime, ops: &mut
                     users: Default::default(),
                 },
             );
-            changed = true;
+            out.changed = true;
         }
         if have > target {
             let mut candidates: Vec<&mut crate::state::NodeEntry> = entry
@@ -126,11 +209,61 @@ fn converge(entry: &mut PoolEntry, account: &str, now: OffsetDateTime, ops: &mut
                     node_record(account, &pool_id, &n.node.id),
                     &n.node,
                 ));
-                changed = true;
+                out.changed = true;
             }
         }
     }
-    changed
+    out
+}
+
+/// Where the pool's nodes come from: its `bluebatch.nodes` metadata item, else the service's
+/// default. Sandboxed nodes need a provider this service does not have yet.
+fn pool_source(
+    spec: &serde_json::Map<String, serde_json::Value>,
+    default: NodeSource,
+) -> Result<NodeSource> {
+    let item = spec
+        .get("metadata")
+        .and_then(|m| m.as_array())
+        .and_then(|items| {
+            items.iter().find(|i| {
+                i.get("name").and_then(|n| n.as_str()) == Some(bluebatch_protocol::NODES_METADATA)
+            })
+        });
+    let source = match item {
+        None => default,
+        Some(i) => {
+            let value = i.get("value").and_then(|v| v.as_str()).unwrap_or("");
+            NodeSource::parse(value).ok_or_else(|| {
+                BatchError::property(
+                    Code::InvalidPropertyValue,
+                    "metadata",
+                    format!(
+                        "The metadata item {} must be embedded, agents or sandbox, not '{value}'.",
+                        bluebatch_protocol::NODES_METADATA
+                    ),
+                )
+            })?
+        }
+    };
+    if source == NodeSource::Sandbox {
+        return Err(BatchError::property(
+            Code::InvalidPropertyValue,
+            "metadata",
+            "This service has no sandbox node provider; use embedded or agents nodes.",
+        ));
+    }
+    Ok(source)
+}
+
+/// How long an agents pool waits for hosts before it reports the allocation it could not meet.
+pub(crate) fn resize_timeout(pool: &Pool) -> time::Duration {
+    pool.spec
+        .get("resizeTimeout")
+        .and_then(|v| v.as_str())
+        .and_then(bluebatch_core::timefmt::parse_iso_duration)
+        .and_then(|d| time::Duration::try_from(d).ok())
+        .unwrap_or(time::Duration::minutes(15))
 }
 
 /// Resize and Remove Nodes need an active pool that is not already resizing.
@@ -160,9 +293,16 @@ impl Service {
     pub async fn add_pool(&self, account: &str, new: NewPool) -> Result<()> {
         let now = self.now();
         let pkey = pool_key(&new.id);
+        let default = match self.inner.config.default_nodes {
+            bluebatch_protocol::NodeSource::Embedded => NodeSource::Embedded,
+            bluebatch_protocol::NodeSource::Agents => NodeSource::Agents,
+            bluebatch_protocol::NodeSource::Sandbox => NodeSource::Sandbox,
+        };
+        let source = pool_source(&new.spec, default)?;
         let pending = {
             let mut st = self.lock();
-            let acct = st.accounts.entry(account.to_string()).or_default();
+            let crate::state::State { accounts, hub, .. } = &mut *st;
+            let acct = accounts.entry(account.to_string()).or_default();
             if let Some(existing) = acct.pools.get(&pkey) {
                 return Err(BatchError::new(match existing.pool.state {
                     PoolState::Deleting => Code::PoolBeingDeleted,
@@ -184,13 +324,16 @@ impl Service {
                 creation_time: now,
                 state_transition_time: now,
                 allocation_state_transition_time: now,
+                source,
+                resize_errors: Vec::new(),
             };
             let mut entry = PoolEntry {
                 pool,
                 nodes: Default::default(),
             };
             let mut ops = Vec::new();
-            if converge(&mut entry, account, now, &mut ops) {
+            let done = converge(&mut entry, account, now, &mut ops, &mut hub.hosts);
+            if done.changed || done.short {
                 entry.pool.allocation_state = AllocationState::Resizing;
             }
             ops.insert(
@@ -288,14 +431,21 @@ impl Service {
         let now = self.now();
         let pending = {
             let mut st = self.lock();
-            let entry = st.pool_mut(account, pool).ok_or_else(pool_not_found)?;
+            let crate::state::State { accounts, hub, .. } = &mut *st;
+            let entry = accounts
+                .get_mut(account)
+                .and_then(|a| a.pools.get_mut(&pool_key(pool)))
+                .ok_or_else(pool_not_found)?;
             pre(&entry.pool)?;
             check_resizable(&entry.pool)?;
             entry.pool.target_dedicated = resize.target_dedicated;
             entry.pool.target_low_priority = resize.target_low_priority;
             touch_pool(&mut entry.pool, now);
             let mut ops = Vec::new();
-            if converge(entry, account, now, &mut ops) {
+            let done = converge(entry, account, now, &mut ops, &mut hub.hosts);
+            if done.changed || done.short {
+                // A new resize starts afresh: the last one's errors go.
+                entry.pool.resize_errors.clear();
                 set_allocation(&mut entry.pool, AllocationState::Resizing, now);
             }
             ops.push(put_json(pool_record(account, &entry.pool.id), &entry.pool));
@@ -382,5 +532,63 @@ impl Service {
             self.inner.nodes.remove_node(&key).await;
         }
         pending.durable().await
+    }
+}
+
+impl Service {
+    /// A host joined or came back: the account's agents pools still resizing short of their
+    /// targets take its free slots at once.
+    pub(crate) async fn fill_short_pools(&self, account: &str) {
+        let keys: Vec<String> = {
+            let st = self.lock();
+            let Some(acct) = st.accounts.get(account) else {
+                return;
+            };
+            acct.pools
+                .iter()
+                .filter(|(_, e)| {
+                    e.pool.state == PoolState::Active
+                        && e.pool.allocation_state == AllocationState::Resizing
+                        && is_short(e)
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for k in keys {
+            self.refill_pool(account, &k).await;
+        }
+    }
+
+    /// Brings an agents pool to its targets again (a host joined, or one backing it was revoked).
+    pub(crate) async fn refill_pool(&self, account: &str, pkey: &str) {
+        let now = self.now();
+        let pending = {
+            let mut st = self.lock();
+            let crate::state::State { accounts, hub, .. } = &mut *st;
+            let Some(entry) = accounts
+                .get_mut(account)
+                .and_then(|a| a.pools.get_mut(pkey))
+            else {
+                return;
+            };
+            if entry.pool.state != PoolState::Active {
+                return;
+            }
+            let mut ops = Vec::new();
+            let done = converge(entry, account, now, &mut ops, &mut hub.hosts);
+            if done.changed || done.short {
+                if entry.pool.allocation_state == AllocationState::Steady {
+                    entry.pool.resize_errors.clear();
+                }
+                set_allocation(&mut entry.pool, AllocationState::Resizing, now);
+                touch_pool(&mut entry.pool, now);
+                ops.push(put_json(pool_record(account, &entry.pool.id), &entry.pool));
+            }
+            (!ops.is_empty()).then(|| self.submit(ops))
+        };
+        if let Some(p) = pending {
+            let _ = p.durable().await;
+            self.schedule(account, pkey);
+        }
     }
 }

@@ -9,6 +9,8 @@ pub struct State {
     pub accounts: HashMap<String, AccountState>,
     /// The service clock's stored offset, in nanoseconds (absent: never moved).
     pub clock_offset_nanos: Option<i64>,
+    /// Join tokens, joined hosts and the credential secret.
+    pub hub: crate::agents::HubState,
 }
 
 /// The store key of the service clock's offset (one per server, not per account).
@@ -91,6 +93,7 @@ impl State {
         let mut nodes = Vec::new();
         let mut users = Vec::new();
         let mut clock_offset_nanos = None;
+        let mut hub = crate::agents::HubState::default();
         for (k, v) in records {
             let parts: Vec<&str> = k.split('/').collect();
             let bad = |e: serde_json::Error| format!("corrupt record {k}: {e}");
@@ -114,11 +117,27 @@ impl State {
                     let r: ClockRecord = serde_json::from_slice(&v).map_err(bad)?;
                     clock_offset_nanos = Some(r.offset_nanos);
                 }
+                ["meta", "agent-secret"] => {
+                    let r: crate::agents::SecretRecord = serde_json::from_slice(&v).map_err(bad)?;
+                    hub.secret = (0..r.key.len() / 2)
+                        .filter_map(|i| u8::from_str_radix(r.key.get(2 * i..2 * i + 2)?, 16).ok())
+                        .collect();
+                }
+                ["agent", "token", _] => {
+                    let r: crate::agents::TokenRecord = serde_json::from_slice(&v).map_err(bad)?;
+                    hub.tokens.insert(r.id.clone(), r);
+                }
+                ["agent", "host", _] => {
+                    let r: crate::agents::HostRecord = serde_json::from_slice(&v).map_err(bad)?;
+                    hub.hosts
+                        .insert(r.id.clone(), crate::agents::HostEntry::new(r));
+                }
                 _ => {} // other record kinds (future versions) are kept, not interpreted
             }
         }
         let mut state = State {
             clock_offset_nanos,
+            hub,
             ..State::default()
         };
         for (account, pool) in pools {
@@ -131,6 +150,19 @@ impl State {
             );
         }
         for (account, pool, node) in nodes {
+            // A node backed by a joined host holds that host's slot.
+            if let (Some(host), Some(slot)) = (&node.host, node.slot)
+                && let Some(h) = state.hub.hosts.get_mut(host)
+            {
+                h.slots.insert(
+                    slot,
+                    crate::agents::NodeRef {
+                        account: account.clone(),
+                        pool: pool.clone(),
+                        node: node.id.clone(),
+                    },
+                );
+            }
             if let Some(p) = state.pool_mut(&account, &pool) {
                 p.nodes.insert(
                     node.id.clone(),

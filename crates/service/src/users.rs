@@ -4,7 +4,7 @@ use crate::state::{node_key, node_record, user_key, user_record};
 use crate::{Service, put_json};
 use bluebatch_core::AccountChange;
 use bluebatch_core::error::{BatchError, Code, Result};
-use bluebatch_core::model::{NodeUser, new_etag};
+use bluebatch_core::model::{NodeUser, Os, new_etag};
 use bluebatch_core::users::{
     UserBody, check_node_state_for_users, check_os_rules, default_expiry, login_refused_from,
 };
@@ -64,7 +64,7 @@ impl Service {
         let now = self.now();
         let pending = {
             let mut st = self.lock();
-            let (os, pool_id, entry) = st.node_mut(at.account, at.pool, at.node)?;
+            let (os, _, entry) = st.node_mut(at.account, at.pool, at.node)?;
             let name = match update {
                 Some(n) => n.to_string(),
                 None => body.name.clone().unwrap_or_default(),
@@ -74,6 +74,19 @@ impl Service {
                 return Err(BatchError::new(Code::NodeUserNotFound));
             }
             check_os_rules(os, &body)?;
+            if update.is_none() && entry.node.host.is_some() {
+                let host = entry.node.host.clone();
+                if Service::reserved_on(&st, host.as_deref(), &name, os == Os::Windows) {
+                    return Err(BatchError::property(
+                        Code::InvalidPropertyValue,
+                        "name",
+                        format!(
+                            "The user name {name} is reserved on this node: the host has an account of that name that bluebatch does not manage."
+                        ),
+                    ));
+                }
+            }
+            let (os, pool_id, entry) = st.node_mut(at.account, at.pool, at.node)?;
             check_node_state_for_users(entry.node.state)?;
             let is_admin = match update {
                 Some(_) => entry.users[&ukey].is_admin,
@@ -107,8 +120,14 @@ impl Service {
                 last_modified: now,
             };
             let key = node_key(at.account, &pool_id, at.node);
-            let acked =
-                self.apply_to_node(os, &key, revision, AccountChange::Upsert(user.to_account()));
+            let acked = self.apply_to_node(
+                os,
+                entry.node.host.as_deref(),
+                entry.node.applied_revision,
+                &key,
+                revision,
+                AccountChange::Upsert(user.to_account()),
+            );
             entry.node.users_revision = revision;
             let written = Written {
                 etag: user.etag.clone(),
@@ -141,7 +160,14 @@ impl Service {
             let revision = entry.node.users_revision + 1;
             let stored_name = entry.users[&ukey].name.clone();
             let key = node_key(at.account, &pool_id, at.node);
-            let acked = self.apply_to_node(os, &key, revision, AccountChange::Remove(stored_name));
+            let acked = self.apply_to_node(
+                os,
+                entry.node.host.as_deref(),
+                entry.node.applied_revision,
+                &key,
+                revision,
+                AccountChange::Remove(stored_name),
+            );
             entry.node.users_revision = revision;
             entry.users.remove(&ukey);
             let pending = self.submit(vec![
