@@ -1,5 +1,6 @@
 //! `bluebatch`: the Azure Batch emulator and control plane.
 
+mod agent;
 mod cli;
 mod control;
 mod datadir;
@@ -79,6 +80,10 @@ enum Command {
     },
     /// Forget every pool, node and user of the account on a running server.
     Reset,
+    /// Make this host compute-node capacity of a service: join with a join token, then keep
+    /// the accounts the Batch API sets as real accounts of this host (or, with --simulate N,
+    /// serve N simulated SSH nodes). `bluebatch agent uninstall` removes what it created.
+    Agent(Box<agent::AgentArgs>),
 }
 
 fn init_logs(format: LogFormat) {
@@ -125,6 +130,7 @@ fn main() -> std::process::ExitCode {
         Command::Ssh(args) => rt.block_on(cli::ssh(target, args)),
         Command::Env(args) => rt.block_on(cli::env(target, args)),
         Command::Clock { cmd } => rt.block_on(control::clock(target, cmd)),
+        Command::Agent(args) => agent::run(*args, &rt),
         Command::Reset => rt.block_on(control::run(
             target,
             bluebatch_wire::http::Method::POST,

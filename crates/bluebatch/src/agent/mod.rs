@@ -1,0 +1,602 @@
+//! `bluebatch agent`: makes this host compute-node capacity of a bluebatch service.
+//!
+//! First start: the join token (`--join-token-file`, or `BLUEBATCH_JOIN_TOKEN`; never the
+//! command line) is exchanged at the service for a node credential, kept in the state directory
+//! with the host id and the pinned CA fingerprint; later starts reuse them (no token) and say
+//! hello. Then, forever: long-poll the host's whole desired state, enforce it through the
+//! provider, acknowledge what is enforced. A lost connection, a restarted service or a restarted
+//! agent all end the same way: the next answer is the whole stored state, applied again.
+
+mod client;
+mod linux;
+mod pin;
+mod provider;
+mod simulate;
+mod state;
+
+use bluebatch_core::model::NodeState;
+use bluebatch_protocol::{
+    AckRequest, DesiredState, HostReport, JoinRequest, MAX_WAIT_SECONDS, NodeAck, ProviderKind,
+};
+use clap::{Args, Subcommand};
+use client::{CallError, Client};
+use provider::Provider;
+use state::{Identity, StateDir};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The poll's wait, before its ±20 % jitter.
+const POLL_WAIT: Duration = Duration::from_secs(30);
+/// Acknowledgements per request (the service takes bodies up to 1 MiB).
+const ACKS_PER_REQUEST: usize = 2000;
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    cmd: Option<AgentCmd>,
+    /// URL of the service (any replica): `http://…`, or `https://…` with the CA fingerprint
+    /// pinned at join.
+    #[arg(long, env = "BLUEBATCH_AGENT_SERVER")]
+    server: Option<String>,
+    /// File holding the join token on its first line and the service's CA fingerprint
+    /// (`sha256:…`, for HTTPS) on its second: the output of `bluebatch join-token create`.
+    /// Needed at the first start only. BLUEBATCH_JOIN_TOKEN may hold the same text instead.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
+    /// Where the agent keeps its identity (host id, node credential, pin) and what it applied.
+    #[arg(
+        long,
+        default_value = "/var/lib/bluebatch-agent",
+        env = "BLUEBATCH_AGENT_STATE_DIR"
+    )]
+    state_dir: PathBuf,
+    /// The port of this host's sshd, reported for remote login (default: `port` of `sshd -T`,
+    /// else 22).
+    #[arg(long)]
+    ssh_port: Option<u16>,
+    /// The address the node reports as `ipAddress` and for remote login (default: the local
+    /// address of the agent's connection to the service).
+    #[arg(long)]
+    advertise_address: Option<IpAddr>,
+    /// The host's sshd configuration, read with `sshd -T -f FILE` for its port and whether it
+    /// uses PAM (which decides the day written as an account's expiry).
+    #[arg(long, default_value = "/etc/ssh/sshd_config")]
+    sshd_config: PathBuf,
+    /// An existing group whose membership makes an account an administrator (`isAdmin`),
+    /// instead of the managed `bluebatch-admin` group and its sudoers drop-in.
+    #[arg(long)]
+    admin_group: Option<String>,
+    /// Serve N simulated SSH nodes (the embedded nodes of `bluebatch serve`) from this process
+    /// instead of real accounts on this host, for Linux and Windows pools alike (1..=10000).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    simulate: Option<u32>,
+    /// With --simulate: the ports the simulated nodes take, one each (FIRST-LAST).
+    #[arg(long, default_value = "20000-29999")]
+    ssh_ports: String,
+    /// With --simulate: the address the simulated nodes listen on (default: the advertised
+    /// address).
+    #[arg(long)]
+    ssh_bind: Option<IpAddr>,
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Remove every account this agent created on the host, its managed groups and the sudoers
+    /// drop-in (or a simulated host's nodes), and forget the host's identity. Accounts the
+    /// agent did not create are never touched. (Also run `bluebatch host revoke HOST` at the
+    /// service.)
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Args)]
+struct UninstallArgs {
+    #[arg(
+        long,
+        default_value = "/var/lib/bluebatch-agent",
+        env = "BLUEBATCH_AGENT_STATE_DIR"
+    )]
+    state_dir: PathBuf,
+    /// The --admin-group the agent ran with, if any.
+    #[arg(long)]
+    admin_group: Option<String>,
+}
+
+/// The join token and the pin, from the file or the environment.
+struct JoinSecret {
+    token: String,
+    pin: Option<String>,
+}
+
+fn read_join_secret(file: Option<&PathBuf>) -> Result<JoinSecret, String> {
+    let text = match file {
+        Some(path) => {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %path.display(),
+                    "the join-token file is readable by others than its owner (chmod 600 it)");
+            }
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => std::env::var("BLUEBATCH_JOIN_TOKEN").map_err(|_| {
+            "this host has not joined yet: give the join token with --join-token-file FILE \
+             (or BLUEBATCH_JOIN_TOKEN)"
+                .to_string()
+        })?,
+    };
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let token = lines.next().ok_or("the join token is empty")?.to_string();
+    if !token.contains('.') || token.chars().any(char::is_whitespace) {
+        return Err("the join token is not ID.SECRET (the first line `bluebatch join-token create` printed)".into());
+    }
+    let pin = match lines.next() {
+        None | Some("-") => None,
+        Some(line) => Some(pin::parse_fingerprint(line)?),
+    };
+    Ok(JoinSecret { token, pin })
+}
+
+fn hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn jittered(base: Duration) -> Duration {
+    let f: f64 = rand::random_range(0.8..1.2);
+    base.mul_f64(f)
+}
+
+/// Exponential backoff from 1 s to 30 s, jittered.
+struct Backoff(u32);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let secs = (1u64 << self.0.min(5)).min(30);
+        self.0 += 1;
+        jittered(Duration::from_secs(secs))
+    }
+    fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
+
+pub fn run(args: AgentArgs, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+    if let Some(AgentCmd::Uninstall(u)) = args.cmd {
+        return rt.block_on(uninstall(u));
+    }
+    let server = args
+        .server
+        .clone()
+        .ok_or("--server URL is required (the service the host joins)")?;
+    let mode = if args.simulate.is_some() {
+        0o711
+    } else {
+        0o700
+    };
+    let state = StateDir::open(&args.state_dir, Some(mode))?;
+    match args.simulate {
+        Some(n) => rt.block_on(async {
+            let bind_from = |addr: IpAddr| args.ssh_bind.unwrap_or(addr);
+            let ports = parse_ports(&args.ssh_ports)?;
+            let setup = Setup::new(&args, &server, &state, ProviderKind::Simulate).await?;
+            let provider = simulate::Simulate::new(n, bind_from(setup.address), ports, &state);
+            setup.run(provider).await
+        }),
+        None => rt.block_on(async {
+            let provider = linux::open(&args, &state).await?;
+            let setup = Setup::new(&args, &server, &state, ProviderKind::Linux).await?;
+            setup.run(provider).await
+        }),
+    }
+}
+
+fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').ok_or("--ssh-ports is FIRST-LAST")?;
+    let (a, b): (u16, u16) = (
+        a.trim()
+            .parse()
+            .map_err(|_| "--ssh-ports: bad first port")?,
+        b.trim().parse().map_err(|_| "--ssh-ports: bad last port")?,
+    );
+    if a == 0 || a > b {
+        return Err("--ssh-ports: FIRST must be 1..=LAST".into());
+    }
+    Ok(a..=b)
+}
+
+/// What the agent knows before it speaks to the service.
+struct Setup {
+    client: Client,
+    state: StateDir,
+    stored: Option<Identity>,
+    secret: Option<JoinSecret>,
+    address: IpAddr,
+    advertised: bool,
+    ssh_port_flag: Option<u16>,
+}
+
+impl Setup {
+    async fn new(
+        args: &AgentArgs,
+        server: &str,
+        state: &StateDir,
+        kind: ProviderKind,
+    ) -> Result<Self, String> {
+        let stored = state.identity()?;
+        if let Some(id) = &stored
+            && id.provider != kind
+        {
+            return Err(format!(
+                "{} joined as a {} host; run the agent {} or use another --state-dir",
+                state.dir.display(),
+                provider_name(id.provider),
+                match id.provider {
+                    ProviderKind::Simulate => "with --simulate N",
+                    ProviderKind::Linux => "without --simulate",
+                }
+            ));
+        }
+        let secret = match &stored {
+            Some(id) => {
+                if args.join_token_file.is_some() {
+                    tracing::info!(host = %id.host_id,
+                        "already joined: the join token is not needed and not used");
+                }
+                None
+            }
+            None => Some(read_join_secret(args.join_token_file.as_ref())?),
+        };
+        let pin = stored
+            .as_ref()
+            .and_then(|id| id.pin.clone())
+            .or_else(|| secret.as_ref().and_then(|s| s.pin.clone()));
+        let client = Client::new(server, pin.as_deref())?;
+        let (address, advertised) = match args.advertise_address {
+            Some(a) => (a, true),
+            None => {
+                let mut backoff = Backoff(0);
+                loop {
+                    match client.local_address().await {
+                        Ok(a) => break (a, false),
+                        Err(e) => {
+                            let pause = backoff.next();
+                            tracing::warn!(error = %e, retry_in = ?pause,
+                                "cannot reach the service to learn this host's address");
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                }
+            }
+        };
+        Ok(Setup {
+            client,
+            state: state.clone(),
+            stored,
+            secret,
+            address,
+            advertised,
+            ssh_port_flag: args.ssh_port,
+        })
+    }
+
+    fn report<P: Provider>(&self, provider: &P) -> HostReport {
+        HostReport {
+            hostname: hostname(),
+            provider: provider.kind(),
+            slots: provider.slots(),
+            address: self.address.to_string(),
+            ssh_port: self
+                .ssh_port_flag
+                .or(provider.ssh_port())
+                .filter(|_| provider.kind() == ProviderKind::Linux),
+            reserved_names: provider.reserved_names(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// Joins (first start) or says hello (later starts), retrying while the service is away.
+    async fn identify<P: Provider>(&mut self, provider: &P) -> Result<Identity, String> {
+        let report = self.report(provider);
+        let mut backoff = Backoff(0);
+        if let Some(id) = self.stored.clone() {
+            self.client.set_credential(&id.credential);
+            loop {
+                match self.client.hello(&report).await {
+                    Ok(_) => {
+                        tracing::info!(host = %id.host_id, account = %id.account,
+                            address = %report.address, "reconnected with the stored identity");
+                        return Ok(id);
+                    }
+                    Err(e) if e.is_auth() => return Err(refused_credential(&id, &self.state, &e)),
+                    Err(CallError::Refused {
+                        status,
+                        code,
+                        message,
+                    }) if status < 500 => {
+                        return Err(format!(
+                            "the service refused this host: {status} {code}: {message}"
+                        ));
+                    }
+                    Err(e) => {
+                        let pause = backoff.next();
+                        tracing::warn!(error = %e, retry_in = ?pause, "the service is not reachable");
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        }
+        let secret = self.secret.take().ok_or("no join token")?;
+        let body = JoinRequest {
+            token: secret.token,
+            host: report,
+        };
+        let joined = loop {
+            match self.client.join(&body).await {
+                Ok(r) => break r,
+                Err(CallError::Refused {
+                    status,
+                    code,
+                    message,
+                }) if status < 500 => {
+                    return Err(format!(
+                        "the service refused the join token: {status} {code}: {message} \
+                         (create a new one with `bluebatch join-token create`)"
+                    ));
+                }
+                Err(CallError::Tls(e)) => {
+                    return Err(format!(
+                        "not joining: the service's certificate does not match the CA \
+                         fingerprint of the join-token file ({e})"
+                    ));
+                }
+                Err(e) => {
+                    let pause = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?pause, "the service is not reachable");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        };
+        let id = Identity {
+            host_id: joined.host_id,
+            credential: joined.credential,
+            credential_expires: joined.credential_expires,
+            account: joined.account,
+            pin: secret.pin,
+            provider: body.host.provider,
+            slots: body.host.slots,
+            grace_seconds: joined.grace_seconds,
+        };
+        self.state.save_identity(&id)?;
+        self.client.set_credential(&id.credential);
+        tracing::info!(host = %id.host_id, account = %id.account, address = %body.host.address,
+            slots = id.slots, "joined; identity saved in the state directory");
+        Ok(id)
+    }
+
+    async fn run<P: Provider>(mut self, mut provider: P) -> Result<(), String> {
+        let mut id = self.identify(&provider).await?;
+        let mut last_report = self.report(&provider);
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| format!("SIGTERM handler: {e}"))?;
+        let result = tokio::select! {
+            r = self.poll_loop(&mut provider, &mut id, &mut last_report) => r,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = terminate.recv() => Ok(()),
+        };
+        tracing::info!("agent stopping");
+        provider.shutdown().await;
+        result
+    }
+
+    async fn poll_loop<P: Provider>(
+        &mut self,
+        provider: &mut P,
+        id: &mut Identity,
+        last_report: &mut HostReport,
+    ) -> Result<(), String> {
+        let mut cursor: Option<String> = None;
+        let mut acked: HashMap<String, (NodeAck, u64)> = HashMap::new();
+        let mut failing = Backoff(0);
+        let mut retrying = false;
+        let mut lost = Backoff(0);
+        let mut reconnected = false;
+        loop {
+            let wait = if retrying {
+                failing.next()
+            } else {
+                jittered(POLL_WAIT)
+            }
+            .min(Duration::from_secs(MAX_WAIT_SECONDS));
+            let ds = match self.client.desired(cursor.as_deref(), wait).await {
+                Ok(ds) => ds,
+                Err(e) if e.is_auth() => return Err(refused_credential(id, &self.state, &e)),
+                Err(e) => {
+                    let pause = lost.next();
+                    tracing::warn!(error = %e, retry_in = ?pause,
+                        "lost the service; will reconnect and converge");
+                    cursor = None;
+                    acked.clear();
+                    reconnected = true;
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            };
+            lost.reset();
+            if let Some(cred) = &ds.credential {
+                self.renew(id, cred);
+            }
+            if reconnected {
+                reconnected = false;
+                tracing::info!("connected to the service again");
+                self.hello_if_changed(provider, last_report).await;
+            }
+            let must_apply = ds.changed || cursor.is_none() || retrying;
+            if !must_apply {
+                continue;
+            }
+            let acks = provider.apply(&ds).await;
+            let failed: Vec<&NodeAck> = acks.iter().filter(|a| !a.failures.is_empty()).collect();
+            for a in &failed {
+                let users: Vec<&str> = a.failures.iter().map(|f| f.name.as_str()).collect();
+                tracing::warn!(node = %a.key, revision = a.revision, users = %users.join(","),
+                    reason = %a.failures[0].reason, "not applied; will retry");
+            }
+            retrying = !failed.is_empty();
+            if !retrying {
+                failing.reset();
+            }
+            match self.send_acks(&ds, acks, &mut acked).await {
+                Ok(()) => cursor = Some(ds.cursor.clone()),
+                Err(e) if e.is_auth() => return Err(refused_credential(id, &self.state, &e)),
+                Err(e) => {
+                    let pause = lost.next();
+                    tracing::warn!(error = %e, retry_in = ?pause,
+                        "the acknowledgement was not delivered; will reconnect and converge");
+                    cursor = None;
+                    acked.clear();
+                    reconnected = true;
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            }
+            if provider.kind() == ProviderKind::Linux {
+                self.hello_if_changed(provider, last_report).await;
+            }
+        }
+    }
+
+    /// Acknowledges what changed since the last delivered acknowledgement (with the boot it
+    /// was given for), and every node the service waits for (starting, rebooting, reimaging).
+    async fn send_acks(
+        &self,
+        ds: &DesiredState,
+        acks: Vec<NodeAck>,
+        acked: &mut HashMap<String, (NodeAck, u64)>,
+    ) -> Result<(), CallError> {
+        let desired: HashMap<&str, &bluebatch_protocol::NodeDesired> =
+            ds.nodes.iter().map(|n| (n.key.as_str(), n)).collect();
+        let boot_of = |key: &str| desired.get(key).map_or(0, |n| n.boot);
+        let fresh: Vec<NodeAck> = acks
+            .into_iter()
+            .filter(|a| {
+                let waited = desired.get(a.key.as_str()).is_some_and(|n| {
+                    matches!(
+                        n.state,
+                        NodeState::Starting | NodeState::Rebooting | NodeState::Reimaging
+                    )
+                });
+                waited || acked.get(&a.key) != Some(&(a.clone(), boot_of(&a.key)))
+            })
+            .collect();
+        for chunk in fresh.chunks(ACKS_PER_REQUEST) {
+            let answer = self
+                .client
+                .ack(&AckRequest {
+                    nodes: chunk.to_vec(),
+                })
+                .await?;
+            for key in &answer.refused {
+                tracing::warn!(node = %key, "the service did not take this node's acknowledgement");
+            }
+            for a in chunk {
+                if !answer.refused.contains(&a.key) {
+                    acked.insert(a.key.clone(), (a.clone(), boot_of(&a.key)));
+                }
+            }
+        }
+        acked.retain(|k, _| ds.nodes.iter().any(|n| &n.key == k));
+        Ok(())
+    }
+
+    fn renew(&self, id: &mut Identity, credential: &str) {
+        if credential == id.credential {
+            return;
+        }
+        id.credential = credential.to_string();
+        self.client.set_credential(credential);
+        match self.state.save_identity(id) {
+            Ok(()) => tracing::info!(host = %id.host_id, "node credential renewed and saved"),
+            Err(e) => tracing::error!(error = %e, "the renewed node credential could not be saved"),
+        }
+    }
+
+    /// Tells the service when the host's address, sshd port or reserved names changed.
+    async fn hello_if_changed<P: Provider>(&mut self, provider: &P, last: &mut HostReport) {
+        if !self.advertised
+            && let Ok(a) = self.client.local_address().await
+        {
+            self.address = a;
+        }
+        let now = self.report(provider);
+        if now == *last {
+            return;
+        }
+        match self.client.hello(&now).await {
+            Ok(_) => {
+                tracing::info!(address = %now.address, ssh_port = ?now.ssh_port,
+                    reserved = now.reserved_names.len(), "told the service what changed on this host");
+                *last = now;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not tell the service what changed on this host")
+            }
+        }
+    }
+}
+
+fn provider_name(p: ProviderKind) -> &'static str {
+    match p {
+        ProviderKind::Linux => "linux",
+        ProviderKind::Simulate => "simulated",
+    }
+}
+
+fn refused_credential(id: &Identity, state: &StateDir, e: &CallError) -> String {
+    format!(
+        "the service refused host {}'s node credential ({e}): the host was revoked, or the \
+         credential expired while the agent was away. To join again, delete {} and start the \
+         agent with a new join token",
+        id.host_id,
+        state.identity_path().display()
+    )
+}
+
+async fn uninstall(args: UninstallArgs) -> Result<(), String> {
+    let state = StateDir::open(&args.state_dir, None)?;
+    let stored = state.identity()?;
+    match stored.as_ref().map(|id| id.provider) {
+        Some(ProviderKind::Simulate) => {
+            let nodes = state.dir.join("nodes");
+            if nodes.exists() {
+                std::fs::remove_dir_all(&nodes).map_err(|e| format!("{}: {e}", nodes.display()))?;
+            }
+            println!("removed the simulated nodes ({})", nodes.display());
+        }
+        _ => {
+            let removed = linux::uninstall(&state, args.admin_group.clone()).await?;
+            println!("{removed}");
+        }
+    }
+    for path in [state.identity_path(), state.nodes_path()] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => println!("removed {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+    }
+    if let Some(id) = stored {
+        println!(
+            "host {} forgot its identity; revoke it at the service: bluebatch host revoke {}",
+            id.host_id, id.host_id
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! `bluebatch agent --simulate N`: N light SSH nodes (the embedded nodes of `bluebatch serve`,
+//! `bluebatch_node::SshNodes`) served by the agent process, each on its own port of the
+//! advertised address, all through one long poll. Windows-pool nodes have no endpoint (as
+//! embedded Windows nodes) and are acknowledged at once.
+//!
+//! A reboot (the node's `boot` grew) stops and restarts the node's endpoint, ending its
+//! sessions; a reimage (`image` grew) gives it a new host key and an empty home. A released
+//! slot's node is removed (its directory, keys and homes deleted).
+
+use super::provider::{Provider, names};
+use super::state::{Memos, NodeMemo, StateDir};
+use bluebatch_core::Clock;
+use bluebatch_core::model::Os;
+use bluebatch_node::{SshConfig, SshNodes};
+use bluebatch_protocol::{DesiredState, NodeAck, NodeDesired, ProviderKind, UserFailure};
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use time::OffsetDateTime;
+
+/// How many nodes are started (ports bound, host keys read or made) at once.
+const PARALLEL: usize = 64;
+
+/// The service clock as the service reports it: the wall clock plus its offset.
+#[derive(Default)]
+pub struct OffsetClock {
+    offset_seconds: AtomicI64,
+}
+
+impl OffsetClock {
+    pub fn set(&self, seconds: i64) {
+        self.offset_seconds.store(seconds, Ordering::SeqCst);
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> OffsetDateTime {
+        let now = OffsetDateTime::now_utc();
+        now.checked_add(time::Duration::seconds(
+            self.offset_seconds.load(Ordering::SeqCst),
+        ))
+        .unwrap_or(now)
+    }
+}
+
+pub struct Simulate {
+    nodes: Arc<SshNodes>,
+    clock: Arc<OffsetClock>,
+    slots: u32,
+    state: StateDir,
+    memos: Memos,
+}
+
+impl Simulate {
+    pub fn new(slots: u32, bind: IpAddr, ports: RangeInclusive<u16>, state: &StateDir) -> Self {
+        let clock = Arc::new(OffsetClock::default());
+        let nodes = SshNodes::new(
+            SshConfig {
+                bind_ip: bind,
+                port_range: ports,
+                data_dir: state.dir.join("nodes"),
+                ..SshConfig::default()
+            },
+            clock.clone(),
+        );
+        Simulate {
+            nodes,
+            clock,
+            slots,
+            state: state.clone(),
+            memos: state.memos(),
+        }
+    }
+}
+
+impl Provider for Simulate {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Simulate
+    }
+    fn slots(&self) -> u32 {
+        self.slots
+    }
+    fn ssh_port(&self) -> Option<u16> {
+        None
+    }
+    fn reserved_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    async fn apply(&mut self, state: &DesiredState) -> Vec<NodeAck> {
+        self.clock.set(state.clock_offset_seconds);
+        // Released slots first: their ports are free for the nodes that come.
+        let wanted: std::collections::HashSet<&str> =
+            state.nodes.iter().map(|n| n.key.as_str()).collect();
+        let gone: Vec<String> = self
+            .memos
+            .keys()
+            .filter(|k| !wanted.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.nodes.remove_node(&key).await;
+            self.memos.remove(&key);
+            tracing::info!(node = %key, "released: node removed with its accounts and files");
+        }
+
+        let mut acks = Vec::with_capacity(state.nodes.len());
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut pending = state.nodes.iter();
+        loop {
+            while tasks.len() < PARALLEL {
+                let Some(n) = pending.next() else { break };
+                let memo = self.memos.get(&n.key).cloned();
+                tasks.spawn(apply_node(self.nodes.clone(), n.clone(), memo));
+            }
+            match tasks.join_next().await {
+                Some(Ok((ack, memo))) => {
+                    self.memos.insert(ack.key.clone(), memo);
+                    acks.push(ack);
+                }
+                Some(Err(e)) => tracing::error!(error = %e, "applying a node failed"),
+                None => break,
+            }
+        }
+        if let Err(e) = self.state.save_memos(&self.memos) {
+            tracing::warn!(error = %e, "could not save what was applied");
+        }
+        acks
+    }
+
+    async fn shutdown(&mut self) {
+        self.nodes.shutdown().await;
+    }
+}
+
+async fn apply_node(
+    nodes: Arc<SshNodes>,
+    n: NodeDesired,
+    memo: Option<NodeMemo>,
+) -> (NodeAck, NodeMemo) {
+    let mut next = NodeMemo {
+        slot: n.slot,
+        revision: n.revision,
+        boot: n.boot,
+        image: n.image,
+        port: memo.as_ref().and_then(|m| m.port),
+    };
+    let changed = memo
+        .as_ref()
+        .is_none_or(|m| m.revision != n.revision || m.boot != n.boot || m.image != n.image);
+    if n.os == Os::Windows {
+        // A Windows node keeps its rules and has no endpoint.
+        if changed {
+            tracing::info!(node = %n.key, pool = %n.pool_id, id = %n.node_id, revision = n.revision,
+                users = %names(&n.accounts), "applied (windows node, no endpoint)");
+        }
+        let ack = NodeAck {
+            key: n.key,
+            revision: n.revision,
+            image: n.image,
+            ssh_port: None,
+            failures: Vec::new(),
+        };
+        return (ack, next);
+    }
+    let mut failures = Vec::new();
+    let fail = |failures: &mut Vec<UserFailure>, reason: String| {
+        for a in &n.accounts {
+            failures.push(UserFailure {
+                name: a.name.clone(),
+                reason: reason.clone(),
+            });
+        }
+    };
+    if let Some(m) = &memo {
+        if n.image > m.image {
+            if let Err(e) = nodes.reimage_node(&n.key).await {
+                tracing::error!(node = %n.key, error = %e, "reimage failed");
+                fail(&mut failures, format!("reimage failed: {e}"));
+                next.image = m.image;
+            } else {
+                tracing::info!(node = %n.key, image = n.image, "reimaged: new host key, empty home");
+            }
+        } else if n.boot > m.boot && nodes.endpoint(&n.key).is_some() {
+            nodes.stop_node(&n.key).await;
+            tracing::info!(node = %n.key, boot = n.boot, "rebooted: sessions ended");
+        }
+    }
+    let accounts: Vec<_> = n.accounts.iter().map(|a| a.to_account()).collect();
+    let applied = nodes.apply(
+        &n.key,
+        n.revision,
+        bluebatch_node::AccountChange::ReplaceAll(accounts),
+    );
+    nodes.set_state(&n.key, n.state);
+    let port = match nodes.start_node(&n.key, next.port).await {
+        Ok(addr) => {
+            next.port = Some(addr.port());
+            Some(addr.port())
+        }
+        Err(e) => {
+            tracing::error!(node = %n.key, error = %e, "the node's SSH endpoint did not start");
+            fail(
+                &mut failures,
+                format!("the node's SSH endpoint did not start: {e}"),
+            );
+            None
+        }
+    };
+    if !failures.is_empty() {
+        // Retried: remember nothing as applied.
+        next.revision = memo.as_ref().map_or(0, |m| m.revision);
+    }
+    if changed && failures.is_empty() {
+        tracing::info!(node = %n.key, pool = %n.pool_id, id = %n.node_id, revision = applied,
+            port = ?port, users = %names(&n.accounts), "applied");
+    }
+    let ack = NodeAck {
+        key: n.key,
+        revision: if failures.is_empty() {
+            applied
+        } else {
+            n.revision
+        },
+        image: next.image,
+        ssh_port: port,
+        failures,
+    };
+    (ack, next)
+}
