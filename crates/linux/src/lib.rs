@@ -169,31 +169,10 @@ impl LinuxProvider {
     /// configured admin group does not exist, or when a `bluebatch-admin` group this provider
     /// did not create already has members.
     pub fn new(cfg: LinuxConfig) -> io::Result<Self> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "the linux provider manages OS accounts and must run as root",
-            ));
-        }
+        need_root()?;
         std::fs::create_dir_all(&cfg.state_dir)?;
         std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(cfg.state_dir.join(LOCK_FILE))?;
-        // SAFETY: a valid descriptor.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!(
-                    "another bluebatch agent uses the state dir {}",
-                    cfg.state_dir.display()
-                ),
-            ));
-        }
+        let lock = take_lock(&cfg.state_dir)?;
         let use_pam = match cfg.use_pam {
             Some(v) => v,
             None => sshd_settings().use_pam.unwrap_or(false),
@@ -374,7 +353,7 @@ impl LinuxProvider {
             .map(|(name, _)| name.clone())
             .collect();
         for name in going {
-            match self.delete(&mut st, &name) {
+            match delete_account(dir, &mut st, &name) {
                 Ok(()) => tracing::info!("removed the user {name}"),
                 Err(reason) => failures.push(failure(&name, reason)),
             }
@@ -434,79 +413,7 @@ impl LinuxProvider {
     /// Blocking.
     pub fn uninstall(&self) -> io::Result<()> {
         let _serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = &self.cfg.state_dir;
-        let mut st = State::load(dir)?;
-        let sys = Accounts::read()?;
-        retag(&mut st, &sys);
-        let mut errors = Vec::new();
-        let names: Vec<String> = st.accounts.keys().cloned().collect();
-        for name in names {
-            match self.delete(&mut st, &name) {
-                Ok(()) => tracing::info!("removed the user {name}"),
-                Err(reason) => errors.push(format!("{name}: {reason}")),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(io::Error::other(errors.join("; ")));
-        }
-        if let Some(p) = st.sudoers.take() {
-            remove_if_present(&p)?;
-            st.save(dir)?;
-        }
-        let sys = Accounts::read()?;
-        for g in [ADMIN_GROUP, MANAGED_GROUP] {
-            if st.created_groups.contains(g) {
-                if sys.groups.contains_key(g) {
-                    run("groupdel", &["--", g], None).map_err(tool_err)?;
-                    tracing::info!("removed the group {g}");
-                }
-                st.created_groups.remove(g);
-                st.save(dir)?;
-            }
-        }
-        State::remove(dir)
-    }
-
-    /// Removes one managed account: every login refused first (expired, `*`, no keys), its
-    /// processes ended, then `userdel -r` (retried while it reports the user busy).
-    fn delete(&self, st: &mut State, name: &str) -> Result<(), String> {
-        let dir = &self.cfg.state_dir;
-        let sys = Accounts::read().map_err(|e| e.to_string())?;
-        let Some(user) = sys.users.get(name).cloned() else {
-            st.accounts.remove(name);
-            return st.save(dir).map_err(|e| e.to_string());
-        };
-        if let Some(m) = st.accounts.get_mut(name)
-            && m.phase != Phase::Deleting
-        {
-            m.phase = Phase::Deleting;
-            st.save(dir).map_err(|e| e.to_string())?;
-        }
-        let shadow = sys.shadow.get(name);
-        if shadow.is_none_or(|s| s.expire != Some(1)) {
-            run("chage", &["-E", "1", "--", name], None).map_err(|e| e.to_string())?;
-        }
-        if shadow.is_none_or(|s| s.hash != "*") {
-            run("chpasswd", &["-e"], Some(format!("{name}:*\n").as_bytes()))
-                .map_err(|e| e.to_string())?;
-        }
-        if let Err(e) = keys::set(&user.home, user.uid, user.gid, None) {
-            tracing::warn!("user {name}: removing its keys: {e}");
-        }
-        let deadline = Instant::now() + BUSY_FOR;
-        loop {
-            kill_all(user.uid);
-            match run("userdel", &["-r", "--", name], None) {
-                Ok(_) => break,
-                Err(e) if e.code == Some(6) => break, // already gone
-                Err(e) if e.code == Some(8) && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        st.accounts.remove(name);
-        st.save(dir).map_err(|e| e.to_string())
+        uninstall_in(&self.cfg.state_dir)
     }
 
     /// Makes one desired account real: created when missing, then its admin membership,
@@ -646,6 +553,126 @@ impl LinuxProvider {
         tracing::info!("created the user {name}");
         Ok(sys)
     }
+}
+
+/// What `bluebatch agent uninstall` does: removes every account the provider of `state_dir`
+/// created (with its home), the sudoers drop-in and the groups it created, then its state file,
+/// without setting anything up first (unlike [`LinuxProvider::new`]). Nothing is removed that the
+/// state file does not prove it made; without a state dir there is nothing to do. Blocking.
+pub fn uninstall(state_dir: &Path) -> io::Result<()> {
+    need_root()?;
+    if !state_dir.join(state::FILE).exists() {
+        return Ok(());
+    }
+    let _lock = take_lock(state_dir)?;
+    uninstall_in(state_dir)?;
+    remove_if_present(&state_dir.join(LOCK_FILE))
+}
+
+fn need_root() -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the linux provider manages OS accounts and must run as root",
+        ));
+    }
+    Ok(())
+}
+
+/// The state dir's lock: one provider (one agent) per state dir.
+fn take_lock(dir: &Path) -> io::Result<std::fs::File> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(LOCK_FILE))?;
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "another bluebatch agent uses the state dir {}",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(lock)
+}
+
+fn uninstall_in(dir: &Path) -> io::Result<()> {
+    let mut st = State::load(dir)?;
+    let sys = Accounts::read()?;
+    retag(&mut st, &sys);
+    let mut errors = Vec::new();
+    let names: Vec<String> = st.accounts.keys().cloned().collect();
+    for name in names {
+        match delete_account(dir, &mut st, &name) {
+            Ok(()) => tracing::info!("removed the user {name}"),
+            Err(reason) => errors.push(format!("{name}: {reason}")),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(io::Error::other(errors.join("; ")));
+    }
+    if let Some(p) = st.sudoers.take() {
+        remove_if_present(&p)?;
+        st.save(dir)?;
+    }
+    let sys = Accounts::read()?;
+    for g in [ADMIN_GROUP, MANAGED_GROUP] {
+        if st.created_groups.contains(g) {
+            if sys.groups.contains_key(g) {
+                run("groupdel", &["--", g], None).map_err(tool_err)?;
+                tracing::info!("removed the group {g}");
+            }
+            st.created_groups.remove(g);
+            st.save(dir)?;
+        }
+    }
+    State::remove(dir)
+}
+
+/// Removes one managed account: every login refused first (expired, `*`, no keys), its
+/// processes ended, then `userdel -r` (retried while it reports the user busy).
+fn delete_account(dir: &Path, st: &mut State, name: &str) -> Result<(), String> {
+    let sys = Accounts::read().map_err(|e| e.to_string())?;
+    let Some(user) = sys.users.get(name).cloned() else {
+        st.accounts.remove(name);
+        return st.save(dir).map_err(|e| e.to_string());
+    };
+    if let Some(m) = st.accounts.get_mut(name)
+        && m.phase != Phase::Deleting
+    {
+        m.phase = Phase::Deleting;
+        st.save(dir).map_err(|e| e.to_string())?;
+    }
+    let shadow = sys.shadow.get(name);
+    if shadow.is_none_or(|s| s.expire != Some(1)) {
+        run("chage", &["-E", "1", "--", name], None).map_err(|e| e.to_string())?;
+    }
+    if shadow.is_none_or(|s| s.hash != "*") {
+        run("chpasswd", &["-e"], Some(format!("{name}:*\n").as_bytes()))
+            .map_err(|e| e.to_string())?;
+    }
+    if let Err(e) = keys::set(&user.home, user.uid, user.gid, None) {
+        tracing::warn!("user {name}: removing its keys: {e}");
+    }
+    let deadline = Instant::now() + BUSY_FOR;
+    loop {
+        kill_all(user.uid);
+        match run("userdel", &["-r", "--", name], None) {
+            Ok(_) => break,
+            Err(e) if e.code == Some(6) => break, // already gone
+            Err(e) if e.code == Some(8) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    st.accounts.remove(name);
+    st.save(dir).map_err(|e| e.to_string())
 }
 
 /// Drops the state entries that are not (or no longer) ours on the host: an account must exist

@@ -848,6 +848,21 @@ fn uninstall_removes_what_it_made_and_nothing_else() {
         // A fresh start after an uninstall works.
         let p = provider(dir);
         assert_applied(&p, Some(&node(1, vec![account("boss", None, None, true)])));
+        drop(p);
+        // `bluebatch agent uninstall` (the agent stopped): nothing set up first, everything
+        // managed removed, even when the admin group has gained a member bluebatch did not add.
+        sh("usermod", &["-a", "-G", "bluebatch-admin", "dave"]);
+        let state = dir.join("state");
+        bluebatch_linux::uninstall(&state).unwrap();
+        assert_eq!(line_of("/etc/passwd", "boss"), None);
+        assert_eq!(line_of("/etc/group", "bluebatch-managed"), None);
+        assert!(!Path::new("/etc/sudoers.d").join(SUDOERS_FILE).exists());
+        assert_eq!(line_of("/etc/passwd", "dave"), dave);
+        assert!(!state.join("linux-accounts.json").exists());
+        // Without a state dir, nothing to do and nothing made.
+        let none = dir.join("never-ran");
+        bluebatch_linux::uninstall(&none).unwrap();
+        assert!(!none.exists());
     });
 }
 
