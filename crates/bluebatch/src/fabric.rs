@@ -1,7 +1,7 @@
 //! The embedded SSH provider plugged into the service's node fabric.
 
+use bluebatch_core::NodeAccount;
 use bluebatch_core::model::NodeState;
-use bluebatch_core::{AccountChange, NodeAccount};
 use bluebatch_node::SshNodes;
 use bluebatch_service::{BoxFuture, LoginLockout, NodeFabric};
 use std::io;
@@ -27,13 +27,13 @@ impl NodeFabric for SshFabric {
     fn reimage_node<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<()>> {
         Box::pin(self.0.reimage_node(key))
     }
-    fn apply(&self, key: &str, revision: u64, change: AccountChange) -> u64 {
-        let change = match change {
-            AccountChange::Upsert(a) => bluebatch_node::AccountChange::Upsert(a),
-            AccountChange::Remove(n) => bluebatch_node::AccountChange::Remove(n),
-            AccountChange::ReplaceAll(all) => bluebatch_node::AccountChange::ReplaceAll(all),
-        };
-        self.0.apply(key, revision, change)
+    fn apply(&self, key: &str, revision: u64, accounts: Arc<[NodeAccount]>) -> u64 {
+        // The whole set, taken by the node as it is (no copy, no delta).
+        self.0.apply(
+            key,
+            revision,
+            bluebatch_node::AccountChange::Snapshot(accounts),
+        )
     }
     fn acknowledged<'a>(&'a self, key: &'a str, revision: u64) -> BoxFuture<'a, ()> {
         // The embedded nodes apply a change within `apply` itself: an acknowledgement not given

@@ -21,13 +21,3 @@ impl NodeAccount {
         now >= self.login_refused_from
     }
 }
-
-/// A change to the accounts a node enforces, as the fabric pushes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccountChange {
-    Upsert(NodeAccount),
-    /// Removes the account with this name (ends its sessions).
-    Remove(String),
-    /// Replaces every account (start-up, reimage).
-    ReplaceAll(Vec<NodeAccount>),
-}

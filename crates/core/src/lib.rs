@@ -11,6 +11,6 @@ pub mod sshkey;
 pub mod timefmt;
 pub mod users;
 
-pub use account::{AccountChange, NodeAccount};
+pub use account::NodeAccount;
 pub use clock::{Clock, ServiceClock};
 pub use error::{BatchError, Code, Result};

@@ -276,6 +276,9 @@ pub enum AccountChange {
     Remove(String),
     /// Replace every account of the node (reconciliation).
     ReplaceAll(Vec<NodeAccount>),
+    /// The node's whole account set as the service holds it, sorted by name: taken as it is
+    /// (no copy), what the service hands its embedded nodes on every change.
+    Snapshot(Arc<[NodeAccount]>),
 }
 
 /// A source a node refuses for too many failed logins.

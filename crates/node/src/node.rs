@@ -53,10 +53,37 @@ pub(crate) struct Node {
     conns_gone: Notify,
 }
 
-#[derive(Default)]
+/// The node's whole account set, sorted by name (names unique): a snapshot from the service is
+/// taken as it is, without copying.
 struct AccountState {
     revision: Option<u64>,
-    accounts: HashMap<String, NodeAccount>,
+    accounts: Arc<[NodeAccount]>,
+}
+
+impl Default for AccountState {
+    fn default() -> Self {
+        AccountState {
+            revision: None,
+            accounts: Arc::from(Vec::new()),
+        }
+    }
+}
+
+impl AccountState {
+    fn find(&self, name: &str) -> Option<&NodeAccount> {
+        self.accounts
+            .binary_search_by(|a| a.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.accounts[i])
+    }
+}
+
+/// `accounts` sorted by name with unique names (the last of equal names wins).
+fn sorted_set(mut accounts: Vec<NodeAccount>) -> Arc<[NodeAccount]> {
+    accounts.reverse();
+    accounts.sort_by(|a, b| a.name.cmp(&b.name));
+    accounts.dedup_by(|a, b| a.name == b.name);
+    Arc::from(accounts)
 }
 
 /// The node's connections, and how many of them are startups (not logged in yet: counted
@@ -365,13 +392,34 @@ impl Node {
         }
         match change {
             AccountChange::Upsert(account) => {
-                state.accounts.insert(account.name.clone(), account);
+                let mut list = state.accounts.to_vec();
+                match list.binary_search_by(|a| a.name.cmp(&account.name)) {
+                    Ok(i) => list[i] = account,
+                    Err(i) => list.insert(i, account),
+                }
+                state.accounts = Arc::from(list);
             }
             AccountChange::Remove(name) => {
-                state.accounts.remove(&name);
+                if state.find(&name).is_some() {
+                    let list: Vec<NodeAccount> = state
+                        .accounts
+                        .iter()
+                        .filter(|a| a.name != name)
+                        .cloned()
+                        .collect();
+                    state.accounts = Arc::from(list);
+                }
             }
             AccountChange::ReplaceAll(accounts) => {
-                state.accounts = accounts.into_iter().map(|a| (a.name.clone(), a)).collect();
+                state.accounts = sorted_set(accounts);
+            }
+            AccountChange::Snapshot(accounts) => {
+                let ordered = accounts.windows(2).all(|w| w[0].name < w[1].name);
+                state.accounts = if ordered {
+                    accounts
+                } else {
+                    sorted_set(accounts.to_vec())
+                };
             }
         }
         state.revision = Some(revision);
@@ -389,22 +437,17 @@ impl Node {
 
     pub fn accounts(&self) -> Vec<NodeAccount> {
         let state = self.accounts.read().unwrap_or_else(|e| e.into_inner());
-        let mut list: Vec<NodeAccount> = state.accounts.values().cloned().collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        list
+        state.accounts.to_vec()
     }
 
     pub fn account(&self, name: &str) -> Option<NodeAccount> {
         let state = self.accounts.read().unwrap_or_else(|e| e.into_inner());
-        state.accounts.get(name).cloned()
+        state.find(name).cloned()
     }
 
     fn may_stay(&self, user: &str, now: OffsetDateTime) -> bool {
         let state = self.accounts.read().unwrap_or_else(|e| e.into_inner());
-        state
-            .accounts
-            .get(user)
-            .is_some_and(|a| !a.is_expired_at(now))
+        state.find(user).is_some_and(|a| !a.is_expired_at(now))
     }
 
     /// Ends the sessions of accounts that are gone or expired at `now`.

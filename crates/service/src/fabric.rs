@@ -3,10 +3,11 @@
 //!
 //! The service owns the truth (the store); a provider enforces it on its nodes. What the service
 //! tells a provider, and when:
-//! - **accounts**: every user change of a node, tagged with the node's next users revision, in
-//!   revision order ([`NodeFabric::apply`]); after a restart the whole set at the stored revision
-//!   (`ReplaceAll`). The provider acknowledges a revision once the node enforces it (at once, as
-//!   `apply`'s answer, or later through [`NodeFabric::acknowledged`]). A user write answers only
+//! - **accounts**: after every user change of a node, the node's **whole** account set with its
+//!   users revision, in revision order ([`NodeFabric::apply`]); after a restart the whole set at
+//!   the stored revision. A provider reconciles the snapshot (never deltas) and acknowledges a
+//!   revision once the node enforces it (at once, as `apply`'s answer, or later through
+//!   [`NodeFabric::acknowledged`]). A user write answers only
 //!   after the acknowledgement; past the service's `ack_timeout` it answers `OperationTimedOut`
 //!   and the change stays recorded, so a node that acknowledges later has converged.
 //! - **state**: every Batch state a node takes, as it takes it ([`NodeFabric::set_state`]), which
@@ -17,12 +18,13 @@
 //! `apply`, `set_state` and the reads are called under the service's state lock: they must not
 //! block. The lifecycle calls are awaited outside it.
 
+use bluebatch_core::NodeAccount;
 use bluebatch_core::model::NodeState;
-use bluebatch_core::{AccountChange, NodeAccount};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use time::OffsetDateTime;
 
 /// A source a node refuses for too many failed logins.
@@ -49,12 +51,12 @@ pub trait NodeFabric: Send + Sync + 'static {
     fn remove_node<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()>;
     /// A fresh image: new host identity, empty home.
     fn reimage_node<'a>(&'a self, key: &'a str) -> BoxFuture<'a, io::Result<()>>;
-    /// Hands the node a change tagged with `revision` (the node's next users revision; a change
-    /// older than what the node has applied was superseded and is ignored). Returns the revision
-    /// the node has applied now: `revision` or later when it acknowledges at once, less when the
-    /// acknowledgement comes later (see [`NodeFabric::acknowledged`]). Called under the state
-    /// lock, in revision order; must not block.
-    fn apply(&self, key: &str, revision: u64, change: AccountChange) -> u64;
+    /// Hands the node its whole account set (sorted by name) at users revision `revision`; a
+    /// snapshot older than what the node has applied was superseded and is ignored. Returns the
+    /// revision the node has applied now: `revision` or later when it acknowledges at once, less
+    /// when the acknowledgement comes later (see [`NodeFabric::acknowledged`]). Called under the
+    /// state lock, in revision order; must not block.
+    fn apply(&self, key: &str, revision: u64, accounts: Arc<[NodeAccount]>) -> u64;
     /// Resolves once the node has applied `revision` or a later one: the acknowledgement of a
     /// change that [`NodeFabric::apply`] did not acknowledge at once. The service bounds the
     /// wait (it may drop the future at any point); a node that never acknowledges never resolves.

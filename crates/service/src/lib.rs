@@ -21,7 +21,6 @@ pub use pools::PoolView;
 pub use pools::Precondition;
 pub use users::{UserAddr, Written};
 
-use bluebatch_core::AccountChange;
 use bluebatch_core::error::{BatchError, Code};
 use bluebatch_core::model::{NodeUser, Os};
 use bluebatch_core::{Clock, ServiceClock};
@@ -228,10 +227,10 @@ impl Service {
         Pending(rx)
     }
 
-    /// Pushes one account change to a Linux node's provider (under the state lock, in revision
-    /// order). Windows nodes have no endpoint: the store is their whole truth. A node backed by a
-    /// joined host (`host`) reads its whole account set from the store on its host's next poll:
-    /// the poll is woken and the write waits for the node's acknowledgement.
+    /// Hands a Linux node's provider the node's whole account set at `revision` (under the state
+    /// lock, in revision order). Windows nodes have no endpoint: the store is their whole truth.
+    /// A node backed by a joined host (`host`) reads its whole account set from the store on its
+    /// host's next poll: the poll is woken and the write waits for the node's acknowledgement.
     fn apply_to_node(
         &self,
         os: Os,
@@ -239,7 +238,7 @@ impl Service {
         applied: Option<u64>,
         key: &str,
         revision: u64,
-        change: AccountChange,
+        users: &std::collections::BTreeMap<String, NodeUser>,
     ) -> Ack {
         if let Some(host) = host {
             self.inner.hub.notify(host);
@@ -252,7 +251,8 @@ impl Service {
                 Ack::Given
             };
         }
-        if os != Os::Linux || self.inner.nodes.apply(key, revision, change) >= revision {
+        if os != Os::Linux || self.inner.nodes.apply(key, revision, snapshot_of(users)) >= revision
+        {
             Ack::Given
         } else {
             Ack::Awaited {
@@ -342,8 +342,9 @@ fn node_not_found() -> BatchError {
     BatchError::new(Code::NodeNotFound)
 }
 
-pub(crate) fn accounts_of(
+/// A node's whole account set, sorted by name (Linux user keys are the names).
+pub(crate) fn snapshot_of(
     users: &std::collections::BTreeMap<String, NodeUser>,
-) -> Vec<bluebatch_core::NodeAccount> {
+) -> Arc<[bluebatch_core::NodeAccount]> {
     users.values().map(NodeUser::to_account).collect()
 }

@@ -16,8 +16,7 @@ use crate::state::{
     NodeEntry, node_key, node_record, node_users_prefix, pool_nodes_prefix, pool_record,
     pool_users_prefix,
 };
-use crate::{Service, accounts_of, put_json};
-use bluebatch_core::AccountChange;
+use crate::{Service, put_json, snapshot_of};
 use bluebatch_core::model::{AllocationState, NodeState, Os, PoolState};
 use bluebatch_store::Op;
 use std::collections::HashMap;
@@ -46,6 +45,17 @@ impl Drop for StepAfter {
     }
 }
 
+/// An agent node between states that its host has not yet acknowledged in its current
+/// revision and image.
+fn awaiting_ack(n: &bluebatch_core::model::Node) -> bool {
+    n.host.is_some()
+        && matches!(
+            n.state,
+            NodeState::Starting | NodeState::Rebooting | NodeState::Reimaging
+        )
+        && n.applied_revision.is_none_or(|a| a < n.users_revision)
+}
+
 fn is_transitional(s: NodeState) -> bool {
     matches!(
         s,
@@ -64,16 +74,19 @@ type Endpoint = (
     String,
     Option<u16>,
     u64,
-    Vec<bluebatch_core::NodeAccount>,
+    std::sync::Arc<[bluebatch_core::NodeAccount]>,
 );
 
 /// How many node endpoints start at once (each may write and fsync a new host key).
 const START_CONCURRENCY: usize = 64;
 
 impl Service {
-    /// Tells a Linux node's provider the node's state (Windows nodes have no endpoint).
-    pub(crate) fn push_state(&self, os: Os, key: &str, state: NodeState) {
-        if os == Os::Linux {
+    /// Tells a Linux node's provider the node's state (Windows nodes have no endpoint); a node
+    /// backed by a joined host reads it on its host's next poll, which is woken.
+    pub(crate) fn push_state(&self, os: Os, host: Option<&str>, key: &str, state: NodeState) {
+        if let Some(host) = host {
+            self.inner.hub.notify(host);
+        } else if os == Os::Linux {
             self.inner.nodes.set_state(key, state);
         }
     }
@@ -84,12 +97,13 @@ impl Service {
         let Some(entry) = st.pool(account, pool_key) else {
             return;
         };
-        if entry.pool.os != Os::Linux {
-            return;
-        }
         for n in entry.nodes.values() {
-            let key = node_key(account, &entry.pool.id, &n.node.id);
-            self.inner.nodes.set_state(&key, n.node.state);
+            if let Some(host) = &n.node.host {
+                self.inner.hub.notify(host);
+            } else if entry.pool.os == Os::Linux {
+                let key = node_key(account, &entry.pool.id, &n.node.id);
+                self.inner.nodes.set_state(&key, n.node.state);
+            }
         }
     }
 
@@ -203,6 +217,16 @@ impl Service {
         matches!(due.get(key), Some((s, Some(t))) if *s == state && *t <= now)
     }
 
+    /// Runs [`Service::advance_pool`] after `wait` (an agents pool's resize timeout).
+    fn advance_later(&self, account: &str, pool_key: &str, wait: std::time::Duration) {
+        let svc = self.clone();
+        let (account, pool_key) = (account.to_string(), pool_key.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            svc.advance_pool(&account, &pool_key).await;
+        });
+    }
+
     async fn advance_pool(&self, account: &str, pool_key: &str) {
         // Only nodes whose own step has passed move; other nodes wait for their own timers.
         let tick = Instant::now();
@@ -220,7 +244,8 @@ impl Service {
                     .nodes
                     .values()
                     .filter(|n| {
-                        n.node.state == NodeState::Creating
+                        n.node.host.is_none()
+                            && n.node.state == NodeState::Creating
                             && Self::is_due(
                                 &due,
                                 &node_key(account, &entry.pool.id, &n.node.id),
@@ -253,7 +278,8 @@ impl Service {
         let now = self.now();
         let (pending, removed, again) = {
             let mut st = self.lock();
-            let Some(acct) = st.accounts.get_mut(account) else {
+            let crate::state::State { accounts, hub, .. } = &mut *st;
+            let Some(acct) = accounts.get_mut(account) else {
                 return;
             };
             let Some(entry) = acct.pools.get_mut(pool_key) else {
@@ -269,7 +295,17 @@ impl Service {
                 if !Self::is_due(&due, &key, n.node.state, tick) {
                     continue;
                 }
+                let agent = n.node.host.is_some();
                 let next = match n.node.state {
+                    // A joined host's node: its address and port come from the host.
+                    NodeState::Creating if agent => NodeState::Starting,
+                    // It is up once its host has acknowledged its current revision (a reboot
+                    // or reimage takes a revision of its own); its acknowledgement schedules it.
+                    NodeState::Starting | NodeState::Rebooting | NodeState::Reimaging
+                        if agent && awaiting_ack(&n.node) =>
+                    {
+                        continue;
+                    }
                     NodeState::Creating => match ports.get(&n.node.id) {
                         Some(None) => NodeState::Unusable,
                         Some(Some(port)) => {
@@ -297,7 +333,9 @@ impl Service {
                 };
                 due.remove(&key);
                 set_node_state(&mut n.node, next, now);
-                if linux {
+                if let Some(host) = &n.node.host {
+                    self.inner.hub.notify(host);
+                } else if linux {
                     self.inner.nodes.set_state(&key, next);
                 }
                 ops.push(put_json(
@@ -305,7 +343,21 @@ impl Service {
                     &n.node,
                 ));
             }
+            let mut released = Vec::new();
             for id in &removed {
+                // A joined host's slot is free again: its desired state no longer has the node,
+                // so the host removes its accounts.
+                if let Some(n) = entry.nodes.get(id)
+                    && let (Some(host), Some(slot)) = (&n.node.host, n.node.slot)
+                {
+                    if let Some(h) = hub.hosts.get_mut(host)
+                        && h.slots.get(&slot).is_some_and(|r| r.node == *id)
+                    {
+                        h.slots.remove(&slot);
+                    }
+                    self.inner.hub.notify(host);
+                    released.push(node_key(account, &pool_id, id));
+                }
                 entry.nodes.remove(id);
                 ops.push(Op::Delete {
                     key: node_record(account, &pool_id, id),
@@ -314,12 +366,36 @@ impl Service {
                     prefix: node_users_prefix(account, &pool_id, id),
                 });
             }
-            let again = entry.nodes.values().any(|n| is_transitional(n.node.state));
+            // Agent nodes waiting for their host's acknowledgement are scheduled by it.
+            let again = entry
+                .nodes
+                .values()
+                .any(|n| is_transitional(n.node.state) && !awaiting_ack(&n.node));
             let mut pool_gone = false;
+            let short = crate::pools::is_short(entry);
+            let deadline = entry.pool.allocation_state_transition_time
+                + crate::pools::resize_timeout(&entry.pool);
             if !again {
                 if entry.pool.state == PoolState::Deleting && entry.nodes.is_empty() {
                     pool_gone = true;
+                } else if short
+                    && entry.pool.state == PoolState::Active
+                    && entry.pool.allocation_state == AllocationState::Resizing
+                    && now < deadline
+                {
+                    // Too few joined hosts: the pool waits for more until its resize timeout.
+                    let wait = (deadline - now).try_into().unwrap_or_default();
+                    self.advance_later(account, pool_key, wait);
                 } else if entry.pool.allocation_state != AllocationState::Steady {
+                    if short && entry.pool.allocation_state == AllocationState::Resizing {
+                        entry.pool.resize_errors = vec![bluebatch_core::model::ResizeError {
+                            code: "AllocationTimedout".into(),
+                            message: format!(
+                                "Desired number of dedicated nodes could not be allocated as the resize timeout was reached: {} dedicated and {} low-priority nodes were requested, too few joined hosts were free.",
+                                entry.pool.target_dedicated, entry.pool.target_low_priority
+                            ),
+                        }];
+                    }
                     entry.pool.allocation_state = AllocationState::Steady;
                     entry.pool.allocation_state_transition_time = now;
                     ops.push(put_json(pool_record(account, &pool_id), &entry.pool));
@@ -340,7 +416,11 @@ impl Service {
             let removed: Vec<String> = removed
                 .iter()
                 .map(|id| node_key(account, &pool_id, id))
+                .filter(|k| !released.contains(k))
                 .collect();
+            for key in &released {
+                self.inner.hub.forget_node(key);
+            }
             (self.submit(ops), removed, again)
         };
         for key in removed {
@@ -372,6 +452,10 @@ impl Service {
                         continue;
                     }
                     for n in entry.nodes.values() {
+                        // Joined hosts' nodes read the stored state on their next poll.
+                        if n.node.host.is_some() {
+                            continue;
+                        }
                         let key = node_key(account, &entry.pool.id, &n.node.id);
                         self.inner.nodes.set_state(&key, n.node.state);
                         if n.node.ssh_port.is_some() && n.node.state != NodeState::LeavingPool {
@@ -418,9 +502,7 @@ impl Service {
                     continue;
                 }
             }
-            self.inner
-                .nodes
-                .apply(&key, revision, AccountChange::ReplaceAll(accounts));
+            self.inner.nodes.apply(&key, revision, accounts);
         }
         for (account, pkey) in pools {
             self.schedule(&account, &pkey);
@@ -433,7 +515,7 @@ impl Service {
             node_key(account, pool_id, &n.node.id),
             n.node.ssh_port,
             n.node.users_revision,
-            accounts_of(&n.users),
+            snapshot_of(&n.users),
         )
     }
 }

@@ -4,7 +4,6 @@
 use crate::pools::set_node_state;
 use crate::state::{NodeEntry, PoolEntry, node_key, node_record, node_users_prefix, pool_key};
 use crate::{Service, node_not_found, pool_not_found, put_json};
-use bluebatch_core::AccountChange;
 use bluebatch_core::NodeAccount;
 use bluebatch_core::error::{BatchError, Code, Result};
 use bluebatch_core::model::{Node, NodeState, NodeUser, Os, SchedulingState};
@@ -57,6 +56,8 @@ pub struct AppliedUsers {
     /// (`None`: no endpoint, e.g. Windows).
     pub login_state: Option<(NodeState, bool)>,
     pub login_lockouts: Vec<crate::LoginLockout>,
+    /// (user, reason) of every account a joined host failed to apply in its last attempt.
+    pub failures: Vec<(String, String)>,
 }
 
 impl Service {
@@ -114,7 +115,11 @@ impl Service {
                 "Remote login settings are not available for cloudServiceConfiguration pools; use Get Remote Desktop.",
             ));
         }
-        let ip = self.inner.config.remote_login_ip.clone();
+        // A joined host's node is reached at the host's address.
+        let ip = match &n.node.host {
+            Some(_) => n.node.ip_address.clone(),
+            None => self.inner.config.remote_login_ip.clone(),
+        };
         let port = match entry.pool.os {
             Os::Linux => n.node.ssh_port.ok_or_else(|| {
                 BatchError::new(Code::NodeBeingCreated)
@@ -145,18 +150,34 @@ impl Service {
                 Restart::Reboot => NodeState::Rebooting,
                 Restart::Reimage => NodeState::Reimaging,
             };
+            let agent = n.node.host.is_some();
+            if agent {
+                // Never a real reboot: the host ends the node's sessions (reboot) or wipes its
+                // managed accounts (reimage) when the count grows, and acknowledges the
+                // revision that carries it; the node is idle once it has.
+                match how {
+                    Restart::Reboot => n.node.boot += 1,
+                    Restart::Reimage => n.node.image += 1,
+                }
+                if how == Restart::Reboot {
+                    n.node.users_revision += 1;
+                }
+            }
             // Sessions end and logins are refused from now on, before the answer.
-            self.push_state(os, &key, state);
+            self.push_state(os, n.node.host.as_deref(), &key, state);
             if how == Restart::Reimage {
                 // A reimaged node comes back as a fresh image: no user accounts.
                 n.node.users_revision += 1;
                 n.users.clear();
-                if os == Os::Linux {
+                if os == Os::Linux && !agent {
                     self.inner.nodes.apply(
                         &key,
                         n.node.users_revision,
-                        AccountChange::ReplaceAll(Vec::new()),
+                        std::sync::Arc::from(Vec::new()),
                     );
+                }
+                if !agent {
+                    n.node.applied_revision = Some(n.node.users_revision);
                 }
                 ops.push(Op::DeletePrefix {
                     prefix: node_users_prefix(account, &pool_id, node),
@@ -166,7 +187,7 @@ impl Service {
             // Its step starts once this request has done the node's work (below).
             self.hold_step(&key, state);
             ops.push(put_json(node_record(account, &pool_id, node), &n.node));
-            (self.submit(ops), key, os == Os::Linux)
+            (self.submit(ops), key, os == Os::Linux && !agent)
         };
         let step = self.step_after(account, &pool_key(pool), node);
         pending.durable().await?;
@@ -228,7 +249,12 @@ impl Service {
                     n.node.last_modified = now;
                 }
             }
-            self.push_state(os, &node_key(account, &pool_id, node), n.node.state);
+            self.push_state(
+                os,
+                n.node.host.as_deref(),
+                &node_key(account, &pool_id, node),
+                n.node.state,
+            );
             self.submit(vec![put_json(
                 node_record(account, &pool_id, node),
                 &n.node,
@@ -251,7 +277,12 @@ impl Service {
             let (os, pool_id, n) = st.node_mut(account, pool, node)?;
             set_node_state(&mut n.node, state, now);
             // Logins follow at once (and sessions end when the state takes none).
-            self.push_state(os, &node_key(account, &pool_id, node), state);
+            self.push_state(
+                os,
+                n.node.host.as_deref(),
+                &node_key(account, &pool_id, node),
+                state,
+            );
             self.submit(vec![put_json(
                 node_record(account, &pool_id, node),
                 &n.node,
@@ -262,16 +293,47 @@ impl Service {
 
     /// Emulator control: a node's users as stored and as the node applies them.
     pub fn node_users(&self, account: &str, pool: &str, node: &str) -> Result<AppliedUsers> {
-        let (stored, key) = {
+        let (stored, key, agent) = {
             let st = self.lock();
             let entry = st.pool(account, pool).ok_or_else(pool_not_found)?;
             let n = entry.nodes.get(node).ok_or_else(node_not_found)?;
+            let agent = n.node.host.as_ref().map(|_| {
+                (
+                    n.node.applied_revision,
+                    n.node.applied_revision == Some(n.node.users_revision),
+                )
+            });
             (
-                n.users.values().cloned().collect(),
+                n.users.values().cloned().collect::<Vec<NodeUser>>(),
                 node_key(account, &entry.pool.id, node),
+                agent,
             )
         };
+        if let Some((applied_revision, current)) = agent {
+            // A joined host acknowledges revisions, not account lists: what it enforces is the
+            // stored set once it has acknowledged the current revision.
+            let applied = if current {
+                stored.iter().map(NodeUser::to_account).collect()
+            } else {
+                Vec::new()
+            };
+            return Ok(AppliedUsers {
+                stored,
+                applied_revision,
+                applied,
+                login_state: None,
+                login_lockouts: Vec::new(),
+                failures: self
+                    .inner
+                    .hub
+                    .failures(&key)
+                    .into_iter()
+                    .map(|f| (f.name, f.reason))
+                    .collect(),
+            });
+        }
         Ok(AppliedUsers {
+            failures: Vec::new(),
             stored,
             applied_revision: self.inner.nodes.applied_revision(&key),
             applied: self.inner.nodes.accounts(&key),

@@ -505,6 +505,14 @@ impl Service {
     pub async fn reset_account(&self, account: &str) -> Result<()> {
         let (pending, keys) = {
             let mut st = self.lock();
+            // Joined hosts keep their place; the slots of the account's nodes are free again.
+            for h in st.hub.hosts.values_mut() {
+                let before = h.slots.len();
+                h.slots.retain(|_, r| r.account != account);
+                if h.slots.len() != before {
+                    self.inner.hub.notify(&h.rec.id);
+                }
+            }
             let keys: Vec<String> = st
                 .accounts
                 .remove(account)

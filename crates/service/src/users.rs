@@ -2,7 +2,6 @@
 
 use crate::state::{node_key, node_record, user_key, user_record};
 use crate::{Service, put_json};
-use bluebatch_core::AccountChange;
 use bluebatch_core::error::{BatchError, Code, Result};
 use bluebatch_core::model::{NodeUser, Os, new_etag};
 use bluebatch_core::users::{
@@ -120,26 +119,30 @@ impl Service {
                 last_modified: now,
             };
             let key = node_key(at.account, &pool_id, at.node);
-            let acked = self.apply_to_node(
-                os,
-                entry.node.host.as_deref(),
-                entry.node.applied_revision,
-                &key,
-                revision,
-                AccountChange::Upsert(user.to_account()),
-            );
-            entry.node.users_revision = revision;
             let written = Written {
                 etag: user.etag.clone(),
                 last_modified: now,
                 pool_id: pool_id.clone(),
                 user_name: user.name.clone(),
             };
+            let user_op = put_json(user_record(at.account, &pool_id, at.node, &ukey), &user);
+            entry.users.insert(ukey, user);
+            let acked = self.apply_to_node(
+                os,
+                entry.node.host.as_deref(),
+                entry.node.applied_revision,
+                &key,
+                revision,
+                &entry.users,
+            );
+            entry.node.users_revision = revision;
+            if matches!(acked, crate::Ack::Given) {
+                entry.node.applied_revision = Some(revision);
+            }
             let ops = vec![
-                put_json(user_record(at.account, &pool_id, at.node, &ukey), &user),
+                user_op,
                 put_json(node_record(at.account, &pool_id, at.node), &entry.node),
             ];
-            entry.users.insert(ukey, user);
             (self.submit(ops), written, acked)
         };
         let (pending, written, acked) = pending;
@@ -158,18 +161,20 @@ impl Service {
             }
             check_node_state_for_users(entry.node.state)?;
             let revision = entry.node.users_revision + 1;
-            let stored_name = entry.users[&ukey].name.clone();
             let key = node_key(at.account, &pool_id, at.node);
+            entry.users.remove(&ukey);
             let acked = self.apply_to_node(
                 os,
                 entry.node.host.as_deref(),
                 entry.node.applied_revision,
                 &key,
                 revision,
-                AccountChange::Remove(stored_name),
+                &entry.users,
             );
             entry.node.users_revision = revision;
-            entry.users.remove(&ukey);
+            if matches!(acked, crate::Ack::Given) {
+                entry.node.applied_revision = Some(revision);
+            }
             let pending = self.submit(vec![
                 Op::Delete {
                     key: user_record(at.account, &pool_id, at.node, &ukey),

@@ -7,7 +7,6 @@
 
 mod common;
 
-use bluebatch_core::AccountChange;
 use bluebatch_core::error::Code;
 use bluebatch_core::model::{NodeState, Os, Pool};
 use bluebatch_service::{Config, NodeFabric};
@@ -120,11 +119,7 @@ async fn a_withheld_ack_answers_operation_timed_out_and_the_change_stays_recorde
             &[
                 Told::State(key.clone(), NodeState::Idle),
                 Told::Start(key.clone(), port),
-                Told::Apply(
-                    key.clone(),
-                    4,
-                    AccountChange::ReplaceAll(stored_accounts(&h, "p1", &n)),
-                ),
+                Told::Apply(key.clone(), 4, stored_accounts(&h, "p1", &n)),
             ],
         );
         assert_eq!(h.nodes.applied_revision(&key), Some(4));
@@ -394,7 +389,7 @@ async fn reimage_drops_every_account_then_stops_reimages_and_starts_the_node() {
             h.nodes.told_about(&key)[..5],
             [
                 Told::State(key.clone(), NodeState::Reimaging),
-                Told::Apply(key.clone(), rev + 1, AccountChange::ReplaceAll(Vec::new())),
+                Told::Apply(key.clone(), rev + 1, Vec::new()),
                 Told::Stop(key.clone()),
                 Told::Reimage(key.clone()),
                 Told::Start(key.clone(), port),

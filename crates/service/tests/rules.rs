@@ -3,7 +3,6 @@
 
 mod common;
 
-use bluebatch_core::AccountChange;
 use bluebatch_core::Clock;
 use bluebatch_core::error::Code;
 use bluebatch_core::model::{NodeState, Os};
@@ -62,11 +61,11 @@ async fn update_user_replaces_every_updatable_property_and_keeps_is_admin() {
         );
         // The node is told the replaced account, not a merge.
         let told = h.nodes.told_about(&key);
-        let Some(Told::Apply(_, rev, AccountChange::Upsert(a))) = told.last() else {
+        let Some(Told::Apply(_, rev, all)) = told.last() else {
             panic!("the update was not handed to the node: {told:?}");
         };
         assert_eq!(*rev, h.revision("p1", &n));
-        assert_eq!(*a, u.to_account());
+        assert_eq!(*all, vec![u.to_account()]);
         assert_eq!(h.nodes.accounts(&key), vec![u.to_account()]);
 
         // Only a password: the key goes.

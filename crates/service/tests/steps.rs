@@ -6,7 +6,6 @@
 
 mod common;
 
-use bluebatch_core::AccountChange;
 use bluebatch_core::NodeAccount;
 use bluebatch_core::error::Code;
 use bluebatch_core::model::{AllocationState, NodeState, Os};
@@ -143,8 +142,8 @@ impl NodeFabric for SlowReimage {
             self.inner.reimage_node(key).await
         })
     }
-    fn apply(&self, key: &str, revision: u64, change: AccountChange) -> u64 {
-        self.inner.apply(key, revision, change)
+    fn apply(&self, key: &str, revision: u64, accounts: std::sync::Arc<[NodeAccount]>) -> u64 {
+        self.inner.apply(key, revision, accounts)
     }
     fn acknowledged<'a>(&'a self, key: &'a str, revision: u64) -> BoxFuture<'a, ()> {
         self.inner.acknowledged(key, revision)

@@ -88,6 +88,14 @@ pub fn pool_json(base: &str, v: &PoolView) -> Map<String, Value> {
         o.insert(k.into(), p.spec.get(k).cloned().unwrap_or(d));
     };
     default(&mut o, "resizeTimeout", json!("PT15M"));
+    if !p.resize_errors.is_empty() {
+        let errors: Vec<Value> = p
+            .resize_errors
+            .iter()
+            .map(|e| json!({"code": e.code, "message": e.message}))
+            .collect();
+        o.insert("resizeErrors".into(), Value::Array(errors));
+    }
     o.insert("currentDedicatedNodes".into(), json!(v.current_dedicated));
     o.insert(
         "currentLowPriorityNodes".into(),

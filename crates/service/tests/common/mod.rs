@@ -10,7 +10,7 @@ use bluebatch_core::error::{BatchError, Code};
 use bluebatch_core::model::{NodeState, NodeUser, Os};
 use bluebatch_core::pools::parse_add_pool;
 use bluebatch_core::users::{UserBody, parse_add_user, parse_update_user};
-use bluebatch_core::{AccountChange, NodeAccount, ServiceClock};
+use bluebatch_core::{NodeAccount, ServiceClock};
 use bluebatch_service::{BoxFuture, Config, NodeFabric, Service, UserAddr, Written};
 use bluebatch_store::SqliteBackend;
 use std::collections::{BTreeMap, HashMap};
@@ -47,7 +47,8 @@ pub enum Told {
     Stop(String),
     Remove(String),
     Reimage(String),
-    Apply(String, u64, AccountChange),
+    /// The node's whole account set at that revision.
+    Apply(String, u64, Vec<NodeAccount>),
     State(String, NodeState),
 }
 
@@ -77,8 +78,8 @@ pub enum AckMode {
 
 #[derive(Default)]
 struct Sim {
-    /// Changes handed to the node and not applied yet, in revision order.
-    pending: Vec<(u64, AccountChange)>,
+    /// Snapshots handed to the node and not applied yet, in revision order.
+    pending: Vec<(u64, Vec<NodeAccount>)>,
     /// The highest revision the node was handed.
     handed: u64,
     applied: Option<u64>,
@@ -94,18 +95,8 @@ impl Sim {
             .into_iter()
             .partition(|(r, _)| *r <= upto);
         self.pending = later;
-        for (rev, change) in now {
-            match change {
-                AccountChange::Upsert(a) => {
-                    self.accounts.insert(a.name.clone(), a);
-                }
-                AccountChange::Remove(n) => {
-                    self.accounts.remove(&n);
-                }
-                AccountChange::ReplaceAll(all) => {
-                    self.accounts = all.into_iter().map(|a| (a.name.clone(), a)).collect();
-                }
-            }
+        for (rev, all) in now {
+            self.accounts = all.into_iter().map(|a| (a.name.clone(), a)).collect();
             self.applied = Some(self.applied.map_or(rev, |a| a.max(rev)));
             self.acked_at.push((rev, Instant::now()));
         }
@@ -239,7 +230,8 @@ impl NodeFabric for TestNodes {
         Box::pin(async { Ok(()) })
     }
 
-    fn apply(&self, key: &str, revision: u64, change: AccountChange) -> u64 {
+    fn apply(&self, key: &str, revision: u64, accounts: Arc<[NodeAccount]>) -> u64 {
+        let change = accounts.to_vec();
         let mut g = self.lock();
         g.told
             .push(Told::Apply(key.to_string(), revision, change.clone()));
