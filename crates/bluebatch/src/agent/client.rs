@@ -242,21 +242,23 @@ async fn send<B: Serialize, T: DeserializeOwned>(
 
 fn is_tls(e: &reqwest::Error) -> bool {
     use std::error::Error;
-    let mut src = e.source();
-    while let Some(inner) = src {
-        if inner.downcast_ref::<rustls::Error>().is_some() {
+    // Walks the causes, looking into io errors too (their `source` skips what they wrap).
+    fn tls(e: &(dyn Error + 'static), depth: usize) -> bool {
+        if depth > 16 {
+            return false;
+        }
+        if e.downcast_ref::<rustls::Error>().is_some() {
             return true;
         }
-        if let Some(io) = inner.downcast_ref::<std::io::Error>()
-            && io
-                .get_ref()
-                .is_some_and(|r| r.downcast_ref::<rustls::Error>().is_some())
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && tls(inner, depth + 1)
         {
             return true;
         }
-        src = inner.source();
+        e.source().is_some_and(|s| tls(s, depth + 1))
     }
-    false
+    e.source().is_some_and(|s| tls(s, 0))
 }
 
 fn describe(e: &reqwest::Error) -> String {
