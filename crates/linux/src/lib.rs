@@ -537,7 +537,22 @@ impl LinuxProvider {
         } else {
             MANAGED_GROUP.to_owned()
         };
-        let mut args = vec!["-m", "-U", "-c", GECOS, "-G", &groups];
+        // No password aging from the host's login.defs: the account's life is the API's expiry
+        // (a 90-day PASS_MAX_DAYS would otherwise force a password change on a Batch user).
+        let mut args = vec![
+            "-m",
+            "-U",
+            "-c",
+            GECOS,
+            "-G",
+            &groups,
+            "-K",
+            "PASS_MAX_DAYS=-1",
+            "-K",
+            "PASS_MIN_DAYS=0",
+            "-f",
+            "-1",
+        ];
         if Path::new("/bin/bash").exists() {
             args.extend(["-s", "/bin/bash"]);
         }

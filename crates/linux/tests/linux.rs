@@ -281,6 +281,13 @@ fn set_path(path: &str) {
 #[test]
 fn create_update_and_remove_accounts() {
     sandboxed("create_update_and_remove_accounts", |dir| {
+        std::fs::write(
+            "/etc/login.defs",
+            std::fs::read_to_string("/etc/login.defs")
+                .unwrap()
+                .replace("PASS_MAX_DAYS\t99999", "PASS_MAX_DAYS\t90"),
+        )
+        .unwrap();
         let p = provider(dir);
         let h1 = hash_password("first-pw");
         assert_applied(
@@ -296,6 +303,9 @@ fn create_update_and_remove_accounts() {
             Some("/home/alice")
         );
         assert_eq!(field("/etc/shadow", "alice", 1), Some(h1.clone()));
+        // No password aging (max and inactive empty), whatever login.defs says.
+        assert_eq!(field("/etc/shadow", "alice", 4).as_deref(), Some(""));
+        assert_eq!(field("/etc/shadow", "alice", 6).as_deref(), Some(""));
         assert!(members("bluebatch-managed").contains(&"alice".to_owned()));
         assert!(!members("bluebatch-admin").contains(&"alice".to_owned()));
         let u = uid("alice");
