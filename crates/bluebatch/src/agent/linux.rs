@@ -104,10 +104,11 @@ pub async fn open(args: &AgentArgs, state: &StateDir) -> Result<LinuxHost, Strin
     })
 }
 
-/// `bluebatch agent uninstall` of a linux host.
-pub async fn uninstall(state: &StateDir, admin_group: Option<String>) -> Result<String, String> {
-    let cfg = config(state, admin_group, None);
-    blocking(move || LinuxProvider::new(cfg).and_then(|p| p.uninstall()))
+/// `bluebatch agent uninstall` of a linux host: removes what the provider of this state dir
+/// made (and nothing its state file does not prove it made).
+pub async fn uninstall(state: &StateDir) -> Result<String, String> {
+    let dir = state.dir.clone();
+    blocking(move || bluebatch_linux::uninstall(&dir))
         .await?
         .map_err(|e| format!("uninstall: {e}"))?;
     Ok(

@@ -99,9 +99,6 @@ struct UninstallArgs {
         env = "BLUEBATCH_AGENT_STATE_DIR"
     )]
     state_dir: PathBuf,
-    /// The --admin-group the agent ran with, if any.
-    #[arg(long)]
-    admin_group: Option<String>,
 }
 
 /// The join token and the pin, from the file or the environment.
@@ -181,6 +178,7 @@ pub fn run(args: AgentArgs, rt: &tokio::runtime::Runtime) -> Result<(), String> 
         0o700
     };
     let state = StateDir::open(&args.state_dir, Some(mode))?;
+    let _lock = state.lock()?;
     match args.simulate {
         Some(n) => rt.block_on(async {
             let bind_from = |addr: IpAddr| args.ssh_bind.unwrap_or(addr);
@@ -570,7 +568,15 @@ fn refused_credential(id: &Identity, state: &StateDir, e: &CallError) -> String 
 }
 
 async fn uninstall(args: UninstallArgs) -> Result<(), String> {
+    if !args.state_dir.exists() {
+        println!(
+            "{}: no such state directory, nothing to remove",
+            args.state_dir.display()
+        );
+        return Ok(());
+    }
     let state = StateDir::open(&args.state_dir, None)?;
+    let _lock = state.lock()?;
     let stored = state.identity()?;
     match stored.as_ref().map(|id| id.provider) {
         Some(ProviderKind::Simulate) => {
@@ -581,7 +587,7 @@ async fn uninstall(args: UninstallArgs) -> Result<(), String> {
             println!("removed the simulated nodes ({})", nodes.display());
         }
         _ => {
-            let removed = linux::uninstall(&state, args.admin_group.clone()).await?;
+            let removed = linux::uninstall(&state).await?;
             println!("{removed}");
         }
     }

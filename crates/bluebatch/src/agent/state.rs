@@ -86,6 +86,26 @@ impl StateDir {
         Ok(StateDir { dir })
     }
 
+    /// One agent per state directory: holds `agent.lock` until dropped.
+    pub fn lock(&self) -> Result<std::fs::File, String> {
+        let path = self.dir.join("agent.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+                "another bluebatch agent uses the state dir {}",
+                self.dir.display()
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
     pub fn identity_path(&self) -> PathBuf {
         self.dir.join("identity.json")
     }
