@@ -12,6 +12,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod sandbox;
+
 pub const ACCOUNT: &str = "bluebatchdev";
 pub const KEY: &str =
     "msn4CXagmnuee1CykUmurwWY6CRu19fKDokfMNT5AJ+LT4lM+P8MqEYH0USzDq3pUGzaJUiEfj51equ/VeT60Q==";
