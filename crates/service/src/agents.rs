@@ -418,6 +418,9 @@ fn cursor_of(nodes: &[NodeDesired], offset: i64, drained: bool) -> String {
     hex(&h.finalize()[..16])
 }
 
+/// (account, pool key).
+type PoolRef = (String, String);
+
 /// Ends a long poll's liveness count when dropped.
 struct Polling {
     svc: Service,
@@ -662,7 +665,7 @@ impl Service {
 
     /// Marks the host alive now; if its nodes were `unknown`, puts them back in the state they
     /// had. Returns the writes to make durable and the pools whose steps resume.
-    fn seen(&self, st: &mut State, host: &str) -> Result<(Vec<Op>, Vec<(String, String)>)> {
+    fn seen(&self, st: &mut State, host: &str) -> Result<(Vec<Op>, Vec<PoolRef>)> {
         let now = self.now();
         let h = st
             .hub

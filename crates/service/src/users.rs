@@ -76,13 +76,15 @@ impl Service {
             if update.is_none() && entry.node.host.is_some() {
                 let host = entry.node.host.clone();
                 if Service::reserved_on(&st, host.as_deref(), &name, os == Os::Windows) {
+                    let why = format!(
+                        "The user name {name} is reserved on this node: the host has an account of that name that bluebatch does not manage."
+                    );
                     return Err(BatchError::property(
                         Code::InvalidPropertyValue,
                         "name",
-                        format!(
-                            "The user name {name} is reserved on this node: the host has an account of that name that bluebatch does not manage."
-                        ),
-                    ));
+                        why.clone(),
+                    )
+                    .message(why));
                 }
             }
             let (os, pool_id, entry) = st.node_mut(at.account, at.pool, at.node)?;
