@@ -52,8 +52,34 @@ pub struct Simulate {
     memos: Memos,
 }
 
+/// Raises the soft descriptor limit to the hard one when `nodes` listeners (and their
+/// sessions) need more than it allows; warns when even the hard limit is short.
+fn raise_nofile(nodes: u32) {
+    let want = u64::from(nodes) * 2 + 512;
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit write/read only the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 || r.rlim_cur >= want {
+            return;
+        }
+        r.rlim_cur = r.rlim_max.min(want.max(r.rlim_cur));
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+    if r.rlim_cur < want {
+        tracing::warn!(
+            limit = r.rlim_cur,
+            wanted = want,
+            "the descriptor limit is low for this many simulated nodes (raise LimitNOFILE or ulimit -n)"
+        );
+    }
+}
+
 impl Simulate {
     pub fn new(slots: u32, bind: IpAddr, ports: RangeInclusive<u16>, state: &StateDir) -> Self {
+        raise_nofile(slots);
         let clock = Arc::new(OffsetClock::default());
         let nodes = SshNodes::new(
             SshConfig {
