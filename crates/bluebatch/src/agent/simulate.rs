@@ -191,11 +191,19 @@ async fn apply_node(
         return (ack, next);
     }
     let mut failures = Vec::new();
+    // A node-wide fault fails every account; a node without accounts reports it as "(node)",
+    // so that it is never acknowledged as serving.
     let fail = |failures: &mut Vec<UserFailure>, reason: String| {
         for a in &n.accounts {
             failures.push(UserFailure {
                 name: a.name.clone(),
                 reason: reason.clone(),
+            });
+        }
+        if n.accounts.is_empty() {
+            failures.push(UserFailure {
+                name: "(node)".into(),
+                reason,
             });
         }
     };
