@@ -154,6 +154,10 @@ impl State {
             if let (Some(host), Some(slot)) = (&node.host, node.slot)
                 && let Some(h) = state.hub.hosts.get_mut(host)
             {
+                // Its nodes were left `unknown` for want of polls: its next call brings them back.
+                if node.state_before_unknown.is_some() {
+                    h.away = true;
+                }
                 h.slots.insert(
                     slot,
                     crate::agents::NodeRef {

@@ -334,13 +334,14 @@ async fn a_failed_apply_answers_internal_error_and_keeps_the_revision_unapplied(
                 == Some(rev)
         })
         .await;
-        assert!(
+        eventually("the failure is cleared", || {
             h.svc
                 .node_users(ACCOUNT, "p1", &n)
                 .unwrap()
                 .failures
                 .is_empty()
-        );
+        })
+        .await;
     })
     .await
 }
@@ -961,4 +962,67 @@ impl AddPlain for Harness {
         self.svc.add_pool(ACCOUNT, new).await.unwrap();
         id.to_string()
     }
+}
+
+#[tokio::test]
+async fn nodes_left_unknown_across_a_restart_come_back_when_their_host_polls() {
+    deadline(async {
+        let cfg = Config {
+            agent_grace: Duration::from_millis(300),
+            ..agents_config()
+        };
+        let h = Harness::on_disk(cfg, AckMode::AtOnce).await;
+        let mut a = join(&h.svc, None, ProviderKind::Linux, 1).await;
+        a.run(Duration::from_millis(100));
+        agents_pool(&h, "p1", Os::Linux, 1, json!({})).await;
+        let n = h.wait_idle("p1", 1).await.remove(0);
+        let host = a.host.clone();
+        drop(a);
+        h.wait_state("p1", &n, NodeState::Unknown).await;
+        // Memory is ahead of the disk by one commit.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let h = h.restart(AckMode::AtOnce).await;
+        assert_eq!(
+            h.svc.get_node(ACCOUNT, "p1", &n).unwrap().node.state,
+            NodeState::Unknown
+        );
+        h.svc.desired(&host, None, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            h.svc.get_node(ACCOUNT, "p1", &n).unwrap().node.state,
+            NodeState::Idle
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_credential_is_renewed_through_the_poll_past_half_its_life() {
+    deadline(async {
+        let cfg = Config {
+            credential_ttl: Duration::from_secs(4),
+            ..agents_config()
+        };
+        let h = Harness::in_memory(cfg, AckMode::AtOnce).await;
+        let a = join(&h.svc, None, ProviderKind::Linux, 1).await;
+        assert_eq!(a.poll(None, Duration::ZERO).await.credential, None);
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let renewed = a
+            .poll(None, Duration::ZERO)
+            .await
+            .credential
+            .expect("renewed");
+        assert_ne!(renewed, a.cred);
+        assert_eq!(h.svc.authenticate_node(&renewed).unwrap(), a.host);
+        // Once renewed, not again until the new one is past half its life.
+        assert_eq!(a.poll(None, Duration::ZERO).await.credential, None);
+        // The old one still works until it expires, then only the new one does.
+        assert_eq!(h.svc.authenticate_node(&a.cred).unwrap(), a.host);
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(
+            code(h.svc.authenticate_node(&a.cred)),
+            Code::AuthenticationFailed
+        );
+        assert_eq!(h.svc.authenticate_node(&renewed).unwrap(), a.host);
+    })
+    .await
 }
