@@ -109,6 +109,8 @@ struct Conn {
     /// 0, or 1 + when (ms since `epoch`) the request body began to wait for the client.
     body_waiting: AtomicU64,
     close: Notify,
+    /// Not counted against its source address's cap any more ([`ConnHandle::exempt_from_source_cap`]).
+    exempt: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
@@ -223,6 +225,7 @@ impl Registry {
             write_waiting: AtomicU64::new(0),
             body_waiting: AtomicU64::new(0),
             close: Notify::new(),
+            exempt: std::sync::atomic::AtomicBool::new(false),
         });
         conn.enter(AWAITING_HEAD);
         g.conns.insert(conn.id, conn.clone());
@@ -233,6 +236,9 @@ impl Registry {
     /// Takes the connection out of the books (its place is free from now on).
     fn remove(g: &mut Inner, id: u64) -> Option<Arc<Conn>> {
         let conn = g.conns.remove(&id)?;
+        if conn.exempt.load(Ordering::Acquire) {
+            return Some(conn);
+        }
         if let Some(n) = g.per_source.get_mut(&conn.source) {
             *n -= 1;
             if *n == 0 {
@@ -240,6 +246,20 @@ impl Registry {
             }
         }
         Some(conn)
+    }
+
+    /// Stops counting `conn` against its source address's cap (once, while it is open).
+    fn exempt(&self, conn: &Conn) {
+        let mut g = self.lock();
+        if !g.conns.contains_key(&conn.id) || conn.exempt.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(n) = g.per_source.get_mut(&conn.source) {
+            *n -= 1;
+            if *n == 0 {
+                g.per_source.remove(&conn.source);
+            }
+        }
     }
 
     /// What share of its deadline `c` has used in a phase where it may be closed for room
@@ -589,12 +609,37 @@ impl hyper::body::Body for Answer {
     }
 }
 
+/// What a request handler may know of and do to the connection its request came on: in the
+/// extensions of every request served through [`serve`].
+#[derive(Clone)]
+pub struct ConnHandle {
+    conn: Arc<Conn>,
+    registry: Arc<Registry>,
+    stop: watch::Receiver<bool>,
+}
+
+impl ConnHandle {
+    /// Stops counting this connection against [`HttpLimits::max_connections_per_source`] (an
+    /// authenticated agent: many agents may share one address). It still counts toward
+    /// [`HttpLimits::max_connections`] and keeps every deadline.
+    pub fn exempt_from_source_cap(&self) {
+        self.registry.exempt(&self.conn);
+    }
+
+    /// Resolves once the listener begins to shut down (a long poll then answers at once).
+    pub async fn shutting_down(&self) {
+        let mut stop = self.stop.clone();
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    }
+}
+
 /// The service of one connection: the router, with the connection's phases kept.
 #[derive(Clone)]
 struct PerConn {
     router: Router,
     conn: Arc<Conn>,
     stall: Duration,
+    handle: ConnHandle,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for PerConn {
@@ -607,7 +652,10 @@ impl hyper::service::Service<hyper::Request<Incoming>> for PerConn {
         let done = RequestDone(self.conn.clone());
         let mut router = self.router.clone();
         let (conn, stall) = (self.conn.clone(), self.stall);
+        let handle = self.handle.clone();
         Box::pin(async move {
+            let mut req = req;
+            req.extensions_mut().insert(handle);
             let req = req.map(|inner| {
                 Body::new(StallGuarded {
                     inner,
@@ -691,6 +739,11 @@ async fn connection(tcp: TcpStream, conn: Arc<Conn>, shared: Arc<Shared>) {
         router: shared.router.clone(),
         conn: conn.clone(),
         stall: shared.registry.limits.stall_timeout,
+        handle: ConnHandle {
+            conn: conn.clone(),
+            registry: shared.registry.clone(),
+            stop: shared.stop.clone(),
+        },
     };
     let run = async {
         match &shared.tls {

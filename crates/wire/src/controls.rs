@@ -9,9 +9,16 @@
 //! | `POST /_bluebatch/clock/reset` | back to the wall clock (offset 0, stored) |
 //! | `PUT /_bluebatch/pools/{p}/nodes/{n}/state` `{"state":"rebooting"}` | put a node in any state |
 //! | `GET /_bluebatch/pools/{p}/nodes/{n}/users` | the node's users as stored and as applied, the state its SSH endpoint enforces and the sources it locks out |
+//! | `POST /_bluebatch/join-tokens` `{"pool":"p1","ttl":"1h"}` | a join token for `bluebatch agent` (both optional; default any pool, 24h): `{id, token, pool, expires, caFingerprint}` |
+//! | `GET /_bluebatch/join-tokens` | the account's tokens `{"value":[{id, pool, expires, used}]}` (never the secret) |
+//! | `DELETE /_bluebatch/join-tokens/{id}` | revoke a token: `{id, revoked: true}` |
+//! | `GET /_bluebatch/hosts` | the hosts that joined the account `{"value":[{id, account, hostname, provider, address, sshPort, slots, nodes:[{poolId, nodeId}], drained, connected, lastSeen}]}` |
+//! | `POST /_bluebatch/hosts/{id}/drain` | the host takes no new pools (its nodes stay until their pools release them): the host |
+//! | `POST /_bluebatch/hosts/{id}/revoke` | the host's credential dies, its nodes leave their pools: `{id, revoked: true}` |
 //!
 //! Everything but health needs the same Shared Key (or bearer) authentication as the Batch API;
-//! `api-version` is not required.
+//! `api-version` is not required. The agents' own endpoints (`/_bluebatch/agent/…`) take a node
+//! credential instead: see [`crate::agents`].
 
 use crate::auth;
 use crate::endpoint::route_segments;
@@ -170,8 +177,118 @@ pub async fn handle(
                 "loginLockouts": lockouts,
             })))
         }
+        ["join-tokens"] if *m == Method::GET => {
+            let tokens: Vec<Value> = svc
+                .list_join_tokens(&account)
+                .into_iter()
+                .map(|t| {
+                    json!({"id": t.id, "pool": t.pool, "expires": iso(t.expires), "used": t.used})
+                })
+                .collect();
+            Ok(json_response(json!({ "value": tokens })))
+        }
+        ["join-tokens"] => {
+            verb(Method::POST)?;
+            let (pool, ttl) = join_token_body(&body)?;
+            let t = svc
+                .create_join_token(&account, pool.as_deref(), ttl)
+                .await?;
+            Ok(json_response(json!({
+                "id": t.id,
+                "token": t.token,
+                "pool": t.pool,
+                "expires": iso(t.expires),
+                "caFingerprint": app.config.ca_fingerprint,
+            })))
+        }
+        ["join-tokens", id] => {
+            verb(Method::DELETE)?;
+            svc.revoke_join_token(&account, id).await?;
+            Ok(json_response(json!({"id": id, "revoked": true})))
+        }
+        ["hosts"] => {
+            verb(Method::GET)?;
+            let hosts: Vec<Value> = svc.list_hosts(&account).iter().map(host_json).collect();
+            Ok(json_response(json!({ "value": hosts })))
+        }
+        ["hosts", host, "drain"] => {
+            verb(Method::POST)?;
+            let h = svc.drain_host(&account, host).await?;
+            Ok(json_response(host_json(&h)))
+        }
+        ["hosts", host, "revoke"] => {
+            verb(Method::POST)?;
+            svc.revoke_host(&account, host).await?;
+            Ok(json_response(json!({"id": host, "revoked": true})))
+        }
         _ => Err(BatchError::new(Code::InvalidUri)),
     }
+}
+
+/// The body of `POST /_bluebatch/join-tokens`: `pool` (a pool id, optional) and `ttl` (a
+/// duration such as `1h` or whole seconds; default 24h). An empty body is `{}`; other
+/// properties are refused.
+fn join_token_body(body: &[u8]) -> Result<(Option<String>, std::time::Duration), BatchError> {
+    let map = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Map::new()
+    } else {
+        parse_object(body)?
+    };
+    if let Some(k) = map.keys().find(|k| *k != "pool" && *k != "ttl") {
+        return Err(BatchError::bad_body(format!(
+            "unknown property {k:?}: a join token takes pool and ttl"
+        )));
+    }
+    let pool = match map.get("pool") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) if !p.is_empty() => Some(p.clone()),
+        Some(_) => {
+            return Err(BatchError::property(
+                Code::InvalidPropertyValue,
+                "pool",
+                "the id of the pool the host may back (a non-empty string)",
+            ));
+        }
+    };
+    let bad_ttl = || {
+        BatchError::property(
+            Code::InvalidPropertyValue,
+            "ttl",
+            "a duration longer than zero such as 30m, 2h or 1d12h, or whole seconds",
+        )
+    };
+    let ttl = match map.get("ttl") {
+        None | Some(Value::Null) => Duration::days(1),
+        Some(Value::String(s)) => parse_duration(s).ok_or_else(bad_ttl)?,
+        Some(Value::Number(n)) => Duration::seconds(n.as_i64().ok_or_else(bad_ttl)?),
+        Some(_) => return Err(bad_ttl()),
+    };
+    if ttl <= Duration::ZERO {
+        return Err(bad_ttl());
+    }
+    let ttl = std::time::Duration::try_from(ttl).map_err(|_| bad_ttl())?;
+    Ok((pool, ttl))
+}
+
+fn host_json(h: &bluebatch_service::HostView) -> Value {
+    let nodes: Vec<Value> = h
+        .nodes
+        .iter()
+        .map(|(pool, node)| json!({"poolId": pool, "nodeId": node}))
+        .collect();
+    json!({
+        "id": h.id,
+        "account": h.account,
+        "hostname": h.hostname,
+        "provider": h.provider,
+        "address": h.address,
+        "sshPort": h.ssh_port,
+        "slots": h.slots,
+        "nodes": nodes,
+        "drained": h.drained,
+        "connected": h.connected,
+        "lastSeen": h.last_seen.map(iso),
+    })
 }
 
 fn clock_json(app: &App) -> Response<Body> {

@@ -3,6 +3,7 @@
 //! typed commands for the service and renders the outcomes; it holds no state of its own.
 
 pub mod accounts;
+pub mod agents;
 pub mod auth;
 pub mod bearer;
 pub mod conditions;

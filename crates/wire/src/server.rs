@@ -45,6 +45,9 @@ pub struct WireConfig {
     pub bearer: Option<Arc<crate::bearer::Bearer>>,
     /// The limits on the listener's connections and request heads (docs/contract.md §7).
     pub limits: HttpLimits,
+    /// The fingerprint (`sha256:…`) of the CA certificate of the service's HTTPS listener, for
+    /// agents to pin at join; `None` when the service serves no HTTPS.
+    pub ca_fingerprint: Option<String>,
 }
 
 impl Default for WireConfig {
@@ -56,6 +59,7 @@ impl Default for WireConfig {
             scheme: "http",
             bearer: None,
             limits: HttpLimits::default(),
+            ca_fingerprint: None,
         }
     }
 }
@@ -245,6 +249,20 @@ async fn process(
     check_head(parts, &app.config.limits)?;
     let raw_path = parts.uri.path();
     let raw_query = parts.uri.query().unwrap_or("");
+    if crate::agents::is_agent_path(raw_path) {
+        return match crate::agents::handle(app, parts, body.take(), ctx).await {
+            Ok(answer) => {
+                *body = Unread::Read;
+                Ok(answer)
+            }
+            Err(e) if e.status() == 401 => {
+                let mut answer = respond::error(ctx, &e);
+                crate::agents::challenge(&mut answer);
+                Ok(answer)
+            }
+            Err(e) => Err(e),
+        };
+    }
     if let Some(rest) = raw_path.strip_prefix(CONTROL_PREFIX) {
         let answer = crate::controls::handle(app, parts, rest, body.take(), ctx).await;
         if answer.is_ok() {
