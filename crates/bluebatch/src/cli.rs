@@ -86,7 +86,7 @@ async fn list_all(target: &Target, path: &str) -> Result<Vec<Value>, String> {
     Ok(out)
 }
 
-fn ok_json(answer: &Answer) -> Result<Value, String> {
+pub(crate) fn ok_json(answer: &Answer) -> Result<Value, String> {
     if !(200..300).contains(&answer.status) {
         return Err(answer.error());
     }
@@ -96,7 +96,7 @@ fn ok_json(answer: &Answer) -> Result<Value, String> {
 }
 
 /// Left-aligned columns, two spaces apart.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -122,7 +122,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn text(v: &Value) -> String {
+pub(crate) fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),

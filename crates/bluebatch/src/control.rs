@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 #[derive(Args)]
 pub struct Target {
-    /// URL of the running server, for the client commands (pool, node, ssh, env, clock, reset).
+    /// URL of the running server, for the client commands (pool, node, ssh, env, clock, reset,
+    /// join-token, host).
     #[arg(
         long,
         env = "BLUEBATCH_URL",

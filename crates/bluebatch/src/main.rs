@@ -5,6 +5,7 @@ mod cli;
 mod control;
 mod datadir;
 mod fabric;
+mod hosts;
 mod seed;
 mod serve;
 mod tls;
@@ -19,9 +20,9 @@ use std::io::IsTerminal;
     version,
     about = "Azure Batch data-plane emulator with real SSH nodes",
     after_help = "\
-Client commands (pool, node, ssh, env, clock, reset) talk to a running server: --url and
---account may stand before or after the subcommand; the account key comes from BLUEBATCH_KEY
-(the development account's key is built in).
+Client commands (pool, node, ssh, env, clock, reset, join-token, host) talk to a running
+server: --url and --account may stand before or after the subcommand; the account key comes
+from BLUEBATCH_KEY (the development account's key is built in).
 
 Logs go to stderr. BLUEBATCH_LOG sets the filter (tracing EnvFilter syntax; default
 \"info,russh=warn\", e.g. BLUEBATCH_LOG=debug or BLUEBATCH_LOG=warn,bluebatch_node=info)."
@@ -84,6 +85,16 @@ enum Command {
     /// the accounts the Batch API sets as real accounts of this host (or, with --simulate N,
     /// serve N simulated SSH nodes). `bluebatch agent uninstall` removes what it created.
     Agent(Box<agent::AgentArgs>),
+    /// Join tokens for `bluebatch agent` (create, list, revoke) on a running server.
+    JoinToken {
+        #[command(subcommand)]
+        cmd: hosts::JoinTokenCmd,
+    },
+    /// Hosts that joined with `bluebatch agent`: list, drain, revoke.
+    Host {
+        #[command(subcommand)]
+        cmd: hosts::HostCmd,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -130,6 +141,8 @@ fn main() -> std::process::ExitCode {
         Command::Ssh(args) => rt.block_on(cli::ssh(target, args)),
         Command::Env(args) => rt.block_on(cli::env(target, args)),
         Command::Clock { cmd } => rt.block_on(control::clock(target, cmd)),
+        Command::JoinToken { cmd } => rt.block_on(hosts::join_token(target, cmd)),
+        Command::Host { cmd } => rt.block_on(hosts::host(target, cmd)),
         Command::Agent(args) => agent::run(*args, &rt),
         Command::Reset => rt.block_on(control::run(
             target,

@@ -138,6 +138,21 @@ pub struct ServeArgs {
     max_headers: u64,
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
+    /// Where pools' nodes come from: `embedded` (SSH endpoints in this process), `agents`
+    /// (hosts joined with `bluebatch agent`; see `bluebatch join-token create`) or `sandbox`.
+    /// A pool's metadata item `bluebatch.nodes` wins over this for that pool.
+    #[arg(long, default_value = "embedded", env = "BLUEBATCH_NODES", value_parser = parse_nodes, value_name = "embedded|agents|sandbox")]
+    nodes: bluebatch_protocol::NodeSource,
+    /// How long a joined host may go without polling before its nodes go `unknown` (they come
+    /// back when it polls again): 30s, 2m, … (no unit = seconds).
+    #[arg(long, default_value = "60s", env = "BLUEBATCH_AGENT_GRACE", value_parser = parse_window, value_name = "DURATION")]
+    agent_grace: Duration,
+}
+
+/// `--nodes`: embedded, agents or sandbox.
+fn parse_nodes(s: &str) -> Result<bluebatch_protocol::NodeSource, String> {
+    bluebatch_protocol::NodeSource::parse(s.trim())
+        .ok_or_else(|| format!("{s:?}: one of embedded, agents, sandbox"))
 }
 
 /// `--max-connections-per-source`: a count, or `none` (0: no cap).
@@ -302,15 +317,20 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         max_nodes_per_pool: args.max_nodes_per_pool,
         node_step: Duration::from_millis(args.node_step_ms),
         remote_login_ip: args.remote_login_ip.unwrap_or(args.ssh_bind).to_string(),
+        default_nodes: args.nodes,
+        agent_grace: args.agent_grace,
         ..Config::default()
     };
     let service = Service::start(backend, clock, Arc::new(SshFabric(ssh.clone())), config).await?;
     if let Some(seed) = &args.seed {
         crate::seed::apply(&service, seed, &|a| accounts.keys(a).is_some()).await?;
     }
+    // HTTPS material first: the control endpoints hand out its CA fingerprint.
+    let tls = crate::tls::prepare(&args.tls, &data_dir)?;
     let app = Arc::new(App {
         service,
         config: WireConfig {
+            ca_fingerprint: tls.as_ref().map(|t| t.ca_fingerprint.clone()),
             accounts,
             accept_any_api_version: args.accept_any_api_version,
             max_body_bytes: args.max_body_bytes,
@@ -344,8 +364,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(b) = &app.config.bearer {
         println!("bearer tokens: {}", b.describe());
     }
+    print_nodes_banner(&args, addr);
     let (stop_https, stopped) = tokio::sync::watch::channel(());
-    let https = crate::tls::start(&args.tls, &data_dir, args.host, &app, stopped).await?;
+    let https = crate::tls::start(&args.tls, tls, args.host, &app, stopped).await?;
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
     bluebatch_wire::serve(listener, app, async move {
         shutdown_signal().await;
@@ -361,6 +382,39 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     }
     ssh.shutdown().await;
     Ok(())
+}
+
+/// Where pools' nodes come from, and with agents how hosts join.
+fn print_nodes_banner(args: &ServeArgs, addr: std::net::SocketAddr) {
+    use bluebatch_protocol::NodeSource;
+    let (what, detail) = match args.nodes {
+        NodeSource::Embedded => (
+            "embedded",
+            format!(
+                "SSH endpoints in this process on {} ports {}",
+                args.ssh_bind, args.ssh_ports
+            ),
+        ),
+        NodeSource::Agents => ("agents", "hosts joined with `bluebatch agent`".to_string()),
+        NodeSource::Sandbox => (
+            "sandbox",
+            "a sandboxed machine per node: not available in this version, Add Pool refuses such \
+             pools"
+                .to_string(),
+        ),
+    };
+    println!(
+        "nodes: {what} ({detail}); a pool's metadata item bluebatch.nodes=embedded|agents|sandbox \
+         chooses for that pool"
+    );
+    if args.nodes == NodeSource::Agents {
+        println!(
+            "agents: create a join token with `bluebatch join-token create --url http://{addr} \
+             [--pool POOL] > token`, then on the host `bluebatch agent --server URL \
+             --join-token-file token`; a host silent for {}s has its nodes go unknown",
+            args.agent_grace.as_secs_f64()
+        );
+    }
 }
 
 async fn shutdown_signal() {

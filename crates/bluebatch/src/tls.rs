@@ -169,16 +169,32 @@ fn server_config(m: Material) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// When asked for, starts the HTTPS listener for the same service as `app` (with `https` in the
-/// URLs it writes), prints where it listens and how to trust its certificate, and serves until
-/// `stop` changes or its sender is dropped. Returns the server's task.
-pub async fn start(
-    args: &TlsArgs,
-    data_dir: &Path,
-    host: IpAddr,
-    app: &App,
-    mut stop: tokio::sync::watch::Receiver<()>,
-) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>, String> {
+/// What `--tls` serves, loaded (or generated) before the listeners start.
+pub struct Prepared {
+    config: Arc<ServerConfig>,
+    /// The generated CA certificate clients must trust (None for a user's certificate).
+    ca: Option<PathBuf>,
+    /// `sha256:` and the lowercase hex SHA-256 of the CA certificate's DER: the last
+    /// certificate of the served chain (the generated CA, or the last of `--tls-cert`'s chain).
+    /// Agents pin it at join (`bluebatch join-token create` prints it).
+    pub ca_fingerprint: String,
+}
+
+/// `sha256:` and 64 lowercase hex digits: the SHA-256 of a certificate's DER.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(der);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in digest.iter() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// When asked for (`--tls` or `--tls-cert`), loads the user's certificate or generates one;
+/// `None` without HTTPS.
+pub fn prepare(args: &TlsArgs, data_dir: &Path) -> Result<Option<Prepared>, String> {
     if !args.tls && args.tls_cert.is_none() {
         return Ok(None);
     }
@@ -187,7 +203,40 @@ pub async fn start(
         _ => generated(&data_dir.join("tls"))?,
     };
     let ca = material.ca.clone();
+    let ca_fingerprint = fingerprint(
+        material
+            .chain
+            .last()
+            .expect("load() refuses an empty chain")
+            .as_ref(),
+    );
     let config = server_config(material)?;
+    Ok(Some(Prepared {
+        config,
+        ca,
+        ca_fingerprint,
+    }))
+}
+
+/// With `prepared` ([`prepare`]), starts the HTTPS listener for the same service as `app`
+/// (with `https` in the URLs it writes), prints where it listens and how to trust its
+/// certificate, and serves until `stop` changes or its sender is dropped. Returns the server's
+/// task.
+pub async fn start(
+    args: &TlsArgs,
+    prepared: Option<Prepared>,
+    host: IpAddr,
+    app: &App,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) -> Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>, String> {
+    let Some(Prepared {
+        config,
+        ca,
+        ca_fingerprint,
+    }) = prepared
+    else {
+        return Ok(None);
+    };
 
     let listener = std::net::TcpListener::bind((host, args.tls_port))
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
@@ -218,6 +267,7 @@ pub async fn start(
             }
         }
     }
+    println!("tls: CA fingerprint (agents pin it) {ca_fingerprint}");
 
     // The same accept loop and connection limits as the HTTP listener (bluebatch_wire::conn);
     // the TLS handshake counts within the head deadline.
@@ -229,4 +279,16 @@ pub async fn start(
             let _ = stop.changed().await;
         },
     ))))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fingerprint_is_sha256_hex_of_the_der() {
+        // SHA-256 of the empty string.
+        assert_eq!(
+            super::fingerprint(b""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
 }
