@@ -1014,3 +1014,78 @@ async fn help_describes_the_agent_capacity_commands_and_flags() {
         assert!(rest[..end].contains(default), "{flag}: {}", &rest[..end]);
     }
 }
+
+/// Kills the agent when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_output_of_join_token_create_is_the_agents_token_file_over_pinned_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Server::launch_tls(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--nodes",
+        "agents",
+    ]);
+    let (code, out, err) = cli(&t.server.url, &["join-token", "create", "--ttl", "10m"]).await;
+    assert_eq!(code, 0, "{err}");
+    let file = dir.path().join("token");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .unwrap();
+        f.write_all(out.as_bytes()).unwrap();
+    }
+    let state = dir.path().join("agent-state");
+    let _agent = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+            .args(["agent", "--server", &t.https, "--join-token-file"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--simulate", "1", "--ssh-ports", "31000-31999"])
+            .env("BLUEBATCH_LOG", "warn")
+            .env_remove("BLUEBATCH_JOIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let c = t.server.client();
+    let host = within(T, "the agent to join over HTTPS", async {
+        loop {
+            let v = c.control("GET", "/hosts").send_within(T).await.json();
+            if let Some(h) = v["value"].as_array().and_then(|a| a.first())
+                && h["connected"] == true
+            {
+                return h.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(host["provider"], "simulate");
+    assert_eq!(
+        host["address"], "127.0.0.1",
+        "the agent's own address: {host}"
+    );
+    // The token is used up; a pool takes the host's node, which comes up idle.
+    let list = c.control("GET", "/join-tokens").send_within(T).await.json();
+    assert_eq!(list["value"][0]["used"], true, "{list}");
+    assert_eq!(c.create_pool("p", "linux", 1).await.status, 201);
+    common::wait_steady(&c, "p").await;
+    assert_eq!(wait_nodes(&c, "p", 1).await[0]["state"], "idle");
+}
