@@ -1089,3 +1089,81 @@ async fn the_output_of_join_token_create_is_the_agents_token_file_over_pinned_ht
     common::wait_steady(&c, "p").await;
     assert_eq!(wait_nodes(&c, "p", 1).await[0]["state"], "idle");
 }
+
+#[tokio::test]
+async fn a_write_the_host_fails_answers_500_naming_the_reason_and_the_control_endpoint_shows_it() {
+    let s = agents_server();
+    let c = s.client();
+    let a = Agent::joined(&s.url, &token(&c, None).await, "h", 1).await;
+    assert_eq!(c.create_pool("p", "linux", 1).await.status, 201);
+    // The host takes its node: acknowledged, the node comes up idle.
+    let d = a.desired("").await.json();
+    let node = &d["nodes"][0];
+    let (key, node_id) = (
+        node["key"].as_str().unwrap().to_string(),
+        node["nodeId"].as_str().unwrap().to_string(),
+    );
+    let ack = |rev: u64, failures: Value| json!({"nodes": [{"key": key, "revision": rev, "image": node["image"], "failures": failures}]});
+    let r = a
+        .ack(&ack(node["revision"].as_u64().unwrap(), json!([])))
+        .await;
+    assert_eq!(r.json()["refused"], json!([]), "{}", text(&r));
+    common::wait_steady(&c, "p").await;
+    let cursor = a.desired("").await.json()["cursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Add User waits for the host; the host reports that the account failed.
+    let add = {
+        let base = s.url.clone();
+        let path = format!("/pools/p/nodes/{node_id}/users");
+        tokio::spawn(async move {
+            let c = Client::new(&base, common::ACCOUNT, common::KEY);
+            c.req("POST", &path)
+                .json(&json!({"name": "alice", "password": "Secret-pass1"}))
+                .send_within(T)
+                .await
+        })
+    };
+    let d = a.desired(&format!("after={cursor}&wait=15")).await.json();
+    assert_eq!(d["changed"], true, "{d}");
+    let rev = d["nodes"][0]["revision"].as_u64().unwrap();
+    assert_eq!(d["nodes"][0]["accounts"][0]["name"], "alice", "{d}");
+    assert!(
+        !d.to_string().contains("Secret-pass1"),
+        "only the hash travels: {d}"
+    );
+    let failures = json!([{"name": "alice", "reason": "useradd exited 1: no space left"}]);
+    let r = a.ack(&ack(rev, failures)).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let r = within(T, "Add User", add).await.unwrap();
+    assert_error(&r, 500, "InternalError");
+    assert!(
+        text(&r).contains("useradd exited 1: no space left"),
+        "{}",
+        text(&r)
+    );
+    let users = c
+        .control("GET", &format!("/pools/p/nodes/{node_id}/users"))
+        .send_within(T)
+        .await;
+    assert_eq!(users.status, 200, "{}", text(&users));
+    let v = users.json();
+    assert_eq!(
+        v["applyFailures"],
+        json!([{"name": "alice", "reason": "useradd exited 1: no space left"}]),
+        "{v}"
+    );
+    assert_eq!(v["users"][0]["name"], "alice", "the write is kept: {v}");
+    // The retry succeeds: the failure is gone.
+    let r = a.ack(&ack(rev, json!([]))).await;
+    assert_eq!(r.json()["refused"], json!([]), "{}", text(&r));
+    let v = c
+        .control("GET", &format!("/pools/p/nodes/{node_id}/users"))
+        .send_within(T)
+        .await
+        .json();
+    assert_eq!(v["applyFailures"], json!([]), "{v}");
+    assert_eq!(v["appliedRevision"], rev, "{v}");
+}

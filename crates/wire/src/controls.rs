@@ -8,7 +8,7 @@
 //! | `POST /_bluebatch/clock/advance` `{"by":"1d12h"}` | move the service clock forward (stored: survives a restart) |
 //! | `POST /_bluebatch/clock/reset` | back to the wall clock (offset 0, stored) |
 //! | `PUT /_bluebatch/pools/{p}/nodes/{n}/state` `{"state":"rebooting"}` | put a node in any state |
-//! | `GET /_bluebatch/pools/{p}/nodes/{n}/users` | the node's users as stored and as applied, the state its SSH endpoint enforces and the sources it locks out |
+//! | `GET /_bluebatch/pools/{p}/nodes/{n}/users` | the node's users as stored and as applied, the state its SSH endpoint enforces, the sources it locks out, and what a joined host failed to apply (`applyFailures`) |
 //! | `POST /_bluebatch/join-tokens` `{"pool":"p1","ttl":"1h"}` | a join token for `bluebatch agent` (both optional; default any pool, 24h): `{id, token, pool, expires, caFingerprint}` |
 //! | `GET /_bluebatch/join-tokens` | the account's tokens `{"value":[{id, pool, expires, used}]}` (never the secret) |
 //! | `DELETE /_bluebatch/join-tokens/{id}` | revoke a token: `{id, revoked: true}` |
@@ -169,9 +169,16 @@ pub async fn handle(
                 Some((s, accepts)) => (Some(s.as_str()), Some(accepts)),
                 None => (None, None),
             };
+            // What a joined host reported it could not apply (its last attempt).
+            let failures: Vec<Value> = u
+                .failures
+                .iter()
+                .map(|(name, reason)| json!({"name": name, "reason": reason}))
+                .collect();
             Ok(json_response(json!({
                 "appliedRevision": u.applied_revision,
                 "users": users,
+                "applyFailures": failures,
                 "sshNodeState": ssh_state,
                 "acceptsLogins": accepts,
                 "loginLockouts": lockouts,
