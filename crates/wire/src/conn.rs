@@ -12,7 +12,9 @@
 //! head, idle, or waiting on the client (a stalled body or an unread answer); connections whose
 //! request is being worked on are never closed for room. A source address holding
 //! [`HttpLimits::max_connections_per_source`] connections has its further connections closed at
-//! once.
+//! once; a connection that carried a request with a valid node credential (an agent's) stops
+//! counting toward that cap ([`ConnHandle::exempt_from_source_cap`]), as many agents may share
+//! one address.
 //!
 //! hyper's own header timeout is off: it starts with the previous answer, so it would also close
 //! idle keep-alive connections at the head deadline.
