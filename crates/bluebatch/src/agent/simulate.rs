@@ -68,7 +68,8 @@ fn raise_nofile(nodes: u32) {
         r.rlim_cur = r.rlim_max.min(want.max(r.rlim_cur));
         libc::setrlimit(libc::RLIMIT_NOFILE, &r);
     }
-    if r.rlim_cur < want {
+    // A listener per node, and room for the process itself and a few sessions.
+    if r.rlim_cur < u64::from(nodes) + 1024 {
         tracing::warn!(
             limit = r.rlim_cur,
             wanted = want,
