@@ -132,6 +132,10 @@ pub(crate) struct HostRecord {
     /// Expiry of the newest credential handed out.
     #[serde(with = "time::serde::rfc3339")]
     pub credential_expires: OffsetDateTime,
+    /// When the newest credential was handed out by a renewal: for a while after (a quarter of
+    /// its life, at most 10 minutes) every poll answer repeats it, as an answer may be lost.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub renewed_at: Option<OffsetDateTime>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -355,6 +359,10 @@ fn mac(secret: &[u8], payload: &str) -> Hmac<Sha256> {
         <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(payload.as_bytes());
     mac
+}
+
+fn whole_seconds(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(0).unwrap_or(t)
 }
 
 fn credential(secret: &[u8], host: &str, expires: OffsetDateTime) -> String {
@@ -610,7 +618,8 @@ impl Service {
                     break h;
                 }
             };
-            let expires = now + ttl;
+            // Whole seconds, as the credential carries it.
+            let expires = whole_seconds(now + ttl);
             let rec = HostRecord {
                 id: host_id.clone(),
                 account: tok.account.clone(),
@@ -625,6 +634,7 @@ impl Service {
                 drained: false,
                 joined: now,
                 credential_expires: expires,
+                renewed_at: None,
             };
             let ops = vec![
                 put_json(format!("{TOKEN_PREFIX}{id}"), &tok),
@@ -828,7 +838,8 @@ impl Service {
         Ok((nodes, h.rec.drained))
     }
 
-    /// A fresh credential once the newest one handed out is past half its life.
+    /// A fresh credential once the newest one handed out is past half its life; repeated in
+    /// the answers of a short while after.
     async fn renew_credential(&self, host: &str) -> Result<Option<String>> {
         let ttl = time::Duration::try_from(self.inner.config.credential_ttl)
             .unwrap_or(time::Duration::DAY);
@@ -840,9 +851,15 @@ impl Service {
                 return Err(auth_failed("The node credential is not valid."));
             };
             if now + ttl / 2 < h.rec.credential_expires {
-                return Ok(None);
+                let window: time::Duration = (ttl / 4_i32).min(time::Duration::minutes(10));
+                return Ok(h
+                    .rec
+                    .renewed_at
+                    .is_some_and(|t| now < t + window)
+                    .then(|| credential(&secret, host, h.rec.credential_expires)));
             }
-            h.rec.credential_expires = now + ttl;
+            h.rec.renewed_at = Some(now);
+            h.rec.credential_expires = whole_seconds(now + ttl);
             let cred = credential(&secret, host, h.rec.credential_expires);
             let op = put_json(format!("{HOST_PREFIX}{host}"), &h.rec);
             (cred, self.submit(vec![op]))
