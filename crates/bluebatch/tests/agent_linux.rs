@@ -7,13 +7,285 @@
 
 mod common;
 
-use common::sandbox::{self, Sandbox, SandboxOptions};
+use common::sandbox::{self, Inside, Sandbox, SandboxOptions};
 use common::*;
-use std::path::Path;
-use std::process::Command;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
 
+/// Every request of these tests.
+const T: Duration = Duration::from_secs(30);
 /// At most two sandboxes (each a serve, an agent and an sshd) at once on a small machine.
 static GATE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+const POOL: &str = "hosts";
+
+/// A sandboxed host with an agent, joined to a service on this machine's side of the veth.
+struct Rig {
+    sb: Sandbox,
+    server: Server,
+    c: Client,
+    data: tempfile::TempDir,
+    port: u16,
+    serve_extra: Vec<String>,
+    token_file: PathBuf,
+    agent: Option<Inside>,
+    node: String,
+    /// Key pairs of the test (on this machine).
+    keys: tempfile::TempDir,
+}
+
+fn serve(host: &str, port: u16, data: &Path, extra: &[String]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+        .args(["serve", "--node-step-ms", "20", "--nodes", "agents"])
+        .args(["--host", host, "--port", &port.to_string()])
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .env("BLUEBATCH_LOG", "warn")
+        .env_remove("BLUEBATCH_ACCOUNTS")
+        .env_remove("BLUEBATCH_ACCOUNTS_FILE")
+        .env_remove("BLUEBATCH_NODES")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting bluebatch serve");
+    let url = listening_url_within(&mut child, Duration::from_secs(20));
+    Server { child, url }
+}
+
+impl Rig {
+    /// A sandbox (sshd with `UsePAM use_pam`), `prepare` run on it before the agent starts (to
+    /// give it accounts of its own), a service with `serve_extra`, a one-node agents pool, a
+    /// join token made with the CLI, and the agent joined; returns once the node is idle. None
+    /// (a loud skip) without root or the tools.
+    async fn new(
+        use_pam: bool,
+        serve_extra: &[&str],
+        prepare: impl FnOnce(&Sandbox),
+    ) -> Option<Rig> {
+        if !sandbox::available() || !have_ssh_client() {
+            return None;
+        }
+        let sb = Sandbox::start(SandboxOptions { use_pam });
+        prepare(&sb);
+        let port = std::net::TcpListener::bind((sb.host_ip.as_str(), 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data = tempfile::tempdir().unwrap();
+        let serve_extra: Vec<String> = serve_extra.iter().map(|s| s.to_string()).collect();
+        let server = serve(&sb.host_ip, port, data.path(), &serve_extra);
+        let c = server.client();
+        // The pool asks for agent nodes itself too (the flag says so already).
+        let mut body = pool_body(POOL, 1);
+        body["metadata"] = json!([{"name": "bluebatch.nodes", "value": "agents"}]);
+        let r = c.req("POST", "/pools").json(&body).send_within(T).await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+        // The operator's flow: `join-token create` → a file → `agent --join-token-file`.
+        let out = bluebatch_cli(
+            &["join-token", "create", "--pool", POOL, "--ttl", "10m"],
+            &[
+                ("BLUEBATCH_URL", server.url.as_str()),
+                ("BLUEBATCH_KEY", KEY),
+            ],
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "join-token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = printed.lines().collect();
+        assert_eq!(
+            lines.len(),
+            2,
+            "join-token create prints two lines: {printed:?}"
+        );
+        assert!(lines[0].contains('.'), "line 1 is ID.SECRET");
+        assert_eq!(lines[1], "-", "no HTTPS: no CA fingerprint");
+        let token_file = sb.dir.path().join("join-token");
+        std::fs::write(&token_file, &printed).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut rig = Rig {
+            sb,
+            server,
+            c,
+            data,
+            port,
+            serve_extra,
+            token_file,
+            agent: None,
+            node: String::new(),
+            keys: tempfile::tempdir().unwrap(),
+        };
+        rig.start_agent(true);
+        rig.node = rig.wait_node("idle").await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        Some(rig)
+    }
+
+    /// Starts `bluebatch agent` inside the sandbox; with the token file the first time, without
+    /// it later (the state directory holds the identity).
+    fn start_agent(&mut self, with_token: bool) {
+        let bin = env!("CARGO_BIN_EXE_bluebatch");
+        let state = self.sb.state_dir();
+        let mut args = vec![
+            "agent".to_string(),
+            "--server".into(),
+            self.server.url.clone(),
+            "--state-dir".into(),
+            state.display().to_string(),
+        ];
+        if with_token {
+            args.push("--join-token-file".into());
+            args.push(self.token_file.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.agent = Some(self.sb.spawn(
+            bin,
+            &args,
+            &[("BLUEBATCH_LOG", "info,russh=warn")],
+            "agent.log",
+        ));
+    }
+
+    fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill_hard();
+        }
+    }
+
+    /// The pool's one node once it is in `state` (at most 45 s).
+    async fn wait_node(&self, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(45);
+        loop {
+            let r = self
+                .c
+                .req("GET", &format!("/pools/{POOL}/nodes"))
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, 200, "{}", text(&r));
+            let v = r.json();
+            let list = v["value"].as_array().unwrap();
+            if list.len() == 1 && list[0]["state"] == state {
+                return list[0].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node never became {state}: {v}\nagent log:\n{}",
+                self.sb.read_log("agent.log")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn users(&self) -> String {
+        format!("/pools/{POOL}/nodes/{}/users", self.node)
+    }
+
+    fn user(&self, name: &str) -> String {
+        format!("{}/{name}", self.users())
+    }
+
+    async fn add(&self, body: Value) -> Resp {
+        self.c
+            .req("POST", &self.users())
+            .query(&format!("api-version={V}&timeout=20"))
+            .json(&body)
+            .send_within(T)
+            .await
+    }
+
+    async fn update(&self, name: &str, body: Value) -> Resp {
+        self.c
+            .req("PUT", &self.user(name))
+            .query(&format!("api-version={V}&timeout=20"))
+            .json(&body)
+            .send_within(T)
+            .await
+    }
+
+    async fn delete(&self, name: &str) -> Resp {
+        self.c
+            .req("DELETE", &self.user(name))
+            .query(&format!("api-version={V}&timeout=20"))
+            .send_within(T)
+            .await
+    }
+
+    fn keypair(&self, name: &str) -> (PathBuf, String) {
+        keypair(self.keys.path(), name)
+    }
+
+    /// Waits (at most `limit`) until `check` holds of the sandbox, naming `what` otherwise.
+    async fn until(&self, limit: Duration, what: &str, check: impl Fn(&Sandbox) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !check(&self.sb) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {limit:?}\nagent log:\n{}",
+                self.sb.read_log("agent.log")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn restart_server(&mut self) {
+        self.server.kill();
+        self.server = serve(
+            &self.sb.host_ip,
+            self.port,
+            self.data.path(),
+            &self.serve_extra,
+        );
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.kill_agent();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent log ---\n{}\n--- sshd log ---\n{}",
+                self.sb.read_log("agent.log"),
+                self.sb.read_log("sshd.log")
+            );
+        }
+    }
+}
+
+fn iso(t: OffsetDateTime) -> String {
+    bluebatch_core::timefmt::iso(t)
+}
+
+/// Days since 1970-01-01 of `t`'s UTC date (shadow's day numbers).
+fn day(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp().div_euclid(86_400)
+}
+
+/// shadow's field `i` (0-based) of `user` in the sandbox.
+fn shadow_field(sb: &Sandbox, user: &str, i: usize) -> Option<String> {
+    sb.shadow_entry(user)
+        .and_then(|l| l.split(':').nth(i).map(str::to_string))
+}
+
+fn uid_of(sb: &Sandbox, user: &str) -> u32 {
+    sb.passwd_entry(user)
+        .unwrap_or_else(|| panic!("{user} has no passwd entry"))
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
 
 /// The harness itself: an account made inside with the real shadow tools logs in over the real
 /// OpenSSH client to the sandbox's address (sshd with and without PAM), a wrong password is
@@ -93,4 +365,543 @@ async fn sandbox_host_logs_in_its_own_accounts_and_leaves_nothing() {
             "no mount of the sandbox is visible here"
         );
     }
+}
+
+/// Add/Update/Delete User through the Batch API become a real account of the host: password and
+/// key logins over OpenSSH, the old password and key refused after Update, a removed password
+/// is `*` (key logins keep working), Delete of a logged-in user ends the session and removes
+/// the account and home; the host's own account is never touched and its name is refused.
+#[tokio::test]
+async fn accounts_set_through_the_api_log_in_to_the_hosts_sshd() {
+    let _gate = GATE.acquire().await.unwrap();
+    let Some(rig) = Rig::new(true, &[], |sb| sb.useradd("carol", Some("Carol-own-pw-1"))).await
+    else {
+        return;
+    };
+    let sb = &rig.sb;
+    let carol = (sb.passwd_entry("carol"), sb.shadow_entry("carol"));
+
+    // The node is the host: its address and its sshd's port.
+    let node = rig.wait_node("idle").await;
+    assert_eq!(node["ipAddress"], sb.node_ip.as_str(), "{node}");
+    let r = rig
+        .c
+        .req(
+            "GET",
+            &format!("/pools/{POOL}/nodes/{}/remoteloginsettings", rig.node),
+        )
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.json()["remoteLoginIPAddress"], sb.node_ip.as_str());
+    assert_eq!(r.json()["remoteLoginPort"], 22);
+
+    let (k1, pub1) = rig.keypair("k1");
+    let (k2, pub2) = rig.keypair("k2");
+    let r = rig
+        .add(json!({"name": "alice", "password": "Alice-pw-1", "sshPublicKey": pub1}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    // 201 means the host enforces it already.
+    let who = sb
+        .ssh_password("alice", "Alice-pw-1", "id -un; echo $HOME")
+        .await;
+    assert_eq!(who.stdout("alice's password").trim(), "alice\n/home/alice");
+    let who = sb.ssh_key("alice", &k1, "id -un").await;
+    assert_eq!(who.stdout("alice's key").trim(), "alice");
+    let hash = shadow_field(sb, "alice", 1).unwrap();
+    assert!(hash.starts_with('$'), "a crypt hash in shadow: {hash:.3}…");
+    assert!(!hash.contains("Alice-pw-1"));
+    let uid = uid_of(sb, "alice");
+    let ak = sb.dir.path().join("home/alice/.ssh/authorized_keys");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&ak).expect("authorized_keys");
+        assert_eq!(m.mode() & 0o777, 0o600, "authorized_keys mode");
+        assert_eq!(m.uid(), uid, "authorized_keys owned by the user");
+        let d = std::fs::metadata(ak.parent().unwrap()).unwrap();
+        assert_eq!(d.mode() & 0o777, 0o700, ".ssh mode");
+        assert_eq!(d.uid(), uid);
+    }
+    assert!(
+        std::fs::read_to_string(&ak)
+            .unwrap()
+            .contains(pub1.split_whitespace().nth(1).unwrap())
+    );
+    assert!(
+        sandbox::entry(&std::fs::read_to_string("/etc/passwd").unwrap(), "alice").is_none(),
+        "this machine's /etc/passwd never gets the node's account"
+    );
+
+    // Update replaces password and key: the old ones are refused at once.
+    let r = rig
+        .update(
+            "alice",
+            json!({"password": "Alice-pw-2", "sshPublicKey": pub2}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(
+        sb.ssh_password("alice", "Alice-pw-1", "true").await,
+        SshOutcome::Refused,
+        "the old password"
+    );
+    assert_eq!(
+        sb.ssh_key("alice", &k1, "true").await,
+        SshOutcome::Refused,
+        "the old key"
+    );
+    assert!(
+        sb.ssh_password("alice", "Alice-pw-2", "true")
+            .await
+            .accepted()
+    );
+    assert!(sb.ssh_key("alice", &k2, "true").await.accepted());
+
+    // Update without a password: `*`, and the key still logs in.
+    let r = rig.update("alice", json!({"sshPublicKey": pub2})).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(shadow_field(sb, "alice", 1).as_deref(), Some("*"));
+    assert_eq!(
+        sb.ssh_password("alice", "Alice-pw-2", "true").await,
+        SshOutcome::Refused,
+        "a removed password"
+    );
+    assert!(sb.ssh_key("alice", &k2, "true").await.accepted());
+
+    // Delete while logged in: the session ends, the account and its home go.
+    let mut session = sb.ssh_key_session("alice", &k2, 300);
+    {
+        use tokio::io::AsyncBufReadExt;
+        let stdout = session.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = within(
+            Duration::from_secs(20),
+            "the session to open",
+            lines.next_line(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(first.as_deref(), Some("open"));
+    }
+    let r = rig.delete("alice").await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(
+        sb.passwd_entry("alice"),
+        None,
+        "gone from the host's /etc/passwd"
+    );
+    assert_eq!(
+        sb.shadow_entry("alice"),
+        None,
+        "gone from the host's /etc/shadow"
+    );
+    assert!(!sb.dir.path().join("home/alice").exists(), "home removed");
+    within(
+        Duration::from_secs(20),
+        "the open session to end",
+        session.wait(),
+    )
+    .await
+    .unwrap();
+    let left = sb.run("pgrep", &["-u", &uid.to_string()]);
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "no process of the deleted user is left"
+    );
+    let r = rig.update("alice", json!({})).await;
+    assert_eq!(r.status, 404, "{}", text(&r));
+
+    // The host's own account: never touched, and its name refused before anything is stored.
+    let r = rig
+        .add(json!({"name": "carol", "password": "Api-pw-1234"}))
+        .await;
+    assert_eq!(r.status, 400, "{}", text(&r));
+    assert_eq!(r.code(), "InvalidPropertyValue", "{}", text(&r));
+    assert!(text(&r).contains("reserved on this node"), "{}", text(&r));
+    let r = rig
+        .add(json!({"name": "root", "password": "Api-pw-1234"}))
+        .await;
+    assert_eq!(r.status, 400, "{}", text(&r));
+    assert_eq!(
+        (sb.passwd_entry("carol"), sb.shadow_entry("carol")),
+        carol,
+        "the host's own account is untouched"
+    );
+    assert!(
+        sb.ssh_password("carol", "Carol-own-pw-1", "true")
+            .await
+            .accepted(),
+        "and logs in as before"
+    );
+}
+
+/// `expiryTime` reaches shadow's expire day: with `UsePAM yes` the day after the expiry's
+/// date, with `UsePAM no` the date itself, so that logins stop from 00:00 UTC of the day after
+/// either way; a moved service clock shifts it, and the real OpenSSH client is then refused.
+async fn expiry_reaches_shadow(use_pam: bool) {
+    let _gate = GATE.acquire().await.unwrap();
+    let Some(rig) = Rig::new(use_pam, &[], |_| {}).await else {
+        return;
+    };
+    let sb = &rig.sb;
+    let expiry = OffsetDateTime::now_utc() + time::Duration::days(2);
+    let r = rig
+        .add(json!({"name": "dave", "password": "Dave-pw-1", "expiryTime": iso(expiry)}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let d = day(expiry);
+    let want = if use_pam { d + 1 } else { d };
+    assert_eq!(
+        shadow_field(sb, "dave", 7).as_deref(),
+        Some(want.to_string().as_str()),
+        "UsePAM {use_pam}: shadow's expire day for an expiry on day {d}"
+    );
+    assert!(
+        sb.ssh_password("dave", "Dave-pw-1", "true")
+            .await
+            .accepted()
+    );
+
+    // Update moves it.
+    let later = expiry + time::Duration::days(5);
+    let r = rig
+        .update(
+            "dave",
+            json!({"password": "Dave-pw-1", "expiryTime": iso(later)}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let want = if use_pam { day(later) + 1 } else { day(later) };
+    assert_eq!(
+        shadow_field(sb, "dave", 7).as_deref(),
+        Some(want.to_string().as_str())
+    );
+
+    // The service clock moves 8 days on: the host's expiry follows, and sshd refuses.
+    let r = rig
+        .c
+        .control("POST", "/clock/advance")
+        .json(&json!({"by": "8d"}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let shifted = want - 8;
+    rig.until(
+        Duration::from_secs(45),
+        "shadow's expire day follows the service clock",
+        |sb| shadow_field(sb, "dave", 7).as_deref() == Some(shifted.to_string().as_str()),
+    )
+    .await;
+    assert_eq!(
+        sb.ssh_password("dave", "Dave-pw-1", "true").await,
+        SshOutcome::Refused,
+        "UsePAM {use_pam}: an expired account is refused"
+    );
+}
+
+#[tokio::test]
+async fn expiry_reaches_shadow_with_pam() {
+    expiry_reaches_shadow(true).await;
+}
+
+#[tokio::test]
+async fn expiry_reaches_shadow_without_pam() {
+    expiry_reaches_shadow(false).await;
+}
+
+/// `isAdmin`: a key-only admin can `sudo -n` (the managed group and its sudoers drop-in), a
+/// non-admin cannot; `bluebatch agent uninstall` then removes every managed account, the
+/// groups and the drop-in, and leaves the host's own account alone.
+#[tokio::test]
+async fn admins_sudo_and_uninstall_removes_what_the_agent_made() {
+    if !Path::new("/usr/bin/sudo").exists() && !require(false, "sudo (apt-get install sudo)") {
+        return;
+    }
+    let _gate = GATE.acquire().await.unwrap();
+    let Some(mut rig) =
+        Rig::new(false, &[], |sb| sb.useradd("carol", Some("Carol-own-pw-1"))).await
+    else {
+        return;
+    };
+    let (ka, puba) = rig.keypair("admin");
+    let (ku, pubu) = rig.keypair("user");
+    let r = rig
+        .add(json!({"name": "erin", "isAdmin": true, "sshPublicKey": puba}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let r = rig
+        .add(json!({"name": "frank", "isAdmin": false, "sshPublicKey": pubu}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let sb = &rig.sb;
+    let erin = sb.ssh_key("erin", &ka, "sudo -n id -u").await;
+    assert_eq!(erin.stdout("sudo as the admin").trim(), "0");
+    match sb.ssh_key("frank", &ku, "sudo -n true").await {
+        SshOutcome::Accepted { code, .. } => assert_ne!(code, 0, "a non-admin cannot sudo"),
+        other => panic!("frank's login: {other:?}"),
+    }
+    let admins = sb
+        .group_entry("bluebatch-admin")
+        .expect("the managed admin group");
+    assert!(
+        admins.ends_with(":erin") || admins.contains("erin"),
+        "{admins}"
+    );
+    assert!(!admins.contains("frank"), "{admins}");
+    let dropins: Vec<String> =
+        std::fs::read_dir(format!("/proc/{}/root/etc/sudoers.d", sb.init_pid()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("bluebatch"))
+            .collect();
+    assert_eq!(dropins.len(), 1, "one sudoers drop-in: {dropins:?}");
+    assert!(
+        !Path::new("/etc/sudoers.d").join(&dropins[0]).exists(),
+        "this machine's /etc/sudoers.d is untouched"
+    );
+    let out = sb.run(
+        "visudo",
+        &["-cf", &format!("/etc/sudoers.d/{}", dropins[0])],
+    );
+    assert!(out.status.success(), "the drop-in passes visudo -c");
+
+    // Uninstall (agent stopped first): every trace of the agent goes, the host's own stays.
+    let carol = (sb.passwd_entry("carol"), sb.shadow_entry("carol"));
+    let dropin = dropins[0].clone();
+    rig.kill_agent();
+    let sb = &rig.sb;
+    let state = sb.state_dir().display().to_string();
+    let out = sb.run(
+        env!("CARGO_BIN_EXE_bluebatch"),
+        &["agent", "uninstall", "--state-dir", &state],
+    );
+    assert!(
+        out.status.success(),
+        "agent uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for u in ["erin", "frank"] {
+        assert_eq!(sb.passwd_entry(u), None, "{u} removed");
+        assert!(
+            !sb.dir.path().join("home").join(u).exists(),
+            "{u}'s home removed"
+        );
+    }
+    for g in ["bluebatch-admin", "bluebatch-managed"] {
+        assert_eq!(sb.group_entry(g), None, "group {g} removed");
+    }
+    assert!(
+        sb.read(&format!("/etc/sudoers.d/{dropin}")).is_none(),
+        "the drop-in removed"
+    );
+    assert_eq!(
+        (sb.passwd_entry("carol"), sb.shadow_entry("carol")),
+        carol,
+        "the host's own account is untouched"
+    );
+    assert!(sb.passwd_entry("root").is_some());
+}
+
+/// The agent killed (SIGKILL) while it applies a burst of writes, then restarted (no token: its
+/// state directory holds the identity): every write ends applied, nothing half-applied (each
+/// account has its password hash and logs in with it).
+#[tokio::test]
+async fn agent_killed_mid_revision_converges_after_restart() {
+    let _gate = GATE.acquire().await.unwrap();
+    let Some(mut rig) = Rig::new(true, &[], |_| {}).await else {
+        return;
+    };
+    let names: Vec<String> = (0..8).map(|i| format!("burst{i}")).collect();
+    let url = rig.server.url.clone();
+    let users = rig.users();
+    let writes: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let c = Client::new(&url, ACCOUNT, KEY);
+            let users = users.clone();
+            let body = json!({"name": n, "password": format!("{n}-Pw-1")});
+            tokio::spawn(async move {
+                c.req("POST", &users)
+                    .query(&format!("api-version={V}&timeout=8"))
+                    .json(&body)
+                    .send_within(T)
+                    .await
+            })
+        })
+        .collect();
+    // Kill as soon as the host has the first of them: the rest are in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !names.iter().any(|n| rig.sb.passwd_entry(n).is_some()) {
+        assert!(
+            Instant::now() < deadline,
+            "no account appeared\n{}",
+            rig.sb.read_log("agent.log")
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    rig.kill_agent();
+    let applied_before = names
+        .iter()
+        .filter(|n| rig.sb.passwd_entry(n).is_some())
+        .count();
+    assert!(
+        applied_before < names.len(),
+        "the agent was killed before it had applied every account ({applied_before})"
+    );
+    for w in writes {
+        let r = w.await.unwrap();
+        assert!(
+            r.status == 201 || (r.status == 500 && r.code() == "OperationTimedOut"),
+            "{} {}",
+            r.status,
+            text(&r)
+        );
+    }
+    rig.start_agent(false);
+    rig.until(
+        Duration::from_secs(45),
+        "every account applied after the restart",
+        |sb| {
+            names.iter().all(|n| {
+                sb.shadow_entry(n)
+                    .is_some_and(|l| l.split(':').nth(1).is_some_and(|h| h.starts_with('$')))
+            })
+        },
+    )
+    .await;
+    for n in &names {
+        let who = rig.sb.ssh_password(n, &format!("{n}-Pw-1"), "id -un").await;
+        assert_eq!(who.stdout(n).trim(), n.as_str());
+    }
+    eprintln!("{applied_before} of 8 accounts were on the host when the agent was killed");
+    // The service agrees: every user is applied on the node.
+    let r = rig
+        .c
+        .control("GET", &format!("/pools/{POOL}/nodes/{}/users", rig.node))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = r.json();
+    let list = v["users"]
+        .as_array()
+        .or_else(|| v["value"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    for u in &list {
+        assert_eq!(u["appliedOnNode"], true, "{u}");
+    }
+}
+
+/// The service killed and restarted on the same data directory: the agent reconnects by itself,
+/// a write after the restart is applied (201) and what was there before still logs in.
+#[tokio::test]
+async fn service_restart_agent_reconnects_and_converges() {
+    let _gate = GATE.acquire().await.unwrap();
+    let Some(mut rig) = Rig::new(false, &[], |_| {}).await else {
+        return;
+    };
+    let r = rig
+        .add(json!({"name": "gina", "password": "Gina-pw-1"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    rig.restart_server();
+    rig.c = rig.server.client();
+    rig.wait_node("idle").await;
+    let r = rig
+        .add(json!({"name": "hank", "password": "Hank-pw-1"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    assert!(
+        rig.sb
+            .ssh_password("hank", "Hank-pw-1", "true")
+            .await
+            .accepted()
+    );
+    assert!(
+        rig.sb
+            .ssh_password("gina", "Gina-pw-1", "true")
+            .await
+            .accepted()
+    );
+    let r = rig.update("gina", json!({"password": "Gina-pw-2"})).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(
+        rig.sb.ssh_password("gina", "Gina-pw-1", "true").await,
+        SshOutcome::Refused
+    );
+}
+
+/// An agent that stays away: its node goes `unknown` after the grace time, a write answers
+/// `500 OperationTimedOut` and is kept; when the agent returns the node is idle again and the
+/// host gets the change.
+#[tokio::test]
+async fn agent_away_times_out_and_applies_on_return() {
+    let _gate = GATE.acquire().await.unwrap();
+    let Some(mut rig) = Rig::new(true, &["--agent-grace", "8s"], |_| {}).await else {
+        return;
+    };
+    rig.kill_agent();
+    let away = |body: Value, method: &'static str, path: String| {
+        let c = &rig.c;
+        async move {
+            let started = Instant::now();
+            let r = c
+                .req(method, &path)
+                .query(&format!("api-version={V}&timeout=2"))
+                .json(&body)
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, 500, "{}", text(&r));
+            assert_eq!(r.code(), "OperationTimedOut", "{}", text(&r));
+            assert!(
+                started.elapsed() >= Duration::from_millis(1500),
+                "it waited for the node"
+            );
+        }
+    };
+    away(
+        json!({"name": "ivan", "password": "Ivan-pw-1"}),
+        "POST",
+        rig.users(),
+    )
+    .await;
+    // The change is kept: the user exists through the API already, and takes an update.
+    away(json!({"password": "Ivan-pw-2"}), "PUT", rig.user("ivan")).await;
+    assert_eq!(rig.sb.passwd_entry("ivan"), None);
+    // After the grace time the node is `unknown`, and takes no user writes (as Azure).
+    rig.wait_node("unknown").await;
+    let r = rig.update("ivan", json!({"password": "Ivan-pw-3"})).await;
+    assert_eq!(r.status, 409, "{}", text(&r));
+    assert_eq!(r.code(), "OperationInvalidForCurrentState", "{}", text(&r));
+
+    rig.start_agent(false);
+    rig.wait_node("idle").await;
+    rig.until(
+        Duration::from_secs(45),
+        "the kept change reaches the host",
+        |sb| sb.passwd_entry("ivan").is_some(),
+    )
+    .await;
+    // The last write wins: the second password.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if rig
+            .sb
+            .ssh_password("ivan", "Ivan-pw-2", "true")
+            .await
+            .accepted()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ivan's latest password never logged in"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        rig.sb.ssh_password("ivan", "Ivan-pw-1", "true").await,
+        SshOutcome::Refused
+    );
 }

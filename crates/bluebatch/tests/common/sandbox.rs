@@ -573,7 +573,7 @@ impl Sandbox {
             "-o",
             "UserKnownHostsFile=/dev/null",
             "-o",
-            "LogLevel=ERROR",
+            "LogLevel=INFO",
             "-o",
             "ConnectTimeout=10",
             "-o",
@@ -635,8 +635,11 @@ async fn outcome(mut cmd: tokio::process::Command) -> SshOutcome {
     };
     let code = out.status.code().unwrap_or(-1);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    // sshpass exits 5 when the password prompt comes back: sshd answered and refused.
-    if (code == 255 && stderr.contains("Permission denied")) || code == 5 {
+    // sshpass exits 5 when the password prompt comes back: sshd answered and refused. With
+    // PAM, an expired account is refused after authentication: the client prints the server's
+    // "Your account has expired" (LogLevel INFO) and the connection closes.
+    let expired = stderr.contains("Your account has expired");
+    if (code == 255 && (stderr.contains("Permission denied") || expired)) || code == 5 {
         SshOutcome::Refused
     } else if code == 255 || code == -1 {
         SshOutcome::Unreachable(stderr)
