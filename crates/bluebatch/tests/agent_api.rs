@@ -328,6 +328,23 @@ async fn join_refuses_forged_expired_reused_and_malformed_tokens() {
         let r = a.join_raw(body.as_bytes()).await;
         assert_error(&r, 400, "InvalidRequestBody");
     }
+    // Beyond --max-body-bytes (1 MiB by default): 413 before any token is looked at.
+    let huge = json!({"token": fresh, "host": {"hostname": "h", "provider": "simulate",
+        "slots": 1, "address": "127.0.0.1", "reservedNames": vec!["x".repeat(1000); 1100]}});
+    let r = a.join_raw(huge.to_string().as_bytes()).await;
+    assert_error(&r, 413, "RequestBodyTooLarge");
+    // Not JSON by its content type.
+    let r = respond(
+        a.http
+            .post(format!("{}/_bluebatch/agent/join", s.url))
+            .header("content-type", "text/plain")
+            .body(json!({"token": fresh, "host": host}).to_string())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_error(&r, 400, "InvalidHeaderValue");
     // None of them used the token.
     let r = a.join(&fresh, "h4", 1).await;
     assert_eq!(r.status, 200, "{}", text(&r));
