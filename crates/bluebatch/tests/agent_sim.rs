@@ -66,7 +66,8 @@ impl Agent {
             .args(["--ssh-ports", ports])
             .arg("--state-dir")
             .arg(state)
-            .env("BLUEBATCH_LOG", "info,russh=warn")
+            // debug: the secrets must stay out of even the most verbose logs
+            .env("BLUEBATCH_LOG", "debug,russh=warn")
             .env_remove("BLUEBATCH_JOIN_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -293,6 +294,7 @@ async fn simulated_agent_backs_pools_applies_users_and_converges_after_kills_and
 
     // The agent killed in the middle of things: a write answers OperationTimedOut (kept) ...
     agent.kill();
+    let first_log = agent.log_text();
     let r = c
         .req("PUT", &path)
         .query(&format!("api-version={V}&timeout=2"))
@@ -323,6 +325,17 @@ async fn simulated_agent_backs_pools_applies_users_and_converges_after_kills_and
         "{}",
         agent.log_text()
     );
+    // Neither the join token's secret nor the node credential is ever logged.
+    let identity: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("identity.json")).unwrap())
+            .unwrap();
+    let credential = identity["credential"].as_str().unwrap();
+    let secret = lines[0].split_once('.').unwrap().1;
+    assert!(credential.len() >= 16 && secret.len() >= 16);
+    for log in [agent.log_text(), first_log.clone()] {
+        assert!(!log.contains(credential), "the credential was logged");
+        assert!(!log.contains(secret), "the join token was logged");
+    }
 
     // The service restarted (same port, same store): the agent reconnects and converges.
     srv.stop();
