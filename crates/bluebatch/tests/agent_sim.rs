@@ -61,6 +61,22 @@ impl Agent {
         nodes: u32,
         ports: &str,
     ) -> Agent {
+        Self::spawn(url, state, token_file, None, nodes, ports)
+    }
+
+    /// With the join token (and pin) in BLUEBATCH_JOIN_TOKEN instead of a file.
+    fn start_env(url: &str, state: &Path, token_text: &str, nodes: u32) -> Agent {
+        Self::spawn(url, state, None, Some(token_text), nodes, "24100-24399")
+    }
+
+    fn spawn(
+        url: &str,
+        state: &Path,
+        token_file: Option<&Path>,
+        token_env: Option<&str>,
+        nodes: u32,
+        ports: &str,
+    ) -> Agent {
         let mut c = Command::new(env!("CARGO_BIN_EXE_bluebatch"));
         c.args(["agent", "--server", url, "--simulate", &nodes.to_string()])
             .args(["--ssh-ports", ports])
@@ -74,6 +90,9 @@ impl Agent {
             .stderr(Stdio::piped());
         if let Some(f) = token_file {
             c.arg("--join-token-file").arg(f);
+        }
+        if let Some(t) = token_env {
+            c.env("BLUEBATCH_JOIN_TOKEN", t);
         }
         let mut child = c.spawn().expect("starting bluebatch agent");
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -479,11 +498,11 @@ async fn over_https_the_agent_trusts_only_the_pinned_ca() {
         a.log_text()
     );
 
-    // The right one: the agent joins over HTTPS (the certificate names 127.0.0.1; the agent
-    // does not check names, only the pinned CA) and its node backs a pool.
-    let right = token_file(dir.path(), "right", &format!("{token}\n{pin}\n"));
+    // The right one (here through BLUEBATCH_JOIN_TOKEN): the agent joins over HTTPS (the
+    // certificate names 127.0.0.1; the agent checks no names, only the pinned CA) and its node
+    // backs a pool.
     let state = dir.path().join("s3");
-    let _agent = Agent::start(&tls.https, &state, Some(&right), 1);
+    let _agent = Agent::start_env(&tls.https, &state, &format!("{token}\n{pin}\n"), 1);
     let r = c.create_pool("p", "linux", 1).await;
     assert_eq!(r.status, 201, "{}", text(&r));
     pool_nodes(&c, "p", 1, Duration::from_secs(30)).await;
