@@ -169,10 +169,23 @@ pub async fn send(
         target.account(),
         &key,
     );
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(60))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60));
+    // An https --url: the CA certificate(s) to trust (e.g. the server's DATA_DIR/tls/ca.pem).
+    if let Some(path) = std::env::var_os("BLUEBATCH_CA_FILE").filter(|p| !p.is_empty()) {
+        let shown = std::path::Path::new(&path).display().to_string();
+        let pem = std::fs::read(&path).map_err(|e| format!("BLUEBATCH_CA_FILE {shown}: {e}"))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("BLUEBATCH_CA_FILE {shown}: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "BLUEBATCH_CA_FILE {shown}: no PEM certificate in it"
+            ));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    let client = builder.build().map_err(|e| e.to_string())?;
     let mut url = format!("{}{path}", target.url.trim_end_matches('/'));
     if !query.is_empty() {
         url.push('?');
@@ -191,14 +204,36 @@ pub async fn send(
         req = req.body(b);
     }
     let resp = req.send().await.map_err(|e| {
+        let hint = if target.url.starts_with("https:")
+            && std::env::var_os("BLUEBATCH_CA_FILE").is_none()
+        {
+            "; for an https URL, set BLUEBATCH_CA_FILE to the CA certificate to trust (PEM)"
+        } else {
+            ""
+        };
         format!(
-            "no answer from {} ({e}); is `bluebatch serve` running there? (--url, BLUEBATCH_URL)",
-            target.url
+            "no answer from {} ({}); is `bluebatch serve` running there? (--url, \
+             BLUEBATCH_URL){hint}",
+            target.url,
+            causes(&e)
         )
     })?;
     let status = resp.status().as_u16();
     let body = resp.text().await.unwrap_or_default();
     Ok(Answer { status, body })
+}
+
+/// An error and its causes, `: `-separated (reqwest's own text leaves out why a TLS handshake
+/// failed).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut at = e.source();
+    while let Some(cause) = at {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        at = cause.source();
+    }
+    text
 }
 
 /// A control request (under `/_bluebatch`); prints the answer as pretty JSON.

@@ -22,7 +22,8 @@ use std::io::IsTerminal;
     after_help = "\
 Client commands (pool, node, ssh, env, clock, reset, join-token, host) talk to a running
 server: --url and --account may stand before or after the subcommand; the account key comes
-from BLUEBATCH_KEY (the development account's key is built in).
+from BLUEBATCH_KEY (the development account's key is built in). For an https --url,
+BLUEBATCH_CA_FILE names the PEM CA certificate(s) to trust (e.g. DATA_DIR/tls/ca.pem).
 
 Logs go to stderr. BLUEBATCH_LOG sets the filter (tracing EnvFilter syntax; default
 \"info,russh=warn\", e.g. BLUEBATCH_LOG=debug or BLUEBATCH_LOG=warn,bluebatch_node=info)."

@@ -908,6 +908,24 @@ async fn with_https_the_fingerprint_is_the_ca_certificates() {
     let (code, out, err) = cli(&t.server.url, &["join-token", "create"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().nth(1), Some(want.as_str()), "{out}");
+    // The CLI over HTTPS: trusting the CA from BLUEBATCH_CA_FILE; without it, a hint.
+    let ca_text = ca.to_str().unwrap();
+    let o = bluebatch_cli(
+        &["--url", &t.https, "join-token", "create"],
+        &[("BLUEBATCH_LOG", "warn"), ("BLUEBATCH_CA_FILE", ca_text)],
+    )
+    .await;
+    assert!(o.status.success(), "{o:?}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().nth(1), Some(want.as_str()), "{out}");
+    let o = bluebatch_cli(
+        &["--url", &t.https, "host", "list"],
+        &[("BLUEBATCH_LOG", "warn")],
+    )
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("BLUEBATCH_CA_FILE"), "{err}");
     // The user's own chain: the last certificate of --tls-cert's file.
     let cert = dir.path().join("tls/cert.pem");
     let key = dir.path().join("tls/key.pem");
