@@ -442,10 +442,10 @@ impl Service {
             entry.pool.target_low_priority = resize.target_low_priority;
             touch_pool(&mut entry.pool, now);
             let mut ops = Vec::new();
+            // A new resize starts afresh: the last one's errors go.
+            entry.pool.resize_errors.clear();
             let done = converge(entry, account, now, &mut ops, &mut hub.hosts);
             if done.changed || done.short {
-                // A new resize starts afresh: the last one's errors go.
-                entry.pool.resize_errors.clear();
                 set_allocation(&mut entry.pool, AllocationState::Resizing, now);
             }
             ops.push(put_json(pool_record(account, &entry.pool.id), &entry.pool));
@@ -488,6 +488,7 @@ impl Service {
                 ops.push(put_json(node_record(account, &pool_id, id), &n.node));
             }
             if !ops.is_empty() {
+                entry.pool.resize_errors.clear();
                 set_allocation(&mut entry.pool, AllocationState::Resizing, now);
             }
             touch_pool(&mut entry.pool, now);
