@@ -4,11 +4,16 @@ Environment:
   BLUEBATCH_BIN       path of the server binary (default: <repo>/target/debug/bluebatch)
   BLUEBATCH_WIRE_LOG  set to 1 to log every request/response body and header (azure-core
                       network trace) into the captured test logs
+  BLUEBATCH_SDK_NODES `agents`: the suite's server runs `--nodes agents` and its pools' nodes come
+                      from a `bluebatch agent --simulate N` joined with a join token (the node
+                      protocol end to end); default `embedded`
+  BLUEBATCH_SDK_AGENT_NODES  N for that agent (default 64)
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -76,7 +81,12 @@ def server(tmp_path_factory) -> Server:
     data_dir.mkdir()
     log_path = work / "server.log"
     log = open(log_path, "w", encoding="utf-8")
+    nodes = os.environ.get("BLUEBATCH_SDK_NODES", "embedded").strip() or "embedded"
+    if nodes not in ("embedded", "agents"):
+        pytest.fail(f"BLUEBATCH_SDK_NODES={nodes!r}: embedded or agents")
     argv = [str(binary), "serve", "--port", "0", "--in-memory", "--data-dir", str(data_dir)]
+    if nodes == "agents":
+        argv += ["--nodes", "agents"]
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -90,6 +100,7 @@ def server(tmp_path_factory) -> Server:
     pump.start()
 
     url = account = key = None
+    agent = None
     deadline = time.monotonic() + STARTUP_SECONDS
     try:
         while url is None or account is None or key is None:
@@ -118,10 +129,14 @@ def server(tmp_path_factory) -> Server:
             elif name.strip() == "account key":
                 key = value.strip()
 
+        if nodes == "agents":
+            agent = _start_agent(binary, work, url, account, key, log_path)
         client = new_client(url, account, key)
         yield Server(url=url, account=account, key=key, log_path=log_path, client=client)
         client.close()
     finally:
+        if agent is not None:
+            _stop(agent)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -131,6 +146,63 @@ def server(tmp_path_factory) -> Server:
                 proc.wait(timeout=10)
         pump.join(timeout=5)
         log.close()
+
+
+def _cli(binary: Path, url: str, account: str, key: str, *args: str) -> str:
+    """A `bluebatch` client command against the suite's server (key in the environment); its
+    stdout. Fails the session when it does not succeed within 20 s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLUEBATCH_")}
+    env.update(BLUEBATCH_URL=url, BLUEBATCH_ACCOUNT=account, BLUEBATCH_KEY=key)
+    r = subprocess.run([str(binary), *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=20)
+    if r.returncode != 0:
+        pytest.fail(f"bluebatch {' '.join(args)} exited {r.returncode}: {r.stderr}")
+    return r.stdout
+
+
+def _start_agent(binary: Path, work: Path, url: str, account: str, key: str, log_path: Path):
+    """`bluebatch agent --simulate N` joined to the server with a join token made by the CLI (the
+    operator's flow); returns once the service lists the host as connected."""
+    slots = int(os.environ.get("BLUEBATCH_SDK_AGENT_NODES", "64"))
+    token_file = work / "join-token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(_cli(binary, url, account, key, "join-token", "create", "--ttl", "10m"))
+    state = work / "agent-state"
+    agent_log = open(work / "agent.log", "w", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLUEBATCH_")}
+    env["BLUEBATCH_LOG"] = "info,russh=warn"
+    proc = subprocess.Popen(
+        [str(binary), "agent", "--server", url, "--join-token-file", str(token_file),
+         "--state-dir", str(state), "--simulate", str(slots), "--ssh-ports", "18000-19999"],
+        env=env, stdin=subprocess.DEVNULL, stdout=agent_log, stderr=subprocess.STDOUT,
+        cwd=str(work), start_new_session=True,
+    )
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"bluebatch agent exited ({proc.returncode}) before joining:\n"
+                        f"{(work / 'agent.log').read_text(errors='replace')[-4000:]}")
+        listed = _cli(binary, url, account, key, "host", "list", "--json")
+        value = json.loads(listed)
+        hosts = value.get("value", value) if isinstance(value, dict) else value
+        if any(h.get("connected") for h in hosts):
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(f"sdk suite: nodes from bluebatch agent --simulate {slots}\n")
+            return proc
+        if time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"bluebatch agent did not connect within {STARTUP_SECONDS}s: {listed}")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture
