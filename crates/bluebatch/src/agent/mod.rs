@@ -124,6 +124,12 @@ fn read_join_secret(file: Option<&PathBuf>) -> Result<JoinSecret, String> {
                 .to_string()
         })?,
     };
+    parse_join_secret(&text)
+}
+
+/// The text of a join-token file: the token (`ID.SECRET`) on the first line, the CA fingerprint
+/// (or `-`: no HTTPS) on the second, if any.
+fn parse_join_secret(text: &str) -> Result<JoinSecret, String> {
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let token = lines.next().ok_or("the join token is empty")?.to_string();
     if !token.contains('.') || token.chars().any(char::is_whitespace) {
@@ -605,4 +611,42 @@ async fn uninstall(args: UninstallArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_token_files_parse() {
+        let pin = format!("sha256:{}", "0f".repeat(32));
+        let s = parse_join_secret(&format!("abcdef.0123456789abcdef0123456789abcdef\n{pin}\n"))
+            .unwrap();
+        assert_eq!(s.token, "abcdef.0123456789abcdef0123456789abcdef");
+        assert_eq!(s.pin.as_deref(), Some(pin.as_str()));
+        let s = parse_join_secret("  abcdef.secret \r\n-\n").unwrap();
+        assert_eq!((s.token.as_str(), s.pin), ("abcdef.secret", None));
+        assert!(parse_join_secret("abcdef.secret").unwrap().pin.is_none());
+        assert!(parse_join_secret("").is_err());
+        assert!(parse_join_secret("no-dot-here\n").is_err());
+        assert!(parse_join_secret("abc.def ghi\n").is_err());
+        assert!(parse_join_secret("abcdef.secret\nnot-a-fingerprint\n").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_to_thirty_seconds_and_resets() {
+        let mut b = Backoff(0);
+        let first = b.next();
+        assert!(first >= Duration::from_millis(800) && first <= Duration::from_millis(1200));
+        for _ in 0..10 {
+            b.next();
+        }
+        let late = b.next();
+        assert!(
+            late >= Duration::from_secs(24) && late <= Duration::from_secs(36),
+            "{late:?}"
+        );
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(1200));
+    }
 }
