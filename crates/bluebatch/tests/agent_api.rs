@@ -904,6 +904,25 @@ async fn with_https_the_fingerprint_is_the_ca_certificates() {
     assert_eq!(r.json()["caFingerprint"], want.as_str());
     let r = create_token(&t.server.client(), json!({})).await;
     assert_eq!(r.json()["caFingerprint"], want.as_str());
+    // Agents must use the HTTPS listener: on plain HTTP even a good token is refused (and
+    // not used up).
+    let tok = r.json()["token"].as_str().unwrap().to_string();
+    let r = Agent::new(&t.server.url).join(&tok, "h", 1).await;
+    assert_error(&r, 403, "AuthenticationFailed");
+    assert!(
+        r.value("AuthenticationErrorDetail")
+            .is_some_and(|d| d.contains("HTTPS")),
+        "{}",
+        text(&r)
+    );
+    let mut over_https = Agent::new(&t.https);
+    over_https.http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .timeout(T)
+        .build()
+        .unwrap();
+    let r = over_https.join(&tok, "h", 1).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
     // The CLI's second line.
     let (code, out, err) = cli(&t.server.url, &["join-token", "create"]).await;
     assert_eq!(code, 0, "{err}");
