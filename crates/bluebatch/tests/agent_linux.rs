@@ -32,6 +32,7 @@ struct Rig {
     serve_extra: Vec<String>,
     token_file: PathBuf,
     agent: Option<Inside>,
+    agent_env: Vec<(String, String)>,
     node: String,
     /// Key pairs of the test (on this machine).
     keys: tempfile::TempDir,
@@ -64,6 +65,16 @@ impl Rig {
     async fn new(
         use_pam: bool,
         serve_extra: &[&str],
+        prepare: impl FnOnce(&Sandbox),
+    ) -> Option<Rig> {
+        Self::new_env(use_pam, serve_extra, &[], prepare).await
+    }
+
+    /// [`Rig::new`] with `agent_env` added to the agent's environment (e.g. its PATH).
+    async fn new_env(
+        use_pam: bool,
+        serve_extra: &[&str],
+        agent_env: &[(&str, &str)],
         prepare: impl FnOnce(&Sandbox),
     ) -> Option<Rig> {
         if !sandbox::available() || !have_ssh_client() {
@@ -121,6 +132,10 @@ impl Rig {
             serve_extra,
             token_file,
             agent: None,
+            agent_env: agent_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             node: String::new(),
             keys: tempfile::tempdir().unwrap(),
         };
@@ -149,12 +164,9 @@ impl Rig {
             args.push(self.token_file.display().to_string());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.agent = Some(self.sb.spawn(
-            bin,
-            &args,
-            &[("BLUEBATCH_LOG", "info,russh=warn")],
-            "agent.log",
-        ));
+        let mut env = vec![("BLUEBATCH_LOG", "info,russh=warn")];
+        env.extend(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.agent = Some(self.sb.spawn(bin, &args, &env, "agent.log"));
     }
 
     fn kill_agent(&mut self) {
@@ -904,4 +916,163 @@ async fn agent_away_times_out_and_applies_on_return() {
         rig.sb.ssh_password("ivan", "Ivan-pw-1", "true").await,
         SshOutcome::Refused
     );
+}
+
+/// A shadow tool that fails on the host: the write answers `500 InternalError` naming the
+/// node's reason, nothing is left half-made, and once the tool works again the agent's retry
+/// applies the kept write by itself.
+#[tokio::test]
+async fn a_failing_shadow_tool_answers_internal_error_and_the_retry_converges() {
+    let _gate = GATE.acquire().await.unwrap();
+    let shim = tempfile::Builder::new()
+        .prefix("bluebatch-shim-")
+        .tempdir()
+        .unwrap();
+    let flag = shim.path().join("fail");
+    std::fs::write(&flag, "").unwrap();
+    let script = format!(
+        "#!/bin/sh\nif [ -e {flag} ]; then echo 'useradd: cannot lock /etc/passwd; try again later.' >&2; exit 1; fi\nexec /usr/sbin/useradd \"$@\"\n",
+        flag = flag.display()
+    );
+    let tool = shim.path().join("useradd");
+    std::fs::write(&tool, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        shim.path().display()
+    );
+    let Some(rig) = Rig::new_env(false, &[], &[("PATH", &path)], |_| {}).await else {
+        return;
+    };
+    let r = rig
+        .c
+        .req("POST", &rig.users())
+        .query(&format!("api-version={V}&timeout=15"))
+        .json(&json!({"name": "jack", "password": "Jack-pw-1"}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 500, "{}", text(&r));
+    assert_eq!(r.code(), "InternalError", "{}", text(&r));
+    assert!(
+        text(&r).contains("cannot lock /etc/passwd"),
+        "the answer names the node's reason: {}",
+        text(&r)
+    );
+    assert!(!text(&r).contains("Jack-pw-1"));
+    assert_eq!(rig.sb.passwd_entry("jack"), None, "nothing half-made");
+    // The operator sees the host's reason on the node-users control.
+    let control = format!("/pools/{POOL}/nodes/{}/users", rig.node);
+    let v = rig.c.control("GET", &control).send_within(T).await.json();
+    let failures = v["applyFailures"].as_array().cloned().unwrap_or_default();
+    assert!(
+        failures
+            .iter()
+            .any(|f| f["name"] == "jack"
+                && f["reason"].as_str().unwrap_or("").contains("cannot lock")),
+        "{v}"
+    );
+
+    // The tool works again: the agent retries by itself and the kept write lands.
+    std::fs::remove_file(&flag).unwrap();
+    rig.until(
+        Duration::from_secs(60),
+        "the retry to apply the kept write",
+        |sb| sb.passwd_entry("jack").is_some(),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !rig
+        .sb
+        .ssh_password("jack", "Jack-pw-1", "true")
+        .await
+        .accepted()
+    {
+        assert!(Instant::now() < deadline, "jack never logged in");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let r = rig.update("jack", json!({"password": "Jack-pw-2"})).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = rig.c.control("GET", &control).send_within(T).await.json();
+    assert_eq!(v["applyFailures"], json!([]), "{v}");
+}
+
+/// Reboot of an agent node never reboots the host: it ends the sessions of managed accounts and
+/// the node comes back idle with its accounts; Reimage recreates the node without them.
+#[tokio::test]
+async fn reboot_ends_sessions_and_reimage_clears_accounts_on_the_host() {
+    let _gate = GATE.acquire().await.unwrap();
+    let Some(rig) = Rig::new(true, &[], |sb| sb.useradd("carol", None)).await else {
+        return;
+    };
+    let sb = &rig.sb;
+    let (k, public) = rig.keypair("kim");
+    let r = rig
+        .add(json!({"name": "kim", "password": "Kim-pw-1", "sshPublicKey": public}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let uid = uid_of(sb, "kim");
+    let mut session = sb.ssh_key_session("kim", &k, 300);
+    {
+        use tokio::io::AsyncBufReadExt;
+        let stdout = session.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = within(
+            Duration::from_secs(20),
+            "the session to open",
+            lines.next_line(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(first.as_deref(), Some("open"));
+    }
+    let r = rig
+        .c
+        .req("POST", &format!("/pools/{POOL}/nodes/{}/reboot", rig.node))
+        .json(&json!({}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 202, "{}", text(&r));
+    within(
+        Duration::from_secs(30),
+        "the session to end at reboot",
+        session.wait(),
+    )
+    .await
+    .unwrap();
+    rig.wait_node("idle").await;
+    assert_eq!(uid_of(sb, "kim"), uid, "the account stays across a reboot");
+    assert!(sb.ssh_key("kim", &k, "true").await.accepted());
+    assert!(
+        Path::new(&format!("/proc/{}", sb.init_pid())).exists(),
+        "the host itself never rebooted"
+    );
+
+    let r = rig
+        .c
+        .req("POST", &format!("/pools/{POOL}/nodes/{}/reimage", rig.node))
+        .json(&json!({}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 202, "{}", text(&r));
+    rig.wait_node("idle").await;
+    rig.until(
+        Duration::from_secs(30),
+        "reimage to remove the account",
+        |sb| sb.passwd_entry("kim").is_none(),
+    )
+    .await;
+    assert!(!sb.dir.path().join("home/kim").exists(), "its home too");
+    assert!(
+        sb.passwd_entry("carol").is_some(),
+        "the host's own account stays"
+    );
+    let r = rig.update("kim", json!({})).await;
+    assert_eq!(r.status, 404, "{}", text(&r));
+    // The reimaged node takes new accounts.
+    let r = rig
+        .add(json!({"name": "kim", "password": "Kim-pw-2"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    assert!(sb.ssh_password("kim", "Kim-pw-2", "true").await.accepted());
 }
