@@ -185,8 +185,30 @@ impl HostEntry {
                 || os == bluebatch_core::model::Os::Linux)
     }
 
-    pub fn free_slots(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.rec.slots).filter(|s| !self.slots.contains_key(s))
+    /// How many of its slots back no node (O(log n) while slots fill from 0 up).
+    pub fn free_count(&self) -> u32 {
+        let taken = match self.slots.last_key_value() {
+            Some((last, _)) if *last >= self.rec.slots => {
+                self.slots.range(..self.rec.slots).count() as u32
+            }
+            _ => self.slots.len() as u32,
+        };
+        self.rec.slots.saturating_sub(taken)
+    }
+
+    /// The lowest slot that backs no node.
+    pub fn first_free(&self) -> Option<u32> {
+        let len = self.slots.len() as u32;
+        let contiguous = self
+            .slots
+            .last_key_value()
+            .is_none_or(|(last, _)| *last + 1 == len);
+        let first = if contiguous {
+            len
+        } else {
+            (0..).find(|s| !self.slots.contains_key(s))?
+        };
+        (first < self.rec.slots).then_some(first)
     }
 }
 
@@ -418,9 +440,25 @@ fn check_report(r: &HostReport) -> Result<()> {
 }
 
 /// The digest a long poll compares its `after` with.
+/// A node's accounts are named by its revision (every change of them takes the next one, a
+/// reimage too), so the digest leaves them out.
 fn cursor_of(nodes: &[NodeDesired], offset: i64, drained: bool) -> String {
     let mut h = Sha256::new();
-    h.update(serde_json::to_vec(nodes).expect("protocol types always serialize"));
+    for n in nodes {
+        for part in [
+            n.key.as_str(),
+            n.pool_id.as_str(),
+            n.node_id.as_str(),
+            n.state.as_str(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update([(n.os == bluebatch_core::model::Os::Linux) as u8]);
+        for v in [u64::from(n.slot), n.revision, n.boot, n.image] {
+            h.update(v.to_le_bytes());
+        }
+    }
     h.update(offset.to_le_bytes());
     h.update([drained as u8]);
     hex(&h.finalize()[..16])
@@ -922,13 +960,11 @@ impl Service {
                 .hosts
                 .get(host)
                 .ok_or_else(|| auth_failed("The node credential is not valid."))?;
+            // (The fabric key lower-cases the pool id, as the slot's pool key is.)
             let by_key: HashMap<String, NodeRef> = h
                 .slots
                 .values()
-                .filter_map(|r| {
-                    let (p, _) = st.node_of(r)?;
-                    Some((node_key(&r.account, &p.pool.id, &r.node), r.clone()))
-                })
+                .map(|r| (node_key(&r.account, &r.pool, &r.node), r.clone()))
                 .collect();
             let mut ops = Vec::new();
             for a in ack.nodes {
@@ -1212,5 +1248,64 @@ mod send_tests {
         is_send(&svc.revoke_join_token("a", "i"));
         is_send(&svc.drain_host("a", "h"));
         is_send(&svc.revoke_host("a", "h"));
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    fn host(slots: u32, taken: &[u32]) -> HostEntry {
+        let mut h = HostEntry::new(HostRecord {
+            id: "h".into(),
+            account: "a".into(),
+            pool: None,
+            hostname: String::new(),
+            provider: ProviderKind::Simulate,
+            slots,
+            address: "127.0.0.1".into(),
+            ssh_port: None,
+            reserved_names: Vec::new(),
+            version: String::new(),
+            drained: false,
+            joined: OffsetDateTime::UNIX_EPOCH,
+            credential_expires: OffsetDateTime::UNIX_EPOCH,
+            renewed_at: None,
+        });
+        for s in taken {
+            h.slots.insert(
+                *s,
+                NodeRef {
+                    account: "a".into(),
+                    pool: "p".into(),
+                    node: s.to_string(),
+                },
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn free_slots_are_found_with_and_without_gaps() {
+        assert_eq!(
+            (host(3, &[]).first_free(), host(3, &[]).free_count()),
+            (Some(0), 3)
+        );
+        assert_eq!(host(3, &[0, 1]).first_free(), Some(2));
+        assert_eq!(host(3, &[0, 2]).first_free(), Some(1));
+        assert_eq!(host(3, &[1, 2]).first_free(), Some(0));
+        assert_eq!(
+            (host(2, &[0, 1]).first_free(), host(2, &[0, 1]).free_count()),
+            (None, 0)
+        );
+        // Slots beyond a shrunk host's count are not free ones.
+        assert_eq!(
+            (host(1, &[3]).first_free(), host(1, &[3]).free_count()),
+            (Some(0), 1)
+        );
+        assert_eq!(
+            (host(1, &[0, 3]).first_free(), host(1, &[0, 3]).free_count()),
+            (None, 0)
+        );
     }
 }

@@ -97,12 +97,11 @@ fn pick_slot(
         .values()
         .filter(|h| h.takes(account, pool, os))
         .filter_map(|h| {
-            let free = h.free_slots().count();
-            let first = h.free_slots().next()?;
-            Some((h.away, std::cmp::Reverse(free), h.rec.id.clone(), first))
+            let first = h.first_free()?;
+            Some((h.away, std::cmp::Reverse(h.free_count()), &h.rec.id, first))
         })
         .min()
-        .map(|(_, _, id, slot)| (id, slot))
+        .map(|(_, _, id, slot)| (id.clone(), slot))
 }
 
 /// What [`converge`] did.

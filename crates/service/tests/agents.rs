@@ -1031,3 +1031,64 @@ async fn the_credential_is_renewed_through_the_poll_past_half_its_life() {
     })
     .await
 }
+
+#[tokio::test]
+async fn one_simulated_host_backs_ten_thousand_nodes_through_one_poll() {
+    deadline(async {
+        let h = Harness::in_memory(agents_config(), AckMode::AtOnce).await;
+        let mut a = join(&h.svc, None, ProviderKind::Simulate, 10_000).await;
+        a.run(Duration::from_secs(5));
+        let t = Instant::now();
+        agents_pool(&h, "big", Os::Linux, 10_000, json!({})).await;
+        let until = Instant::now() + Duration::from_secs(50);
+        loop {
+            let p = h.svc.get_pool(ACCOUNT, "big").unwrap();
+            let (idle, _) = h
+                .svc
+                .list_nodes(
+                    ACCOUNT,
+                    "big",
+                    &|v| v.node.state == NodeState::Idle,
+                    None,
+                    1,
+                )
+                .unwrap();
+            if p.pool.allocation_state == AllocationState::Steady && p.current_dedicated == 10_000 {
+                let (all, _) = h
+                    .svc
+                    .list_nodes(
+                        ACCOUNT,
+                        "big",
+                        &|v| v.node.state != NodeState::Idle,
+                        None,
+                        1,
+                    )
+                    .unwrap();
+                if all.is_empty() && !idle.is_empty() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < until, "10,000 nodes not idle in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ready = t.elapsed();
+        let (nodes, _) = h
+            .svc
+            .list_nodes(ACCOUNT, "big", &|_| true, None, 3)
+            .unwrap();
+        let t = Instant::now();
+        for n in &nodes {
+            h.add(
+                "big",
+                &n.node.id,
+                json!({"name": "ann", "sshPublicKey": KEY1}),
+            )
+            .await
+            .unwrap();
+        }
+        let writes = t.elapsed() / 3;
+        eprintln!("10,000 agent nodes idle in {ready:?}; a write answers in {writes:?}");
+        assert!(writes < Duration::from_secs(3), "{writes:?} per write");
+    })
+    .await
+}
