@@ -268,6 +268,42 @@ mod tests {
     }
 
     #[test]
+    fn records_stored_before_agent_nodes_still_load() {
+        let node: Node = serde_json::from_str(
+            r#"{"id":"n","state":"idle","scheduling_state":"enabled",
+            "state_transition_time":"2026-01-01T00:00:00Z","allocation_time":"2026-01-01T00:00:00Z",
+            "last_boot_time":null,"ip_address":"10.0.0.4","is_dedicated":true,"ssh_port":50001,
+            "users_revision":7,"etag":"0x8D","last_modified":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(node.users_revision, 7);
+        assert_eq!(
+            (node.applied_revision, node.host.as_deref(), node.slot),
+            (None, None, None)
+        );
+        assert_eq!(
+            (node.boot, node.image, node.state_before_unknown),
+            (0, 0, None)
+        );
+        let pool: Pool = serde_json::from_str(
+            r#"{"id":"p","spec":{},"os":"linux","cloud_service":false,"vm_size":"s",
+            "state":"active","allocation_state":"steady","target_dedicated":1,
+            "target_low_priority":0,"etag":"0x8D","last_modified":"2026-01-01T00:00:00Z",
+            "creation_time":"2026-01-01T00:00:00Z","state_transition_time":"2026-01-01T00:00:00Z",
+            "allocation_state_transition_time":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(pool.source, NodeSource::Embedded);
+        assert!(pool.resize_errors.is_empty());
+        // And an embedded node is stored as before (no new keys).
+        let text = serde_json::to_string(&node).unwrap();
+        assert!(
+            !text.contains("host") && !text.contains("applied_revision"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn node_states_round_trip() {
         for st in NodeState::ALL {
             assert_eq!(NodeState::parse(st.as_str()), Some(st));
