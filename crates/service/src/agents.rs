@@ -940,7 +940,7 @@ impl Service {
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) | Err(_) => {}
                 // The host's channel went (revoked): the next snapshot says so.
-                Ok(Err(_)) => tokio::time::sleep_until(deadline).await,
+                Ok(Err(_)) => rx = self.inner.hub.subscribe(host),
             }
         }
     }

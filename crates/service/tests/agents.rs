@@ -637,7 +637,21 @@ async fn credentials_of_revoked_hosts_and_forged_credentials_are_refused() {
             .find(|x| !x.nodes.is_empty())
             .unwrap();
         assert_eq!(backing.id, a.host);
+        // A long poll waiting when its host is revoked ends at once with the refusal.
+        let cursor = a.poll(None, Duration::ZERO).await.cursor;
+        let (svc, host) = (h.svc.clone(), a.host.clone());
+        let waiting = tokio::spawn(async move {
+            svc.desired(&host, Some(&cursor), Duration::from_secs(30))
+                .await
+                .map(|_| ())
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
         h.svc.revoke_host(ACCOUNT, &a.host).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the waiting poll ended")
+            .unwrap();
+        assert_eq!(code(ended), Code::AuthenticationFailed);
         assert_eq!(
             code(h.svc.authenticate_node(&a.cred)),
             Code::AuthenticationFailed
