@@ -544,8 +544,8 @@ impl Service {
 }
 
 impl Service {
-    /// A host joined or came back: the account's agents pools still resizing short of their
-    /// targets take its free slots at once.
+    /// A host joined or came back: the account's agents pools short of their targets take its
+    /// free slots at once (also those that gave up at their resize timeout: they resize again).
     pub(crate) async fn fill_short_pools(&self, account: &str) {
         let keys: Vec<String> = {
             let st = self.lock();
@@ -556,7 +556,7 @@ impl Service {
                 .iter()
                 .filter(|(_, e)| {
                     e.pool.state == PoolState::Active
-                        && e.pool.allocation_state == AllocationState::Resizing
+                        && e.pool.allocation_state != AllocationState::Stopping
                         && is_short(e)
                 })
                 .map(|(k, _)| k.clone())

@@ -420,6 +420,18 @@ async fn too_few_hosts_leave_the_pool_resizing_then_steady_with_resize_errors() 
         assert_eq!(p.current_dedicated, 1);
         assert_eq!(p.pool.resize_errors.len(), 1);
         assert_eq!(p.pool.resize_errors[0].code, "AllocationTimedout");
+        // A host that joins later is taken: the pool reaches its target, without errors.
+        let mut b = join(&h.svc, None, ProviderKind::Linux, 1).await;
+        b.run(Duration::from_secs(5));
+        h.wait_idle("p1", 2).await;
+        assert!(
+            h.svc
+                .get_pool(ACCOUNT, "p1")
+                .unwrap()
+                .pool
+                .resize_errors
+                .is_empty()
+        );
     })
     .await
 }
