@@ -29,6 +29,9 @@ struct Rig {
     c: Client,
     data: tempfile::TempDir,
     port: u16,
+    tls_port: u16,
+    /// The URL the agent is given (HTTPS when the service serves it).
+    agent_url: String,
     serve_extra: Vec<String>,
     token_file: PathBuf,
     agent: Option<Inside>,
@@ -38,9 +41,18 @@ struct Rig {
     keys: tempfile::TempDir,
 }
 
-fn serve(host: &str, port: u16, data: &Path, extra: &[String]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
-        .args(["serve", "--node-step-ms", "20", "--nodes", "agents"])
+/// `bluebatch serve --nodes agents` on `host:port` (and, with `--tls` in `extra`, HTTPS on
+/// `tls_port`); the server and its HTTPS URL, once it listens (at most 20 s).
+fn serve(
+    host: &str,
+    port: u16,
+    tls_port: u16,
+    data: &Path,
+    extra: &[String],
+) -> (Server, Option<String>) {
+    let tls = extra.iter().any(|a| a == "--tls");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bluebatch"));
+    cmd.args(["serve", "--node-step-ms", "20", "--nodes", "agents"])
         .args(["--host", host, "--port", &port.to_string()])
         .arg("--data-dir")
         .arg(data)
@@ -50,11 +62,48 @@ fn serve(host: &str, port: u16, data: &Path, extra: &[String]) -> Server {
         .env_remove("BLUEBATCH_ACCOUNTS_FILE")
         .env_remove("BLUEBATCH_NODES")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting bluebatch serve");
-    let url = listening_url_within(&mut child, Duration::from_secs(20));
-    Server { child, url }
+        .stderr(Stdio::inherit());
+    if tls {
+        cmd.args(["--tls-port", &tls_port.to_string()]);
+    }
+    let mut child = cmd.spawn().expect("starting bluebatch serve");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(u) = line.strip_prefix("bluebatch listening on ") {
+                let _ = tx.send(u.trim().to_string());
+            }
+        }
+    });
+    let (mut http, mut https) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http.is_none() || (tls && https.is_none()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(url) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            panic!("bluebatch serve {extra:?} did not listen within 20 s");
+        };
+        if url.starts_with("https://") {
+            https = Some(url);
+        } else {
+            http = Some(url);
+        }
+    }
+    let url = http.unwrap();
+    (Server { child, url }, https)
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Rig {
@@ -82,14 +131,12 @@ impl Rig {
         }
         let sb = Sandbox::start(SandboxOptions { use_pam });
         prepare(&sb);
-        let port = std::net::TcpListener::bind((sb.host_ip.as_str(), 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let (port, tls_port) = (free_port(&sb.host_ip), free_port(&sb.host_ip));
         let data = tempfile::tempdir().unwrap();
         let serve_extra: Vec<String> = serve_extra.iter().map(|s| s.to_string()).collect();
-        let server = serve(&sb.host_ip, port, data.path(), &serve_extra);
+        let (server, https) = serve(&sb.host_ip, port, tls_port, data.path(), &serve_extra);
+        // Agents talk HTTPS when the service serves it (its plain listener refuses them).
+        let agent_url = https.clone().unwrap_or_else(|| server.url.clone());
         let c = server.client();
         // The pool asks for agent nodes itself too (the flag says so already).
         let mut body = pool_body(POOL, 1);
@@ -118,7 +165,15 @@ impl Rig {
             "join-token create prints two lines: {printed:?}"
         );
         assert!(lines[0].contains('.'), "line 1 is ID.SECRET");
-        assert_eq!(lines[1], "-", "no HTTPS: no CA fingerprint");
+        if https.is_some() {
+            assert!(
+                lines[1].starts_with("sha256:") && lines[1].len() == 7 + 64,
+                "line 2 is the CA fingerprint to pin: {:?}",
+                lines[1]
+            );
+        } else {
+            assert_eq!(lines[1], "-", "no HTTPS: no CA fingerprint");
+        }
         let token_file = sb.dir.path().join("join-token");
         std::fs::write(&token_file, &printed).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -129,6 +184,8 @@ impl Rig {
             c,
             data,
             port,
+            tls_port,
+            agent_url,
             serve_extra,
             token_file,
             agent: None,
@@ -155,7 +212,7 @@ impl Rig {
         let mut args = vec![
             "agent".to_string(),
             "--server".into(),
-            self.server.url.clone(),
+            self.agent_url.clone(),
             "--state-dir".into(),
             state.display().to_string(),
         ];
@@ -255,9 +312,11 @@ impl Rig {
         self.server = serve(
             &self.sb.host_ip,
             self.port,
+            self.tls_port,
             self.data.path(),
             &self.serve_extra,
-        );
+        )
+        .0;
     }
 }
 
@@ -1075,4 +1134,102 @@ async fn reboot_ends_sessions_and_reimage_clears_accounts_on_the_host() {
         .await;
     assert_eq!(r.status, 201, "{}", text(&r));
     assert!(sb.ssh_password("kim", "Kim-pw-2", "true").await.accepted());
+}
+
+/// Over HTTPS: `join-token create` prints the service's CA fingerprint, the agent on the host
+/// pins it at join and keeps talking HTTPS; then, after `agent uninstall`, the host joins again
+/// with a new token and `--admin-group`: admins become members of the host's existing group,
+/// with no sudoers drop-in.
+#[tokio::test]
+async fn https_join_pins_the_ca_and_admin_group_uses_the_hosts_group() {
+    let _gate = GATE.acquire().await.unwrap();
+    let Some(mut rig) = Rig::new(false, &["--tls"], |sb| {
+        sb.run_ok("groupadd", &["opsadmins"]);
+    })
+    .await
+    else {
+        return;
+    };
+    assert!(rig.agent_url.starts_with("https://"), "{}", rig.agent_url);
+    let r = rig
+        .add(json!({"name": "lena", "password": "Lena-pw-1", "isAdmin": true}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    assert!(
+        rig.sb
+            .ssh_password("lena", "Lena-pw-1", "true")
+            .await
+            .accepted()
+    );
+    let admins = rig.sb.group_entry("bluebatch-admin").unwrap_or_default();
+    assert!(admins.contains("lena"), "the managed admin group: {admins}");
+
+    rig.kill_agent();
+    let state = rig.sb.state_dir().display().to_string();
+    let bin = env!("CARGO_BIN_EXE_bluebatch");
+    let out = rig
+        .sb
+        .run(bin, &["agent", "uninstall", "--state-dir", &state]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rig.sb.passwd_entry("lena"), None);
+    // The old host is revoked at the service (its node leaves the pool); a new token joins
+    // the host again.
+    let v = rig.c.control("GET", "/hosts").send_within(T).await.json();
+    let hosts = v["value"]
+        .as_array()
+        .or(v.as_array())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(hosts.len(), 1, "{v}");
+    let id = hosts[0]["id"].as_str().unwrap().to_string();
+    let r = rig
+        .c
+        .control("POST", &format!("/hosts/{id}/revoke"))
+        .send_within(T)
+        .await;
+    assert!(r.status < 300, "{}", text(&r));
+    let printed = bluebatch_cli(
+        &["join-token", "create", "--pool", POOL],
+        &[
+            ("BLUEBATCH_URL", rig.server.url.as_str()),
+            ("BLUEBATCH_KEY", KEY),
+        ],
+    )
+    .await;
+    assert!(printed.status.success());
+    std::fs::write(&rig.token_file, &printed.stdout).unwrap();
+    let token = rig.token_file.display().to_string();
+    let args = [
+        "agent",
+        "--server",
+        &rig.agent_url,
+        "--state-dir",
+        &state,
+        "--join-token-file",
+        &token,
+        "--admin-group",
+        "opsadmins",
+    ];
+    rig.agent = Some(
+        rig.sb
+            .spawn(bin, &args, &[("BLUEBATCH_LOG", "info")], "agent.log"),
+    );
+    let node = rig.wait_node("idle").await;
+    rig.node = node["id"].as_str().unwrap().to_string();
+    let r = rig
+        .add(json!({"name": "milo", "password": "Milo-pw-1", "isAdmin": true}))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let ops = rig.sb.group_entry("opsadmins").unwrap_or_default();
+    assert!(ops.contains("milo"), "the host's group: {ops}");
+    assert!(
+        rig.sb.read("/etc/sudoers.d/bluebatch-admin").is_none(),
+        "no drop-in with --admin-group"
+    );
+    let groups = rig.sb.ssh_password("milo", "Milo-pw-1", "id -Gn").await;
+    assert!(groups.stdout("milo's groups").contains("opsadmins"));
 }
