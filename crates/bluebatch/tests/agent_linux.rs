@@ -540,6 +540,22 @@ async fn accounts_set_through_the_api_log_in_to_the_hosts_sshd() {
     );
     assert!(sb.ssh_key("alice", &k2, "true").await.accepted());
 
+    // Update without a key: the key goes (authorized_keys emptied), the password logs in.
+    let r = rig.update("alice", json!({"password": "Alice-pw-3"})).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(
+        sb.ssh_key("alice", &k2, "true").await,
+        SshOutcome::Refused,
+        "a removed key"
+    );
+    assert!(
+        sb.ssh_password("alice", "Alice-pw-3", "true")
+            .await
+            .accepted()
+    );
+    let r = rig.update("alice", json!({"sshPublicKey": pub2})).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+
     // Delete while logged in: the session ends, the account and its home go.
     let mut session = sb.ssh_key_session("alice", &k2, 300);
     {
