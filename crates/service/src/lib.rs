@@ -246,6 +246,7 @@ impl Service {
                 Ack::Agent {
                     rx: self.inner.hub.ack_watch(key, applied),
                     revision,
+                    user: None,
                 }
             } else {
                 Ack::Given
@@ -278,7 +279,11 @@ impl Service {
                     .await
                     .map_err(|_| not_acknowledged())
             }
-            Ack::Agent { mut rx, revision } => {
+            Ack::Agent {
+                mut rx,
+                revision,
+                user,
+            } => {
                 let wait = async move {
                     let seen: Option<agents::AckSeen> = rx
                         .wait_for(|s| {
@@ -290,9 +295,18 @@ impl Service {
                         .map(|s| s.clone());
                     match seen {
                         Some(s) if s.applied.is_some_and(|a| a >= revision) => Ok(()),
-                        Some(s) => Err(agents::apply_failed(
-                            s.failed.as_ref().map_or(&[][..], |(_, l)| l.as_slice()),
-                        )),
+                        Some(s) => {
+                            let failures = s.failed.as_ref().map_or(&[][..], |(_, l)| l.as_slice());
+                            // The node enforces this write's user even though another of its
+                            // users failed: the write is done.
+                            if let Some(u) = &user
+                                && !failures.iter().any(|f| f.name == *u)
+                            {
+                                Ok(())
+                            } else {
+                                Err(agents::apply_failed(failures))
+                            }
+                        }
                         // The node left its pool meanwhile: it will never acknowledge.
                         None => std::future::pending().await,
                     }
@@ -312,11 +326,26 @@ enum Ack {
         key: String,
         revision: u64,
     },
-    /// A node backed by a joined host: its acknowledgements, and the revision awaited.
+    /// A node backed by a joined host: its acknowledgements, the revision awaited and the user
+    /// the write is about (a failure of another user does not fail it).
     Agent {
         rx: tokio::sync::watch::Receiver<agents::AckSeen>,
         revision: u64,
+        user: Option<String>,
     },
+}
+
+impl Ack {
+    fn for_user(self, name: &str) -> Self {
+        match self {
+            Ack::Agent { rx, revision, .. } => Ack::Agent {
+                rx,
+                revision,
+                user: Some(name.to_string()),
+            },
+            other => other,
+        }
+    }
 }
 
 /// The answer when a node did not acknowledge in time: the change is recorded regardless and the

@@ -128,15 +128,18 @@ impl Service {
                 user_name: user.name.clone(),
             };
             let user_op = put_json(user_record(at.account, &pool_id, at.node, &ukey), &user);
+            let user_name = user.name.clone();
             entry.users.insert(ukey, user);
-            let acked = self.apply_to_node(
-                os,
-                entry.node.host.as_deref(),
-                entry.node.applied_revision,
-                &key,
-                revision,
-                &entry.users,
-            );
+            let acked = self
+                .apply_to_node(
+                    os,
+                    entry.node.host.as_deref(),
+                    entry.node.applied_revision,
+                    &key,
+                    revision,
+                    &entry.users,
+                )
+                .for_user(&user_name);
             entry.node.users_revision = revision;
             if matches!(acked, crate::Ack::Given) {
                 entry.node.applied_revision = Some(revision);
@@ -164,15 +167,21 @@ impl Service {
             check_node_state_for_users(entry.node.state)?;
             let revision = entry.node.users_revision + 1;
             let key = node_key(at.account, &pool_id, at.node);
-            entry.users.remove(&ukey);
-            let acked = self.apply_to_node(
-                os,
-                entry.node.host.as_deref(),
-                entry.node.applied_revision,
-                &key,
-                revision,
-                &entry.users,
-            );
+            let removed = entry
+                .users
+                .remove(&ukey)
+                .map(|u| u.name)
+                .unwrap_or_default();
+            let acked = self
+                .apply_to_node(
+                    os,
+                    entry.node.host.as_deref(),
+                    entry.node.applied_revision,
+                    &key,
+                    revision,
+                    &entry.users,
+                )
+                .for_user(&removed);
             entry.node.users_revision = revision;
             if matches!(acked, crate::Ack::Given) {
                 entry.node.applied_revision = Some(revision);

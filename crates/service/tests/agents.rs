@@ -45,7 +45,8 @@ struct Agent {
     /// Stop acknowledging (the agent is away or stuck).
     withhold: Arc<AtomicBool>,
     /// Acknowledge with this failure for every user instead.
-    fail: Arc<Mutex<Option<String>>>,
+    /// (only this user, else every user; reason).
+    fail: Arc<Mutex<Option<(Option<String>, String)>>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -86,8 +87,9 @@ async fn join_with(svc: &Service, pool: Option<&str>, host: HostReport) -> Agent
     }
 }
 
-/// What a provider acknowledges for a snapshot.
-fn acks_for(d: &DesiredState, fail: Option<&str>) -> AckRequest {
+/// What a provider acknowledges for a snapshot: with `fail`, a failure for that user (or every
+/// user) with that reason.
+fn acks_for(d: &DesiredState, fail: Option<&(Option<String>, String)>) -> AckRequest {
     AckRequest {
         nodes: d
             .nodes
@@ -98,9 +100,10 @@ fn acks_for(d: &DesiredState, fail: Option<&str>) -> AckRequest {
                 image: n.image,
                 ssh_port: Some(2200 + n.slot as u16),
                 failures: match fail {
-                    Some(reason) => n
+                    Some((only, reason)) => n
                         .accounts
                         .iter()
+                        .filter(|a| only.as_ref().is_none_or(|o| *o == a.name))
                         .map(|a| UserFailure {
                             name: a.name.clone(),
                             reason: reason.to_string(),
@@ -129,7 +132,7 @@ impl Agent {
                     continue;
                 }
                 let failure = fail.lock().unwrap().clone();
-                let _ = svc.ack(&host, acks_for(&d, failure.as_deref())).await;
+                let _ = svc.ack(&host, acks_for(&d, failure.as_ref())).await;
                 // A failed apply is retried (with a short backoff here).
                 if failure.is_some() {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -298,7 +301,7 @@ async fn a_failed_apply_answers_internal_error_and_keeps_the_revision_unapplied(
         a.run(Duration::from_secs(5));
         agents_pool(&h, "p1", Os::Linux, 1, json!({})).await;
         let n = h.wait_idle("p1", 1).await.remove(0);
-        *a.fail.lock().unwrap() = Some("useradd exited with status 1".into());
+        *a.fail.lock().unwrap() = Some((None, "useradd exited with status 1".into()));
         let e = h
             .add("p1", &n, json!({"name": "ann", "password": "pw"}))
             .await
@@ -324,6 +327,18 @@ async fn a_failed_apply_answers_internal_error_and_keeps_the_revision_unapplied(
             )]
         );
         assert!(h.stored("p1", &n).contains_key("ann"), "the write is kept");
+        // While only ann fails, a write of another user that the node enforces answers 200;
+        // one of ann answers 500 again.
+        *a.fail.lock().unwrap() = Some((Some("ann".into()), "useradd exited with status 1".into()));
+        h.add("p1", &n, json!({"name": "bob", "password": "pw"}))
+            .await
+            .unwrap();
+        let e = h
+            .update("p1", &n, "ann", json!({"password": "pw2"}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Code::InternalError);
+        let rev = h.revision("p1", &n);
         // The agent's retry succeeds: the node converges.
         *a.fail.lock().unwrap() = None;
         eventually("the retried revision was acknowledged", || {
