@@ -37,6 +37,9 @@ fn report(provider: ProviderKind, slots: u32, reserved: &[&str]) -> HostReport {
     }
 }
 
+/// A failure the fake agent reports: (only this user, else every user; reason).
+type Failing = (Option<String>, String);
+
 /// A fake agent: its host id, credential and how it answers.
 struct Agent {
     svc: Service,
@@ -45,8 +48,7 @@ struct Agent {
     /// Stop acknowledging (the agent is away or stuck).
     withhold: Arc<AtomicBool>,
     /// Acknowledge with this failure for every user instead.
-    /// (only this user, else every user; reason).
-    fail: Arc<Mutex<Option<(Option<String>, String)>>>,
+    fail: Arc<Mutex<Option<Failing>>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -89,7 +91,7 @@ async fn join_with(svc: &Service, pool: Option<&str>, host: HostReport) -> Agent
 
 /// What a provider acknowledges for a snapshot: with `fail`, a failure for that user (or every
 /// user) with that reason.
-fn acks_for(d: &DesiredState, fail: Option<&(Option<String>, String)>) -> AckRequest {
+fn acks_for(d: &DesiredState, fail: Option<&Failing>) -> AckRequest {
     AckRequest {
         nodes: d
             .nodes
