@@ -417,13 +417,27 @@ async fn sandbox_host_logs_in_its_own_accounts_and_leaves_nothing() {
         p.kill_hard();
         assert!(!p.running());
 
-        let (netns, home) = (sb.netns.clone(), sb.dir.path().join("home"));
+        let (netns, veth, home) = (
+            sb.netns.clone(),
+            sb.veth.clone(),
+            sb.dir.path().join("home"),
+        );
         let init = sb.init_pid();
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&links.stdout).contains(&format!(" {veth}@")),
+            "the veth pair while the sandbox runs"
+        );
         drop(sb);
         let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
         assert!(
             !String::from_utf8_lossy(&ns.stdout).contains(&netns),
             "the network namespace is gone"
+        );
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&links.stdout).contains(&format!(" {veth}@")),
+            "the veth pair is gone"
         );
         assert!(
             !Path::new(&format!("/proc/{init}")).exists(),

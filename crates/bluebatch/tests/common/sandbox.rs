@@ -46,7 +46,8 @@ pub struct Sandbox {
     pub host_ip: String,
     /// The sandbox's address (its sshd listens here, port 22).
     pub node_ip: String,
-    veth: String,
+    /// This machine's end of the veth pair.
+    pub veth: String,
     /// The sandbox's files on this machine: overlay upper dir, `/home`, logs, sshd config.
     pub dir: tempfile::TempDir,
     /// `unshare` (outside); its child is the sandbox's PID 1.
