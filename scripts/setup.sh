@@ -13,6 +13,8 @@ command -v sshpass >/dev/null || need+=(sshpass)
 command -v ip >/dev/null || need+=(iproute2)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v useradd >/dev/null || need+=(passwd)
+command -v pkill >/dev/null || need+=(procps)
+command -v ssh-keyscan >/dev/null || need+=(openssh-client)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -30,5 +30,6 @@ stage "cargo test" cargo test --workspace
 stage "cargo build -p bluebatch" cargo build -p bluebatch
 export BLUEBATCH_BIN="$PWD/target/debug/bluebatch"
 stage "azure-batch SDK + OpenSSH (tests/sdk)" tests/sdk/run.sh
+stage "azure-batch SDK on agent nodes (tests/sdk, BLUEBATCH_SDK_NODES=agents)" env BLUEBATCH_SDK_NODES=agents tests/sdk/run.sh
 stage "az CLI (tests/az)" tests/az/run.sh
 echo "-- scripts/test.sh took $((SECONDS - start)) s"

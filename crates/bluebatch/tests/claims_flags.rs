@@ -448,6 +448,8 @@ async fn serve_help_states_the_readme_defaults() {
             ("--max-body-bytes", "[default: 1048576]"),
             ("--max-nodes-per-pool", "[default: 10000]"),
             ("--log-format", "[default: text]"),
+            ("--nodes", "[default: embedded]"),
+            ("--agent-grace", "[default: 60s]"),
         ] {
             let text = option(flag);
             assert!(text.contains(default), "{flag}: {text}");
@@ -467,6 +469,8 @@ async fn serve_help_states_the_readme_defaults() {
             option(flag);
         }
         assert!(option("--accounts-file").contains("BLUEBATCH_ACCOUNTS"));
+        assert!(option("--nodes").contains("BLUEBATCH_NODES"));
+        assert!(option("--agent-grace").contains("BLUEBATCH_AGENT_GRACE"));
     })
     .await;
 }
