@@ -1,0 +1,185 @@
+//! Acknowledgements: a host's report of the revision each node enforces, and what the writes
+//! waiting for it see.
+
+use super::{Hub, NodeRef, auth_failed, lock};
+use crate::state::{node_key, node_record};
+use crate::{Service, put_json};
+use bluebatch_core::error::{BatchError, Code, Result};
+use bluebatch_core::model::NodeState;
+use bluebatch_protocol::{AckAnswer, AckRequest, UserFailure};
+use std::collections::{BTreeSet, HashMap};
+use tokio::sync::watch;
+
+/// What the waiting writes of a node see.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AckSeen {
+    pub applied: Option<u64>,
+    /// The newest revision acknowledged with failures, with the node's reasons.
+    pub failed: Option<(u64, Vec<UserFailure>)>,
+}
+
+impl Hub {
+    /// A receiver of the node's acknowledgements, starting from `applied`.
+    pub fn ack_watch(&self, key: &str, applied: Option<u64>) -> watch::Receiver<AckSeen> {
+        lock(&self.acks)
+            .entry(key.to_string())
+            .or_insert_with(|| {
+                watch::channel(AckSeen {
+                    applied,
+                    failed: None,
+                })
+                .0
+            })
+            .subscribe()
+    }
+
+    /// Records an acknowledgement (never moving the applied revision back).
+    fn acked(&self, key: &str, applied: Option<u64>, failed: Option<(u64, Vec<UserFailure>)>) {
+        let mut m = lock(&self.acks);
+        let tx = m.entry(key.to_string()).or_insert_with(|| {
+            watch::channel(AckSeen {
+                applied,
+                failed: None,
+            })
+            .0
+        });
+        tx.send_modify(|seen| {
+            if applied > seen.applied {
+                seen.applied = applied;
+            }
+            if let Some((rev, list)) = failed {
+                if seen.failed.as_ref().is_none_or(|(r, _)| rev >= *r) {
+                    seen.failed = Some((rev, list));
+                }
+            } else if seen
+                .failed
+                .as_ref()
+                .is_some_and(|(r, _)| seen.applied.is_some_and(|a| a >= *r))
+            {
+                seen.failed = None;
+            }
+        });
+    }
+
+    pub fn failures(&self, key: &str) -> Vec<UserFailure> {
+        lock(&self.acks)
+            .get(key)
+            .and_then(|tx| tx.borrow().failed.as_ref().map(|(_, l)| l.clone()))
+            .unwrap_or_default()
+    }
+
+    pub fn forget_node(&self, key: &str) {
+        lock(&self.acks).remove(key);
+    }
+}
+
+/// The answer a write gets when its node's provider failed to apply it.
+pub(crate) fn apply_failed(failures: &[UserFailure]) -> BatchError {
+    let reasons: Vec<String> = failures
+        .iter()
+        .map(|f| format!("{}: {}", f.name, f.reason))
+        .collect();
+    BatchError::new(Code::InternalError).message(format!(
+        "The node could not apply the change ({}). The change is recorded; the node retries it.",
+        reasons.join("; ")
+    ))
+}
+
+fn is_waiting_for_ack(s: NodeState) -> bool {
+    matches!(
+        s,
+        NodeState::Starting | NodeState::Rebooting | NodeState::Reimaging
+    )
+}
+
+impl Service {
+    /// Records what the host's provider enforces. Acks of nodes the host does not back, or of
+    /// revisions never asked for, are refused; older revisions (replays) change nothing.
+    pub async fn ack(&self, host: &str, ack: AckRequest) -> Result<AckAnswer> {
+        self.mark_seen(host, false).await?;
+        let now = self.now();
+        let mut refused = Vec::new();
+        let mut woken = Vec::new();
+        let mut pools = BTreeSet::new();
+        let pending = {
+            let mut st = self.lock();
+            let h = st
+                .hub
+                .hosts
+                .get(host)
+                .ok_or_else(|| auth_failed("The node credential is not valid."))?;
+            // (The fabric key lower-cases the pool id, as the slot's pool key is.)
+            let by_key: HashMap<String, NodeRef> = h
+                .slots
+                .values()
+                .map(|r| (node_key(&r.account, &r.pool, &r.node), r.clone()))
+                .collect();
+            let mut ops = Vec::new();
+            for a in ack.nodes {
+                let Some(r) = by_key.get(&a.key) else {
+                    refused.push(a.key);
+                    continue;
+                };
+                let Some(p) = st.pool_mut(&r.account, &r.pool) else {
+                    refused.push(a.key);
+                    continue;
+                };
+                let (pool_id, os) = (p.pool.id.clone(), p.pool.os);
+                let Some(n) = p.nodes.get_mut(&r.node) else {
+                    refused.push(a.key);
+                    continue;
+                };
+                if a.revision > n.node.users_revision || a.image > n.node.image {
+                    refused.push(a.key);
+                    continue;
+                }
+                if a.image < n.node.image {
+                    // From before the node's reimage: superseded.
+                    continue;
+                }
+                let mut changed = false;
+                if let Some(port) = a.ssh_port
+                    && os == bluebatch_core::model::Os::Linux
+                    && n.node.ssh_port != Some(port)
+                {
+                    n.node.ssh_port = Some(port);
+                    changed = true;
+                }
+                if !a.failures.is_empty() {
+                    tracing::warn!(
+                        node = %a.key,
+                        revision = a.revision,
+                        failed = a.failures.len(),
+                        "node could not apply its accounts"
+                    );
+                    woken.push((a.key.clone(), None, Some((a.revision, a.failures))));
+                } else if n.node.applied_revision.is_none_or(|r| r < a.revision) {
+                    n.node.applied_revision = Some(a.revision);
+                    changed = true;
+                    woken.push((a.key.clone(), Some(a.revision), None));
+                }
+                if changed {
+                    n.node.last_modified = now;
+                    ops.push(put_json(
+                        node_record(&r.account, &pool_id, &r.node),
+                        &n.node,
+                    ));
+                }
+                if is_waiting_for_ack(n.node.state) {
+                    pools.insert((r.account.clone(), r.pool.clone()));
+                }
+            }
+            (!ops.is_empty()).then(|| self.submit(ops))
+        };
+        if let Some(p) = pending {
+            p.durable().await?;
+        }
+        for (key, applied, failed) in woken {
+            self.inner.hub.acked(&key, applied, failed);
+        }
+        for (account, pkey) in pools {
+            self.schedule(&account, &pkey);
+        }
+        Ok(AckAnswer { refused })
+    }
+}

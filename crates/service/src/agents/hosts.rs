@@ -1,0 +1,221 @@
+//! What a host reports of itself (at join and on every start), and what an operator does with
+//! joined hosts: list, drain, revoke; and the host's own account names the API refuses.
+
+use super::{
+    HOST_PREFIX, HostEntry, HostView, MAX_HOST_SLOTS, NodeRef, auth_failed, invalid, not_found,
+};
+use crate::pools::set_node_state;
+use crate::state::{State, node_record};
+use crate::{Service, put_json};
+use bluebatch_core::error::Result;
+use bluebatch_core::model::NodeState;
+use bluebatch_protocol::{HostReport, HostReportAnswer, ProviderKind};
+use bluebatch_store::Op;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use time::OffsetDateTime;
+
+pub(super) fn check_report(r: &HostReport) -> Result<()> {
+    if r.slots == 0 || r.slots > MAX_HOST_SLOTS {
+        return Err(invalid(
+            "host.slots",
+            &format!("A host backs 1 to {MAX_HOST_SLOTS} nodes."),
+        ));
+    }
+    if r.provider == ProviderKind::Linux && r.slots != 1 {
+        return Err(invalid(
+            "host.slots",
+            "A host with the linux provider backs one node.",
+        ));
+    }
+    if r.address.parse::<IpAddr>().is_err() {
+        return Err(invalid(
+            "host.address",
+            "The address must be an IP address.",
+        ));
+    }
+    if r.hostname.len() > 255 || r.version.len() > 255 {
+        return Err(invalid("host.hostname", "At most 255 characters."));
+    }
+    if r.reserved_names.len() > 100_000 || r.reserved_names.iter().any(|n| n.len() > 256) {
+        return Err(invalid(
+            "host.reservedNames",
+            "At most 100000 names of at most 256 bytes.",
+        ));
+    }
+    Ok(())
+}
+
+impl Service {
+    pub async fn hello(&self, host: &str, report: HostReport) -> Result<HostReportAnswer> {
+        check_report(&report)?;
+        self.mark_seen(host, false).await?;
+        let (account, pending) = {
+            let mut st = self.lock();
+            let now = self.now();
+            let h = st
+                .hub
+                .hosts
+                .get_mut(host)
+                .ok_or_else(|| auth_failed("The node credential is not valid."))?;
+            h.rec.hostname = report.hostname;
+            h.rec.provider = report.provider;
+            h.rec.slots = report.slots;
+            h.rec.address = report.address;
+            h.rec.ssh_port = report.ssh_port;
+            h.reserved = report.reserved_names.iter().cloned().collect();
+            h.rec.reserved_names = report.reserved_names;
+            h.rec.version = report.version;
+            let rec = h.rec.clone();
+            let refs: Vec<NodeRef> = h.slots.values().cloned().collect();
+            let mut ops = vec![put_json(format!("{HOST_PREFIX}{host}"), &rec)];
+            for r in refs {
+                let Some(p) = st.pool_mut(&r.account, &r.pool) else {
+                    continue;
+                };
+                let pool_id = p.pool.id.clone();
+                let Some(n) = p.nodes.get_mut(&r.node) else {
+                    continue;
+                };
+                let port = match rec.provider {
+                    ProviderKind::Linux => rec.ssh_port,
+                    ProviderKind::Simulate => n.node.ssh_port,
+                };
+                if n.node.ip_address != rec.address || n.node.ssh_port != port {
+                    n.node.ip_address = rec.address.clone();
+                    n.node.ssh_port = port;
+                    n.node.etag = bluebatch_core::model::new_etag(now);
+                    n.node.last_modified = now;
+                    ops.push(put_json(
+                        node_record(&r.account, &pool_id, &r.node),
+                        &n.node,
+                    ));
+                }
+            }
+            (rec.account, self.submit(ops))
+        };
+        pending.durable().await?;
+        self.inner.hub.notify(host);
+        self.fill_short_pools(&account).await;
+        Ok(HostReportAnswer {
+            host_id: host.to_string(),
+        })
+    }
+
+    fn host_view(&self, st: &State, h: &HostEntry) -> HostView {
+        let grace = self.grace();
+        let now = OffsetDateTime::now_utc();
+        HostView {
+            id: h.rec.id.clone(),
+            account: h.rec.account.clone(),
+            hostname: h.rec.hostname.clone(),
+            provider: h.rec.provider,
+            address: h.rec.address.clone(),
+            ssh_port: h.rec.ssh_port,
+            slots: h.rec.slots,
+            nodes: h
+                .slots
+                .values()
+                .filter_map(|r| {
+                    st.node_of(r)
+                        .map(|(p, _)| (p.pool.id.clone(), r.node.clone()))
+                })
+                .collect(),
+            drained: h.rec.drained,
+            connected: !h.away && (h.polls > 0 || h.last_seen.is_some_and(|t| now - t <= grace)),
+            last_seen: h.last_seen,
+        }
+    }
+
+    pub fn list_hosts(&self, account: &str) -> Vec<HostView> {
+        let st = self.lock();
+        st.hub
+            .hosts
+            .values()
+            .filter(|h| h.rec.account == account)
+            .map(|h| self.host_view(&st, h))
+            .collect()
+    }
+
+    /// The host takes no new pools; its nodes stay until their pools let them go.
+    pub async fn drain_host(&self, account: &str, host: &str) -> Result<HostView> {
+        let (view, pending) = {
+            let mut st = self.lock();
+            let h = st
+                .hub
+                .hosts
+                .get_mut(host)
+                .filter(|h| h.rec.account == account)
+                .ok_or_else(|| not_found("host"))?;
+            h.rec.drained = true;
+            let op = put_json(format!("{HOST_PREFIX}{host}"), &h.rec);
+            let st = &*st;
+            (
+                self.host_view(st, &st.hub.hosts[host]),
+                self.submit(vec![op]),
+            )
+        };
+        pending.durable().await?;
+        self.inner.hub.notify(host);
+        tracing::info!(account, host, "host drained");
+        Ok(view)
+    }
+
+    /// The host's credential stops working at once and its nodes leave their pools (which
+    /// then look for other hosts to meet their targets).
+    pub async fn revoke_host(&self, account: &str, host: &str) -> Result<()> {
+        let now = self.now();
+        let (pending, pools) = {
+            let mut st = self.lock();
+            if st
+                .hub
+                .hosts
+                .get(host)
+                .is_none_or(|h| h.rec.account != account)
+            {
+                return Err(not_found("host"));
+            }
+            let h = st.hub.hosts.remove(host).expect("checked above");
+            let mut ops = vec![Op::Delete {
+                key: format!("{HOST_PREFIX}{host}"),
+            }];
+            let mut pools = BTreeSet::new();
+            for r in h.slots.values() {
+                let Some(p) = st.pool_mut(&r.account, &r.pool) else {
+                    continue;
+                };
+                let pool_id = p.pool.id.clone();
+                if let Some(n) = p.nodes.get_mut(&r.node)
+                    && n.node.state != NodeState::LeavingPool
+                {
+                    set_node_state(&mut n.node, NodeState::LeavingPool, now);
+                    ops.push(put_json(
+                        node_record(&r.account, &pool_id, &r.node),
+                        &n.node,
+                    ));
+                }
+                pools.insert((r.account.clone(), r.pool.clone()));
+            }
+            (self.submit(ops), pools)
+        };
+        pending.durable().await?;
+        self.inner.hub.forget_host(host);
+        tracing::info!(account, host, "host revoked");
+        for (account, pkey) in pools {
+            self.refill_pool(&account, &pkey).await;
+        }
+        Ok(())
+    }
+
+    /// Whether `name` is an account the node's host has and does not manage.
+    pub(crate) fn reserved_on(st: &State, host: Option<&str>, name: &str, windows: bool) -> bool {
+        let Some(h) = host.and_then(|h| st.hub.hosts.get(h)) else {
+            return false;
+        };
+        if windows {
+            h.reserved.iter().any(|r| r.eq_ignore_ascii_case(name))
+        } else {
+            h.reserved.contains(name)
+        }
+    }
+}
