@@ -1,8 +1,8 @@
 //! Joined hosts as pool capacity, at the HTTP level against the real binary
 //! (`serve --nodes agents`) with a hand-driven agent speaking the node protocol: a pool short of
-//! hosts stays `resizing` until its `resizeTimeout`, then `steady` with `resizeErrors`; the
-//! `bluebatch.nodes` metadata item; node address and remote login from the host; a name the
-//! host reserves refused by Add User.
+//! hosts stays `resizing` until the `resizeTimeout` of its most recent Add Pool or Resize, then
+//! `steady` with `resizeErrors`; the `bluebatch.nodes` metadata item; node address and remote
+//! login from the host; a name the host reserves refused by Add User.
 
 mod common;
 
@@ -174,6 +174,67 @@ async fn a_pool_short_of_hosts_resizes_until_its_timeout_then_reports_resize_err
             v["allocationState"] == "steady"
         })
         .await;
+        assert!(v.get("resizeErrors").is_none(), "{v}");
+        assert_eq!(v["currentDedicatedNodes"], 1);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_resize_is_bounded_by_its_own_resize_timeout_not_the_pools_from_add_pool() {
+    within(Duration::from_secs(60), "the test", async {
+        let s = Server::launch(&["--in-memory", "--nodes", "agents"]);
+        let c = s.client();
+        let (http, cred) = join(&c, &s.url, 1, &[]).await;
+        let _agent = run_agent(&s.url, http, cred, 41_100);
+        // Add Pool's timeout is long: only the Resize's own can end the resize in time.
+        let r = c
+            .req("POST", "/pools")
+            .json(&agents_pool("grow", 1, "PT15M"))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+        until_pool(&c, "grow", "one node, steady", |v| {
+            v["allocationState"] == "steady" && v["currentDedicatedNodes"] == 1
+        })
+        .await;
+        let r = c
+            .req("POST", "/pools/grow/resize")
+            .json(&json!({"targetDedicatedNodes": 2, "resizeTimeout": "PT2S"}))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 202, "{}", text(&r));
+        let resized = Instant::now();
+        let v = get_pool(&c, "grow").await;
+        assert_eq!(v["allocationState"], "resizing", "{v}");
+        // The pool's resizeTimeout is that of its most recent resize, as on Azure.
+        assert_eq!(v["resizeTimeout"], "PT2S", "{v}");
+        assert!(v.get("resizeErrors").is_none(), "{v}");
+        let v = until_pool(&c, "grow", "steady at the resize's timeout", |v| {
+            v["allocationState"] == "steady"
+        })
+        .await;
+        assert!(
+            resized.elapsed() >= Duration::from_millis(1_500),
+            "steady before the resize's timeout: {v}"
+        );
+        assert_eq!(v["currentDedicatedNodes"], 1);
+        assert_eq!(v["targetDedicatedNodes"], 2);
+        let errors = v["resizeErrors"].as_array().expect("resizeErrors");
+        assert_eq!(errors.len(), 1, "{v}");
+        assert_eq!(errors[0]["code"], "AllocationTimedout");
+        // A Resize without one gets Azure's default (15 minutes), not the last resize's 2 s.
+        let r = c
+            .req("POST", "/pools/grow/resize")
+            .json(&json!({"targetDedicatedNodes": 2}))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 202, "{}", text(&r));
+        let v = get_pool(&c, "grow").await;
+        assert_eq!(v["resizeTimeout"], "PT15M", "{v}");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let v = get_pool(&c, "grow").await;
+        assert_eq!(v["allocationState"], "resizing", "{v}");
         assert!(v.get("resizeErrors").is_none(), "{v}");
         assert_eq!(v["currentDedicatedNodes"], 1);
     })

@@ -405,6 +405,9 @@ fn vm_os(vmc: &Value) -> Result<Os> {
 pub struct Resize {
     pub target_dedicated: u32,
     pub target_low_priority: u32,
+    /// The timeout of this resize as given (an ISO 8601 duration, checked like Add Pool's);
+    /// `None`: Azure's default, 15 minutes.
+    pub resize_timeout: Option<String>,
 }
 
 pub fn parse_resize(bytes: &[u8], max_nodes: u32) -> Result<Resize> {
@@ -422,6 +425,10 @@ pub fn parse_resize(bytes: &[u8], max_nodes: u32) -> Result<Resize> {
     Ok(Resize {
         target_dedicated,
         target_low_priority,
+        resize_timeout: map
+            .get("resizeTimeout")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     })
 }
 
@@ -753,7 +760,8 @@ mod tests {
             r,
             Resize {
                 target_dedicated: 3,
-                target_low_priority: 0
+                target_low_priority: 0,
+                resize_timeout: Some("PT15M".into()),
             }
         );
         assert_eq!(
@@ -775,7 +783,8 @@ mod tests {
             .unwrap(),
             Resize {
                 target_dedicated: 3,
-                target_low_priority: 1
+                target_low_priority: 1,
+                resize_timeout: None,
             }
         );
         for bad in ["1.5", "abc", "1e3", " 1", ""] {

@@ -255,7 +255,8 @@ fn pool_source(
     Ok(source)
 }
 
-/// How long an agents pool waits for hosts before it reports the allocation it could not meet.
+/// How long an agents pool waits for hosts before it reports the allocation it could not meet:
+/// the `resizeTimeout` of its most recent resize (Add Pool or Resize), 15 minutes by default.
 pub(crate) fn resize_timeout(pool: &Pool) -> time::Duration {
     pool.spec
         .get("resizeTimeout")
@@ -437,6 +438,19 @@ impl Service {
                 .ok_or_else(pool_not_found)?;
             pre(&entry.pool)?;
             check_resizable(&entry.pool)?;
+            // The pool's `resizeTimeout` is that of its most recent resize (Azure's 15 minutes
+            // when the Resize gives none): it bounds how long an agents pool waits for hosts.
+            match resize.resize_timeout {
+                Some(t) => {
+                    entry
+                        .pool
+                        .spec
+                        .insert("resizeTimeout".into(), serde_json::Value::String(t));
+                }
+                None => {
+                    entry.pool.spec.remove("resizeTimeout");
+                }
+            }
             entry.pool.target_dedicated = resize.target_dedicated;
             entry.pool.target_low_priority = resize.target_low_priority;
             touch_pool(&mut entry.pool, now);

@@ -226,6 +226,7 @@ async fn allocation_steps_still_take_a_step_each() {
         let resize = bluebatch_core::pools::Resize {
             target_dedicated: 2,
             target_low_priority: 0,
+            resize_timeout: None,
         };
         h.svc
             .resize_pool(ACCOUNT, "p", resize, &|_| Ok(()))
