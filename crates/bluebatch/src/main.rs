@@ -120,6 +120,9 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, while this is the only thread: the join token leaves the environment, so that no
+    // process the agent starts inherits it.
+    agent::take_join_token_env();
     // Hidden: a node's `sftp` subsystem (started by the node as the session's account).
     if std::env::args_os()
         .nth(1)

@@ -588,3 +588,47 @@ async fn a_node_whose_endpoint_cannot_start_is_retried_until_it_can() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("bluebatch host revoke host-"));
     assert!(!state.join("nodes").exists() && !state.join("identity.json").exists());
 }
+
+/// The join token given through `BLUEBATCH_JOIN_TOKEN` is taken out of the agent's environment
+/// at its start: a session on one of its nodes (a process the agent starts) has no trace of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_join_token_from_the_environment_never_reaches_a_nodes_session() {
+    require_ssh();
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Server::launch(&["--in-memory", "--nodes", "agents"]);
+    let c = srv.client();
+    let (_, lines) = join_token(&srv.url, dir.path(), "token").await;
+    let secret = lines[0].split_once('.').unwrap().1.to_string();
+    let _agent = Agent::spawn(
+        &srv.url,
+        &dir.path().join("state"),
+        None,
+        Some(&format!("{}\n{}\n", lines[0], lines[1])),
+        1,
+        "24400-24499",
+    );
+    let r = c.create_pool("p", "linux", 1).await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let nodes = pool_nodes(&c, "p", 1, Duration::from_secs(30)).await;
+    add_user(
+        &c,
+        "p",
+        &nodes[0].0,
+        json!({"name": "envuser", "password": "env-pw-1"}),
+    )
+    .await;
+    let port = c.ssh_port("p", &nodes[0].0).await;
+    let (status, out) =
+        tokio::task::spawn_blocking(move || ssh_password(port, "envuser", "env-pw-1", "env"))
+            .await
+            .unwrap();
+    assert_eq!(status, 0, "env over ssh: {out}");
+    assert!(
+        out.contains("USER=envuser"),
+        "the session's environment: {out}"
+    );
+    assert!(
+        !out.contains("BLUEBATCH_JOIN_TOKEN") && !out.contains(&secret),
+        "the join token reached a session: {out}"
+    );
+}

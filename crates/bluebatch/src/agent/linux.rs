@@ -48,9 +48,13 @@ async fn sshd_facts(config: &Path) -> SshdFacts {
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("sshd"));
     let mut cmd = tokio::process::Command::new(sshd);
+    // A clean environment: nothing of the agent's (a join token least of all) reaches it.
     cmd.arg("-T")
         .arg("-f")
         .arg(config)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LC_ALL", "C")
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);

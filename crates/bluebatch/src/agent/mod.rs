@@ -107,6 +107,26 @@ struct JoinSecret {
     pin: Option<String>,
 }
 
+/// The environment variable that may hold the join token (never the command line).
+const JOIN_TOKEN_ENV: &str = "BLUEBATCH_JOIN_TOKEN";
+
+/// `BLUEBATCH_JOIN_TOKEN` as this process started with it, once [`take_join_token_env`] took it
+/// out of the environment.
+static JOIN_TOKEN_FROM_ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Takes `BLUEBATCH_JOIN_TOKEN` out of this process's environment (keeping its value for the
+/// agent), so that no child process inherits it: not the shadow tools, not `sshd -T`, not the
+/// sessions of simulated nodes. Call at the very start of `main`, before any other thread exists.
+pub fn take_join_token_env() {
+    let value = std::env::var(JOIN_TOKEN_ENV).ok();
+    if std::env::var_os(JOIN_TOKEN_ENV).is_some() {
+        // SAFETY: called first thing in `main`, before the tokio runtime or any other thread
+        // exists: nothing reads or writes the environment meanwhile.
+        unsafe { std::env::remove_var(JOIN_TOKEN_ENV) };
+    }
+    let _ = JOIN_TOKEN_FROM_ENV.set(value);
+}
+
 fn read_join_secret(file: Option<&PathBuf>) -> Result<JoinSecret, String> {
     let text = match file {
         Some(path) => {
@@ -118,11 +138,15 @@ fn read_join_secret(file: Option<&PathBuf>) -> Result<JoinSecret, String> {
             }
             std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
         }
-        None => std::env::var("BLUEBATCH_JOIN_TOKEN").map_err(|_| {
-            "this host has not joined yet: give the join token with --join-token-file FILE \
-             (or BLUEBATCH_JOIN_TOKEN)"
-                .to_string()
-        })?,
+        None => JOIN_TOKEN_FROM_ENV
+            .get()
+            .cloned()
+            .unwrap_or_else(|| std::env::var(JOIN_TOKEN_ENV).ok())
+            .ok_or_else(|| {
+                "this host has not joined yet: give the join token with --join-token-file FILE \
+                 (or BLUEBATCH_JOIN_TOKEN)"
+                    .to_string()
+            })?,
     };
     parse_join_secret(&text)
 }
