@@ -388,10 +388,11 @@ async fn node_credentials_are_checked_per_host_and_die_with_a_revoked_host() {
     anon.credential = Some("garbage".into());
     let r = anon.desired("").await;
     assert_error(&r, 403, "AuthenticationFailed");
-    // A credential with one character changed.
+    // A credential with one character of its signature changed (to another hex digit: hex is
+    // read in either case, so `a` → `A` would not change it).
     let mut cred = a.credential.clone().unwrap().into_bytes();
     let last = cred.len() - 1;
-    cred[last] = if cred[last] == b'A' { b'B' } else { b'A' };
+    cred[last] = if cred[last] == b'0' { b'1' } else { b'0' };
     anon.credential = Some(String::from_utf8(cred).unwrap());
     let r = anon.desired("").await;
     assert_error(&r, 403, "AuthenticationFailed");
