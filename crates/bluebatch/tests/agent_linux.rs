@@ -1263,3 +1263,49 @@ async fn https_join_pins_the_ca_and_admin_group_uses_the_hosts_group() {
     let groups = rig.sb.ssh_password("milo", "Milo-pw-1", "id -Gn").await;
     assert!(groups.stdout("milo's groups").contains("opsadmins"));
 }
+
+/// A join token in the agent's environment never reaches the processes it starts: `sshd -T`
+/// (here a wrapper, bind-mounted over the sandbox's `/usr/sbin/sshd`, that records its
+/// environment and runs the real one) sees none of it.
+#[tokio::test]
+async fn the_join_token_in_the_environment_never_reaches_sshd_t() {
+    let _gate = GATE.acquire().await.unwrap();
+    let shim = tempfile::Builder::new()
+        .prefix("bluebatch-sshd-shim-")
+        .tempdir()
+        .unwrap();
+    let real = shim.path().join("sshd-real");
+    let seen = shim.path().join("sshd-env");
+    let wrapper = shim.path().join("sshd");
+    const CANARY: &str = "canary.env-token-secret-0123456789";
+    let prepare = |sb: &Sandbox| {
+        std::fs::copy("/usr/sbin/sshd", &real).unwrap();
+        let script = format!(
+            "#!/bin/sh\nenv >> {seen}\nexec {real} \"$@\"\n",
+            seen = seen.display(),
+            real = real.display()
+        );
+        std::fs::write(&wrapper, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Inside the sandbox's own mount namespace only.
+        sb.run_ok(
+            "mount",
+            &["--bind", &wrapper.display().to_string(), "/usr/sbin/sshd"],
+        );
+    };
+    let Some(rig) = Rig::new_env(false, &[], &[("BLUEBATCH_JOIN_TOKEN", CANARY)], prepare).await
+    else {
+        return;
+    };
+    let env = std::fs::read_to_string(&seen).unwrap_or_default();
+    assert!(
+        env.contains("PATH="),
+        "the agent ran sshd -T through the wrapper: {env:?}"
+    );
+    assert!(
+        !env.contains("BLUEBATCH_JOIN_TOKEN") && !env.contains(CANARY),
+        "the join token reached sshd -T: {env}"
+    );
+    drop(rig);
+}
