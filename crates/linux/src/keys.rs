@@ -46,6 +46,23 @@ fn unlink_at(dir: &OwnedFd, name: &str, flags: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Removes `name` from `dir` whether a file, a link or an empty directory (what a user may put
+/// in place of a key file). Answers `false` when a directory with entries stays: sshd reads no
+/// key from a directory, and root does not walk a tree the user controls.
+fn remove_entry(dir: &OwnedFd, name: &str) -> io::Result<bool> {
+    match unlink_at(dir, name, 0) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EISDIR | libc::EPERM)) => {
+            match unlink_at(dir, name, libc::AT_REMOVEDIR) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+                    Ok(false)
+                }
+                r => r.map(|()| true),
+            }
+        }
+        r => r.map(|()| true),
+    }
+}
+
 fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
     // SAFETY: zeroed is a valid `stat`; fstat fills it for a valid descriptor.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -128,8 +145,8 @@ pub(crate) fn set(home: &Path, uid: u32, gid: u32, key: Option<&str>) -> io::Res
         return match open_dir_at(Some(&home_fd), SSH_DIR.as_bytes()) {
             Ok(dir) => {
                 let had = read_keys(&dir, uid).is_some();
-                unlink_at(&dir, KEYS, 0)?;
-                unlink_at(&dir, KEYS2, 0)?;
+                remove_entry(&dir, KEYS)?;
+                remove_entry(&dir, KEYS2)?;
                 Ok(had)
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
@@ -144,10 +161,11 @@ pub(crate) fn set(home: &Path, uid: u32, gid: u32, key: Option<&str>) -> io::Res
     };
     let content = format!("{}\n", key.trim());
     let dir = ssh_dir(&home_fd, uid, gid)?;
-    unlink_at(&dir, KEYS2, 0)?;
+    remove_entry(&dir, KEYS2)?;
     if read_keys(&dir, uid).as_deref() == Some(content.as_bytes()) {
         return Ok(false);
     }
+
     unlink_at(&dir, TMP, 0)?;
     let tmp = cstr(TMP.as_bytes())?;
     let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -161,6 +179,27 @@ pub(crate) fn set(home: &Path, uid: u32, gid: u32, key: Option<&str>) -> io::Res
     file.sync_all()?;
     let to = cstr(KEYS.as_bytes())?;
     // SAFETY: valid descriptors and names.
-    check(unsafe { libc::renameat(dir.as_raw_fd(), tmp.as_ptr(), dir.as_raw_fd(), to.as_ptr()) })?;
+    let rename = || unsafe {
+        check(libc::renameat(
+            dir.as_raw_fd(),
+            tmp.as_ptr(),
+            dir.as_raw_fd(),
+            to.as_ptr(),
+        ))
+    };
+    match rename() {
+        // A directory in the key file's place (the user's doing): gone if empty, else refused.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EISDIR | libc::ENOTEMPTY)) => {
+            if !remove_entry(&dir, KEYS)? {
+                unlink_at(&dir, TMP, 0)?;
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("~/{SSH_DIR}/{KEYS} is a directory with files in it"),
+                ));
+            }
+            rename()?;
+        }
+        r => drop(r?),
+    }
     Ok(true)
 }

@@ -143,6 +143,20 @@ fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// A crypt(3) hash as the service makes them (`$id$[params$]salt$digest`, crypt's base64 and
+/// the `=`/`,` of its parameters): the only thing that may follow `name:` on `chpasswd -e`'s
+/// stdin. Refuses a lock marker (`!…`, `*`: a removed password is the provider's own `*`),
+/// plain text, and anything that could end the line or add a field.
+fn crypt_hash(h: &str) -> bool {
+    let parts: Vec<&str> = h.split('$').collect();
+    parts.len() >= 4
+        && parts[0].is_empty()
+        && parts[1..].iter().all(|p| !p.is_empty())
+        && h.len() <= 512
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'$' | b'.' | b'/' | b'=' | b','))
+}
+
 fn failure(name: &str, reason: impl Into<String>) -> UserFailure {
     UserFailure {
         name: name.to_owned(),
@@ -281,13 +295,18 @@ impl LinuxProvider {
     /// name cannot be created: the service refuses it up front), sorted.
     pub fn reserved_names(&self) -> Vec<String> {
         let _serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut st, sys) = match (State::load(&self.cfg.state_dir), Accounts::read()) {
-            (Ok(st), Ok(sys)) => (st, sys),
-            (Err(e), _) | (_, Err(e)) => {
+        let sys = match Accounts::read() {
+            Ok(sys) => sys,
+            Err(e) => {
                 tracing::warn!("reading the host's accounts: {e}");
                 return Vec::new();
             }
         };
+        // A state file that cannot be read proves no account ours: every name is reserved.
+        let mut st = State::load(&self.cfg.state_dir).unwrap_or_else(|e| {
+            tracing::warn!("every name of the host is reserved: {e}");
+            State::default()
+        });
         retag(&mut st, &sys);
         let mut names: Vec<String> = sys
             .users
@@ -429,10 +448,11 @@ impl LinuxProvider {
         if !valid_name(name) {
             return Err(format!("{name:?} is not a user name this host can have"));
         }
-        let hash = a.password_hash.as_deref().unwrap_or("*");
-        if hash.is_empty() || hash.contains([':', '\n', '\r', '\0']) {
-            return Err("the password hash is not a crypt(3) string".into());
-        }
+        let hash = match a.password_hash.as_deref() {
+            None => "*",
+            Some(h) if crypt_hash(h) => h,
+            Some(_) => return Err("the password hash is not a crypt(3) string".into()),
+        };
         if a.ssh_public_key
             .as_deref()
             .is_some_and(|k| k.contains(['\n', '\r', '\0']))
@@ -680,6 +700,18 @@ fn delete_account(dir: &Path, st: &mut State, name: &str) -> Result<(), String> 
         match run("userdel", &["-r", "--", name], None) {
             Ok(_) => break,
             Err(e) if e.code == Some(6) => break, // already gone
+            // The account went but not its home (not the user's: a link or dir an operator put
+            // there, which userdel -r rightly leaves).
+            Err(e)
+                if e.code == Some(12)
+                    && Accounts::read().is_ok_and(|s| !s.users.contains_key(name)) =>
+            {
+                tracing::warn!(
+                    "user {name}: removed; its home {} left in place: {e}",
+                    user.home.display()
+                );
+                break;
+            }
             Err(e) if e.code == Some(8) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -730,9 +762,41 @@ fn remove_if_present(p: &Path) -> io::Result<()> {
     }
 }
 
-/// Installs `dir/bluebatch-admin` (mode 0440) once `visudo -cf` accepts it. `None` when sudo
-/// is not installed (no `visudo`, no drop-in dir): nothing would read it.
+/// Installs the drop-in ([`write_sudoers`]) and checks that sudo reads it: `visudo -c` lists
+/// every file of sudo's configuration, and a sudoers without `@includedir` of `dir` (or with
+/// another dir) would leave `isAdmin` accounts without sudo. Such a host is refused (the drop-in
+/// removed again): an operator names an admin group to use instead.
 fn install_sudoers(dir: &Path) -> io::Result<Option<PathBuf>> {
+    let Some(path) = write_sudoers(dir)? else {
+        return Ok(None);
+    };
+    if tools::find("visudo").is_none() {
+        return Ok(Some(path));
+    }
+    match run("visudo", &["-c"], None) {
+        Ok(out) => {
+            let listed = format!("{}:", path.display());
+            if !out.lines().any(|l| l.starts_with(&listed)) {
+                remove_if_present(&path)?;
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "sudo does not read {} (no @includedir {} in its configuration): isAdmin accounts would get no sudo; include it, or name an admin group to use",
+                        dir.display(),
+                        dir.display()
+                    ),
+                ));
+            }
+        }
+        // Someone else's file breaks sudo's configuration: ours was checked on its own.
+        Err(e) => tracing::warn!("sudo's configuration does not check: {e}"),
+    }
+    Ok(Some(path))
+}
+
+/// Writes `dir/bluebatch-admin` (mode 0440) once `visudo -cf` accepts it. `None` when sudo
+/// is not installed (no `visudo`, no drop-in dir): nothing would read it.
+fn write_sudoers(dir: &Path) -> io::Result<Option<PathBuf>> {
     let path = dir.join(SUDOERS_FILE);
     let content = format!(
         "# Installed by the bluebatch agent: members of {ADMIN_GROUP} (isAdmin users) may run any command.\n{SUDOERS_LINE}"
@@ -811,6 +875,34 @@ mod tests {
         }
         for bad in ["", "-r", "1abc", "a b", "a:b", "a/b", &"a".repeat(33), "é"] {
             assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn crypt_hashes() {
+        for ok in [
+            "$6$abcdefghijklmnop$Zx.9/ab",
+            "$6$rounds=5000$salt$digest",
+            "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$X3DX6M94c7o",
+            "$2b$10$abcdefghijklmnopqrstuv",
+        ] {
+            assert!(crypt_hash(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "*",
+            "!",
+            "!$6$a$b",
+            "hunter2",
+            "$6$a",
+            "$6$$b",
+            "$6$a$b:c",
+            "$6$a$b\nroot:x",
+            "$6$a$b c",
+            "x$6$a$b",
+            "$6$a$b\0",
+        ] {
+            assert!(!crypt_hash(bad), "{bad:?}");
         }
     }
 }

@@ -1101,3 +1101,398 @@ fn real_sshd_with_pam_logs_in_what_the_provider_set() {
         logins_follow_the_accounts(dir, true)
     });
 }
+
+// ---- a hostile or unlucky host -------------------------------------------------------------------
+
+fn reason_of(f: &[bluebatch_protocol::UserFailure], name: &str) -> Option<String> {
+    f.iter().find(|x| x.name == name).map(|x| x.reason.clone())
+}
+
+#[test]
+fn every_name_the_batch_linux_rule_accepts_is_an_account() {
+    sandboxed(
+        "every_name_the_batch_linux_rule_accepts_is_an_account",
+        |dir| {
+            let p = provider(dir);
+            let long = format!("u{}", "x".repeat(31));
+            let names = ["a.b", "Alice", "alice", "_x", "a-b", "x.", "a..b", &long];
+            let accounts = names
+                .iter()
+                .map(|n| {
+                    let key = if *n == "Alice" { KEY_B } else { KEY_A };
+                    account(n, None, Some(key), false)
+                })
+                .collect();
+            assert_applied(&p, Some(&node(1, accounts)));
+            for n in names {
+                assert!(line_of("/etc/passwd", n).is_some(), "{n}");
+                assert!(members("bluebatch-managed").contains(&n.to_owned()), "{n}");
+            }
+            // Two accounts differing only by case are two accounts, each with its own key.
+            assert_ne!(uid("Alice"), uid("alice"));
+            assert_eq!(
+                std::fs::read_to_string("/home/Alice/.ssh/authorized_keys").unwrap(),
+                format!("{KEY_B}\n")
+            );
+            assert_eq!(
+                std::fs::read_to_string("/home/alice/.ssh/authorized_keys").unwrap(),
+                format!("{KEY_A}\n")
+            );
+            // Names outside the rule never reach a tool.
+            let f = p.apply(
+                Some(&node(
+                    2,
+                    vec![
+                        account("a$", None, None, false),
+                        account("-r", None, None, false),
+                    ],
+                )),
+                0,
+            );
+            assert!(
+                reason_of(&f, "a$").unwrap().contains("not a user name"),
+                "{f:?}"
+            );
+            assert!(
+                reason_of(&f, "-r").unwrap().contains("not a user name"),
+                "{f:?}"
+            );
+            for n in names {
+                assert!(line_of("/etc/passwd", n).is_none(), "{n} removed");
+            }
+        },
+    );
+}
+
+#[test]
+fn only_crypt_hashes_reach_chpasswd() {
+    sandboxed("only_crypt_hashes_reach_chpasswd", |dir| {
+        let p = provider(dir);
+        let six = hash_password("pw");
+        let rounds = "$6$rounds=5000$abcdefghijklmnop$4kPxn1eR7CXhjI5L1pW1Gd5Tq8oXb9e6yQzS3mFhbv0oV3Tq8gN2P5f5y7e4yQ9bW3b0c8xX2m5Z7Q0f1w2e3r";
+        let yes = "$y$j9T$F5Jx5fExrKuPp53xLKQ..1$X3DX6M94c7o.9agCG9G317fhZg9SqC.5i5rd.RhAtQ7";
+        let n = node(
+            1,
+            vec![
+                account("six", Some(&six), None, false),
+                account("rounds", Some(rounds), None, false),
+                account("yes", Some(yes), None, false),
+            ],
+        );
+        assert_applied(&p, Some(&n));
+        assert_eq!(
+            field("/etc/shadow", "six", 1).as_deref(),
+            Some(six.as_str())
+        );
+        assert_eq!(field("/etc/shadow", "rounds", 1).as_deref(), Some(rounds));
+        assert_eq!(field("/etc/shadow", "yes", 1).as_deref(), Some(yes));
+        let shadow = std::fs::read("/etc/shadow").unwrap();
+        let bad = [
+            ("empty", ""),
+            ("plain", "hunter2"),
+            ("locked", "!$6$abc$def"),
+            ("star", "*"),
+            ("colon", "$6$abc$de:f"),
+            ("newline", "$6$abc$def\nroot:$6$x$y"),
+            ("space", "$6$abc$d ef"),
+        ];
+        let n2 = node(
+            2,
+            bad.iter()
+                .map(|(u, h)| account(u, Some(h), None, false))
+                .collect(),
+        );
+        let f = p.apply(Some(&n2), 0);
+        for (u, _) in bad {
+            assert!(
+                reason_of(&f, u).is_some_and(|r| r.contains("not a crypt(3) string")),
+                "{u}: {f:?}"
+            );
+            assert!(line_of("/etc/passwd", u).is_none(), "{u} was not created");
+        }
+        assert_eq!(
+            field("/etc/shadow", "root", 1),
+            Some(
+                String::from_utf8_lossy(&shadow)
+                    .lines()
+                    .find(|l| l.starts_with("root:"))
+                    .unwrap()
+                    .split(':')
+                    .nth(1)
+                    .unwrap()
+                    .to_owned()
+            )
+        );
+        // An operator's `usermod -L` of a managed account: the API's password comes back.
+        assert_applied(&p, Some(&n));
+        sh("usermod", &["-L", "six"]);
+        assert!(field("/etc/shadow", "six", 1).unwrap().starts_with('!'));
+        assert_applied(&p, Some(&n));
+        assert_eq!(
+            field("/etc/shadow", "six", 1).as_deref(),
+            Some(six.as_str())
+        );
+    });
+}
+
+#[test]
+fn a_corrupt_state_file_deletes_nothing_and_reserves_every_name() {
+    sandboxed(
+        "a_corrupt_state_file_deletes_nothing_and_reserves_every_name",
+        |dir| {
+            let p = provider(dir);
+            assert_applied(
+                &p,
+                Some(&node(1, vec![account("alice", None, Some(KEY_A), false)])),
+            );
+            let state = dir.join("state/linux-accounts.json");
+            let full = std::fs::read(&state).unwrap();
+            for broken in [&full[..full.len() / 2], b"", b"null", b"\0\0\0\0"] {
+                std::fs::write(&state, broken).unwrap();
+                let f = p.apply(None, 0);
+                assert_eq!(f.len(), 1, "{f:?}");
+                assert_eq!(f[0].name, "*");
+                assert!(f[0].reason.contains("linux-accounts.json"), "{f:?}");
+                assert!(line_of("/etc/passwd", "alice").is_some(), "alice kept");
+                assert!(Path::new("/home/alice/.ssh/authorized_keys").exists());
+                // Without a readable state, every name of the host is reserved.
+                let reserved = p.reserved_names();
+                for n in ["root", "alice", "bluebatch-managed"] {
+                    assert!(reserved.contains(&n.to_owned()), "{n}: {reserved:?}");
+                }
+            }
+            drop(p);
+            let e = LinuxProvider::new(config(dir, true)).unwrap_err();
+            assert!(e.to_string().contains("linux-accounts.json"), "{e}");
+            assert!(line_of("/etc/passwd", "alice").is_some(), "alice kept");
+            std::fs::write(&state, &full).unwrap();
+            let p = provider(dir);
+            assert_applied(&p, None);
+            assert!(line_of("/etc/passwd", "alice").is_none());
+        },
+    );
+}
+
+#[test]
+fn a_locked_passwd_file_is_a_clear_failure_then_retried() {
+    sandboxed(
+        "a_locked_passwd_file_is_a_clear_failure_then_retried",
+        |dir| {
+            let p = provider(dir);
+            // Another tool (vipw, a package's postinst) holds the lock: shadow's lock file
+            // names a live process.
+            std::fs::write("/etc/passwd.lock", format!("{}", std::process::id())).unwrap();
+            let n = node(1, vec![account("alice", None, Some(KEY_A), false)]);
+            let f = p.apply(Some(&n), 0);
+            assert_eq!(f.len(), 1, "{f:?}");
+            assert!(
+                f[0].reason.contains("useradd") && f[0].reason.contains("lock"),
+                "{f:?}"
+            );
+            assert!(line_of("/etc/passwd", "alice").is_none());
+            std::fs::remove_file("/etc/passwd.lock").unwrap();
+            assert_applied(&p, Some(&n));
+            assert!(line_of("/etc/passwd", "alice").is_some());
+            // A removal meets the lock too: refused, kept in the state, finished later.
+            std::fs::write("/etc/passwd.lock", format!("{}", std::process::id())).unwrap();
+            let f = p.apply(None, 0);
+            assert!(
+                reason_of(&f, "alice").is_some_and(|r| r.contains("lock")),
+                "{f:?}"
+            );
+            std::fs::remove_file("/etc/passwd.lock").unwrap();
+            assert_applied(&p, None);
+            assert!(line_of("/etc/passwd", "alice").is_none());
+        },
+    );
+}
+
+#[test]
+fn a_sudoers_that_does_not_read_the_drop_in_dir_is_refused() {
+    sandboxed(
+        "a_sudoers_that_does_not_read_the_drop_in_dir_is_refused",
+        |dir| {
+            let sudoers = std::fs::read_to_string("/etc/sudoers").unwrap();
+            let without: String = sudoers
+                .lines()
+                .filter(|l| !l.contains("includedir"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write("/etc/sudoers", &without).unwrap();
+            let e = LinuxProvider::new(config(dir, true)).unwrap_err();
+            assert!(e.to_string().contains("/etc/sudoers.d"), "{e}");
+            assert!(e.to_string().contains("admin group"), "{e}");
+            // An operator's own group works on such a host.
+            sh("groupadd", &["wheel2"]);
+            let mut c = config(dir, true);
+            c.admin_group = Some("wheel2".into());
+            drop(LinuxProvider::new(c).unwrap());
+            // The drop-in dir missing but included: made, and sudo reads the drop-in.
+            std::fs::write("/etc/sudoers", &sudoers).unwrap();
+            std::fs::remove_dir_all("/etc/sudoers.d").unwrap();
+            let p = provider(dir);
+            assert_applied(&p, Some(&node(1, vec![account("boss", None, None, true)])));
+            let sudo = || {
+                run_for(
+                    Command::new("runuser").args(["-u", "boss", "--", "sudo", "-n", "true"]),
+                    30,
+                )
+                .status
+                .success()
+            };
+            assert!(sudo());
+            // An operator's tampering with the drop-in is undone at the next start.
+            let dropin = Path::new("/etc/sudoers.d").join(SUDOERS_FILE);
+            std::fs::write(
+                &dropin,
+                "%bluebatch-admin ALL=(ALL) ALL\nALL ALL=(ALL) NOPASSWD: ALL\n",
+            )
+            .unwrap();
+            drop(p);
+            let p = provider(dir);
+            assert!(
+                !std::fs::read_to_string(&dropin)
+                    .unwrap()
+                    .contains("ALL ALL")
+            );
+            assert!(sudo());
+            drop(p);
+        },
+    );
+}
+
+#[test]
+fn an_account_removed_by_hand_is_made_again_and_a_reused_name_is_not_ours() {
+    sandboxed(
+        "an_account_removed_by_hand_is_made_again_and_a_reused_name_is_not_ours",
+        |dir| {
+            let p = provider(dir);
+            let n = node(1, vec![account("alice", None, Some(KEY_A), false)]);
+            assert_applied(&p, Some(&n));
+            // userdel -r behind the agent's back: made again.
+            sh("userdel", &["-r", "alice"]);
+            assert_applied(&p, Some(&n));
+            assert!(members("bluebatch-managed").contains(&"alice".to_owned()));
+            assert!(Path::new("/home/alice/.ssh/authorized_keys").exists());
+            // userdel without -r: the home stays, owned by no one: refused, not adopted.
+            sh("userdel", &["alice"]);
+            let f = p.apply(Some(&n), 0);
+            assert!(
+                reason_of(&f, "alice").is_some_and(|r| r.contains("/home/alice already exists")),
+                "{f:?}"
+            );
+            std::fs::remove_dir_all("/home/alice").unwrap();
+            assert_applied(&p, Some(&n));
+            let old = uid("alice");
+            // Removed by hand and made again by the operator (the same uid again): not ours.
+            sh("userdel", &["-r", "alice"]);
+            sh("useradd", &["-m", "-u", &old.to_string(), "alice"]);
+            let before = (
+                line_of("/etc/passwd", "alice"),
+                line_of("/etc/shadow", "alice"),
+            );
+            let f = p.apply(Some(&n), 0);
+            assert!(
+                reason_of(&f, "alice").is_some_and(|r| r.contains("not managed by bluebatch")),
+                "{f:?}"
+            );
+            assert!(p.reserved_names().contains(&"alice".to_owned()));
+            assert_applied(&p, None);
+            assert_eq!(
+                (
+                    line_of("/etc/passwd", "alice"),
+                    line_of("/etc/shadow", "alice")
+                ),
+                before
+            );
+        },
+    );
+}
+
+#[test]
+fn a_home_or_key_file_replaced_by_the_operator_or_user_is_handled() {
+    sandboxed(
+        "a_home_or_key_file_replaced_by_the_operator_or_user_is_handled",
+        |dir| {
+            let p = provider(dir);
+            let n = |rev, key| node(rev, vec![account("mal", None, key, false)]);
+            assert_applied(&p, Some(&n(1, Some(KEY_A))));
+            // authorized_keys replaced by a directory (empty, then with files in it).
+            std::fs::remove_file("/home/mal/.ssh/authorized_keys").unwrap();
+            std::fs::create_dir("/home/mal/.ssh/authorized_keys").unwrap();
+            assert_applied(&p, Some(&n(2, Some(KEY_B))));
+            assert_eq!(
+                std::fs::read_to_string("/home/mal/.ssh/authorized_keys").unwrap(),
+                format!("{KEY_B}\n")
+            );
+            std::fs::remove_file("/home/mal/.ssh/authorized_keys").unwrap();
+            std::fs::create_dir_all("/home/mal/.ssh/authorized_keys/sub").unwrap();
+            std::os::unix::fs::symlink("/etc/shadow", "/home/mal/.ssh/authorized_keys/link")
+                .unwrap();
+            std::fs::create_dir("/home/mal/.ssh/authorized_keys2").unwrap();
+            // The key removed: sshd reads no key from a directory, so nothing fails.
+            assert_applied(&p, Some(&n(3, None)));
+            let f = p.apply(Some(&n(4, Some(KEY_A))), 0);
+            assert!(
+                reason_of(&f, "mal").is_some_and(|r| r.contains("authorized_keys")),
+                "{f:?}"
+            );
+            assert!(Path::new("/etc/shadow").is_file());
+            std::fs::remove_dir_all("/home/mal/.ssh").unwrap();
+            assert_applied(&p, Some(&n(5, Some(KEY_A))));
+            // A very long comment is kept whole.
+            let long = format!("{KEY_A} {}", "c".repeat(20_000));
+            assert_applied(&p, Some(&n(6, Some(&long))));
+            assert_eq!(
+                std::fs::read_to_string("/home/mal/.ssh/authorized_keys").unwrap(),
+                format!("{long}\n")
+            );
+            // The home replaced by a link to /etc (by root: the user cannot): never written
+            // through, and the removal leaves /etc alone.
+            let etc_before: Vec<_> = std::fs::read_dir("/etc")
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            std::fs::remove_dir_all("/home/mal").unwrap();
+            std::os::unix::fs::symlink("/etc", "/home/mal").unwrap();
+            let f = p.apply(Some(&n(7, Some(KEY_B))), 0);
+            assert!(
+                reason_of(&f, "mal").is_some_and(|r| r.contains("/home/mal")),
+                "{f:?}"
+            );
+            assert!(!Path::new("/etc/.ssh").exists());
+            assert_applied(&p, None);
+            assert!(line_of("/etc/passwd", "mal").is_none());
+            let etc_after: Vec<_> = std::fs::read_dir("/etc")
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            for f in &etc_before {
+                assert!(etc_after.contains(f), "/etc lost {f:?}");
+            }
+        },
+    );
+}
+
+#[test]
+fn expiry_in_the_far_past_and_year_9999() {
+    sandboxed("expiry_in_the_far_past_and_year_9999", |dir| {
+        let p = provider(dir);
+        let mut a = account("old", None, None, false);
+        a.login_refused_from = time::macros::datetime!(1970-01-01 00:00 UTC);
+        let mut b = account("far", None, None, false);
+        b.login_refused_from = time::macros::datetime!(9999-12-31 23:59:59 UTC);
+        let n = node(1, vec![a, b]);
+        assert_applied(&p, Some(&n));
+        assert_eq!(field("/etc/shadow", "old", 7).as_deref(), Some("1"));
+        assert_eq!(field("/etc/shadow", "far", 7).as_deref(), Some("2932897"));
+        let out = run_for(Command::new("chage").args(["-l", "far"]), 30);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("10000") || out.status.success());
+        // Idempotent: the same snapshot runs no tool.
+        let bin = failing_tools(dir, &["chage", "chpasswd", "usermod", "useradd"]);
+        set_path(bin.to_str().unwrap());
+        assert_applied(&p, Some(&n));
+    });
+}
