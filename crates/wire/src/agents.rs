@@ -140,7 +140,7 @@ fn authenticate(app: &App, parts: &Parts) -> Result<String, BatchError> {
 
 /// `after` (opaque, percent-decoded; empty = none) and `wait` (whole seconds, `30` or `30s`, cut
 /// to [`MAX_WAIT_SECONDS`]; absent = 0). Any other parameter is refused.
-fn desired_query(raw: &str) -> Result<(Option<String>, Duration), BatchError> {
+pub fn desired_query(raw: &str) -> Result<(Option<String>, Duration), BatchError> {
     let bad = |name: &str, value: &str, reason: &str| {
         BatchError::new(Code::InvalidQueryParameterValue)
             .with("QueryParameterName", name)
@@ -170,11 +170,11 @@ fn desired_query(raw: &str) -> Result<(Option<String>, Duration), BatchError> {
                     return Err(bad(k, v, "given more than once"));
                 }
                 let digits = value.strip_suffix('s').unwrap_or(&value);
-                let secs: u64 = digits
-                    .parse()
-                    .ok()
-                    .filter(|_| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-                    .ok_or_else(|| bad(k, v, "whole seconds, such as 30 or 30s"))?;
+                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad(k, v, "whole seconds, such as 30 or 30s"));
+                }
+                // Longer asks are cut to the longest wait, however many digits they have.
+                let secs = digits.parse::<u64>().unwrap_or(u64::MAX);
                 wait = Some(Duration::from_secs(secs.min(MAX_WAIT_SECONDS)));
             }
             _ => {
@@ -232,7 +232,7 @@ async fn read(parts: &Parts, body: Body, max: usize) -> Result<Bytes, BatchError
 /// A protocol body, strictly: unknown properties, missing ones and wrong types are 400
 /// `InvalidRequestBody` with serde's reason (which names the property, never echoes a value
 /// longer than the reason's 200 characters).
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, BatchError> {
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, BatchError> {
     if body.is_empty() {
         return Err(BatchError::bad_body("the request needs a JSON body"));
     }
@@ -273,6 +273,10 @@ mod tests {
         );
         assert_eq!(
             desired_query("wait=3600").unwrap().1,
+            Duration::from_secs(bluebatch_protocol::MAX_WAIT_SECONDS)
+        );
+        assert_eq!(
+            desired_query("wait=99999999999999999999s").unwrap().1,
             Duration::from_secs(bluebatch_protocol::MAX_WAIT_SECONDS)
         );
         for bad in [

@@ -248,12 +248,16 @@ fn join_token_body(body: &[u8]) -> Result<(Option<String>, std::time::Duration),
     }
     let pool = match map.get("pool") {
         None | Some(Value::Null) => None,
-        Some(Value::String(p)) if !p.is_empty() => Some(p.clone()),
+        // A pool that does not exist (yet) is allowed: an operator may provision hosts before
+        // the pool they are for; the host backs it once it is added (its id compared as
+        // Batch compares pool ids, ignoring case).
+        Some(Value::String(p)) if bluebatch_core::pools::valid_pool_id(p) => Some(p.clone()),
         Some(_) => {
             return Err(BatchError::property(
                 Code::InvalidPropertyValue,
                 "pool",
-                "the id of the pool the host may back (a non-empty string)",
+                "the id of the pool the host may back: 1 to 64 letters, digits, hyphens and \
+                 underscores",
             ));
         }
     };

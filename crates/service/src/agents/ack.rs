@@ -129,7 +129,10 @@ impl Service {
                     refused.push(a.key);
                     continue;
                 };
-                if a.revision > n.node.users_revision || a.image > n.node.image {
+                if a.revision > n.node.users_revision
+                    || a.image > n.node.image
+                    || a.ssh_port == Some(0)
+                {
                     refused.push(a.key);
                     continue;
                 }

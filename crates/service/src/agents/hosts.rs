@@ -28,14 +28,44 @@ pub(super) fn check_report(r: &HostReport) -> Result<()> {
             "A host with the linux provider backs one node.",
         ));
     }
-    if r.address.parse::<IpAddr>().is_err() {
-        return Err(invalid(
-            "host.address",
-            "The address must be an IP address.",
-        ));
+    // The node's `ipAddress` and the address SSH clients are sent to: an IP a client can
+    // reach, never a name (it would be resolved by every client differently), an address with
+    // a port or zone, the unspecified address, a multicast or the broadcast address.
+    let shown: String = r.address.chars().take(64).collect();
+    match r.address.parse::<IpAddr>() {
+        Err(_) => {
+            return Err(invalid(
+                "host.address",
+                &format!(
+                    "{shown:?} is not an IP address: a host reports the IPv4 or IPv6 address                      clients reach it at (no name, port or zone), e.g. 198.18.0.5."
+                ),
+            ));
+        }
+        Ok(ip)
+            if ip.is_unspecified()
+                || ip.is_multicast()
+                || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) =>
+        {
+            return Err(invalid(
+                "host.address",
+                &format!(
+                    "{shown:?} is not an address clients can reach the host at (unspecified,                      multicast or broadcast)."
+                ),
+            ));
+        }
+        Ok(_) => {}
     }
-    if r.hostname.len() > 255 || r.version.len() > 255 {
-        return Err(invalid("host.hostname", "At most 255 characters."));
+    if r.ssh_port == Some(0) {
+        return Err(invalid("host.sshPort", "A TCP port is 1 to 65535."));
+    }
+    // Shown by `bluebatch host list` on an operator's terminal: no control characters.
+    for (property, value) in [("host.hostname", &r.hostname), ("host.version", &r.version)] {
+        if value.len() > 255 || value.chars().any(char::is_control) {
+            return Err(invalid(
+                property,
+                "At most 255 bytes, with no control characters.",
+            ));
+        }
     }
     if r.reserved_names.len() > 100_000 || r.reserved_names.iter().any(|n| n.len() > 256) {
         return Err(invalid(
