@@ -408,8 +408,22 @@ impl LinuxProvider {
                 return failures;
             }
         };
+        // The drop-in removed or edited by an operator since the start: put back, for the
+        // admins' sudo (and, if the edit broke sudo's syntax, for every sudo of the host).
+        let sudoers = match (&self.cfg.admin_group, &st.sudoers) {
+            (None, Some(_)) => write_sudoers(&self.cfg.sudoers_dir)
+                .map(drop)
+                .map_err(|e| format!("the sudoers drop-in: {e}")),
+            _ => Ok(()),
+        };
         for a in desired.values() {
-            if let Err(reason) = self.ensure(&mut st, &sys, a, clock_offset_seconds) {
+            let done = self
+                .ensure(&mut st, &sys, a, clock_offset_seconds)
+                .and_then(|()| match &sudoers {
+                    Err(e) if a.is_admin => Err(e.clone()),
+                    _ => Ok(()),
+                });
+            if let Err(reason) = done {
                 tracing::warn!("user {}: {reason}", a.name);
                 failures.push(failure(&a.name, reason));
             }

@@ -1341,8 +1341,19 @@ fn a_sudoers_that_does_not_read_the_drop_in_dir_is_refused() {
                 .success()
             };
             assert!(sudo());
-            // An operator's tampering with the drop-in is undone at the next start.
             let dropin = Path::new("/etc/sudoers.d").join(SUDOERS_FILE);
+            let n = node(1, vec![account("boss", None, None, true)]);
+            // Removed, or edited into what sudo cannot parse, while the agent runs: put back
+            // by the next apply.
+            std::fs::remove_file(&dropin).unwrap();
+            assert!(!sudo());
+            assert_applied(&p, Some(&n));
+            assert!(sudo());
+            std::fs::write(&dropin, "%bluebatch-admin ALL=(ALL NOPASSWD ALL\n").unwrap();
+            assert!(!sudo());
+            assert_applied(&p, Some(&n));
+            assert!(sudo());
+            // An operator's tampering is undone at the next start too.
             std::fs::write(
                 &dropin,
                 "%bluebatch-admin ALL=(ALL) ALL\nALL ALL=(ALL) NOPASSWD: ALL\n",
