@@ -254,6 +254,9 @@ impl LinuxProvider {
                     }
                     Some(_) => {}
                 }
+                // The groups made so far are noted first: a refused drop-in must not leave
+                // them unknown to a later run with an admin group, or to an uninstall.
+                st.save(&cfg.state_dir)?;
                 st.sudoers = install_sudoers(&cfg.sudoers_dir)?;
                 ADMIN_GROUP.to_owned()
             }

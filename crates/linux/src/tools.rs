@@ -124,13 +124,16 @@ pub(crate) fn run(name: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<Str
     if status.success() {
         return Ok(stdout);
     }
+    // Every line: the first is often a warning (userdel's "mail spool not found") and the
+    // reason comes after it.
     let message = stderr
         .lines()
         .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
         .chars()
-        .take(300)
+        .take(500)
         .collect();
     match status.code() {
         Some(code) => Err(fail(Some(code), message)),
@@ -149,4 +152,24 @@ fn reader(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
         let _ = std::io::copy(&mut pipe, &mut std::io::sink());
         String::from_utf8_lossy(&buf).into_owned()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_reports_every_line_of_stderr() {
+        let e = run(
+            "sh",
+            &["-c", "echo 'x: warning: mail spool not found' >&2; echo >&2; echo 'x: the reason' >&2; exit 12"],
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, Some(12));
+        assert_eq!(
+            e.to_string(),
+            "sh exited 12: x: warning: mail spool not found; x: the reason"
+        );
+    }
 }

@@ -1327,6 +1327,11 @@ fn a_sudoers_that_does_not_read_the_drop_in_dir_is_refused() {
             let mut c = config(dir, true);
             c.admin_group = Some("wheel2".into());
             drop(LinuxProvider::new(c).unwrap());
+            assert_eq!(
+                line_of("/etc/group", "bluebatch-admin"),
+                None,
+                "the group the refused start made is gone"
+            );
             // The drop-in dir missing but included: made, and sudo reads the drop-in.
             std::fs::write("/etc/sudoers", &sudoers).unwrap();
             std::fs::remove_dir_all("/etc/sudoers.d").unwrap();
