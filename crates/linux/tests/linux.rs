@@ -1045,6 +1045,25 @@ fn logins_follow_the_accounts(dir: &Path, use_pam: bool) {
     );
     assert!(!password_login(&sshd, "alice", "pw-two"));
     assert!(key_login(&sshd, "alice", &k2), "key login with no password");
+    // An operator's `usermod -L` (`!*`): sshd without PAM refuses keys of a locked account;
+    // the next apply puts back the API's `*`, and key logins with it.
+    sh("usermod", &["-L", "alice"]);
+    assert_eq!(field("/etc/shadow", "alice", 1).as_deref(), Some("!*"));
+    assert_eq!(key_login(&sshd, "alice", &k2), use_pam, "locked by hand");
+    let n3 = node(3, vec![account("alice", None, Some(&pub2), false)]);
+    assert_applied(&p, Some(&n3));
+    assert_eq!(field("/etc/shadow", "alice", 1).as_deref(), Some("*"));
+    assert!(key_login(&sshd, "alice", &k2), "unlocked by the next apply");
+    // A key with a very long comment logs in.
+    let long = format!("{} {}", pub2.trim(), "c".repeat(16_000));
+    assert_applied(
+        &p,
+        Some(&node(3, vec![account("alice", None, Some(&long), false)])),
+    );
+    assert!(
+        key_login(&sshd, "alice", &k2),
+        "a key with a 16,000-character comment"
+    );
 
     // Expiry: refused from today's 00:00 UTC (the expiry's date was yesterday) → refused now;
     // refused from tomorrow's 00:00 (the expiry is today) → still allowed today.
