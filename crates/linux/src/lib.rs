@@ -95,6 +95,9 @@ pub struct LinuxProvider {
     use_pam: bool,
     admin_group: String,
     home_base: PathBuf,
+    /// `useradd`'s option that skips its own name check (`--badname`; `--badnames` in some older
+    /// releases), when it has one.
+    badname: Option<&'static str>,
     serial: Mutex<()>,
     _lock: std::fs::File,
 }
@@ -191,6 +194,14 @@ impl LinuxProvider {
             Some(v) => v,
             None => sshd_settings().use_pam.unwrap_or(false),
         };
+        // Upstream shadow refuses upper case in names the Batch rule accepts (Debian's does
+        // not); `valid_name` already keeps out what the tools must never see (`:`, `,`,
+        // blanks, a leading `-`, all digits), so the tool's own stricter check is skipped.
+        let badname = run("useradd", &["--help"], None).ok().and_then(|help| {
+            ["--badname", "--badnames"]
+                .into_iter()
+                .find(|o| help.split([' ', ',', '\t', '\n']).any(|w| w == *o))
+        });
         let home_base = run("useradd", &["-D"], None)
             .ok()
             .and_then(|out| {
@@ -279,6 +290,7 @@ impl LinuxProvider {
             use_pam,
             admin_group,
             home_base,
+            badname,
             serial: Mutex::new(()),
             _lock: lock,
         })
@@ -592,6 +604,9 @@ impl LinuxProvider {
         ];
         if Path::new("/bin/bash").exists() {
             args.extend(["-s", "/bin/bash"]);
+        }
+        if let Some(opt) = self.badname {
+            args.push(opt);
         }
         args.extend(["--", name]);
         let made = run("useradd", &args, None);

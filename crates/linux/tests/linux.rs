@@ -1531,3 +1531,54 @@ fn expiry_in_the_far_past_and_year_9999() {
         assert_applied(&p, Some(&n));
     });
 }
+
+/// A `useradd` as upstream shadow checks names: upper case refused unless `--badname` is given
+/// (and, with `knows_badname` false, an older one that has no such option).
+fn strict_useradd(dir: &Path, knows_badname: bool) -> PathBuf {
+    let bin = dir.join(format!("strict-bin-{knows_badname}"));
+    std::fs::create_dir_all(&bin).unwrap();
+    let help = if knows_badname {
+        "exec /usr/sbin/useradd \"$@\""
+    } else {
+        "echo '  -m, --create-home   create the home'; exit 0"
+    };
+    let script = format!(
+        "#!/bin/sh\n\
+         [ \"$1\" = --help ] && {{ {help}; }}\n\
+         for a in \"$@\"; do [ \"$a\" = --badname ] && exec /usr/sbin/useradd \"$@\"; last=\"$a\"; done\n\
+         case \"$last\" in *[A-Z]*) echo \"useradd: invalid user name '$last': use --badname to ignore\" >&2; exit 3;; esac\n\
+         exec /usr/sbin/useradd \"$@\"\n"
+    );
+    let p = bin.join("useradd");
+    std::fs::write(&p, script).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+#[test]
+fn a_strict_useradd_still_makes_the_names_batch_accepts() {
+    sandboxed(
+        "a_strict_useradd_still_makes_the_names_batch_accepts",
+        |dir| {
+            let path = std::env::var("PATH").unwrap();
+            let n = node(1, vec![account("Alice", None, Some(KEY_A), false)]);
+            set_path(&format!("{}:{path}", strict_useradd(dir, true).display()));
+            let p = provider(dir);
+            assert_applied(&p, Some(&n));
+            assert!(line_of("/etc/passwd", "Alice").is_some());
+            assert_applied(&p, None);
+            drop(p);
+            // A useradd with no way past its check: its refusal is the reason, word for word.
+            set_path(&format!("{}:{path}", strict_useradd(dir, false).display()));
+            let p = provider(dir);
+            let f = p.apply(Some(&n), 0);
+            assert!(
+                reason_of(&f, "Alice").is_some_and(
+                    |r| r.contains("useradd exited 3: useradd: invalid user name 'Alice'")
+                ),
+                "{f:?}"
+            );
+            assert!(line_of("/etc/passwd", "Alice").is_none());
+        },
+    );
+}
