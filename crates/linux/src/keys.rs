@@ -141,6 +141,14 @@ pub(crate) fn set(home: &Path, uid: u32, gid: u32, key: Option<&str>) -> io::Res
         Err(e) if key.is_none() && e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
         Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", home.display()))),
     };
+    // A home field an operator pointed elsewhere (`usermod -d /root`, a home shared with
+    // another account): never hand its ~/.ssh to this user nor replace the keys there.
+    if fstat(&home_fd)?.st_uid != uid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the home {} is not owned by the user", home.display()),
+        ));
+    }
     let Some(key) = key else {
         return match open_dir_at(Some(&home_fd), SSH_DIR.as_bytes()) {
             Ok(dir) => {

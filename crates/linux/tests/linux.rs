@@ -1482,6 +1482,22 @@ fn a_home_or_key_file_replaced_by_the_operator_or_user_is_handled() {
                 std::fs::read_to_string("/home/mal/.ssh/authorized_keys").unwrap(),
                 format!("{long}\n")
             );
+            // The home field pointed at a dir of another owner (`usermod -d`): its keys and
+            // ~/.ssh are never changed, and the removal leaves the dir.
+            std::fs::create_dir_all("/home/shared/.ssh").unwrap();
+            std::fs::write("/home/shared/.ssh/authorized_keys", "root's key\n").unwrap();
+            sh("usermod", &["-d", "/home/shared", "mal"]);
+            let f = p.apply(Some(&n(7, Some(KEY_B))), 0);
+            assert!(
+                reason_of(&f, "mal").is_some_and(|r| r.contains("not owned by the user")),
+                "{f:?}"
+            );
+            assert_eq!(
+                std::fs::read_to_string("/home/shared/.ssh/authorized_keys").unwrap(),
+                "root's key\n"
+            );
+            assert_eq!(std::fs::metadata("/home/shared/.ssh").unwrap().uid(), 0);
+            sh("usermod", &["-d", "/home/mal", "mal"]);
             // The home replaced by a link to /etc (by root: the user cannot): never written
             // through, and the removal leaves /etc alone.
             let etc_before: Vec<_> = std::fs::read_dir("/etc")
