@@ -98,6 +98,8 @@ pub struct LinuxProvider {
     /// `useradd`'s option that skips its own name check (`--badname`; `--badnames` in some older
     /// releases), when it has one.
     badname: Option<&'static str>,
+    /// Whether the host's sshd reads the `~/.ssh/authorized_keys` the provider writes.
+    keys_read: bool,
     serial: Mutex<()>,
     _lock: std::fs::File,
 }
@@ -190,10 +192,14 @@ impl LinuxProvider {
         std::fs::create_dir_all(&cfg.state_dir)?;
         std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))?;
         let lock = take_lock(&cfg.state_dir)?;
-        let use_pam = match cfg.use_pam {
-            Some(v) => v,
-            None => sshd_settings().use_pam.unwrap_or(false),
-        };
+        let sshd = sshd_settings();
+        let use_pam = cfg.use_pam.or(sshd.use_pam).unwrap_or(false);
+        let keys_read = sshd.keys_in_home.unwrap_or(true);
+        if !keys_read {
+            tracing::warn!(
+                "the host's sshd reads no ~/.ssh/authorized_keys (AuthorizedKeysFile): users with an SSH key fail"
+            );
+        }
         // Upstream shadow refuses upper case in names the Batch rule accepts (Debian's does
         // not); `valid_name` already keeps out what the tools must never see (`:`, `,`,
         // blanks, a leading `-`, all digits), so the tool's own stricter check is skipped.
@@ -291,6 +297,7 @@ impl LinuxProvider {
             admin_group,
             home_base,
             badname,
+            keys_read,
             serial: Mutex::new(()),
             _lock: lock,
         })
@@ -487,6 +494,11 @@ impl LinuxProvider {
             .is_some_and(|k| k.contains(['\n', '\r', '\0']))
         {
             return Err("the SSH public key is not one line".into());
+        }
+        if a.ssh_public_key.is_some() && !self.keys_read {
+            return Err(
+                "the host's sshd reads no ~/.ssh/authorized_keys (its AuthorizedKeysFile): the key would not log in".into(),
+            );
         }
         let managed = st
             .accounts

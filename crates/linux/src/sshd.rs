@@ -10,6 +10,17 @@ pub struct SshdSettings {
     pub use_pam: Option<bool>,
     /// The first `Port`; `None` when neither said.
     pub port: Option<u16>,
+    /// Whether `AuthorizedKeysFile` includes the home's `.ssh/authorized_keys` (the file the
+    /// provider writes); `None` when neither said (OpenSSH's default includes it).
+    pub keys_in_home: Option<bool>,
+}
+
+/// Whether an `AuthorizedKeysFile` value names `~/.ssh/authorized_keys` (relative to the home,
+/// or through `%h`).
+fn names_home_keys(value: &str) -> bool {
+    value
+        .split_whitespace()
+        .any(|f| matches!(f, ".ssh/authorized_keys" | "%h/.ssh/authorized_keys"))
 }
 
 const CONFIG: &str = "/etc/ssh/sshd_config";
@@ -36,6 +47,9 @@ fn parse(text: &str) -> SshdSettings {
         match (w.next().map(str::to_ascii_lowercase).as_deref(), w.next()) {
             (Some("usepam"), Some(v)) if s.use_pam.is_none() => s.use_pam = yes_no(v),
             (Some("port"), Some(v)) if s.port.is_none() => s.port = v.parse().ok(),
+            (Some("authorizedkeysfile"), Some(_)) if s.keys_in_home.is_none() => {
+                s.keys_in_home = Some(names_home_keys(line.split_once(' ').map_or("", |x| x.1)));
+            }
             _ => {}
         }
     }
@@ -70,6 +84,9 @@ fn from_file(path: &Path, s: &mut SshdSettings, depth: u32) -> bool {
             "match" => return false,
             "usepam" if s.use_pam.is_none() => s.use_pam = yes_no(value),
             "port" if s.port.is_none() => s.port = value.parse().ok(),
+            "authorizedkeysfile" if s.keys_in_home.is_none() => {
+                s.keys_in_home = Some(names_home_keys(value));
+            }
             "include" if depth < 8 => {
                 for pattern in value.split_whitespace() {
                     let pattern = if pattern.starts_with('/') {
@@ -124,9 +141,21 @@ mod tests {
             s,
             SshdSettings {
                 use_pam: Some(false),
-                port: Some(2222)
+                port: Some(2222),
+                keys_in_home: None,
             }
         );
+        let keys = |t: &str| parse(t).keys_in_home;
+        assert_eq!(
+            keys("authorizedkeysfile .ssh/authorized_keys .ssh/authorized_keys2\n"),
+            Some(true)
+        );
+        assert_eq!(
+            keys("authorizedkeysfile %h/.ssh/authorized_keys\n"),
+            Some(true)
+        );
+        assert_eq!(keys("authorizedkeysfile /etc/ssh/keys/%u\n"), Some(false));
+        assert_eq!(keys("authorizedkeysfile none\n"), Some(false));
         assert_eq!(parse("usepam yes\n").use_pam, Some(true));
     }
 }

@@ -1598,3 +1598,40 @@ fn a_strict_useradd_still_makes_the_names_batch_accepts() {
         },
     );
 }
+
+#[test]
+fn an_sshd_that_reads_no_home_key_file_fails_users_with_a_key() {
+    sandboxed(
+        "an_sshd_that_reads_no_home_key_file_fails_users_with_a_key",
+        |dir| {
+            let conf_d = Path::new("/etc/ssh/sshd_config.d");
+            if conf_d.is_dir() {
+                std::fs::remove_dir_all(conf_d).unwrap();
+            }
+            std::fs::write(
+                "/etc/ssh/sshd_config",
+                "UsePAM no\nAuthorizedKeysFile /etc/ssh/keys/%u\n",
+            )
+            .unwrap();
+            let p = provider(dir);
+            let n = node(
+                1,
+                vec![
+                    account("alice", None, Some(KEY_A), false),
+                    account("bob", Some(&hash_password("pw")), None, false),
+                ],
+            );
+            let f = p.apply(Some(&n), 0);
+            assert_eq!(f.len(), 1, "{f:?}");
+            assert!(
+                reason_of(&f, "alice").is_some_and(|r| r.contains("AuthorizedKeysFile")),
+                "{f:?}"
+            );
+            assert!(
+                line_of("/etc/passwd", "alice").is_none(),
+                "nothing half-made"
+            );
+            assert!(line_of("/etc/passwd", "bob").is_some());
+        },
+    );
+}
