@@ -967,9 +967,22 @@ async fn hostile_acknowledgements_are_refused_and_never_move_a_node() {
         "{:?}",
         started.elapsed()
     );
-    // Beyond an authenticated agent's 32 MiB: 413.
-    let huge = format!(r#"{{"nodes":[],"pad":"{}"}}"#, "x".repeat(33 << 20));
-    let r = agent_post(&s.url, "ack", Some(&auth_a), huge.into_bytes()).await;
+    // Beyond an authenticated agent's 32 MiB: 413 (declared; the server answers before it
+    // reads, so only the head and a little of the body are sent).
+    let host_port = s.url.trim_start_matches("http://").to_string();
+    let big = format!(
+        "POST /_bluebatch/agent/ack HTTP/1.1\r\nHost: {host_port}\r\nAuthorization: \
+         {auth_a}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: \
+         close\r\n\r\n{{\"nodes\":[",
+        33 << 20
+    );
+    let r = within(
+        T,
+        "a declared 33 MiB ack",
+        raw_request(&s.url, big.as_bytes()),
+    )
+    .await
+    .expect("an answer to a declared 33 MiB ack");
     assert_error(&r, 413, "RequestBodyTooLarge", "33 MiB acknowledgement");
 
     // The other account's node is as it was; host A still backs its node.
@@ -1219,6 +1232,93 @@ async fn a_token_for_a_pool_not_there_yet_backs_it_when_added_and_again_after_it
     assert_eq!(
         desired(&s.url, &auth, "").await.json()["nodes"][0]["poolId"],
         "LATER"
+    );
+    s.assert_no_panic();
+}
+
+#[tokio::test]
+async fn an_agents_flood_of_failure_reasons_answers_the_write_with_a_bounded_message() {
+    let mut s = Hostile::launch();
+    let c = s.client();
+    let (_, auth) = joined(&s.url, &token(&c, None).await, report("h", 1)).await;
+    assert_eq!(c.create_pool("p", "linux", 1).await.status, 201);
+    let node = wait_nodes(&c, "p", 1).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The node starts once the agent acknowledges it.
+    let first = desired(&s.url, &auth, "").await.json();
+    let rev0 = first["nodes"][0]["revision"].as_u64().unwrap();
+    let start = json!({"nodes": [{"key": first["nodes"][0]["key"], "revision": rev0, "image": 0}]});
+    let r = agent_post(&s.url, "ack", Some(&auth), start.to_string().into()).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    within(T, "the node to be idle", async {
+        while wait_nodes(&c, "p", 1).await[0]["state"] != "idle" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let cursor = desired(&s.url, &auth, "").await.json()["cursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A write waiting for the node …
+    let base = s.url.clone();
+    let node2 = node.clone();
+    let write = tokio::spawn(async move {
+        let c = Client::new(&base, common::ACCOUNT, KEY);
+        c.req("POST", &format!("/pools/p/nodes/{node2}/users"))
+            .query(&format!("api-version={}&timeout=15", common::V))
+            .json(&json!({"name": "victim", "password": "Secret-123456"}))
+            .send_within(T)
+            .await
+    });
+    let d = desired(&s.url, &auth, &format!("after={cursor}&wait=10"))
+        .await
+        .json();
+    let n = &d["nodes"][0];
+    let rev = n["revision"].as_u64().unwrap();
+    assert!(rev > rev0, "{d}");
+    // … and an agent that answers it with 200 failures of 40 KB each (8 MB).
+    let failures: Vec<Value> =
+        std::iter::once(json!({"name": "victim", "reason": "r".repeat(40_000)}))
+            .chain(
+                (0..199).map(
+                    |i| json!({"name": format!("u{i}"), "reason": "\u{1b}[2J".repeat(10_000)}),
+                ),
+            )
+            .collect();
+    let ack =
+        json!({"nodes": [{"key": n["key"], "revision": rev, "image": 0, "failures": failures}]});
+    let r = agent_post(&s.url, "ack", Some(&auth), ack.to_string().into()).await;
+    assert_eq!(r.status, 200, "{}", &text(&r)[..text(&r).len().min(300)]);
+    let r = within(T, "the waiting write", write).await.unwrap();
+    assert_error(&r, 500, "InternalError", "the failed write");
+    let message = r.json()["message"]["value"].as_str().unwrap().to_string();
+    assert!(message.contains("victim: rrr"), "{}", &message[..200]);
+    assert!(
+        message.contains("and 195 more"),
+        "{}",
+        &message[message.len() - 300..]
+    );
+    assert!(
+        r.body.len() < 16 * 1024,
+        "a bounded answer: {} bytes",
+        r.body.len()
+    );
+    // The control endpoint shows them all, each reason cut to 1024 characters.
+    let users = c
+        .control("GET", &format!("/pools/p/nodes/{node}/users"))
+        .send_within(T)
+        .await
+        .json();
+    let shown = users["applyFailures"].as_array().unwrap();
+    assert_eq!(shown.len(), 200);
+    assert!(
+        shown
+            .iter()
+            .all(|f| f["reason"].as_str().unwrap().chars().count() <= 1024),
+        "reasons are cut"
     );
     s.assert_no_panic();
 }

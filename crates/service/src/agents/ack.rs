@@ -73,12 +73,22 @@ impl Hub {
     }
 }
 
+/// The most failures of one acknowledgement kept, and the longest reason (characters).
+const MAX_FAILURES: usize = 10_000;
+const MAX_REASON: usize = 1024;
+/// The most failures an error message names.
+const SHOWN_FAILURES: usize = 5;
+
 /// The answer a write gets when its node's provider failed to apply it.
 pub(crate) fn apply_failed(failures: &[UserFailure]) -> BatchError {
-    let reasons: Vec<String> = failures
+    let mut reasons: Vec<String> = failures
         .iter()
+        .take(SHOWN_FAILURES)
         .map(|f| format!("{}: {}", f.name, f.reason))
         .collect();
+    if failures.len() > SHOWN_FAILURES {
+        reasons.push(format!("and {} more", failures.len() - SHOWN_FAILURES));
+    }
     BatchError::new(Code::InternalError).message(format!(
         "The node could not apply the change ({}). The change is recorded; the node retries it.",
         reasons.join("; ")
@@ -155,7 +165,18 @@ impl Service {
                         failed = a.failures.len(),
                         "node could not apply its accounts"
                     );
-                    woken.push((a.key.clone(), None, Some((a.revision, a.failures))));
+                    // Kept for the waiting writes and the control endpoint: bounded, as the
+                    // agent's reasons are a tool's messages.
+                    let failures = a
+                        .failures
+                        .into_iter()
+                        .take(MAX_FAILURES)
+                        .map(|f| UserFailure {
+                            name: f.name.chars().take(256).collect(),
+                            reason: f.reason.chars().take(MAX_REASON).collect(),
+                        })
+                        .collect();
+                    woken.push((a.key.clone(), None, Some((a.revision, failures))));
                 } else if n.node.applied_revision.is_none_or(|r| r < a.revision) {
                     n.node.applied_revision = Some(a.revision);
                     changed = true;
