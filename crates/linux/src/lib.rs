@@ -4,7 +4,8 @@
 //! - Every change goes through the shadow tools (`useradd`, `usermod`, `gpasswd`, `chpasswd -e`,
 //!   `chage`, `userdel`, `groupadd`, `groupdel`), run with an argument vector (never a shell
 //!   string), a clean environment and a deadline. A password hash only ever travels on
-//!   `chpasswd -e`'s stdin, never in process arguments, and is never logged.
+//!   `chpasswd -e`'s stdin, never in process arguments, and is never logged; only a crypt(3)
+//!   string (`$id$…$…`) is taken (no lock marker, no plain text, nothing that ends the line).
 //! - What it manages carries two tags: membership of the group [`MANAGED_GROUP`] and an entry
 //!   (with the uid) in the state file `linux-accounts.json` of the state dir. An account missing
 //!   either tag is not ours: it is never changed nor deleted, and a desired account of that name
@@ -19,7 +20,9 @@
 //! - `isAdmin` is membership of [`ADMIN_GROUP`], which a sudoers drop-in
 //!   (`%bluebatch-admin ALL=(ALL:ALL) NOPASSWD: ALL`, checked with `visudo -cf` before it is moved
 //!   into place) lets run anything through `sudo`; or of an operator's existing group
-//!   (`admin_group`), with no drop-in.
+//!   (`admin_group`), with no drop-in. A sudo whose configuration does not read the drop-in
+//!   dir (`visudo -c` lists no drop-in) refuses the start; a drop-in removed or edited while
+//!   running is put back by the next apply.
 //! - Delete: expire and lock the account (`*`), strip its keys, kill its processes, then
 //!   `userdel -r`, retried while it exits 8 (the user still has processes).
 
