@@ -30,6 +30,10 @@ struct Hostile {
 
 impl Hostile {
     fn launch() -> Self {
+        Self::launch_with(&[])
+    }
+
+    fn launch_with(extra: &[&str]) -> Self {
         let stderr = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
             .args([
@@ -42,6 +46,7 @@ impl Hostile {
                 "--nodes",
                 "agents",
             ])
+            .args(extra)
             .env("BLUEBATCH_LOG", "warn")
             .env("BLUEBATCH_ACCOUNTS", format!("{OTHER}:{OTHER_KEY}"))
             .env_remove("BLUEBATCH_ACCOUNTS_FILE")
@@ -1320,5 +1325,40 @@ async fn an_agents_flood_of_failure_reasons_answers_the_write_with_a_bounded_mes
             .all(|f| f["reason"].as_str().unwrap().chars().count() <= 1024),
         "reasons are cut"
     );
+    s.assert_no_panic();
+}
+
+#[tokio::test]
+async fn a_stalled_control_or_agent_body_is_400_not_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = Hostile::launch_with(&["--http-stall-timeout", "1s"]);
+    let c = s.client();
+    let before = state(&c).await;
+    let host_port = s.url.trim_start_matches("http://").to_string();
+    // Signed as the SDKs sign, then only the first byte of the declared body is sent.
+    let signed = c
+        .control("POST", "/join-tokens")
+        .header("content-type", "application/json")
+        .raw(br#"{"ttl":"1h"}        "#.to_vec())
+        .into_raw_bytes(&[]);
+    let head_end = signed.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8(signed[..head_end].to_vec()).unwrap();
+    let agent_head = format!(
+        "POST /_bluebatch/agent/join HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: \
+         application/json\r\nContent-Length: 20\r\n\r\n"
+    );
+    for (what, head) in [("join-token create", head), ("agent join", agent_head)] {
+        let mut conn = tokio::net::TcpStream::connect(&host_port).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(b"{").await.unwrap();
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        within(T, what, conn.read_to_end(&mut buf)).await.unwrap();
+        let r = common::parse_http_response(&buf)
+            .unwrap_or_else(|| panic!("{what}: no answer: {:?}", String::from_utf8_lossy(&buf)));
+        assert_error(&r, 400, "InvalidRequestBody", what);
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+    }
+    assert_eq!(state(&c).await, before);
     s.assert_no_panic();
 }
