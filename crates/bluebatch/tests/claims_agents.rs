@@ -1028,3 +1028,44 @@ async fn a_linux_agent_reports_the_ssh_port_and_address_it_is_given() {
     assert_eq!(h[0]["address"], advertised, "{h:?}");
     assert_eq!(h[0]["provider"], "linux", "{h:?}");
 }
+
+/// A host released by one pool (Delete Pool) is free capacity: a pool of the account short of
+/// hosts takes it. NOT KEPT today: the slot is freed in the pool's lifecycle step, which does not
+/// refill short pools (only a join or a host's return does), so the short pool waits until its
+/// resize timeout. Run with `--ignored` once the release refills short pools.
+#[tokio::test]
+#[ignore = "not kept: a released host slot is not taken by a short pool until a host joins"]
+async fn a_host_released_by_delete_pool_backs_a_short_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = agents_server();
+    let c = s.client();
+    let tok = token(&c).await;
+    let _a = Agent::simulate(&s.url, &dir.path().join("a"), &tok, 1, "17070-17079");
+    assert_eq!(c.create_pool("one", "linux", 1).await.status, 201);
+    nodes_until(
+        &c,
+        "one",
+        "1 idle node",
+        Duration::from_secs(30),
+        all_idle(1),
+    )
+    .await;
+    assert_eq!(c.create_pool("two", "linux", 1).await.status, 201);
+    let r = c.req("DELETE", "/pools/one").send_within(T).await;
+    assert_eq!(r.status, 202, "{}", text(&r));
+    within(Duration::from_secs(20), "pool one deleted", async {
+        while c.req("GET", "/pools/one").send_within(T).await.status != 404 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(hosts(&c).await[0]["nodes"], json!([]), "the host is free");
+    nodes_until(
+        &c,
+        "two",
+        "1 idle node",
+        Duration::from_secs(20),
+        all_idle(1),
+    )
+    .await;
+}
