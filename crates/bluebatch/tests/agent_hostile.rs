@@ -1362,3 +1362,72 @@ async fn a_stalled_control_or_agent_body_is_400_not_413() {
     assert_eq!(state(&c).await, before);
     s.assert_no_panic();
 }
+
+#[tokio::test]
+async fn a_host_that_comes_back_smaller_or_as_linux_lets_go_of_the_nodes_it_cannot_back() {
+    let mut s = Hostile::launch();
+    let c = s.client();
+    let (a, auth_a) = joined(&s.url, &token(&c, None).await, report("a", 2)).await;
+    assert_eq!(c.create_pool("p", "linux", 2).await.status, 201);
+    wait_nodes(&c, "p", 2).await;
+    let (b, _) = joined(&s.url, &token(&c, None).await, report("b", 1)).await;
+    let backs = |hosts: &Value, id: &str| {
+        hosts["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["id"] == id)
+            .map_or(0, |h| h["nodes"].as_array().unwrap().len())
+    };
+    let hosts = c.control("GET", "/hosts").send_within(T).await.json();
+    assert_eq!((backs(&hosts, &a), backs(&hosts, &b)), (2, 0), "{hosts}");
+
+    // Host A restarts with `--simulate 1`: its slot 1 is gone, that node moves to host B.
+    let r = agent_post(
+        &s.url,
+        "hello",
+        Some(&auth_a),
+        report("a", 1).to_string().into(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    within(T, "the pool to be met by A's slot 0 and B", async {
+        loop {
+            let hosts = c.control("GET", "/hosts").send_within(T).await.json();
+            let nodes = c.req("GET", "/pools/p/nodes").send_within(T).await.json();
+            if (backs(&hosts, &a), backs(&hosts, &b)) == (1, 1)
+                && nodes["value"].as_array().unwrap().len() == 2
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let d = desired(&s.url, &auth_a, "").await.json();
+    let slots: Vec<&Value> = d["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| &n["slot"])
+        .collect();
+    assert_eq!(slots, [&json!(0)], "only slots below the host's count: {d}");
+
+    // A simulated host backing a Windows node comes back as a linux host: the node leaves.
+    let (w, auth_w) = joined(&s.url, &token(&c, Some("win")).await, report("w", 1)).await;
+    assert_eq!(c.create_pool("win", "windows", 1).await.status, 201);
+    wait_nodes(&c, "win", 1).await;
+    let mut linux = report("w", 1);
+    linux["provider"] = json!("linux");
+    linux["sshPort"] = json!(22);
+    let r = agent_post(&s.url, "hello", Some(&auth_w), linux.to_string().into()).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    wait_nodes(&c, "win", 0).await;
+    let hosts = c.control("GET", "/hosts").send_within(T).await.json();
+    assert_eq!(backs(&hosts, &w), 0, "{hosts}");
+    assert_eq!(
+        desired(&s.url, &auth_w, "").await.json()["nodes"],
+        json!([])
+    );
+    s.assert_no_panic();
+}

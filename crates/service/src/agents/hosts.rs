@@ -80,6 +80,7 @@ impl Service {
     pub async fn hello(&self, host: &str, report: HostReport) -> Result<HostReportAnswer> {
         check_report(&report)?;
         self.mark_seen(host, false).await?;
+        let mut released = BTreeSet::new();
         let (account, pending) = {
             let mut st = self.lock();
             let now = self.now();
@@ -97,16 +98,34 @@ impl Service {
             h.rec.reserved_names = report.reserved_names;
             h.rec.version = report.version;
             let rec = h.rec.clone();
-            let refs: Vec<NodeRef> = h.slots.values().cloned().collect();
+            let refs: Vec<(u32, NodeRef)> = h.slots.iter().map(|(s, r)| (*s, r.clone())).collect();
             let mut ops = vec![put_json(format!("{HOST_PREFIX}{host}"), &rec)];
-            for r in refs {
+            for (slot, r) in refs {
                 let Some(p) = st.pool_mut(&r.account, &r.pool) else {
                     continue;
                 };
                 let pool_id = p.pool.id.clone();
+                let os = p.pool.os;
                 let Some(n) = p.nodes.get_mut(&r.node) else {
                     continue;
                 };
+                // The host came back smaller (fewer slots) or as a linux host, which backs no
+                // Windows node: the nodes it can no longer back leave their pools, which look
+                // for other hosts (as when a host is revoked).
+                if slot >= rec.slots
+                    || (rec.provider == ProviderKind::Linux
+                        && os != bluebatch_core::model::Os::Linux)
+                {
+                    if n.node.state != NodeState::LeavingPool {
+                        set_node_state(&mut n.node, NodeState::LeavingPool, now);
+                        ops.push(put_json(
+                            node_record(&r.account, &pool_id, &r.node),
+                            &n.node,
+                        ));
+                    }
+                    released.insert((r.account.clone(), r.pool.clone()));
+                    continue;
+                }
                 let port = match rec.provider {
                     ProviderKind::Linux => rec.ssh_port,
                     ProviderKind::Simulate => n.node.ssh_port,
@@ -126,6 +145,9 @@ impl Service {
         };
         pending.durable().await?;
         self.inner.hub.notify(host);
+        for (account, pkey) in released {
+            self.refill_pool(&account, &pkey).await;
+        }
         self.fill_short_pools(&account).await;
         Ok(HostReportAnswer {
             host_id: host.to_string(),
