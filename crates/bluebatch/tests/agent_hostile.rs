@@ -678,6 +678,29 @@ async fn tampered_credentials_are_refused_and_the_real_one_keeps_working() {
     }
     let r = desired(&s.url, &format!("bluebatchnode {cred_a}"), "").await;
     assert_eq!(r.status, 200, "{}", text(&r));
+
+    // A refused hello changes nothing of the host (its name, address, slots).
+    let before = state(&c).await;
+    for (field, v) in [
+        ("address", json!("example.com")),
+        ("address", json!("0.0.0.0")),
+        ("slots", json!(0)),
+        ("sshPort", json!(0)),
+        ("hostname", json!("bad\u{7}")),
+    ] {
+        let mut h = report("renamed", 5);
+        h[field] = v.clone();
+        let r = agent_post(&s.url, "hello", Some(&auth_a), h.to_string().into()).await;
+        assert_error(
+            &r,
+            400,
+            "InvalidPropertyValue",
+            &format!("hello {field} = {v}"),
+        );
+    }
+    let r = agent_post(&s.url, "hello", Some(&auth_a), b"{\"hostname\":1}".to_vec()).await;
+    assert_error(&r, 400, "InvalidRequestBody", "hello of the wrong type");
+    assert_eq!(state(&c).await, before, "no refused hello changed a host");
     s.assert_no_panic();
 }
 

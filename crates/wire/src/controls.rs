@@ -9,7 +9,7 @@
 //! | `POST /_bluebatch/clock/reset` | back to the wall clock (offset 0, stored) |
 //! | `PUT /_bluebatch/pools/{p}/nodes/{n}/state` `{"state":"rebooting"}` | put a node in any state |
 //! | `GET /_bluebatch/pools/{p}/nodes/{n}/users` | the node's users as stored and as applied, the state its SSH endpoint enforces, the sources it locks out, and what a joined host failed to apply (`applyFailures`) |
-//! | `POST /_bluebatch/join-tokens` `{"pool":"p1","ttl":"1h"}` | a join token for `bluebatch agent` (both optional; default any pool, 24h): `{id, token, pool, expires, caFingerprint}` |
+//! | `POST /_bluebatch/join-tokens` `{"pool":"p1","ttl":"1h"}` | a join token for `bluebatch agent` (both optional; default any pool, 24h; at most 366d; the pool need not exist yet): `{id, token, pool, expires, caFingerprint}` |
 //! | `GET /_bluebatch/join-tokens` | the account's tokens `{"value":[{id, pool, expires, used}]}` (never the secret) |
 //! | `DELETE /_bluebatch/join-tokens/{id}` | revoke a token: `{id, revoked: true}` |
 //! | `GET /_bluebatch/hosts` | the hosts that joined the account `{"value":[{id, account, hostname, provider, address, sshPort, slots, nodes:[{poolId, nodeId}], drained, connected, lastSeen}]}` |
