@@ -276,7 +276,7 @@ impl Service {
             }
         }
         let now = self.now();
-        let (pending, removed, again) = {
+        let (pending, removed, again, refill) = {
             let mut st = self.lock();
             let crate::state::State { accounts, hub, .. } = &mut *st;
             let Some(acct) = accounts.get_mut(account) else {
@@ -421,7 +421,7 @@ impl Service {
             for key in &released {
                 self.inner.hub.forget_node(key);
             }
-            (self.submit(ops), removed, again)
+            (self.submit(ops), removed, again, !released.is_empty())
         };
         for key in removed {
             self.inner.nodes.remove_node(&key).await;
@@ -430,6 +430,10 @@ impl Service {
         let _ = pending.durable().await;
         if again {
             self.schedule(account, pool_key);
+        }
+        if refill {
+            // Freed host slots are capacity again: pools of the account still short take them.
+            self.fill_short_pools(account).await;
         }
     }
 
