@@ -1454,3 +1454,108 @@ async fn a_host_that_comes_back_smaller_or_as_linux_lets_go_of_the_nodes_it_cann
     );
     s.assert_no_panic();
 }
+
+#[tokio::test]
+async fn wrong_verbs_and_paths_under_the_agent_and_control_namespaces_are_batch_errors() {
+    let mut s = Hostile::launch();
+    let c = s.client();
+    let (host, auth) = joined(&s.url, &token(&c, None).await, report("h", 1)).await;
+    let before = state(&c).await;
+    let client = http();
+    for (method, path, status, code) in [
+        ("PUT", "join", 405, "UnsupportedHttpVerb"),
+        ("DELETE", "ack", 405, "UnsupportedHttpVerb"),
+        ("PATCH", "hello", 405, "UnsupportedHttpVerb"),
+        ("POST", "desired", 405, "UnsupportedHttpVerb"),
+        ("OPTIONS", "desired", 405, "UnsupportedHttpVerb"),
+        ("POST", "join/", 400, "InvalidUri"),
+        ("GET", "desired/", 400, "InvalidUri"),
+        ("POST", "JOIN", 400, "InvalidUri"),
+        ("POST", "%6Aoin", 400, "InvalidUri"),
+        // The client resolves the dots: this is POST /_bluebatch/reset, which a node
+        // credential cannot authorize.
+        ("POST", "../reset", 400, "InvalidAuthenticationInfo"),
+        ("POST", "%2e%2e/reset", 400, "InvalidAuthenticationInfo"),
+        ("GET", "", 400, "InvalidUri"),
+    ] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let url = format!("{}/_bluebatch/agent/{path}", s.url);
+        let r = respond(
+            client
+                .request(m, &url)
+                .header("authorization", &auth)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_error(
+            &r,
+            status,
+            code,
+            &format!("{method} /_bluebatch/agent/{path}"),
+        );
+    }
+    // Sent as is (no client resolving the dots): still no way out of the agent namespace.
+    let host_port = s.url.trim_start_matches("http://").to_string();
+    for path in ["%2e%2e/reset", "../reset", "./join", "join%00"] {
+        let raw = format!(
+            "POST /_bluebatch/agent/{path} HTTP/1.1\r\nHost: {host_port}\r\nAuthorization: \
+             {auth}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        let r = within(T, path, raw_request(&s.url, raw.as_bytes()))
+            .await
+            .expect("an answer");
+        assert_error(
+            &r,
+            400,
+            "InvalidUri",
+            &format!("raw POST /_bluebatch/agent/{path}"),
+        );
+    }
+    let hosts = format!("/hosts/{host}");
+    for (method, path, status, code) in [
+        (
+            "PUT",
+            "/join-tokens".to_string(),
+            405,
+            "UnsupportedHttpVerb",
+        ),
+        (
+            "GET",
+            "/join-tokens/abcdef".to_string(),
+            405,
+            "UnsupportedHttpVerb",
+        ),
+        (
+            "POST",
+            "/join-tokens/abcdef".to_string(),
+            405,
+            "UnsupportedHttpVerb",
+        ),
+        ("DELETE", "/hosts".to_string(), 405, "UnsupportedHttpVerb"),
+        (
+            "DELETE",
+            format!("{hosts}/revoke"),
+            405,
+            "UnsupportedHttpVerb",
+        ),
+        ("GET", format!("{hosts}/revoke"), 405, "UnsupportedHttpVerb"),
+        ("PUT", format!("{hosts}/drain"), 405, "UnsupportedHttpVerb"),
+        ("GET", hosts.clone(), 400, "InvalidUri"),
+        ("POST", format!("{hosts}/reboot"), 400, "InvalidUri"),
+        ("POST", format!("{hosts}/revoke/now"), 400, "InvalidUri"),
+        ("POST", "/hosts//revoke".to_string(), 400, "InvalidUri"),
+    ] {
+        let r = c.control(method, &path).send_within(T).await;
+        assert_error(&r, status, code, &format!("{method} {path}"));
+    }
+    assert_eq!(
+        state(&c).await,
+        before,
+        "no refused request changed anything"
+    );
+    s.assert_no_panic();
+}
