@@ -1559,3 +1559,62 @@ async fn wrong_verbs_and_paths_under_the_agent_and_control_namespaces_are_batch_
     );
     s.assert_no_panic();
 }
+
+#[tokio::test]
+async fn a_hundred_long_polls_of_one_host_all_wake_on_a_change_and_all_end_at_its_revoke() {
+    let mut s = Hostile::launch();
+    let c = s.client();
+    let (host, auth) = joined(&s.url, &token(&c, None).await, report("h", 1)).await;
+    let cursor = desired(&s.url, &auth, "").await.json()["cursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A change wakes every one of them at once.
+    let waiting = spawn_polls(&s.url, &auth, &cursor, 100);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    assert_eq!(c.create_pool("p", "linux", 1).await.status, 201);
+    for h in waiting {
+        let r = within(T, "a woken poll", h).await.unwrap();
+        assert_eq!(r.status, 200, "{}", text(&r));
+        assert_eq!(r.json()["changed"], true);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The revoke ends every poll waiting on the new state, with 403.
+    let cursor = desired(&s.url, &auth, "").await.json()["cursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let waiting = spawn_polls(&s.url, &auth, &cursor, 100);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = c
+        .control("POST", &format!("/hosts/{host}/revoke"))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    for h in waiting {
+        let r = within(T, "a poll ended by the revoke", h).await.unwrap();
+        assert_error(&r, 403, "AuthenticationFailed", "a poll of a revoked host");
+    }
+    s.assert_no_panic();
+}
+
+/// `n` long polls of one host waiting on `cursor` (60 s).
+fn spawn_polls(
+    url: &str,
+    auth: &str,
+    cursor: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Resp>> {
+    (0..n)
+        .map(|_| {
+            let (url, auth) = (url.to_string(), auth.to_string());
+            let q = format!("after={cursor}&wait=60");
+            tokio::spawn(async move { desired(&url, &auth, &q).await })
+        })
+        .collect()
+}
