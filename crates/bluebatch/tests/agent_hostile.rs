@@ -1584,7 +1584,19 @@ async fn a_hundred_long_polls_of_one_host_all_wake_on_a_change_and_all_end_at_it
         "{:?}",
         started.elapsed()
     );
-    // The revoke ends every poll waiting on the new state, with 403.
+    // The revoke ends every poll waiting on the new state, with 403 (once the node is idle, so
+    // that its start does not answer them first).
+    let d = desired(&s.url, &auth, "").await.json();
+    let n = &d["nodes"][0];
+    let start = json!({"nodes": [{"key": n["key"], "revision": n["revision"], "image": 0}]});
+    let r = agent_post(&s.url, "ack", Some(&auth), start.to_string().into()).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    within(T, "the node to be idle", async {
+        while wait_nodes(&c, "p", 1).await[0]["state"] != "idle" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let cursor = desired(&s.url, &auth, "").await.json()["cursor"]
         .as_str()
         .unwrap()
