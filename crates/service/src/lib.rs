@@ -304,7 +304,7 @@ impl Service {
                             {
                                 Ok(())
                             } else {
-                                Err(agents::apply_failed(failures))
+                                Err(agents::apply_failed(failures, user.as_deref()))
                             }
                         }
                         // The node left its pool meanwhile: it will never acknowledge.

@@ -79,9 +79,12 @@ const MAX_REASON: usize = 1024;
 /// The most failures an error message names.
 const SHOWN_FAILURES: usize = 5;
 
-/// The answer a write gets when its node's provider failed to apply it.
-pub(crate) fn apply_failed(failures: &[UserFailure]) -> BatchError {
-    let mut reasons: Vec<String> = failures
+/// The answer a write gets when its node's provider failed to apply it; the failure of the
+/// write's own user (`first`) is named first, however many others there are.
+pub(crate) fn apply_failed(failures: &[UserFailure], first: Option<&str>) -> BatchError {
+    let mut ordered: Vec<&UserFailure> = failures.iter().collect();
+    ordered.sort_by_key(|f| Some(f.name.as_str()) != first);
+    let mut reasons: Vec<String> = ordered
         .iter()
         .take(SHOWN_FAILURES)
         .map(|f| format!("{}: {}", f.name, f.reason))
