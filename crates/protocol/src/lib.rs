@@ -39,35 +39,8 @@ pub const MAX_WAIT_SECONDS: u64 = 60;
 /// The pool metadata item that chooses where a pool's nodes come from (wins over `--nodes`).
 pub const NODES_METADATA: &str = "bluebatch.nodes";
 
-/// Where a pool's nodes come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeSource {
-    /// Light SSH endpoints inside `bluebatch serve`.
-    Embedded,
-    /// Hosts joined with `bluebatch agent` (real Linux hosts or simulated capacity).
-    Agents,
-    /// A small Linux machine per node (namespaces and a real sshd) spawned by `bluebatch serve`.
-    Sandbox,
-}
-
-impl NodeSource {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "embedded" => Some(Self::Embedded),
-            "agents" => Some(Self::Agents),
-            "sandbox" => Some(Self::Sandbox),
-            _ => None,
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Embedded => "embedded",
-            Self::Agents => "agents",
-            Self::Sandbox => "sandbox",
-        }
-    }
-}
+/// Where a pool's nodes come from (the model's type: the pool stores it).
+pub use bluebatch_core::model::NodeSource;
 
 /// Which provider an agent runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

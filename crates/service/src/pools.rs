@@ -293,12 +293,7 @@ impl Service {
     pub async fn add_pool(&self, account: &str, new: NewPool) -> Result<()> {
         let now = self.now();
         let pkey = pool_key(&new.id);
-        let default = match self.inner.config.default_nodes {
-            bluebatch_protocol::NodeSource::Embedded => NodeSource::Embedded,
-            bluebatch_protocol::NodeSource::Agents => NodeSource::Agents,
-            bluebatch_protocol::NodeSource::Sandbox => NodeSource::Sandbox,
-        };
-        let source = pool_source(&new.spec, default)?;
+        let source = pool_source(&new.spec, self.inner.config.default_nodes)?;
         let pending = {
             let mut st = self.lock();
             let crate::state::State { accounts, hub, .. } = &mut *st;
