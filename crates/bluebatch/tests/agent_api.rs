@@ -8,7 +8,8 @@
 
 mod common;
 
-use common::{Client, Resp, Server, bluebatch_cli, text, within};
+use common::agents::{report, wait_nodes};
+use common::{Client, Resp, Server, bluebatch_cli, respond, text, within};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -26,22 +27,6 @@ struct Agent {
     http: reqwest::Client,
     credential: Option<String>,
     host_id: Option<String>,
-}
-
-fn report(hostname: &str, slots: u32) -> Value {
-    json!({"hostname": hostname, "provider": "simulate", "slots": slots,
-           "address": "127.0.0.1", "reservedNames": [], "version": "test"})
-}
-
-async fn respond(r: reqwest::Response) -> Resp {
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let body = r.bytes().await.unwrap().to_vec();
-    Resp {
-        status,
-        headers,
-        body,
-    }
 }
 
 impl Agent {
@@ -144,24 +129,6 @@ async fn token(c: &Client, pool: Option<&str>) -> String {
 fn assert_error(r: &Resp, status: u16, code: &str) {
     assert_eq!(r.status, status, "{}", text(r));
     assert_eq!(r.code(), code, "{}", text(r));
-}
-
-/// The nodes of `pool` (their JSON), polled until there are `n` of them.
-async fn wait_nodes(c: &Client, pool: &str, n: usize) -> Vec<Value> {
-    within(T, &format!("{pool} to have {n} node(s)"), async {
-        loop {
-            let r = c
-                .req("GET", &format!("/pools/{pool}/nodes"))
-                .send_within(T)
-                .await;
-            let nodes = r.json()["value"].as_array().cloned().unwrap_or_default();
-            if nodes.len() == n {
-                return nodes;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
 }
 
 #[tokio::test]

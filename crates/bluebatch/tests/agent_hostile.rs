@@ -9,7 +9,8 @@
 
 mod common;
 
-use common::{Client, KEY, Resp, raw_request, text, within};
+use common::agents::{report, wait_nodes};
+use common::{Client, KEY, Resp, raw_request, respond, text, within};
 use serde_json::{Value, json};
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -90,22 +91,6 @@ impl Drop for Hostile {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn report(hostname: &str, slots: u32) -> Value {
-    json!({"hostname": hostname, "provider": "simulate", "slots": slots,
-           "address": "127.0.0.1", "reservedNames": [], "version": "test"})
-}
-
-async fn respond(r: reqwest::Response) -> Resp {
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let body = r.bytes().await.unwrap().to_vec();
-    Resp {
-        status,
-        headers,
-        body,
     }
 }
 
@@ -222,23 +207,6 @@ async fn applied(c: &Client, pool: &str, node: &str) -> Value {
         .await;
     assert_eq!(r.status, 200, "{}", text(&r));
     r.json()["appliedRevision"].clone()
-}
-
-async fn wait_nodes(c: &Client, pool: &str, n: usize) -> Vec<Value> {
-    within(T, &format!("{pool} to have {n} node(s)"), async {
-        loop {
-            let r = c
-                .req("GET", &format!("/pools/{pool}/nodes"))
-                .send_within(T)
-                .await;
-            let nodes = r.json()["value"].as_array().cloned().unwrap_or_default();
-            if nodes.len() == n {
-                return nodes;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
 }
 
 #[tokio::test]

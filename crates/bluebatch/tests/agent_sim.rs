@@ -9,7 +9,6 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -95,15 +94,7 @@ impl Agent {
             c.env("BLUEBATCH_JOIN_TOKEN", t);
         }
         let mut child = c.spawn().expect("starting bluebatch agent");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let log = agents::agent_log(&mut child);
         Agent { child, log }
     }
 

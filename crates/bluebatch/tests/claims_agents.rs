@@ -10,10 +10,10 @@
 
 mod common;
 
+use common::agents::{agent_log, report};
 use common::sandbox::{self, Sandbox, SandboxOptions};
-use common::{Client, Resp, Server, bluebatch_cli, pool_body, text, within};
+use common::{Client, Resp, Server, bluebatch_cli, pool_body, respond, text, within};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -31,22 +31,6 @@ fn agents_server() -> Server {
 fn iso(v: &Value) -> OffsetDateTime {
     OffsetDateTime::parse(v.as_str().unwrap_or_else(|| panic!("{v}")), &Rfc3339)
         .unwrap_or_else(|e| panic!("{v}: {e}"))
-}
-
-fn report(hostname: &str, slots: u32) -> Value {
-    json!({"hostname": hostname, "provider": "simulate", "slots": slots,
-           "address": "127.0.0.1", "reservedNames": [], "version": "test"})
-}
-
-async fn respond(r: reqwest::Response) -> Resp {
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let body = r.bytes().await.unwrap().to_vec();
-    Resp {
-        status,
-        headers,
-        body,
-    }
 }
 
 /// POST /_bluebatch/join-tokens with `body`.
@@ -149,15 +133,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting bluebatch agent");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let log = agent_log(&mut child);
         Agent { child, log }
     }
 

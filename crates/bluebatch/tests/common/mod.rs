@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod agents;
 pub mod sandbox;
 
 pub const ACCOUNT: &str = "bluebatchdev";
@@ -109,6 +110,18 @@ pub struct Client {
     pub account: String,
     key: Vec<u8>,
     http: reqwest::Client,
+}
+
+/// `r` read whole: its status, headers and body.
+pub async fn respond(r: reqwest::Response) -> Resp {
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.bytes().await.unwrap().to_vec();
+    Resp {
+        status,
+        headers,
+        body,
+    }
 }
 
 #[derive(Debug)]
@@ -297,14 +310,7 @@ impl<'a> Req<'a> {
             rb = rb.body(b);
         }
         let r = rb.send().await.expect("request failed");
-        let status = r.status().as_u16();
-        let headers = r.headers().clone();
-        let body = r.bytes().await.unwrap().to_vec();
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        respond(r).await
     }
 }
 
