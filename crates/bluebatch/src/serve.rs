@@ -238,7 +238,8 @@ fn load_accounts(args: &ServeArgs) -> Result<Accounts, String> {
     Ok(accounts)
 }
 
-fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+/// `--ssh-ports FIRST-LAST` (of `serve` and of `agent`): a range of ports, none of them 0.
+pub(crate) fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
     let (a, b) = s.split_once('-').ok_or("--ssh-ports is FIRST-LAST")?;
     let (a, b): (u16, u16) = (
         a.trim()

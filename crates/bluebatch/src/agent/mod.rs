@@ -212,7 +212,7 @@ pub fn run(args: AgentArgs, rt: &tokio::runtime::Runtime) -> Result<(), String> 
     match args.simulate {
         Some(n) => rt.block_on(async {
             let bind_from = |addr: IpAddr| args.ssh_bind.unwrap_or(addr);
-            let ports = parse_ports(&args.ssh_ports)?;
+            let ports = crate::serve::parse_ports(&args.ssh_ports)?;
             let setup = Setup::new(&args, &server, &state, ProviderKind::Simulate).await?;
             let provider = simulate::Simulate::new(n, bind_from(setup.address), ports, &state);
             setup.run(provider).await
@@ -223,20 +223,6 @@ pub fn run(args: AgentArgs, rt: &tokio::runtime::Runtime) -> Result<(), String> 
             setup.run(provider).await
         }),
     }
-}
-
-fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
-    let (a, b) = s.split_once('-').ok_or("--ssh-ports is FIRST-LAST")?;
-    let (a, b): (u16, u16) = (
-        a.trim()
-            .parse()
-            .map_err(|_| "--ssh-ports: bad first port")?,
-        b.trim().parse().map_err(|_| "--ssh-ports: bad last port")?,
-    );
-    if a == 0 || a > b {
-        return Err("--ssh-ports: FIRST must be 1..=LAST".into());
-    }
-    Ok(a..=b)
 }
 
 /// What the agent knows before it speaks to the service.
