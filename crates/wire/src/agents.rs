@@ -195,15 +195,7 @@ pub fn desired_query(raw: &str) -> Result<(Option<String>, Duration), BatchError
 
 /// The whole body, at most `max` bytes, JSON (or no content type).
 async fn read(parts: &Parts, body: Body, max: usize) -> Result<Bytes, BatchError> {
-    if let Some(ct) = parts.headers.get("content-type") {
-        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-        if !ct.is_empty() && !ct.contains("json") {
-            return Err(BatchError::new(Code::InvalidHeaderValue)
-                .with("HeaderName", "Content-Type")
-                .with("HeaderValue", ct.chars().take(100).collect::<String>())
-                .with("Reason", "request bodies are JSON (application/json)"));
-        }
-    }
+    crate::server::json_content_type(&parts.headers)?;
     let declared = parts
         .headers
         .get("content-length")
@@ -212,21 +204,9 @@ async fn read(parts: &Parts, body: Body, max: usize) -> Result<Bytes, BatchError
     if declared.is_some_and(|n| n > max as u64) {
         return Err(BatchError::new(Code::RequestBodyTooLarge).with("MaxLimit", max.to_string()));
     }
-    axum::body::to_bytes(body, max).await.map_err(|e| {
-        if crate::conn::stalled(&e).is_some() {
-            return BatchError::new(Code::InvalidRequestBody)
-                .message("The request body did not arrive in time.");
-        }
-        let mut at: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(err) = at {
-            if err.is::<http_body_util::LengthLimitError>() {
-                return BatchError::new(Code::RequestBodyTooLarge)
-                    .with("MaxLimit", max.to_string());
-            }
-            at = err.source();
-        }
-        BatchError::bad_body("the request body could not be read")
-    })
+    axum::body::to_bytes(body, max)
+        .await
+        .map_err(|e| crate::server::body_read_error(e, max))
 }
 
 /// A protocol body, strictly: unknown properties, missing ones and wrong types are 400

@@ -64,22 +64,9 @@ pub async fn handle(
         OffsetDateTime::now_utc(),
     )?;
     ctx.account = Some(account.clone());
-    let body = axum::body::to_bytes(body, 64 * 1024).await.map_err(|e| {
-        // A stalled body is the client's slowness (400, as everywhere), not its size.
-        if crate::conn::stalled(&e).is_some() {
-            return BatchError::new(Code::InvalidRequestBody)
-                .message("The request body did not arrive in time.");
-        }
-        let mut at: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(err) = at {
-            if err.is::<http_body_util::LengthLimitError>() {
-                return BatchError::new(Code::RequestBodyTooLarge)
-                    .with("MaxLimit", (64 * 1024).to_string());
-            }
-            at = err.source();
-        }
-        BatchError::bad_body("the request body could not be read")
-    })?;
+    let body = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map_err(|e| crate::server::body_read_error(e, 64 * 1024))?;
     let svc = &app.service;
     let verb = |want: Method| {
         if *m == want {

@@ -379,6 +379,37 @@ fn too_large(max: usize) -> BatchError {
     BatchError::new(Code::RequestBodyTooLarge).with("MaxLimit", max.to_string())
 }
 
+/// Refuses a body whose Content-Type is given and is not JSON (none, or empty, is JSON).
+pub(crate) fn json_content_type(h: &HeaderMap) -> Result<(), BatchError> {
+    if let Some(ct) = h.get("content-type") {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        if !ct.is_empty() && !ct.contains("json") {
+            return Err(BatchError::new(Code::InvalidHeaderValue)
+                .with("HeaderName", "Content-Type")
+                .with("HeaderValue", ct.chars().take(100).collect::<String>())
+                .with("Reason", "request bodies are JSON (application/json)"));
+        }
+    }
+    Ok(())
+}
+
+/// The error of a whole body read at once (`axum::body::to_bytes` with limit `max`) failing:
+/// a stalled body is the client's slowness (400), a body over `max` is RequestBodyTooLarge.
+pub(crate) fn body_read_error(e: axum::Error, max: usize) -> BatchError {
+    if crate::conn::stalled(&e).is_some() {
+        return BatchError::new(Code::InvalidRequestBody)
+            .message("The request body did not arrive in time.");
+    }
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = at {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return too_large(max);
+        }
+        at = err.source();
+    }
+    BatchError::bad_body("the request body could not be read")
+}
+
 /// Reads the whole body, at most `max` bytes. On an error the rest stays in `body` (to drain).
 async fn read_body(h: &HeaderMap, body: &mut Unread, max: usize) -> Result<Bytes, BatchError> {
     if let Some(len) = h.get("content-length") {
@@ -393,15 +424,7 @@ async fn read_body(h: &HeaderMap, body: &mut Unread, max: usize) -> Result<Bytes
             return Err(too_large(max));
         }
     }
-    if let Some(ct) = h.get("content-type") {
-        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-        if !ct.is_empty() && !ct.contains("json") {
-            return Err(BatchError::new(Code::InvalidHeaderValue)
-                .with("HeaderName", "Content-Type")
-                .with("HeaderValue", ct.chars().take(100).collect::<String>())
-                .with("Reason", "request bodies are JSON (application/json)"));
-        }
-    }
+    json_content_type(h)?;
     let Unread::Body(b) = body else {
         return Ok(Bytes::new());
     };
