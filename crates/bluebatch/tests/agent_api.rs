@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::agents::{report, wait_nodes};
+use common::agents::{create_token, report, token, wait_nodes};
 use common::{Client, Resp, Server, bluebatch_cli, respond, text, within};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
@@ -105,25 +105,6 @@ impl Agent {
     async fn ack(&self, body: &Value) -> Resp {
         self.post("ack", body.to_string().as_bytes()).await
     }
-}
-
-/// POST /_bluebatch/join-tokens with `body`; the answer.
-async fn create_token(c: &Client, body: Value) -> Resp {
-    c.control("POST", "/join-tokens")
-        .json(&body)
-        .send_within(T)
-        .await
-}
-
-/// A token (ID.SECRET) for `pool` (or any pool).
-async fn token(c: &Client, pool: Option<&str>) -> String {
-    let body = match pool {
-        Some(p) => json!({"pool": p}),
-        None => json!({}),
-    };
-    let r = create_token(c, body).await;
-    assert_eq!(r.status, 200, "{}", text(&r));
-    r.json()["token"].as_str().unwrap().to_string()
 }
 
 fn assert_error(r: &Resp, status: u16, code: &str) {

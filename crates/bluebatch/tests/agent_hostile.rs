@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::agents::{report, wait_nodes};
+use common::agents::{create_token, report, token, wait_nodes};
 use common::{Client, KEY, Resp, raw_request, respond, text, within};
 use serde_json::{Value, json};
 use std::io::Read;
@@ -141,23 +141,6 @@ async fn desired(base: &str, auth: &str, query: &str) -> Resp {
         .await
         .expect("desired: no answer");
     respond(r).await
-}
-
-async fn create_token(c: &Client, body: Value) -> Resp {
-    c.control("POST", "/join-tokens")
-        .json(&body)
-        .send_within(T)
-        .await
-}
-
-async fn token(c: &Client, pool: Option<&str>) -> String {
-    let body = match pool {
-        Some(p) => json!({"pool": p}),
-        None => json!({}),
-    };
-    let r = create_token(c, body).await;
-    assert_eq!(r.status, 200, "{}", text(&r));
-    r.json()["token"].as_str().unwrap().to_string()
 }
 
 /// A Batch error: this status and code, the JSON shape every Batch error has.

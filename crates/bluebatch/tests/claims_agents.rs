@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::agents::{agent_log, report};
+use common::agents::{agent_log, create_token, report};
 use common::sandbox::{self, Sandbox, SandboxOptions};
 use common::{Client, Resp, Server, bluebatch_cli, pool_body, respond, text, within};
 use serde_json::{Value, json};
@@ -31,14 +31,6 @@ fn agents_server() -> Server {
 fn iso(v: &Value) -> OffsetDateTime {
     OffsetDateTime::parse(v.as_str().unwrap_or_else(|| panic!("{v}")), &Rfc3339)
         .unwrap_or_else(|e| panic!("{v}: {e}"))
-}
-
-/// POST /_bluebatch/join-tokens with `body`.
-async fn create_token(c: &Client, body: Value) -> Resp {
-    c.control("POST", "/join-tokens")
-        .json(&body)
-        .send_within(T)
-        .await
 }
 
 async fn token(c: &Client) -> String {

@@ -1,21 +1,41 @@
-//! Helpers the agent suites share: the host report a hand-driven agent joins with, a pool's
-//! nodes polled until there are so many, and a spawned agent's stderr echoed and kept.
+//! Helpers the agent suites share: the host report a hand-driven agent joins with, join tokens
+//! made through the control endpoint, a pool's nodes polled until there are so many, and a
+//! spawned agent's stderr echoed and kept.
 #![allow(dead_code)]
 
-use super::{Client, within};
+use super::{Client, Resp, text, within};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The deadline of each request of `wait_nodes`, and of the whole wait.
+/// The deadline of each request here, and of the whole of `wait_nodes`.
 const T: Duration = Duration::from_secs(20);
 
 /// A join's or heartbeat's host report: `hostname`, `slots`, the simulate provider on loopback.
 pub fn report(hostname: &str, slots: u32) -> Value {
     json!({"hostname": hostname, "provider": "simulate", "slots": slots,
            "address": "127.0.0.1", "reservedNames": [], "version": "test"})
+}
+
+/// POST /_bluebatch/join-tokens with `body`; the answer.
+pub async fn create_token(c: &Client, body: Value) -> Resp {
+    c.control("POST", "/join-tokens")
+        .json(&body)
+        .send_within(T)
+        .await
+}
+
+/// A token (ID.SECRET) for `pool` (or any pool).
+pub async fn token(c: &Client, pool: Option<&str>) -> String {
+    let body = match pool {
+        Some(p) => json!({"pool": p}),
+        None => json!({}),
+    };
+    let r = create_token(c, body).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    r.json()["token"].as_str().unwrap().to_string()
 }
 
 /// The nodes of `pool` (their JSON), polled until there are `n` of them.
