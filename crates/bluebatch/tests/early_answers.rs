@@ -134,6 +134,68 @@ fn a_client_that_writes_2_mib_first_reads_its_413() {
     assert_code(&write_all_then_read(&srv.url, &req), 400, "InvalidUri");
 }
 
+/// The agent and control endpoints answer early as the Batch API does: the rest of the body is
+/// drained, so the client reads its 413 (a join of more than `--max-body-bytes`) or its 401.
+#[test]
+fn agent_and_control_endpoints_drain_before_answering_early() {
+    let srv = Server::start();
+    let c = srv.client();
+    let join = format!(r#"{{"token":"{}"}}"#, "x".repeat(TWO_MIB)).into_bytes();
+    let req = c
+        .req("POST", "/_bluebatch/agent/join")
+        .unsigned()
+        .header("content-type", "application/json")
+        .raw(join.clone())
+        .into_raw_bytes(&[]);
+    assert_code(
+        &write_all_then_read(&srv.url, &req),
+        413,
+        "RequestBodyTooLarge",
+    );
+    let req = c
+        .req("POST", "/_bluebatch/agent/join")
+        .unsigned()
+        .header("transfer-encoding", "chunked")
+        .raw(chunked(&join))
+        .into_raw_bytes(&[]);
+    assert_code(
+        &write_all_then_read(&srv.url, &req),
+        413,
+        "RequestBodyTooLarge",
+    );
+    // An acknowledgement without a node credential: 401 before the body is looked at.
+    let req = c
+        .req("POST", "/_bluebatch/agent/ack")
+        .unsigned()
+        .raw(vec![b' '; TWO_MIB])
+        .into_raw_bytes(&[]);
+    assert_code(
+        &write_all_then_read(&srv.url, &req),
+        401,
+        "AuthenticationFailed",
+    );
+    // A control call: unsigned → 401; signed but over its 64 KiB → 413.
+    let req = c
+        .req("POST", "/_bluebatch/join-tokens")
+        .unsigned()
+        .raw(vec![b' '; TWO_MIB])
+        .into_raw_bytes(&[]);
+    assert_code(
+        &write_all_then_read(&srv.url, &req),
+        401,
+        "AuthenticationFailed",
+    );
+    let req = c
+        .req("POST", "/_bluebatch/join-tokens")
+        .raw(vec![b' '; TWO_MIB])
+        .into_raw_bytes(&[]);
+    assert_code(
+        &write_all_then_read(&srv.url, &req),
+        413,
+        "RequestBodyTooLarge",
+    );
+}
+
 #[test]
 fn after_a_drained_body_the_connection_serves_the_next_request() {
     let srv = Server::start();

@@ -18,8 +18,8 @@
 
 use crate::conn::ConnHandle;
 use crate::respond::{Ctx, json_response};
-use crate::server::App;
-use axum::body::{Body, Bytes};
+use crate::server::{App, Unread, read_body};
+use axum::body::Body;
 use axum::http::{HeaderValue, Method, Response, request::Parts};
 use bluebatch_core::error::{BatchError, Code};
 use bluebatch_protocol::{
@@ -42,10 +42,10 @@ pub fn is_agent_path(path: &str) -> bool {
     path.starts_with("/_bluebatch/agent/") || path == "/_bluebatch/agent"
 }
 
-pub async fn handle(
+pub(crate) async fn handle(
     app: &App,
     parts: &Parts,
-    body: Body,
+    body: &mut Unread,
     _ctx: &mut Ctx,
 ) -> Result<Response<Body>, BatchError> {
     let path = parts.uri.path();
@@ -69,7 +69,8 @@ pub async fn handle(
     let svc = &app.service;
     if path == JOIN_PATH {
         // The only unauthenticated path: the token in the body is the credential.
-        let req: JoinRequest = parse(&read(parts, body, app.config.max_body_bytes).await?)?;
+        let req: JoinRequest =
+            parse(&read_body(&parts.headers, body, app.config.max_body_bytes).await?)?;
         return answer(&svc.join(req).await?);
     }
     let host = authenticate(app, parts)?;
@@ -78,11 +79,12 @@ pub async fn handle(
     }
     match path {
         p if p == HELLO_PATH => {
-            let report: HostReport = parse(&read(parts, body, MAX_AGENT_BODY).await?)?;
+            let report: HostReport =
+                parse(&read_body(&parts.headers, body, MAX_AGENT_BODY).await?)?;
             answer(&svc.hello(&host, report).await?)
         }
         p if p == ACK_PATH => {
-            let ack: AckRequest = parse(&read(parts, body, MAX_AGENT_BODY).await?)?;
+            let ack: AckRequest = parse(&read_body(&parts.headers, body, MAX_AGENT_BODY).await?)?;
             answer(&svc.ack(&host, ack).await?)
         }
         _ => {
@@ -191,22 +193,6 @@ pub fn desired_query(raw: &str) -> Result<(Option<String>, Duration), BatchError
         after.filter(|a| !a.is_empty()),
         wait.unwrap_or(Duration::ZERO),
     ))
-}
-
-/// The whole body, at most `max` bytes, JSON (or no content type).
-async fn read(parts: &Parts, body: Body, max: usize) -> Result<Bytes, BatchError> {
-    crate::server::json_content_type(&parts.headers)?;
-    let declared = parts
-        .headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(BatchError::new(Code::RequestBodyTooLarge).with("MaxLimit", max.to_string()));
-    }
-    axum::body::to_bytes(body, max)
-        .await
-        .map_err(|e| crate::server::body_read_error(e, max))
 }
 
 /// A protocol body, strictly: unknown properties, missing ones and wrong types are 400

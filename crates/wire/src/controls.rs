@@ -23,7 +23,7 @@
 use crate::auth;
 use crate::endpoint::route_segments;
 use crate::respond::{Ctx, json_response};
-use crate::server::App;
+use crate::server::{App, Unread, read_any_body};
 use crate::sharedkey::Signed;
 use axum::body::Body;
 use axum::http::{Method, Response, request::Parts};
@@ -35,11 +35,11 @@ use bluebatch_core::users::parse_object;
 use serde_json::{Value, json};
 use time::{Duration, OffsetDateTime};
 
-pub async fn handle(
+pub(crate) async fn handle(
     app: &App,
     parts: &Parts,
     rest: &str,
-    body: Body,
+    body: &mut Unread,
     ctx: &mut Ctx,
 ) -> Result<Response<Body>, BatchError> {
     let m = &parts.method;
@@ -64,9 +64,7 @@ pub async fn handle(
         OffsetDateTime::now_utc(),
     )?;
     ctx.account = Some(account.clone());
-    let body = axum::body::to_bytes(body, 64 * 1024)
-        .await
-        .map_err(|e| crate::server::body_read_error(e, 64 * 1024))?;
+    let body = read_any_body(&parts.headers, body, 64 * 1024).await?;
     let svc = &app.service;
     let verb = |want: Method| {
         if *m == want {

@@ -146,22 +146,13 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
 }
 
 /// Where the request body stands once the answer is known.
-enum Unread {
+pub(crate) enum Unread {
     /// Not read, or read in part: what is left can be drained.
     Body(Body),
     /// Read to its end.
     Read,
     /// Handed to code that may have left part of it unread.
     Lost,
-}
-
-impl Unread {
-    fn take(&mut self) -> Body {
-        match std::mem::replace(self, Unread::Lost) {
-            Unread::Body(b) => b,
-            _ => Body::empty(),
-        }
-    }
 }
 
 /// Reads and discards the rest of a body the answer did not need, within [`DRAIN_MAX_BYTES`] and
@@ -250,25 +241,17 @@ async fn process(
     let raw_path = parts.uri.path();
     let raw_query = parts.uri.query().unwrap_or("");
     if crate::agents::is_agent_path(raw_path) {
-        return match crate::agents::handle(app, parts, body.take(), ctx).await {
-            Ok(answer) => {
-                *body = Unread::Read;
-                Ok(answer)
-            }
+        return match crate::agents::handle(app, parts, body, ctx).await {
             Err(e) if e.status() == 401 => {
                 let mut answer = respond::error(ctx, &e);
                 crate::agents::challenge(&mut answer);
                 Ok(answer)
             }
-            Err(e) => Err(e),
+            answer => answer,
         };
     }
     if let Some(rest) = raw_path.strip_prefix(CONTROL_PREFIX) {
-        let answer = crate::controls::handle(app, parts, rest, body.take(), ctx).await;
-        if answer.is_ok() {
-            *body = Unread::Read;
-        }
-        return answer;
+        return crate::controls::handle(app, parts, rest, body, ctx).await;
     }
     let endpoint = route(&parts.method, raw_path)?;
     let api_version = query::api_version(raw_query, app.config.accept_any_api_version)?;
@@ -393,25 +376,29 @@ pub(crate) fn json_content_type(h: &HeaderMap) -> Result<(), BatchError> {
     Ok(())
 }
 
-/// The error of a whole body read at once (`axum::body::to_bytes` with limit `max`) failing:
-/// a stalled body is the client's slowness (400), a body over `max` is RequestBodyTooLarge.
-pub(crate) fn body_read_error(e: axum::Error, max: usize) -> BatchError {
-    if crate::conn::stalled(&e).is_some() {
-        return BatchError::new(Code::InvalidRequestBody)
-            .message("The request body did not arrive in time.");
-    }
-    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = at {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return too_large(max);
-        }
-        at = err.source();
-    }
-    BatchError::bad_body("the request body could not be read")
+/// Reads the whole body, at most `max` bytes. On an error the rest stays in `body` (to drain).
+pub(crate) async fn read_body(
+    h: &HeaderMap,
+    body: &mut Unread,
+    max: usize,
+) -> Result<Bytes, BatchError> {
+    declared_length_fits(h, max)?;
+    json_content_type(h)?;
+    read_rest(body, max).await
 }
 
-/// Reads the whole body, at most `max` bytes. On an error the rest stays in `body` (to drain).
-async fn read_body(h: &HeaderMap, body: &mut Unread, max: usize) -> Result<Bytes, BatchError> {
+/// [`read_body`] whatever the content type (the control endpoints take what `curl -d` sends).
+pub(crate) async fn read_any_body(
+    h: &HeaderMap,
+    body: &mut Unread,
+    max: usize,
+) -> Result<Bytes, BatchError> {
+    declared_length_fits(h, max)?;
+    read_rest(body, max).await
+}
+
+/// A `Content-Length` over `max` is refused before any byte of the body is read.
+fn declared_length_fits(h: &HeaderMap, max: usize) -> Result<(), BatchError> {
     if let Some(len) = h.get("content-length") {
         let len: u64 = len
             .to_str()
@@ -424,7 +411,10 @@ async fn read_body(h: &HeaderMap, body: &mut Unread, max: usize) -> Result<Bytes
             return Err(too_large(max));
         }
     }
-    json_content_type(h)?;
+    Ok(())
+}
+
+async fn read_rest(body: &mut Unread, max: usize) -> Result<Bytes, BatchError> {
     let Unread::Body(b) = body else {
         return Ok(Bytes::new());
     };
