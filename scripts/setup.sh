@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need besides Rust and Python: the OpenSSH client and sshpass; for the
+# Installs what the tests need besides Rust and Python: the OpenSSH client and sshpass; PostgreSQL
+# 15 (postgresql-15, for scripts/pg.sh's throwaway cluster); for the
 # agent tests a real sshd (openssh-server, never started as a service here: each test runs its own
 # in a namespace), sudo, ip and the shadow tools; the azure-batch venv of tests/sdk, and the
 # az CLI (a cached venv, reused across runs and clones: scripts/setup-az.sh).
@@ -15,12 +16,16 @@ command -v unshare >/dev/null || need+=(util-linux)
 command -v useradd >/dev/null || need+=(passwd)
 command -v pkill >/dev/null || need+=(procps)
 command -v ssh-keyscan >/dev/null || need+=(openssh-client)
+# PostgreSQL 15 for the PostgreSQL store's tests: scripts/pg.sh runs a throwaway cluster from its
+# binaries (the package's own cluster is never started: policy-rc.d below).
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    # Installing openssh-server must not start a host sshd: a policy-rc.d of our own (only when
-    # the machine has none) tells the package scripts not to start services.
+    # Installing openssh-server must not start a host sshd, nor postgresql-15 its cluster: a
+    # policy-rc.d of our own (only when the machine has none) tells the package scripts not to
+    # start services.
     policy=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null

@@ -26,6 +26,12 @@ start=$SECONDS
 stage "setup (scripts/setup.sh)" scripts/setup.sh
 stage "cargo fmt --check" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+# The PostgreSQL store's suites run against a throwaway cluster (scripts/pg.sh), stopped at the
+# end however the run ends.
+stage "PostgreSQL test cluster (scripts/pg.sh start)" scripts/pg.sh start
+trap 'scripts/pg.sh stop || true' EXIT
+BLUEBATCH_TEST_PG="$(scripts/pg.sh url)"
+export BLUEBATCH_TEST_PG
 stage "cargo test" cargo test --workspace
 stage "cargo build -p bluebatch" cargo build -p bluebatch
 export BLUEBATCH_BIN="$PWD/target/debug/bluebatch"
