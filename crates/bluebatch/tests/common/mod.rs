@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod agents;
+pub mod replicas;
 pub mod sandbox;
 
 pub const ACCOUNT: &str = "bluebatchdev";
