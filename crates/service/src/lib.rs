@@ -10,6 +10,7 @@ mod fabric;
 mod lifecycle;
 mod nodes;
 mod pools;
+mod shared;
 mod state;
 mod users;
 
@@ -19,6 +20,7 @@ pub use fabric::{BoxFuture, LoginLockout, NodeFabric};
 pub use nodes::{AppliedUsers, NodeView};
 pub use pools::PoolView;
 pub use pools::Precondition;
+pub use shared::LEASE_TTL;
 pub use users::{UserAddr, Written};
 
 use bluebatch_core::error::{BatchError, Code};
@@ -72,7 +74,10 @@ pub struct Service {
 
 struct Inner {
     state: Mutex<State>,
-    store: GroupCommit,
+    /// The embedded store's writer (`None` on a shared store).
+    store: Option<GroupCommit>,
+    /// The shared store (PostgreSQL) and this replica's cache of it.
+    shared: Option<shared::Shared>,
     clock: Arc<ServiceClock>,
     nodes: Arc<dyn NodeFabric>,
     config: Config,
@@ -84,14 +89,22 @@ struct Inner {
 
 /// A commit the caller must await (outside the state lock) before answering.
 #[must_use]
-struct Pending(oneshot::Receiver<bluebatch_store::Result<()>>);
+enum Pending {
+    Local(oneshot::Receiver<bluebatch_store::Result<()>>),
+    Shared(shared::SharedCommit),
+}
 
 impl Pending {
     async fn durable(self) -> Result<(), BatchError> {
-        match self.0.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => fatal_store_error(&e.to_string()),
-            Err(_) => fatal_store_error("the writer dropped the change"),
+        match self {
+            Pending::Local(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => fatal_store_error(&e.to_string()),
+                Err(_) => fatal_store_error("the writer dropped the change"),
+            },
+            // A failed commit on a shared store is the request's error: the replica reads the
+            // database's state again before it answers anything else.
+            Pending::Shared(c) => c.durable().await,
         }
     }
 }
@@ -127,7 +140,8 @@ impl Service {
         let svc = Service {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
-                store: GroupCommit::start(backend),
+                store: Some(GroupCommit::start(backend)),
+                shared: None,
                 clock,
                 nodes,
                 config,
@@ -137,6 +151,39 @@ impl Service {
         };
         svc.ensure_agent_secret().await;
         svc.recover().await;
+        svc.start_host_sweeper();
+        Ok(svc)
+    }
+
+    /// Starts a replica on a store shared with other replicas (PostgreSQL): reads the whole
+    /// state, then follows other replicas' commits and competes for the background lease.
+    /// Nodes come from joined hosts only (embedded nodes live in one process).
+    pub async fn start_shared(
+        backend: Arc<dyn bluebatch_store::SharedBackend>,
+        replica: String,
+        clock: Arc<ServiceClock>,
+        nodes: Arc<dyn NodeFabric>,
+        config: Config,
+    ) -> Result<Self, String> {
+        let snap = backend.snapshot().await.map_err(|e| e.to_string())?;
+        let state = State::load(snap.records)?;
+        if let Some(nanos) = state.clock_offset_nanos {
+            clock.set_offset(time::Duration::nanoseconds(nanos));
+        }
+        let svc = Service {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                store: None,
+                shared: Some(shared::Shared::new(backend, snap.rev, replica)),
+                clock,
+                nodes,
+                config,
+                due: Default::default(),
+                hub: Default::default(),
+            }),
+        };
+        svc.ensure_agent_secret().await;
+        svc.start_shared_tasks();
         svc.start_host_sweeper();
         Ok(svc)
     }
@@ -176,6 +223,7 @@ impl Service {
         &self,
         change: impl FnOnce(&ServiceClock),
     ) -> Result<time::Duration, BatchError> {
+        let _gate = self.gate().await?;
         let (offset, pending) = {
             // Under the state lock, so the store records offsets in the order memory took them.
             let _st = self.lock();
@@ -217,14 +265,21 @@ impl Service {
     /// Queues `ops` for the store; call while holding the state lock so the store sees changes
     /// in the order memory did.
     fn submit(&self, ops: Vec<Op>) -> Pending {
+        if let Some(sh) = &self.inner.shared {
+            return Pending::Shared(sh.submit(Arc::downgrade(&self.inner), ops));
+        }
         let (tx, rx) = oneshot::channel();
-        self.inner.store.submit(
-            ops,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        Pending(rx)
+        self.inner
+            .store
+            .as_ref()
+            .expect("a service has one store")
+            .submit(
+                ops,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+        Pending::Local(rx)
     }
 
     /// Hands a Linux node's provider the node's whole account set at `revision` (under the state

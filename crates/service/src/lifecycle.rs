@@ -172,6 +172,11 @@ impl Service {
 
     fn schedule_with(&self, account: &str, pool_key: &str, restamp: Option<&str>) {
         self.push_pool_states(account, pool_key);
+        // On a shared store the steps are the background lease holder's (it schedules the pools
+        // it sees change).
+        if !self.runs_background() {
+            return;
+        }
         let at = Instant::now() + self.inner.config.node_step;
         self.stamp_due(account, pool_key, at, restamp);
         let svc = self.clone();
@@ -228,6 +233,12 @@ impl Service {
     }
 
     async fn advance_pool(&self, account: &str, pool_key: &str) {
+        if !self.runs_background() {
+            return;
+        }
+        let Ok(_gate) = self.gate().await else {
+            return;
+        };
         // Only nodes whose own step has passed move; other nodes wait for their own timers.
         let tick = Instant::now();
         // Linux nodes finishing `creating` get their SSH endpoint first (binding is async).
@@ -510,6 +521,33 @@ impl Service {
         }
         for (account, pkey) in pools {
             self.schedule(&account, &pkey);
+        }
+    }
+
+    /// Whether the pool has steps to take: deleting, resizing, or nodes between states.
+    pub(crate) fn is_busy(&self, account: &str, pool_key: &str) -> bool {
+        let st = self.lock();
+        st.pool(account, pool_key).is_some_and(|entry| {
+            entry.pool.state == PoolState::Deleting
+                || entry.pool.allocation_state != AllocationState::Steady
+                || entry.nodes.values().any(|n| is_transitional(n.node.state))
+        })
+    }
+
+    /// The background holder of a shared store takes over the steps of every busy pool (those
+    /// another replica was taking when it went).
+    pub(crate) fn resume_pools(&self) {
+        let pools: Vec<(String, String)> = {
+            let st = self.lock();
+            st.accounts
+                .iter()
+                .flat_map(|(a, acct)| acct.pools.keys().map(move |p| (a.clone(), p.clone())))
+                .collect()
+        };
+        for (account, pkey) in pools {
+            if self.is_busy(&account, &pkey) {
+                self.schedule(&account, &pkey);
+            }
         }
     }
 

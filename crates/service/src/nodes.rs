@@ -139,6 +139,7 @@ impl Service {
     }
 
     async fn restart(&self, account: &str, pool: &str, node: &str, how: Restart) -> Result<()> {
+        let _gate = self.gate().await?;
         let now = self.now();
         let (pending, key, linux) = {
             let mut st = self.lock();
@@ -228,6 +229,7 @@ impl Service {
         node: &str,
         to: SchedulingState,
     ) -> Result<()> {
+        let _gate = self.gate().await?;
         let now = self.now();
         let pending = {
             let mut st = self.lock();
@@ -271,6 +273,7 @@ impl Service {
         node: &str,
         state: NodeState,
     ) -> Result<()> {
+        let _gate = self.gate().await?;
         let now = self.now();
         let pending = {
             let mut st = self.lock();

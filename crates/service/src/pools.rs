@@ -291,9 +291,21 @@ impl Service {
     }
 
     pub async fn add_pool(&self, account: &str, new: NewPool) -> Result<()> {
+        let _gate = self.gate().await?;
         let now = self.now();
         let pkey = pool_key(&new.id);
         let source = pool_source(&new.spec, self.inner.config.default_nodes)?;
+        if self.shared().is_some() && source != crate::NodeSource::Agents {
+            // Embedded nodes live inside one process; replicas share joined hosts only.
+            return Err(BatchError::property(
+                Code::InvalidPropertyValue,
+                "metadata",
+                format!(
+                    "This service runs on a shared store (PostgreSQL), where nodes come from joined hosts only: the metadata item {} must be agents.",
+                    bluebatch_protocol::NODES_METADATA
+                ),
+            ));
+        }
         let pending = {
             let mut st = self.lock();
             let crate::state::State { accounts, hub, .. } = &mut *st;
@@ -387,6 +399,7 @@ impl Service {
         pool: &str,
         pre: Precondition<'_>,
     ) -> Result<()> {
+        let _gate = self.gate().await?;
         let now = self.now();
         let pending = {
             let mut st = self.lock();
@@ -423,6 +436,7 @@ impl Service {
         resize: Resize,
         pre: Precondition<'_>,
     ) -> Result<()> {
+        let _gate = self.gate().await?;
         let now = self.now();
         let pending = {
             let mut st = self.lock();
@@ -470,6 +484,7 @@ impl Service {
         node_ids: &[String],
         pre: Precondition<'_>,
     ) -> Result<()> {
+        let _gate = self.gate().await?;
         let now = self.now();
         let pending = {
             let mut st = self.lock();
@@ -512,6 +527,7 @@ impl Service {
     /// Emulator control: forgets every pool, node and user of `account` at once (their
     /// endpoints go too). Other accounts are untouched.
     pub async fn reset_account(&self, account: &str) -> Result<()> {
+        let _gate = self.gate().await?;
         let (pending, keys) = {
             let mut st = self.lock();
             // Joined hosts keep their place; the slots of the account's nodes are free again.
@@ -578,6 +594,9 @@ impl Service {
 
     /// Brings an agents pool to its targets again (a host joined, or one backing it was revoked).
     pub(crate) async fn refill_pool(&self, account: &str, pkey: &str) {
+        let Ok(_gate) = self.gate().await else {
+            return;
+        };
         let now = self.now();
         let pending = {
             let mut st = self.lock();

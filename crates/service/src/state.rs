@@ -218,3 +218,241 @@ impl State {
         Ok((os, pool_id, entry))
     }
 }
+
+/// What applying a committed change to the cache touched (a replica catching up).
+#[derive(Default)]
+pub struct Touched {
+    /// (account, pool key) of every pool whose pool or node records changed.
+    pub pools: std::collections::BTreeSet<(String, String)>,
+    /// Fabric keys of agent nodes whose record changed, with their host.
+    pub agent_nodes: Vec<(String, String)>,
+    /// Hosts whose record changed (or went).
+    pub hosts: std::collections::BTreeSet<String>,
+    /// The service clock's offset changed.
+    pub clock: bool,
+}
+
+impl State {
+    /// Applies one committed change (made by another replica) to the cache, as
+    /// [`State::load`] would have read it. Records of unknown kinds are ignored.
+    pub fn apply(&mut self, op: &bluebatch_store::Op, touched: &mut Touched) -> Result<(), String> {
+        use bluebatch_store::Op;
+        match op {
+            Op::Put { key, value } => self.put(key, value, touched),
+            Op::Delete { key } => {
+                self.remove(key, touched);
+                Ok(())
+            }
+            Op::DeletePrefix { prefix } => {
+                let parts: Vec<&str> = prefix.trim_end_matches('/').split('/').collect();
+                match parts.as_slice() {
+                    ["node", account, pool] => {
+                        let ids: Vec<String> = self
+                            .pool(account, pool)
+                            .map(|p| p.nodes.keys().cloned().collect())
+                            .unwrap_or_default();
+                        for id in ids {
+                            self.remove(&format!("node/{account}/{pool}/{id}"), touched);
+                        }
+                    }
+                    ["user", account, pool] => {
+                        if let Some(p) = self.pool_mut(account, pool) {
+                            p.nodes.values_mut().for_each(|n| n.users.clear());
+                        }
+                    }
+                    ["user", account, pool, node] => {
+                        if let Some(n) = self
+                            .pool_mut(account, pool)
+                            .and_then(|p| p.nodes.get_mut(*node))
+                        {
+                            n.users.clear();
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn put(&mut self, k: &str, v: &[u8], touched: &mut Touched) -> Result<(), String> {
+        let parts: Vec<&str> = k.split('/').collect();
+        let bad = |e: serde_json::Error| format!("corrupt record {k}: {e}");
+        match parts.as_slice() {
+            ["pool", account, pkey] => {
+                let pool: Pool = serde_json::from_slice(v).map_err(bad)?;
+                let acct = self.accounts.entry(account.to_string()).or_default();
+                match acct.pools.get_mut(*pkey) {
+                    Some(e) => e.pool = pool,
+                    None => {
+                        acct.pools.insert(
+                            pkey.to_string(),
+                            PoolEntry {
+                                pool,
+                                nodes: BTreeMap::new(),
+                            },
+                        );
+                    }
+                }
+                touched
+                    .pools
+                    .insert((account.to_string(), pkey.to_string()));
+            }
+            ["node", account, pkey, id] => {
+                let node: Node = serde_json::from_slice(v).map_err(bad)?;
+                let old = self
+                    .pool(account, pkey)
+                    .and_then(|p| p.nodes.get(*id))
+                    .map(|n| (n.node.host.clone(), n.node.slot));
+                if let Some((Some(host), Some(slot))) = &old
+                    && (node.host.as_ref() != Some(host) || node.slot != Some(*slot))
+                    && let Some(h) = self.hub.hosts.get_mut(host)
+                    && h.slots.get(slot).is_some_and(|r| r.node == *id)
+                {
+                    h.slots.remove(slot);
+                }
+                if let (Some(host), Some(slot)) = (&node.host, node.slot)
+                    && let Some(h) = self.hub.hosts.get_mut(host)
+                {
+                    if node.state == bluebatch_core::model::NodeState::Unknown {
+                        h.away = true;
+                    }
+                    h.slots.insert(
+                        slot,
+                        crate::agents::NodeRef {
+                            account: account.to_string(),
+                            pool: pkey.to_string(),
+                            node: id.to_string(),
+                        },
+                    );
+                }
+                let Some(p) = self.pool_mut(account, pkey) else {
+                    return Ok(());
+                };
+                if let Some(host) = &node.host {
+                    touched
+                        .agent_nodes
+                        .push((node_key(account, &p.pool.id, id), host.clone()));
+                }
+                match p.nodes.get_mut(*id) {
+                    Some(e) => e.node = node,
+                    None => {
+                        p.nodes.insert(
+                            id.to_string(),
+                            NodeEntry {
+                                node,
+                                users: BTreeMap::new(),
+                            },
+                        );
+                    }
+                }
+                touched
+                    .pools
+                    .insert((account.to_string(), pkey.to_string()));
+            }
+            ["user", account, pkey, id, _] => {
+                let user: NodeUser = serde_json::from_slice(v).map_err(bad)?;
+                if let Some(p) = self.pool_mut(account, pkey) {
+                    let os = p.pool.os;
+                    if let Some(n) = p.nodes.get_mut(*id) {
+                        n.users.insert(user_key(os, &user.name), user);
+                    }
+                }
+            }
+            ["meta", "clock"] => {
+                let r: ClockRecord = serde_json::from_slice(v).map_err(bad)?;
+                self.clock_offset_nanos = Some(r.offset_nanos);
+                touched.clock = true;
+            }
+            ["meta", "agent-secret"] => {
+                let r: crate::agents::SecretRecord = serde_json::from_slice(v).map_err(bad)?;
+                self.hub.secret = crate::agents::unhex(&r.key).unwrap_or_default();
+            }
+            ["agent", "token", _] => {
+                let r: crate::agents::TokenRecord = serde_json::from_slice(v).map_err(bad)?;
+                self.hub.tokens.insert(r.id.clone(), r);
+            }
+            ["agent", "host", _] => {
+                let r: crate::agents::HostRecord = serde_json::from_slice(v).map_err(bad)?;
+                touched.hosts.insert(r.id.clone());
+                match self.hub.hosts.get_mut(&r.id) {
+                    Some(h) => {
+                        h.reserved = r.reserved_names.iter().cloned().collect();
+                        h.rec = r;
+                    }
+                    None => {
+                        self.hub
+                            .hosts
+                            .insert(r.id.clone(), crate::agents::HostEntry::new(r));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, k: &str, touched: &mut Touched) {
+        let parts: Vec<&str> = k.split('/').collect();
+        match parts.as_slice() {
+            ["pool", account, pkey] => {
+                if let Some(acct) = self.accounts.get_mut(*account)
+                    && let Some(p) = acct.pools.remove(*pkey)
+                {
+                    for n in p.nodes.values() {
+                        self.release_slot(&n.node, account, pkey, touched);
+                    }
+                }
+                touched
+                    .pools
+                    .insert((account.to_string(), pkey.to_string()));
+            }
+            ["node", account, pkey, id] => {
+                let Some(p) = self.pool_mut(account, pkey) else {
+                    return;
+                };
+                if let Some(n) = p.nodes.remove(*id) {
+                    self.release_slot(&n.node, account, pkey, touched);
+                }
+                touched
+                    .pools
+                    .insert((account.to_string(), pkey.to_string()));
+            }
+            ["user", account, pkey, id, ukey] => {
+                if let Some(n) = self
+                    .pool_mut(account, pkey)
+                    .and_then(|p| p.nodes.get_mut(*id))
+                {
+                    n.users.remove(*ukey);
+                }
+            }
+            ["meta", "clock"] => {
+                self.clock_offset_nanos = None;
+                touched.clock = true;
+            }
+            ["agent", "token", id] => {
+                self.hub.tokens.remove(*id);
+            }
+            ["agent", "host", id] => {
+                self.hub.hosts.remove(*id);
+                touched.hosts.insert(id.to_string());
+            }
+            _ => {}
+        }
+    }
+
+    /// A removed node's host slot is free again.
+    fn release_slot(&mut self, node: &Node, account: &str, pkey: &str, touched: &mut Touched) {
+        if let (Some(host), Some(slot)) = (&node.host, node.slot) {
+            if let Some(h) = self.hub.hosts.get_mut(host)
+                && h.slots.get(&slot).is_some_and(|r| r.node == node.id)
+            {
+                h.slots.remove(&slot);
+            }
+            touched
+                .agent_nodes
+                .push((node_key(account, pkey, &node.id), host.clone()));
+            touched.hosts.insert(host.clone());
+        }
+    }
+}

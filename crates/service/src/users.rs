@@ -60,6 +60,7 @@ impl Service {
         body: UserBody,
         password_hash: Option<String>,
     ) -> Result<Written> {
+        let _gate = self.gate().await?;
         let now = self.now();
         let pending = {
             let mut st = self.lock();
@@ -157,6 +158,7 @@ impl Service {
     }
 
     pub async fn delete_user(&self, at: UserAddr<'_>, name: &str) -> Result<()> {
+        let _gate = self.gate().await?;
         let pending = {
             let mut st = self.lock();
             let (os, pool_id, entry) = st.node_mut(at.account, at.pool, at.node)?;

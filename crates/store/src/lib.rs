@@ -6,9 +6,11 @@
 //! throughput is not bounded by the disk's fsync rate.
 
 mod group;
+mod shared;
 mod sqlite;
 
 pub use group::{Done, GroupCommit};
+pub use shared::{BoxFuture, Change, Locked, SharedBackend, Snapshot};
 pub use sqlite::SqliteBackend;
 
 use std::fmt;

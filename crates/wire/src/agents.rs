@@ -67,6 +67,8 @@ pub(crate) async fn handle(
         ));
     }
     let svc = &app.service;
+    // On a shared store: tokens, hosts and nodes as every replica committed them.
+    svc.sync().await?;
     if path == JOIN_PATH {
         // The only unauthenticated path: the token in the body is the credential.
         let req: JoinRequest =

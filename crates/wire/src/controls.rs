@@ -3,6 +3,7 @@
 //! | method and path | what |
 //! |---|---|
 //! | `GET /_bluebatch/health` | liveness, no authentication |
+//! | `GET /_bluebatch/ready` | readiness, no authentication: 200 `{"status":"ready"}`, or 503 `ServerBusy` while the store (PostgreSQL) cannot be reached |
 //! | `POST /_bluebatch/reset` | forget every pool, node and user of the calling account |
 //! | `GET /_bluebatch/clock` | the service clock |
 //! | `POST /_bluebatch/clock/advance` `{"by":"1d12h"}` | move the service clock forward (stored: survives a restart) |
@@ -16,7 +17,7 @@
 //! | `POST /_bluebatch/hosts/{id}/drain` | the host takes no new pools (its nodes stay until their pools release them): the host |
 //! | `POST /_bluebatch/hosts/{id}/revoke` | the host's credential dies, its nodes leave their pools: `{id, revoked: true}` |
 //!
-//! Everything but health needs the same Shared Key (or bearer) authentication as the Batch API;
+//! Everything but health and ready needs the same Shared Key (or bearer) authentication as the Batch API;
 //! `api-version` is not required. The agents' own endpoints (`/_bluebatch/agent/…`) take a node
 //! credential instead: see [`crate::agents`].
 
@@ -51,6 +52,15 @@ pub(crate) async fn handle(
             json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
         ));
     }
+    if rest == "/ready" {
+        // Readiness: whether this replica can reach its store (always, on the embedded one).
+        if m != Method::GET && m != Method::HEAD {
+            return Err(BatchError::new(Code::UnsupportedHttpVerb));
+        }
+        app.service.ready().await?;
+        return Ok(json_response(json!({"status": "ready"})));
+    }
+    app.service.sync().await?;
     let segs = route_segments(rest)?;
     let seg: Vec<&str> = segs.iter().map(String::as_str).collect();
     let account = auth::authenticate(

@@ -276,6 +276,8 @@ async fn process(
     } else {
         Bytes::new()
     };
+    // On a shared store (PostgreSQL), what every replica committed before this request.
+    app.service.sync().await?;
     handlers::dispatch(app, ctx, &account, endpoint, &query, &parts.headers, body).await
 }
 

@@ -34,7 +34,12 @@ impl Hub {
     }
 
     /// Records an acknowledgement (never moving the applied revision back).
-    fn acked(&self, key: &str, applied: Option<u64>, failed: Option<(u64, Vec<UserFailure>)>) {
+    pub(crate) fn acked(
+        &self,
+        key: &str,
+        applied: Option<u64>,
+        failed: Option<(u64, Vec<UserFailure>)>,
+    ) {
         let mut m = lock(&self.acks);
         let tx = m.entry(key.to_string()).or_insert_with(|| {
             watch::channel(AckSeen {
@@ -110,6 +115,7 @@ impl Service {
     /// revisions never asked for, are refused; older revisions (replays) change nothing.
     pub async fn ack(&self, host: &str, ack: AckRequest) -> Result<AckAnswer> {
         self.mark_seen(host, false).await?;
+        let _gate = self.gate().await?;
         let now = self.now();
         let mut refused = Vec::new();
         let mut woken = Vec::new();

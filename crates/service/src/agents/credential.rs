@@ -43,6 +43,9 @@ fn check_credential(secret: &[u8], cred: &str, now: OffsetDateTime) -> Option<St
 impl Service {
     /// Makes the credential secret on first start (stored, so every replica and restart share it).
     pub(crate) async fn ensure_agent_secret(&self) {
+        let Ok(_gate) = self.gate().await else {
+            return;
+        };
         let pending = {
             let mut st = self.lock();
             if !st.hub.secret.is_empty() {
@@ -74,6 +77,17 @@ impl Service {
         let ttl = time::Duration::try_from(self.inner.config.credential_ttl)
             .unwrap_or(time::Duration::DAY);
         let now = OffsetDateTime::now_utc();
+        let renew = self
+            .lock()
+            .hub
+            .hosts
+            .get(host)
+            .is_some_and(|h| now + ttl / 2 >= h.rec.credential_expires);
+        let _gate = if renew {
+            Some(self.gate().await?)
+        } else {
+            None
+        };
         let (cred, pending) = {
             let mut st = self.lock();
             let secret = st.hub.secret.clone();

@@ -78,6 +78,7 @@ pub(super) fn check_report(r: &HostReport) -> Result<()> {
 
 impl Service {
     pub async fn hello(&self, host: &str, report: HostReport) -> Result<HostReportAnswer> {
+        let _gate = self.gate().await?;
         check_report(&report)?;
         self.mark_seen(host, false).await?;
         let mut released = BTreeSet::new();
@@ -191,6 +192,7 @@ impl Service {
 
     /// The host takes no new pools; its nodes stay until their pools let them go.
     pub async fn drain_host(&self, account: &str, host: &str) -> Result<HostView> {
+        let _gate = self.gate().await?;
         let (view, pending) = {
             let mut st = self.lock();
             let h = st
@@ -216,6 +218,7 @@ impl Service {
     /// The host's credential stops working at once and its nodes leave their pools (which
     /// then look for other hosts to meet their targets).
     pub async fn revoke_host(&self, account: &str, host: &str) -> Result<()> {
+        let _gate = self.gate().await?;
         let now = self.now();
         let (pending, pools) = {
             let mut st = self.lock();

@@ -80,6 +80,10 @@ impl Service {
     }
 
     pub(super) async fn mark_seen(&self, host: &str, poll: bool) -> Result<Option<Polling>> {
+        // Bringing the host's nodes back from `unknown` is a write: on a shared store it takes
+        // the gate (and a host that is not away writes nothing).
+        let away = self.lock().hub.hosts.get(host).is_some_and(|h| h.away);
+        let _gate = if away { Some(self.gate().await?) } else { None };
         let (pending, pools) = {
             let mut st = self.lock();
             let (ops, pools) = self.seen(&mut st, host)?;
@@ -109,6 +113,43 @@ impl Service {
 
     /// Marks the nodes of hosts silent for longer than the grace time `unknown`.
     pub(crate) async fn sweep_hosts(&self) {
+        if let Some(sh) = self.shared() {
+            // Other replicas see this replica's polls through the database; only the holder of
+            // the background lease decides who is away, on every replica's sightings.
+            let backend = sh.backend.clone();
+            let seen: Vec<String> = {
+                let st = self.lock();
+                let recent = OffsetDateTime::now_utc() - time::Duration::seconds(2);
+                st.hub
+                    .hosts
+                    .values()
+                    .filter(|h| h.polls > 0 || h.last_seen.is_some_and(|t| t > recent))
+                    .map(|h| h.rec.id.clone())
+                    .collect()
+            };
+            if !seen.is_empty() {
+                let _ = backend.hosts_seen(&seen).await;
+            }
+            if !self.runs_background() {
+                return;
+            }
+            let Ok(ages) = backend.host_ages().await else {
+                return;
+            };
+            let wall = OffsetDateTime::now_utc();
+            let mut st = self.lock();
+            for (host, age) in ages {
+                if let Some(h) = st.hub.hosts.get_mut(&host) {
+                    let at = wall - age;
+                    if h.last_seen.is_none_or(|t| t < at) {
+                        h.last_seen = Some(at);
+                    }
+                }
+            }
+        }
+        let Ok(_gate) = self.gate().await else {
+            return;
+        };
         let wall = OffsetDateTime::now_utc();
         let grace = self.grace();
         let now = self.now();

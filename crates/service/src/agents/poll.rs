@@ -119,6 +119,8 @@ impl Service {
         let mut rx = self.inner.hub.subscribe(host);
         rx.borrow_and_update();
         loop {
+            // On a shared store, what other replicas committed first.
+            self.sync().await?;
             let (nodes, drained) = self.host_snapshot(host)?;
             let offset = self.inner.clock.offset().whole_seconds();
             let cursor = cursor_of(&nodes, offset, drained);

@@ -31,6 +31,7 @@ impl Service {
         pool: Option<&str>,
         ttl: Duration,
     ) -> Result<JoinTokenCreated> {
+        let _gate = self.gate().await?;
         if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
             return Err(invalid("ttl", "A join token lives 1 second to 366 days."));
         }
@@ -106,6 +107,7 @@ impl Service {
     }
 
     pub async fn revoke_join_token(&self, account: &str, id: &str) -> Result<()> {
+        let _gate = self.gate().await?;
         let pending = {
             let mut st = self.lock();
             if st.hub.tokens.get(id).is_none_or(|t| t.account != account) {
@@ -124,6 +126,7 @@ impl Service {
     /// Exchanges a join token for a host id and node credential. The token is checked in
     /// constant time, once (its use is durable before the answer), against its expiry.
     pub async fn join(&self, req: JoinRequest) -> Result<JoinResponse> {
+        let _gate = self.gate().await?;
         const FORGED: &str = "The join token is not valid.";
         let (id, secret) = req
             .token

@@ -1,0 +1,78 @@
+//! A store shared by several `bluebatch serve` replicas (PostgreSQL): the database is the truth,
+//! each replica keeps a cache of every record that it brings up to date before it answers.
+//!
+//! Every committed transaction is one revision: its changes are applied to the records and
+//! appended to a change log under that revision, so a replica whose cache is at revision `r`
+//! catches up by reading the changes after `r` (or the whole snapshot when the log no longer
+//! goes back that far). Writers of every replica are serialized by [`SharedBackend::lock`] (a row
+//! lock held by an open transaction, not an advisory lock): the holder first catches up, then
+//! decides and writes on a cache nobody else can change meanwhile.
+
+use crate::{Op, Result};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Every record at one revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub rev: u64,
+    /// In key order.
+    pub records: Vec<(String, Vec<u8>)>,
+}
+
+/// One change of a committed revision, in commit order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub rev: u64,
+    pub op: Op,
+}
+
+/// A store shared by replicas. Every backend must pass `tests/shared_conformance.rs`.
+pub trait SharedBackend: Send + Sync + 'static {
+    /// Every record at one revision (one consistent read).
+    fn snapshot(&self) -> BoxFuture<'_, Result<Snapshot>>;
+    /// The last committed revision.
+    fn head(&self) -> BoxFuture<'_, Result<u64>>;
+    /// The changes of every revision after `after`, in order; `None` when the change log no
+    /// longer goes back to `after` (read the snapshot instead).
+    fn changes_since(&self, after: u64) -> BoxFuture<'_, Result<Option<Vec<Change>>>>;
+    /// Takes the store-wide write lock, waiting for the replica that holds it. Dropping the
+    /// [`Locked`] without committing releases it and writes nothing.
+    fn lock(&self) -> BoxFuture<'_, Result<Box<dyn Locked>>>;
+    /// Claims lease `name` for `holder` until `ttl` from now (the database's clock), or renews
+    /// it if `holder` has it: whether `holder` holds it now. A lease whose expiry passed is
+    /// anyone's.
+    fn claim_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool>>;
+    /// Gives up lease `name` if `holder` has it.
+    fn release_lease<'a>(&'a self, name: &'a str, holder: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// Resolves when a commit may have happened on another replica (a wake-up only, it decides
+    /// nothing: callers read [`SharedBackend::head`]) or after `max`, whichever is first.
+    fn changed(&self, max: Duration) -> BoxFuture<'_, ()>;
+    /// Records that these hosts (agents) were seen just now by some replica.
+    fn hosts_seen<'a>(&'a self, hosts: &'a [String]) -> BoxFuture<'a, Result<()>>;
+    /// How long ago each host was last seen by any replica (the database's clock).
+    fn host_ages(&self) -> BoxFuture<'_, Result<Vec<(String, Duration)>>>;
+    /// Whether the database answers (readiness).
+    fn ping(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// The store-wide write lock, held by an open transaction.
+pub trait Locked: Send {
+    /// The last committed revision (nobody else can commit while this is held).
+    fn rev(&self) -> u64;
+    /// [`SharedBackend::changes_since`], read in this transaction.
+    fn changes_since(&mut self, after: u64) -> BoxFuture<'_, Result<Option<Vec<Change>>>>;
+    /// [`SharedBackend::snapshot`], read in this transaction.
+    fn snapshot(&mut self) -> BoxFuture<'_, Result<Snapshot>>;
+    /// Applies `ops` in order as revision `rev() + 1`, logs them, commits and releases the lock:
+    /// the new revision. With no ops, releases the lock and answers `rev()`.
+    fn commit(self: Box<Self>, ops: Vec<Op>) -> BoxFuture<'static, Result<u64>>;
+}
