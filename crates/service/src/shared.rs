@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub replica: String,
     /// Whether this replica holds the background lease.
     background: AtomicBool,
+    /// Shutting down: no more background work, no more lease renewals.
+    stopped: AtomicBool,
 }
 
 pub(crate) struct Held {
@@ -108,11 +110,12 @@ impl Shared {
             held: Mutex::new(None),
             replica,
             background: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         }
     }
 
     pub fn holds_background(&self) -> bool {
-        self.background.load(Ordering::Acquire)
+        self.background.load(Ordering::Acquire) && !self.stopped.load(Ordering::Acquire)
     }
 
     /// Called under the state lock by [`Service::submit`]: the commit to await.
@@ -386,6 +389,12 @@ impl Service {
             loop {
                 let Some(inner) = weak.upgrade() else { return };
                 let svc = Service { inner };
+                if svc
+                    .shared()
+                    .is_none_or(|s| s.stopped.load(Ordering::Acquire))
+                {
+                    return;
+                }
                 svc.renew_background().await;
                 drop(svc);
                 tokio::time::sleep(LEASE_RENEW).await;
@@ -411,11 +420,14 @@ impl Service {
         }
     }
 
-    /// Gives up the background lease (a replica shutting down).
-    pub async fn release_background(&self) {
-        if let Some(sh) = self.shared()
-            && sh.background.swap(false, Ordering::AcqRel)
-        {
+    /// A replica shutting down: it takes no more background work and gives up the background
+    /// lease, so another replica takes over at once rather than when the lease expires.
+    pub async fn shutdown(&self) {
+        let Some(sh) = self.shared() else {
+            return;
+        };
+        sh.stopped.store(true, Ordering::Release);
+        if sh.background.swap(false, Ordering::AcqRel) {
             let _ = sh
                 .backend
                 .release_lease(BACKGROUND_LEASE, &sh.replica)

@@ -6,10 +6,12 @@
 //! throughput is not bounded by the disk's fsync rate.
 
 mod group;
+mod memshared;
 mod shared;
 mod sqlite;
 
 pub use group::{Done, GroupCommit};
+pub use memshared::MemShared;
 pub use shared::{BoxFuture, Change, Locked, SharedBackend, Snapshot};
 pub use sqlite::SqliteBackend;
 

@@ -1,0 +1,308 @@
+//! Two replicas of the service on one shared store (the in-process `MemShared`, which behaves as
+//! PostgreSQL does for them): reads see every replica's writes, conflicting writes on two
+//! replicas resolve as on one, acknowledgements cross replicas, background work moves to the
+//! other replica when its holder goes, and a store outage answers `ServerBusy`.
+
+mod common;
+
+use bluebatch_core::ServiceClock;
+use bluebatch_core::error::Code;
+use bluebatch_core::model::{AllocationState, NodeState};
+use bluebatch_core::pools::parse_add_pool;
+use bluebatch_protocol::{AckRequest, HostReport, JoinRequest, NodeAck, ProviderKind};
+use bluebatch_service::{Config, Service};
+use bluebatch_store::MemShared;
+use common::*;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+fn shared_config() -> Config {
+    Config {
+        ack_timeout: Duration::from_secs(5),
+        ..config()
+    }
+}
+
+async fn replica(store: &MemShared, name: &str) -> Service {
+    replica_with(store, name, shared_config()).await
+}
+
+async fn replica_with(store: &MemShared, name: &str, config: Config) -> Service {
+    let fabric = TestNodes::new(AckMode::AtOnce);
+    Service::start_shared(
+        Arc::new(store.clone()),
+        name.to_string(),
+        Arc::new(ServiceClock::new()),
+        fabric,
+        config,
+    )
+    .await
+    .expect("replica starts")
+}
+
+/// A simulated host joined through `on`, polling and acknowledging through `polls` (another
+/// replica, if the test wants), until the task is dropped.
+async fn agent(on: &Service, polls: &Service, slots: u32) -> tokio::task::JoinHandle<()> {
+    let token = on
+        .create_join_token(ACCOUNT, None, Duration::from_secs(600))
+        .await
+        .expect("token")
+        .token;
+    let host = HostReport {
+        hostname: "sim".into(),
+        provider: ProviderKind::Simulate,
+        slots,
+        address: "198.18.0.9".into(),
+        ssh_port: None,
+        reserved_names: Vec::new(),
+        version: "test".into(),
+    };
+    let joined = on.join(JoinRequest { token, host }).await.expect("join");
+    let (svc, id) = (polls.clone(), joined.host_id);
+    tokio::spawn(async move {
+        let mut cursor: Option<String> = None;
+        loop {
+            svc.sync().await.ok();
+            let Ok(d) = svc
+                .desired(&id, cursor.as_deref(), Duration::from_secs(2))
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let ack = AckRequest {
+                nodes: d
+                    .nodes
+                    .iter()
+                    .map(|n| NodeAck {
+                        key: n.key.clone(),
+                        revision: n.revision,
+                        image: n.image,
+                        ssh_port: None,
+                        failures: Vec::new(),
+                    })
+                    .collect(),
+            };
+            if svc.ack(&id, ack).await.is_ok() {
+                cursor = Some(d.cursor);
+            }
+        }
+    })
+}
+
+async fn add_agents_pool(svc: &Service, id: &str, nodes: u32) {
+    let body = json!({
+        "id": id, "vmSize": "standard_d2s_v3",
+        "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
+            "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
+            "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
+        "targetDedicatedNodes": nodes,
+        "metadata": [{"name": "bluebatch.nodes", "value": "agents"}],
+    });
+    let new = parse_add_pool(body.to_string().as_bytes(), 10_000).expect("a valid pool");
+    svc.add_pool(ACCOUNT, new).await.expect("Add Pool");
+}
+
+/// Waits (reading through `svc`) until the pool is steady with `count` idle nodes.
+async fn idle_nodes(svc: &Service, pool: &str, count: usize, within: Duration) -> Vec<String> {
+    let until = Instant::now() + within;
+    loop {
+        svc.sync().await.expect("sync");
+        let (nodes, _) = svc
+            .list_nodes(ACCOUNT, pool, &|_| true, None, 10_000)
+            .expect("List Nodes");
+        let steady = svc
+            .get_pool(ACCOUNT, pool)
+            .expect("Get Pool")
+            .pool
+            .allocation_state
+            == AllocationState::Steady;
+        if steady && nodes.len() == count && nodes.iter().all(|n| n.node.state == NodeState::Idle) {
+            return nodes.into_iter().map(|n| n.node.id).collect();
+        }
+        assert!(
+            Instant::now() < until,
+            "pool {pool} not steady with {count} idle nodes: {:?}",
+            nodes.iter().map(|n| n.node.state).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The outcome's error code (`None`: it succeeded).
+fn outcome<T>(r: bluebatch_core::error::Result<T>) -> Option<Code> {
+    r.err().map(|e| e.code)
+}
+
+fn user(name: &str) -> bluebatch_core::users::UserBody {
+    bluebatch_core::users::parse_add_user(
+        json!({"name": name, "sshPublicKey": KEY1})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("a valid user")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_one_replica_are_read_and_acknowledged_through_the_other() {
+    deadline(async {
+        let store = MemShared::new();
+        let a = replica(&store, "a").await;
+        let b = replica(&store, "b").await;
+        // The host joins through A and polls B; the pool is made on A.
+        let _agent = agent(&a, &b, 2).await;
+        add_agents_pool(&a, "p", 2).await;
+        let nodes = idle_nodes(&b, "p", 2, Duration::from_secs(10)).await;
+        assert_eq!(idle_nodes(&a, "p", 2, Duration::from_secs(5)).await, nodes);
+        // A write on A answers once the agent, polling B, applied it.
+        let w = a
+            .add_user(at("p", &nodes[0]), user("alice"), None)
+            .await
+            .expect("Add User through A");
+        b.sync().await.unwrap();
+        let n = b
+            .get_node(ACCOUNT, "p", &nodes[0])
+            .expect("Get Node on B")
+            .node;
+        assert!(n.applied_revision >= Some(n.users_revision), "{n:?}");
+        assert!(n.users_revision >= 1);
+        // The user is there on B, with A's ETag.
+        let users = b.node_users(ACCOUNT, "p", &nodes[0]).expect("users on B");
+        assert!(
+            users.stored.iter().any(|u| u.name == "alice"),
+            "{:?}",
+            users.stored.len()
+        );
+        assert!(!w.etag.is_empty());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_user_added_on_two_replicas_at_once_is_created_once() {
+    deadline(async {
+        let store = MemShared::new();
+        let a = replica(&store, "a").await;
+        let b = replica(&store, "b").await;
+        let _agent = agent(&a, &a, 1).await;
+        add_agents_pool(&b, "p", 1).await;
+        let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
+            .await
+            .remove(0);
+        for round in 0..20 {
+            let name = format!("u{round}");
+            let (ra, rb) = tokio::join!(
+                a.add_user(at("p", &node), user(&name), None),
+                b.add_user(at("p", &node), user(&name), None)
+            );
+            let codes = [outcome(ra), outcome(rb)];
+            let created = codes.iter().filter(|c| c.is_none()).count();
+            let exists = codes
+                .iter()
+                .filter(|c| **c == Some(Code::NodeUserExists))
+                .count();
+            assert_eq!((created, exists), (1, 1), "round {round}: {codes:?}");
+        }
+        a.sync().await.unwrap();
+        b.sync().await.unwrap();
+        let on_a = a.node_users(ACCOUNT, "p", &node).unwrap().stored.len();
+        let on_b = b.node_users(ACCOUNT, "p", &node).unwrap().stored.len();
+        assert_eq!((on_a, on_b), (20, 20));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replica_finishes_the_allocation_of_a_replica_that_went() {
+    deadline(async {
+        let store = MemShared::new();
+        // Steps slow enough that the allocation is still under way when A goes.
+        let slow = Config {
+            node_step: Duration::from_millis(300),
+            ..shared_config()
+        };
+        let a = replica_with(&store, "a", slow.clone()).await;
+        // A holds the background lease (it started first and renews it every second).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let b = replica_with(&store, "b", slow).await;
+        let _agent = agent(&b, &b, 3).await;
+        // A goes while its pool allocates (a replica shut down; one killed is the binary's
+        // tests): the steps are B's from then on.
+        add_agents_pool(&a, "p", 3).await;
+        a.shutdown().await;
+        b.sync().await.unwrap();
+        assert_eq!(
+            b.get_pool(ACCOUNT, "p").unwrap().pool.allocation_state,
+            AllocationState::Resizing,
+            "A went before the allocation was done"
+        );
+        let nodes = idle_nodes(&b, "p", 3, Duration::from_secs(15)).await;
+        assert_eq!(nodes.len(), 3);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_answers_server_busy_and_loses_nothing_acknowledged() {
+    deadline(async {
+        let store = MemShared::new();
+        let a = replica(&store, "a").await;
+        let b = replica(&store, "b").await;
+        let _agent = agent(&a, &a, 1).await;
+        add_agents_pool(&a, "p", 1).await;
+        let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
+            .await
+            .remove(0);
+        a.add_user(at("p", &node), user("kept"), None)
+            .await
+            .expect("before");
+        store.set_down(true);
+        assert_eq!(
+            code(a.add_user(at("p", &node), user("lost"), None).await),
+            Code::ServerBusy
+        );
+        assert_eq!(code(b.sync().await), Code::ServerBusy);
+        assert_eq!(code(a.ready().await), Code::ServerBusy);
+        store.set_down(false);
+        a.ready().await.expect("ready again");
+        // The refused write is nowhere, on either replica; the acknowledged one everywhere.
+        for svc in [&a, &b] {
+            svc.sync().await.expect("sync after the outage");
+            let names: Vec<String> = svc
+                .node_users(ACCOUNT, "p", &node)
+                .unwrap()
+                .stored
+                .iter()
+                .map(|u| u.name.clone())
+                .collect();
+            assert_eq!(names, ["kept"]);
+        }
+        // And writes work again.
+        b.add_user(at("p", &node), user("after"), None)
+            .await
+            .expect("after");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_change_log_reads_the_whole_snapshot() {
+    deadline(async {
+        let store = MemShared::new();
+        let a = replica(&store, "a").await;
+        let b = replica(&store, "b").await;
+        let _agent = agent(&a, &a, 1).await;
+        add_agents_pool(&a, "p", 1).await;
+        let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
+            .await
+            .remove(0);
+        a.add_user(at("p", &node), user("one"), None).await.unwrap();
+        store.prune();
+        b.sync().await.unwrap();
+        let names = b.node_users(ACCOUNT, "p", &node).unwrap().stored.len();
+        assert_eq!(names, 1);
+    })
+    .await
+}
