@@ -8,6 +8,11 @@ Environment:
                       from a `bluebatch agent --simulate N` joined with a join token (the node
                       protocol end to end); default `embedded`
   BLUEBATCH_SDK_AGENT_NODES  N for that agent (default 64)
+  BLUEBATCH_SDK_STORE `postgres`: two `bluebatch serve --store postgres://… --nodes agents` replicas
+                      on a fresh database of the cluster BLUEBATCH_TEST_PG names (dropped at the
+                      end), every request of the suite alternating between them through
+                      tests/lb/rr_proxy.py, their nodes from a `bluebatch agent --simulate N`
+                      polling through the proxy too; default `embedded` (one server)
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import queue
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -67,26 +73,19 @@ def _pump(stream, sink, lines: "queue.Queue[str | None]"):
     lines.put(None)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
-    if os.environ.get("BLUEBATCH_WIRE_LOG") == "1":
-        logging.getLogger("azure").setLevel(logging.DEBUG)
+@dataclasses.dataclass
+class _Serve:
+    """One `bluebatch serve` process of the suite and what its banner said."""
+    proc: subprocess.Popen
+    pump: threading.Thread
+    url: str
+    account: str
+    key: str
 
-    binary = _binary()
-    if not binary.exists():
-        pytest.fail(f"bluebatch binary not found at {binary} (build it, or set BLUEBATCH_BIN)")
 
-    work = tmp_path_factory.mktemp("bluebatch")
-    data_dir = work / "data"
-    data_dir.mkdir()
-    log_path = work / "server.log"
-    log = open(log_path, "w", encoding="utf-8")
-    nodes = os.environ.get("BLUEBATCH_SDK_NODES", "embedded").strip() or "embedded"
-    if nodes not in ("embedded", "agents"):
-        pytest.fail(f"BLUEBATCH_SDK_NODES={nodes!r}: embedded or agents")
-    argv = [str(binary), "serve", "--port", "0", "--in-memory", "--data-dir", str(data_dir)]
-    if nodes == "agents":
-        argv += ["--nodes", "agents"]
+def _launch(argv: list[str], work: Path, log, log_path: Path) -> _Serve:
+    """Starts `argv` (a `bluebatch serve`), its stdout and stderr into `log`; waits (at most
+    STARTUP_SECONDS) for its URL, account name and key lines."""
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -98,9 +97,7 @@ def server(tmp_path_factory) -> Server:
     lines: "queue.Queue[str | None]" = queue.Queue()
     pump = threading.Thread(target=_pump, args=(proc.stdout, log, lines), daemon=True)
     pump.start()
-
     url = account = key = None
-    agent = None
     deadline = time.monotonic() + STARTUP_SECONDS
     try:
         while url is None or account is None or key is None:
@@ -128,6 +125,85 @@ def server(tmp_path_factory) -> Server:
                 account = value.strip()
             elif name.strip() == "account key":
                 key = value.strip()
+    except BaseException:
+        _stop(proc)
+        raise
+    return _Serve(proc=proc, pump=pump, url=url, account=account, key=key)
+
+
+def _psql(url: str, sql: str) -> None:
+    """One SQL statement with psql (Debian's PostgreSQL 15 client) against `url`, at most 30 s."""
+    psql = Path(os.environ.get("BLUEBATCH_PG_BIN", "/usr/lib/postgresql/15/bin")) / "psql"
+    r = subprocess.run([str(psql) if psql.exists() else "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                        "-d", url, "-c", sql], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.fail(f"psql {sql!r}: {r.stderr.strip()}")
+
+
+def _with_database(url: str, db: str) -> str:
+    """`url` (postgres://…) with its database replaced by `db`, the query string kept."""
+    scheme, _, rest = url.partition("://")
+    rest, q, query = rest.partition("?")
+    authority = rest.split("/", 1)[0]
+    return f"{scheme}://{authority}/{db}" + (f"?{query}" if q else "")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    if os.environ.get("BLUEBATCH_WIRE_LOG") == "1":
+        logging.getLogger("azure").setLevel(logging.DEBUG)
+
+    binary = _binary()
+    if not binary.exists():
+        pytest.fail(f"bluebatch binary not found at {binary} (build it, or set BLUEBATCH_BIN)")
+
+    work = tmp_path_factory.mktemp("bluebatch")
+    data_dir = work / "data"
+    data_dir.mkdir()
+    log_path = work / "server.log"
+    log = open(log_path, "w", encoding="utf-8")
+    nodes = os.environ.get("BLUEBATCH_SDK_NODES", "embedded").strip() or "embedded"
+    if nodes not in ("embedded", "agents"):
+        pytest.fail(f"BLUEBATCH_SDK_NODES={nodes!r}: embedded or agents")
+    store = os.environ.get("BLUEBATCH_SDK_STORE", "embedded").strip() or "embedded"
+    if store not in ("embedded", "postgres"):
+        pytest.fail(f"BLUEBATCH_SDK_STORE={store!r}: embedded or postgres")
+
+    serves: list[_Serve] = []
+    proxy = agent = None
+    db_base = db_name = None
+    try:
+        if store == "postgres":
+            # Two replicas on one fresh database, their nodes from an agent, every request of the
+            # suite alternating between them through a round-robin proxy.
+            db_base = os.environ.get("BLUEBATCH_TEST_PG", "").strip()
+            if not db_base:
+                pytest.fail("BLUEBATCH_SDK_STORE=postgres needs BLUEBATCH_TEST_PG (scripts/pg.sh start; "
+                            "BLUEBATCH_TEST_PG=$(scripts/pg.sh url))")
+            db_name = f"bbsdk_{os.getpid()}"
+            _psql(db_base, f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+            _psql(db_base, f"CREATE DATABASE {db_name}")
+            db_url = _with_database(db_base, db_name)
+            nodes = "agents"
+            for i in range(2):
+                d = work / f"replica{i}"
+                d.mkdir()
+                serves.append(_launch([str(binary), "serve", "--port", "0", "--store", db_url,
+                                       "--nodes", "agents", "--data-dir", str(d)], work, log, log_path))
+            proxy, url = _start_proxy(work, [s.url for s in serves])
+            with open(log_path, "a", encoding="utf-8") as l:
+                l.write(f"sdk suite: two replicas on PostgreSQL ({' '.join(s.url for s in serves)}) "
+                        f"behind {url}\n")
+        else:
+            argv = [str(binary), "serve", "--port", "0", "--in-memory", "--data-dir", str(data_dir)]
+            if nodes == "agents":
+                argv += ["--nodes", "agents"]
+            serves.append(_launch(argv, work, log, log_path))
+            url = serves[0].url
+        account, key = serves[0].account, serves[0].key
+        if any((s.account, s.key) != (account, key) for s in serves):
+            pytest.fail("the replicas announced different development accounts")
 
         if nodes == "agents":
             agent = _start_agent(binary, work, url, account, key, log_path)
@@ -137,15 +213,43 @@ def server(tmp_path_factory) -> Server:
     finally:
         if agent is not None:
             _stop(agent)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        pump.join(timeout=5)
+        if proxy is not None:
+            _stop(proxy)
+        for s in serves:
+            _stop(s.proc)
+            s.pump.join(timeout=5)
         log.close()
+        if db_name is not None:
+            _psql(db_base, f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+
+
+def _start_proxy(work: Path, upstreams: list[str]):
+    """tests/lb/rr_proxy.py in front of `upstreams`; (process, its URL) once it listens."""
+    argv = [sys.executable, str(REPO / "tests" / "lb" / "rr_proxy.py"), "--port", "0",
+            "--log", str(work / "lb.log")]
+    for u in upstreams:
+        argv += ["--upstream", u]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=open(work / "lb.err", "w"), cwd=str(work), start_new_session=True)
+    found: "queue.Queue[str | None]" = queue.Queue()
+
+    def read():
+        for raw in iter(proc.stdout.readline, b""):
+            m = re.search(r"rr_proxy listening on (http://\S+)", raw.decode("utf-8", "replace"))
+            if m:
+                found.put(m.group(1))
+        found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        url = found.get(timeout=STARTUP_SECONDS)
+    except queue.Empty:
+        url = None
+    if url is None:
+        _stop(proc)
+        pytest.fail(f"rr_proxy did not listen within {STARTUP_SECONDS}s: "
+                    f"{(work / 'lb.err').read_text(errors='replace')[-2000:]}")
+    return proc, url
 
 
 def _cli(binary: Path, url: str, account: str, key: str, *args: str) -> str:
