@@ -25,6 +25,23 @@ pub struct ServeArgs {
     /// Keep everything in memory (nothing survives a restart).
     #[arg(long)]
     in_memory: bool,
+    /// Where the state lives: the embedded SQLite file in --data-dir (default), or a
+    /// PostgreSQL database shared by any number of replicas, postgres://[USER@]HOST[:PORT]/DB
+    /// [?sslmode=disable|prefer|require|verify-ca|verify-full&sslrootcert=CA.pem]. The password
+    /// comes from PGPASSWORD, PGPASSFILE (or ~/.pgpass) or --store-password-file, never from
+    /// the URL. Needs --nodes agents.
+    #[arg(long, env = "BLUEBATCH_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// File holding the PostgreSQL password (its first line).
+    #[arg(long, value_name = "FILE")]
+    store_password_file: Option<PathBuf>,
+    /// Connections to PostgreSQL this replica keeps open at most.
+    #[arg(long, default_value_t = 16, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=1000))]
+    store_connections: u32,
+    /// This replica's name in the database's leases (default: host name, pid and a random
+    /// suffix).
+    #[arg(long, value_name = "NAME")]
+    replica_id: Option<String>,
     /// JSON file of accounts: {"accounts":[{"name":"myaccount","keys":["<base64>", …]}]}.
     /// Keys never go on the command line. Also read from BLUEBATCH_ACCOUNTS as name:key,name:key.
     /// An optional "bearer" section configures bearer tokens (see bluebatch_wire::bearer).
@@ -284,13 +301,15 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         crate::datadir::protect_store(&args.data_dir)?;
         args.data_dir.clone()
     };
-    let backend = if args.in_memory {
-        SqliteBackend::in_memory()
-    } else {
-        SqliteBackend::open(&data_dir.join("state.db"))
+    let shared = shared_store(&args)?;
+    let backend = match (&shared, args.in_memory) {
+        (Some(_), _) => None,
+        (None, true) => Some(SqliteBackend::in_memory()),
+        (None, false) => Some(SqliteBackend::open(&data_dir.join("state.db"))),
     }
+    .transpose()
     .map_err(|e| e.to_string())?;
-    if !args.in_memory {
+    if !args.in_memory && shared.is_none() {
         crate::datadir::protect_store(&data_dir)?;
     }
 
@@ -322,12 +341,39 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         agent_grace: args.agent_grace,
         ..Config::default()
     };
-    let service = Service::start(backend, clock, Arc::new(SshFabric(ssh.clone())), config).await?;
+    let fabric = Arc::new(SshFabric(ssh.clone()));
+    let (service, accounts) = match (backend, &shared) {
+        (Some(backend), _) => (
+            Service::start(backend, clock, fabric, config).await?,
+            accounts,
+        ),
+        (None, Some((opts, _))) => {
+            let store = bluebatch_pgstore::PgStore::connect(opts, args.store_connections as usize)
+                .await
+                .map_err(|e| format!("store {opts}: {e}"))?;
+            let service =
+                Service::start_shared(Arc::new(store), replica_id(&args), clock, fabric, config)
+                    .await
+                    .map_err(|e| format!("store {opts}: {e}"))?;
+            // The accounts live in the database; this replica's file or dev account seed them.
+            let mut all = Accounts::default();
+            for (name, keys) in service
+                .seed_accounts(accounts.entries())
+                .await
+                .map_err(|e| format!("store {opts}: seeding the accounts: {e}"))?
+            {
+                all.add(&name, &keys)?;
+            }
+            (service, all)
+        }
+        (None, None) => unreachable!("a store is chosen above"),
+    };
     if let Some(seed) = &args.seed {
         crate::seed::apply(&service, seed, &|a| accounts.keys(a).is_some()).await?;
     }
     // HTTPS material first: the control endpoints hand out its CA fingerprint.
     let tls = crate::tls::prepare(&args.tls, &data_dir)?;
+    let app_service_shutdown = service.clone();
     let app = Arc::new(App {
         service,
         config: WireConfig {
@@ -357,7 +403,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         println!("account name: {DEV_ACCOUNT}");
         println!("account key:  {DEV_KEY}");
     }
-    if args.in_memory {
+    if let Some((_, shown)) = &shared {
+        println!("store: {shown}");
+    } else if args.in_memory {
         println!("store: in memory (nothing survives a restart)");
     } else {
         println!("store: {}", data_dir.join("state.db").display());
@@ -381,8 +429,55 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
     }
+    // Another replica takes the background work over at once.
+    app_service_shutdown.shutdown().await;
     ssh.shutdown().await;
     Ok(())
+}
+
+/// `--store`: `None` for the embedded SQLite store, else the PostgreSQL options and how the
+/// banner shows them (never with a password).
+fn shared_store(
+    args: &ServeArgs,
+) -> Result<Option<(bluebatch_pgstore::PgOptions, String)>, String> {
+    let Some(url) = args.store.as_deref().map(str::trim) else {
+        return Ok(None);
+    };
+    if url.is_empty() || url == "sqlite" {
+        return Ok(None);
+    }
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(format!(
+            "--store: {:?} is not a PostgreSQL URL (postgres://[USER@]HOST[:PORT]/DB); leave it out for the embedded store",
+            url.chars().take(40).collect::<String>()
+        ));
+    }
+    if args.in_memory {
+        return Err("--in-memory and --store postgres://… exclude each other".into());
+    }
+    if args.nodes != bluebatch_protocol::NodeSource::Agents {
+        return Err(
+            "--store postgres://… needs --nodes agents: embedded nodes live inside one process, \
+             while replicas share hosts joined with `bluebatch agent` (or `bluebatch agent \
+             --simulate N` for light simulated nodes)"
+                .into(),
+        );
+    }
+    let opts = bluebatch_pgstore::PgOptions::parse(url, args.store_password_file.as_deref())?;
+    let shown = format!("{opts} (PostgreSQL, shared by every replica)");
+    Ok(Some((opts, shown)))
+}
+
+/// This replica's name in leases: given, or host name, pid and a random suffix.
+fn replica_id(args: &ServeArgs) -> String {
+    if let Some(id) = &args.replica_id {
+        return id.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "replica".into());
+    let suffix: u32 = rand::random();
+    format!("{host}-{}-{suffix:08x}", std::process::id())
 }
 
 /// Where pools' nodes come from, and with agents how hosts join.

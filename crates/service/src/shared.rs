@@ -420,6 +420,41 @@ impl Service {
         }
     }
 
+    /// On a shared store, the Batch accounts live in the database (so replicas cannot drift):
+    /// adds those of `given` it does not have yet (an accounts file only seeds them) and
+    /// answers every account it holds, with its base64 keys. On the embedded store: `given`.
+    pub async fn seed_accounts(
+        &self,
+        given: Vec<(String, Vec<String>)>,
+    ) -> Result<Vec<(String, Vec<String>)>, BatchError> {
+        if self.shared().is_none() {
+            return Ok(given);
+        }
+        let _gate = self.gate().await?;
+        let pending = {
+            let mut st = self.lock();
+            let mut ops = Vec::new();
+            for (name, keys) in given {
+                if st.account_keys.contains_key(&name) {
+                    continue;
+                }
+                let rec = crate::state::AccountRecord { keys };
+                ops.push(crate::put_json(format!("account/{name}"), &rec));
+                st.account_keys.insert(name, rec);
+            }
+            (!ops.is_empty()).then(|| self.submit(ops))
+        };
+        if let Some(p) = pending {
+            p.durable().await?;
+        }
+        let st = self.lock();
+        Ok(st
+            .account_keys
+            .iter()
+            .map(|(n, r)| (n.clone(), r.keys.clone()))
+            .collect())
+    }
+
     /// A replica shutting down: it takes no more background work and gives up the background
     /// lease, so another replica takes over at once rather than when the lease expires.
     pub async fn shutdown(&self) {

@@ -11,6 +11,15 @@ pub struct State {
     pub clock_offset_nanos: Option<i64>,
     /// Join tokens, joined hosts and the credential secret.
     pub hub: crate::agents::HubState,
+    /// Batch accounts and their keys, on a shared store (`account/NAME` records: every replica
+    /// authenticates with the same ones).
+    pub account_keys: BTreeMap<String, AccountRecord>,
+}
+
+/// The stored form of a Batch account (shared store only): its base64 keys.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccountRecord {
+    pub keys: Vec<String>,
 }
 
 /// The store key of the service clock's offset (one per server, not per account).
@@ -94,6 +103,7 @@ impl State {
         let mut users = Vec::new();
         let mut clock_offset_nanos = None;
         let mut hub = crate::agents::HubState::default();
+        let mut account_keys = BTreeMap::new();
         for (k, v) in records {
             let parts: Vec<&str> = k.split('/').collect();
             let bad = |e: serde_json::Error| format!("corrupt record {k}: {e}");
@@ -127,6 +137,10 @@ impl State {
                     let r: crate::agents::TokenRecord = serde_json::from_slice(&v).map_err(bad)?;
                     hub.tokens.insert(r.id.clone(), r);
                 }
+                ["account", name] => {
+                    let r: AccountRecord = serde_json::from_slice(&v).map_err(bad)?;
+                    account_keys.insert(name.to_string(), r);
+                }
                 ["agent", "host", _] => {
                     let r: crate::agents::HostRecord = serde_json::from_slice(&v).map_err(bad)?;
                     hub.hosts
@@ -138,6 +152,7 @@ impl State {
         let mut state = State {
             clock_offset_nanos,
             hub,
+            account_keys,
             ..State::default()
         };
         for (account, pool) in pools {
@@ -230,6 +245,8 @@ pub struct Touched {
     pub hosts: std::collections::BTreeSet<String>,
     /// The service clock's offset changed.
     pub clock: bool,
+    /// The Batch accounts changed.
+    pub accounts: bool,
 }
 
 impl State {
@@ -372,6 +389,11 @@ impl State {
                 let r: crate::agents::TokenRecord = serde_json::from_slice(v).map_err(bad)?;
                 self.hub.tokens.insert(r.id.clone(), r);
             }
+            ["account", name] => {
+                let r: AccountRecord = serde_json::from_slice(v).map_err(bad)?;
+                self.account_keys.insert(name.to_string(), r);
+                touched.accounts = true;
+            }
             ["agent", "host", _] => {
                 let r: crate::agents::HostRecord = serde_json::from_slice(v).map_err(bad)?;
                 touched.hosts.insert(r.id.clone());
@@ -432,6 +454,10 @@ impl State {
             }
             ["agent", "token", id] => {
                 self.hub.tokens.remove(*id);
+            }
+            ["account", name] => {
+                self.account_keys.remove(*name);
+                touched.accounts = true;
             }
             ["agent", "host", id] => {
                 self.hub.hosts.remove(*id);

@@ -56,6 +56,17 @@ impl Accounts {
         self.keys.get(name).map(Vec::as_slice)
     }
 
+    /// Every account with its keys in base64, in name order (to seed a shared store).
+    pub fn entries(&self) -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = self
+            .keys
+            .iter()
+            .map(|(n, ks)| (n.clone(), ks.iter().map(|k| STANDARD.encode(k)).collect()))
+            .collect();
+        out.sort();
+        out
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.keys.keys().map(String::as_str)
     }
