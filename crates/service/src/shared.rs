@@ -354,6 +354,9 @@ impl Service {
                 })
                 .collect()
         };
+        for (key, revision, failures) in touched.failures {
+            hub.acked(&key, None, Some((revision, failures)));
+        }
         for (key, host, applied) in applied {
             hub.notify(&host);
             if applied.is_some() {

@@ -247,6 +247,8 @@ pub struct Touched {
     pub clock: bool,
     /// The Batch accounts changed.
     pub accounts: bool,
+    /// Failed acknowledgements: (fabric key, revision, the node's reasons).
+    pub failures: Vec<(String, u64, Vec<bluebatch_protocol::UserFailure>)>,
 }
 
 impl State {
@@ -393,6 +395,12 @@ impl State {
                 let r: AccountRecord = serde_json::from_slice(v).map_err(bad)?;
                 self.account_keys.insert(name.to_string(), r);
                 touched.accounts = true;
+            }
+            ["agent", "failed", key] => {
+                let r: crate::agents::FailedRecord = serde_json::from_slice(v).map_err(bad)?;
+                touched
+                    .failures
+                    .push((key.to_string(), r.revision, r.failures));
             }
             ["agent", "host", _] => {
                 let r: crate::agents::HostRecord = serde_json::from_slice(v).map_err(bad)?;

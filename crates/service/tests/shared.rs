@@ -45,6 +45,17 @@ async fn replica_with(store: &MemShared, name: &str, config: Config) -> Service 
 /// A simulated host joined through `on`, polling and acknowledging through `polls` (another
 /// replica, if the test wants), until the task is dropped.
 async fn agent(on: &Service, polls: &Service, slots: u32) -> tokio::task::JoinHandle<()> {
+    agent_failing(on, polls, slots, None).await
+}
+
+/// [`agent`] whose provider fails every account with `fail` (when given).
+async fn agent_failing(
+    on: &Service,
+    polls: &Service,
+    slots: u32,
+    fail: Option<&str>,
+) -> tokio::task::JoinHandle<()> {
+    let fail = fail.map(str::to_string);
     let token = on
         .create_join_token(ACCOUNT, None, Duration::from_secs(600))
         .await
@@ -81,12 +92,24 @@ async fn agent(on: &Service, polls: &Service, slots: u32) -> tokio::task::JoinHa
                         revision: n.revision,
                         image: n.image,
                         ssh_port: None,
-                        failures: Vec::new(),
+                        failures: match &fail {
+                            Some(reason) => n
+                                .accounts
+                                .iter()
+                                .map(|a| bluebatch_protocol::UserFailure {
+                                    name: a.name.clone(),
+                                    reason: reason.clone(),
+                                })
+                                .collect(),
+                            None => Vec::new(),
+                        },
                     })
                     .collect(),
             };
-            if svc.ack(&id, ack).await.is_ok() {
+            if svc.ack(&id, ack).await.is_ok() && fail.is_none() {
                 cursor = Some(d.cursor);
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     })
@@ -303,6 +326,28 @@ async fn a_replica_behind_the_change_log_reads_the_whole_snapshot() {
         b.sync().await.unwrap();
         let names = b.node_users(ACCOUNT, "p", &node).unwrap().stored.len();
         assert_eq!(names, 1);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_acknowledged_to_one_replica_answers_the_write_waiting_on_the_other() {
+    deadline(async {
+        let store = MemShared::new();
+        let a = replica(&store, "a").await;
+        let b = replica(&store, "b").await;
+        let _agent = agent_failing(&a, &b, 1, Some("useradd exited 1: disk full")).await;
+        add_agents_pool(&a, "p", 1).await;
+        let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
+            .await
+            .remove(0);
+        let e = a
+            .add_user(at("p", &node), user("carol"), None)
+            .await
+            .expect_err("the host failed it");
+        assert_eq!(e.code, Code::InternalError);
+        let msg = e.message.unwrap_or_default();
+        assert!(msg.contains("carol: useradd exited 1: disk full"), "{msg}");
     })
     .await
 }

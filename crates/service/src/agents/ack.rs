@@ -78,6 +78,16 @@ impl Hub {
     }
 }
 
+/// Store keys of a node's last failed acknowledgement (shared store only: what the writes
+/// waiting on other replicas see).
+pub(crate) const FAILED_PREFIX: &str = "agent/failed/";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct FailedRecord {
+    pub revision: u64,
+    pub failures: Vec<UserFailure>,
+}
+
 /// The most failures of one acknowledgement kept, and the longest reason (characters).
 const MAX_FAILURES: usize = 10_000;
 const MAX_REASON: usize = 1024;
@@ -176,7 +186,7 @@ impl Service {
                     );
                     // Kept for the waiting writes and the control endpoint: bounded, as the
                     // agent's reasons are a tool's messages.
-                    let failures = a
+                    let failures: Vec<UserFailure> = a
                         .failures
                         .into_iter()
                         .take(MAX_FAILURES)
@@ -185,10 +195,25 @@ impl Service {
                             reason: f.reason.chars().take(MAX_REASON).collect(),
                         })
                         .collect();
+                    if self.shared().is_some() {
+                        // Writes waiting on other replicas see the failure through the store.
+                        ops.push(put_json(
+                            format!("{FAILED_PREFIX}{}", a.key),
+                            &FailedRecord {
+                                revision: a.revision,
+                                failures: failures.clone(),
+                            },
+                        ));
+                    }
                     woken.push((a.key.clone(), None, Some((a.revision, failures))));
                 } else if n.node.applied_revision.is_none_or(|r| r < a.revision) {
                     n.node.applied_revision = Some(a.revision);
                     changed = true;
+                    if self.shared().is_some() && !self.inner.hub.failures(&a.key).is_empty() {
+                        ops.push(bluebatch_store::Op::Delete {
+                            key: format!("{FAILED_PREFIX}{}", a.key),
+                        });
+                    }
                     woken.push((a.key.clone(), Some(a.revision), None));
                 }
                 if changed {

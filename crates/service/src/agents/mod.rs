@@ -26,7 +26,7 @@ mod liveness;
 mod poll;
 mod tokens;
 
-pub(crate) use ack::{AckSeen, apply_failed};
+pub(crate) use ack::{AckSeen, FailedRecord, apply_failed};
 pub(crate) use capacity::HostEntry;
 
 use crate::state::{NodeEntry, State};
