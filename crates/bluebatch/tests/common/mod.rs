@@ -37,6 +37,10 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
+        if replicas::replica_mode() {
+            // BLUEBATCH_TEST_REPLICAS: two replicas on PostgreSQL behind a round-robin proxy.
+            return replicas::fleet(extra);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
             .args(["serve", "--port", "0", "--node-step-ms", "20"])
             .args(extra)
@@ -103,6 +107,7 @@ pub fn listening_url_within(child: &mut Child, limit: Duration) -> String {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        replicas::release(self.child.id());
     }
 }
 

@@ -718,3 +718,181 @@ impl Drop for PgCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Replica mode of the single-server suites: with BLUEBATCH_TEST_REPLICAS=1, `Server::start`,
+// `Server::start_in` and `Server::start_with` start two replicas on one database of
+// BLUEBATCH_TEST_PG behind tests/lb/rr_proxy.py (every request alternating between them) and a
+// `bluebatch agent --simulate` for their nodes; the `Server`'s process is the proxy, its URL the
+// proxy's. A data directory maps to one database (and one agent state), so a suite that restarts
+// the service on its data directory finds its state again.
+
+/// Whether the single-server suites run against two replicas (BLUEBATCH_TEST_REPLICAS set to
+/// anything but empty or 0).
+pub fn replica_mode() -> bool {
+    std::env::var("BLUEBATCH_TEST_REPLICAS").is_ok_and(|v| !v.trim().is_empty() && v.trim() != "0")
+}
+
+/// What a replica-mode `Server` keeps running besides its proxy.
+struct Fleet {
+    _agent: SimAgent,
+    _replicas: Vec<Replica>,
+    /// Dropped (the database with it) after the replicas, when the server was in memory.
+    _db: Option<TestDb>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+static FLEETS: Mutex<Vec<(u32, Fleet)>> = Mutex::new(Vec::new());
+static FLEET_PORTS: AtomicU32 = AtomicU32::new(0);
+
+/// Stops what the replica-mode server whose proxy is `pid` keeps running (none: nothing).
+pub fn release(pid: u32) {
+    let fleet = {
+        let mut all = FLEETS.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter()
+            .position(|(p, _)| *p == pid)
+            .map(|i| all.remove(i).1)
+    };
+    drop(fleet);
+}
+
+/// The repository's root (for tests/lb).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A replica-mode server for `Server::start_with(extra)`: `--in-memory` → a fresh database,
+/// dropped with the server; `--data-dir D` → the database (and agent state) of D, kept.
+pub fn fleet(extra: &[&str]) -> super::Server {
+    let base = pg_base().expect("BLUEBATCH_TEST_REPLICAS needs BLUEBATCH_TEST_PG");
+    let mut pass: Vec<&str> = Vec::new();
+    let mut data: Option<PathBuf> = None;
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        match *a {
+            "--in-memory" => {}
+            "--data-dir" => data = it.next().map(PathBuf::from),
+            other => pass.push(other),
+        }
+    }
+    let (db, url, root, dir) = match &data {
+        None => {
+            let db = TestDb::create_on(&base);
+            let url = db.url.clone();
+            let dir = tempfile::tempdir().unwrap();
+            (Some(db), url, dir.path().to_path_buf(), Some(dir))
+        }
+        Some(d) => {
+            use std::hash::{Hash, Hasher};
+            std::fs::create_dir_all(d).unwrap();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::canonicalize(d).unwrap().hash(&mut h);
+            let name = format!("bbtest_dir_{:016x}", h.finish());
+            let exists = psql(
+                &base,
+                &format!("SELECT 1 FROM pg_database WHERE datname = '{name}'"),
+            );
+            if exists.trim() != "1" {
+                psql(&base, &format!("CREATE DATABASE {name}"));
+            }
+            (None, with_database(&base, &name), d.clone(), None)
+        }
+    };
+    let replicas: Vec<Replica> = (0..2)
+        .map(|i| Replica::start(&url, &root.join(format!("replica{i}")), &pass))
+        .collect();
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+
+    let mut proxy = Command::new("python3")
+        .arg(repo_root().join("tests/lb/rr_proxy.py"))
+        .args(["--port", "0"])
+        .args(urls.iter().flat_map(|u| ["--upstream", u.as_str()]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting tests/lb/rr_proxy.py");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = proxy.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(u) = line.strip_prefix("rr_proxy listening on ") {
+                let _ = tx.send(u.trim().to_string());
+            }
+        }
+    });
+    let proxy_url = rx
+        .recv_timeout(T)
+        .expect("rr_proxy did not listen within 20 s");
+
+    // The agent: its state beside the data, so a restart on the same data finds its nodes.
+    let state = root.join("fleet-agent");
+    let first = FLEET_PORTS.fetch_add(1, Ordering::Relaxed) % 40;
+    let ports = format!(
+        "{}-{}",
+        33000 + (std::process::id() % 20) * 1000 + first * 25,
+        33000 + (std::process::id() % 20) * 1000 + first * 25 + 24
+    );
+    let ports_file = root.join("fleet-agent.ports");
+    let ports = std::fs::read_to_string(&ports_file).unwrap_or(ports);
+    std::fs::write(&ports_file, &ports).unwrap();
+    let agent = if state.join("identity.json").exists() {
+        SimAgent::resume(&proxy_url, &state, 16, &ports)
+    } else {
+        let out = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+            .args(["join-token", "create", "--url", &proxy_url])
+            .env_remove("BLUEBATCH_KEY")
+            .env_remove("BLUEBATCH_ACCOUNT")
+            .stdin(Stdio::null())
+            .output()
+            .expect("bluebatch join-token create");
+        assert!(
+            out.status.success(),
+            "join-token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let token = text.lines().next().unwrap_or_default().trim().to_string();
+        SimAgent::spawn(&proxy_url, &state, Some(&token), 16, &ports)
+    };
+    // Wait (at most 30 s) until a host is connected.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("timeout")
+            .args(["-k", "5", "20"])
+            .arg(env!("CARGO_BIN_EXE_bluebatch"))
+            .args(["host", "list", "--json", "--url", &proxy_url])
+            .env_remove("BLUEBATCH_KEY")
+            .env_remove("BLUEBATCH_ACCOUNT")
+            .stdin(Stdio::null())
+            .output()
+            .expect("bluebatch host list");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let hosts = v.get("value").cloned().unwrap_or(v);
+        if hosts
+            .as_array()
+            .is_some_and(|a| a.iter().any(|h| h["connected"] == true))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fleet's agent did not connect within 30 s: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    FLEETS.lock().unwrap_or_else(|e| e.into_inner()).push((
+        proxy.id(),
+        Fleet {
+            _agent: agent,
+            _replicas: replicas,
+            _db: db,
+            _dir: dir,
+        },
+    ));
+    super::Server {
+        child: proxy,
+        url: proxy_url,
+    }
+}
