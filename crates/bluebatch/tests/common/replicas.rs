@@ -208,19 +208,21 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Starts a replica on `store` with `--data-dir data` and `extra` (after the harness's
-    /// `--node-step-ms 20`, so `extra` may override it); waits (at most 40 s) for it to listen.
+    /// Starts a replica on `store` with `--data-dir data` and `extra` (and `--node-step-ms 20`
+    /// unless `extra` sets it); waits (at most 40 s) for it to listen.
     pub fn start(store: &str, data: &Path, extra: &[&str]) -> Replica {
-        let mut args: Vec<String> = vec![
-            "--node-step-ms".into(),
-            "20".into(),
+        let mut args: Vec<String> = Vec::new();
+        if !extra.contains(&"--node-step-ms") {
+            args.extend(["--node-step-ms".to_string(), "20".to_string()]);
+        }
+        args.extend([
             "--store".into(),
             store.into(),
             "--nodes".into(),
             "agents".into(),
             "--data-dir".into(),
             data.to_str().unwrap().into(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut r = Replica {
             child: None,
