@@ -96,6 +96,11 @@ fn pg_config(opts: &PgOptions) -> tokio_postgres::Config {
         .connect_timeout(Duration::from_secs(opts.connect_timeout))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        // Data unacknowledged for 30 s (a server or network gone silent) ends the connection
+        // instead of hanging the request on it.
+        .tcp_user_timeout(Duration::from_secs(30))
         .options(SESSION_OPTIONS)
         .ssl_mode(match opts.sslmode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,

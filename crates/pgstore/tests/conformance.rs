@@ -967,3 +967,119 @@ async fn tls_verify_full_with_a_ca_file() {
     .await;
     drop(cluster);
 }
+
+fn own_cluster(name: &str, port: u16) -> Option<(tempfile::TempDir, OwnCluster, u16)> {
+    if !Path::new("/usr/lib/postgresql/15/bin/initdb").exists() {
+        skip("no PostgreSQL 15 binaries for a cluster of this test's own");
+        return None;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(name)
+        .tempdir_in("/tmp")
+        .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let cluster = OwnCluster {
+        dir: tmp.path().join("pg"),
+        script: pg_script(),
+    };
+    let st = std::process::Command::new(&cluster.script)
+        .arg("start")
+        .arg(&cluster.dir)
+        .arg(port.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "scripts/pg.sh start");
+    let port: u16 = std::fs::read_to_string(cluster.dir.join("port"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    Some((tmp, cluster, port))
+}
+
+fn pg(cluster: &OwnCluster, cmd: &str) {
+    let st = std::process::Command::new(&cluster.script)
+        .arg(cmd)
+        .arg(&cluster.dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "scripts/pg.sh {cmd}");
+}
+
+/// The database stopped (and killed) under a connected store: every operation fails promptly
+/// with an error (never a hang, never a success), and the store works again by itself once the
+/// database is back; nothing committed before is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_fails_promptly_while_the_database_is_down_and_resumes() {
+    let Some((_tmp, cluster, port)) =
+        own_cluster("bbpgrestart", 54800 + (std::process::id() % 100) as u16)
+    else {
+        return;
+    };
+    let none = |_: &str| None;
+    let o = PgOptions::parse_with_env(
+        &format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable&connect_timeout=3"),
+        None,
+        &none,
+    )
+    .unwrap();
+    deadline(120, async {
+        let s = PgStore::connect(&o, 4).await.unwrap();
+        commit(&s, vec![put("before", "1")]).await.unwrap();
+        for how in ["stop", "kill"] {
+            pg(&cluster, how);
+            let t0 = Instant::now();
+            assert!(s.ping().await.is_err(), "{how}: ping");
+            assert!(s.head().await.is_err(), "{how}: head");
+            assert!(s.lock().await.is_err(), "{how}: lock");
+            assert!(s.snapshot().await.is_err(), "{how}: snapshot");
+            assert!(
+                s.claim_lease("background", "me", Duration::from_secs(5))
+                    .await
+                    .is_err()
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{how}: prompt failures"
+            );
+            pg(&cluster, "start");
+            // Back by itself: the first operation may meet a connection from before.
+            let t0 = Instant::now();
+            loop {
+                if s.ping().await.is_ok() {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "{how}: the store came back"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let rev = commit(&s, vec![put(how, "1")]).await.unwrap();
+            assert_eq!(s.head().await.unwrap(), rev);
+        }
+        let snap = s.snapshot().await.unwrap();
+        let k: Vec<&str> = snap.records.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(k, ["before", "kill", "stop"]);
+        // The listener is back too: a commit by another store wakes this one.
+        let other = PgStore::connect(&o, 2).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let s2 = s.clone();
+        let waiter = tokio::spawn(async move {
+            let t0 = Instant::now();
+            s2.changed(Duration::from_secs(20)).await;
+            t0.elapsed()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        commit(&other, vec![put("after", "1")]).await.unwrap();
+        assert!(
+            waiter.await.unwrap() < Duration::from_secs(5),
+            "woken after the restart"
+        );
+    })
+    .await;
+    drop(cluster);
+}
