@@ -259,11 +259,22 @@ impl PgStore {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .build()
             .map_err(|e| format!("the PostgreSQL store {opts}: {e}"))?;
-        let where_ = format!("the PostgreSQL store {opts}");
+        let server = match &opts.host {
+            PgHost::Tcp(h) if h.contains(':') => format!("[{h}]:{}", opts.port),
+            PgHost::Tcp(h) => format!("{h}:{}", opts.port),
+            PgHost::Unix(d) => format!("the socket in {} (port {})", d.display(), opts.port),
+        };
         let conn = pool.get().await.map_err(|e| {
-            let mut m = format!("cannot connect to {where_}: {}", pool_err(e).0.trim_start_matches("PostgreSQL: cannot connect: "));
-            if !opts.has_password() {
-                m.push_str(" (no password was found in --store-password-file, PGPASSWORD or PGPASSFILE/~/.pgpass)");
+            let why = pool_err(e).0;
+            let why = why.trim_start_matches("PostgreSQL: cannot connect: ");
+            let mut m = format!(
+                "cannot connect to {server} (database {:?} as user {:?}): {why}",
+                opts.dbname, opts.user
+            );
+            if !opts.has_password() && why.contains("password") {
+                m.push_str(
+                    " (no password was found: --store-password-file, PGPASSWORD, PGPASSFILE or ~/.pgpass)",
+                );
             }
             m
         })?;
@@ -282,10 +293,7 @@ impl PgStore {
                 retention: AtomicU64::new(DEFAULT_CHANGE_RETENTION),
             }),
         };
-        store
-            .migrate()
-            .await
-            .map_err(|e| format!("{where_}: {e}"))?;
+        store.migrate().await?;
         if notify {
             let weak = Arc::downgrade(&store.inner);
             let h = tokio::spawn(listen(weak));

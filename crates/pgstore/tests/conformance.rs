@@ -685,7 +685,8 @@ async fn a_database_down_at_connect_fails_clearly_without_hanging() {
         .err()
         .expect("refused");
     assert!(t0.elapsed() < Duration::from_secs(15));
-    assert!(err.contains("postgres://bb@127.0.0.1:1/state"), "{err}");
+    eprintln!("{err}");
+    assert!(err.contains("127.0.0.1:1"), "{err}");
     assert!(err.to_lowercase().contains("refused"), "{err}");
 }
 
