@@ -33,6 +33,7 @@ trap 'scripts/pg.sh stop || true' EXIT
 BLUEBATCH_TEST_PG="$(scripts/pg.sh url)"
 export BLUEBATCH_TEST_PG
 stage "cargo test" cargo test --workspace
+stage "Update User, protocol and concurrency suites on two PostgreSQL replicas behind a round-robin proxy (BLUEBATCH_TEST_REPLICAS=1)" env BLUEBATCH_TEST_REPLICAS=1 cargo test -p bluebatch --test update_user --test protocol --test concurrency
 stage "cargo build -p bluebatch" cargo build -p bluebatch
 export BLUEBATCH_BIN="$PWD/target/debug/bluebatch"
 stage "azure-batch SDK + OpenSSH (tests/sdk)" tests/sdk/run.sh

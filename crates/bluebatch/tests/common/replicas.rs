@@ -758,6 +758,30 @@ pub fn release(pid: u32) {
     drop(fleet);
 }
 
+/// The databases of data directories, dropped when the test process exits (a data directory
+/// outlives each server started on it).
+static AT_EXIT: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+extern "C" fn drop_databases() {
+    let all = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+    for (base, name) in all {
+        let _ = try_psql(
+            &base,
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        );
+    }
+}
+
+fn drop_at_exit(base: &str, name: &str) {
+    let mut all = AT_EXIT.lock().unwrap_or_else(|e| e.into_inner());
+    if all.is_empty() {
+        unsafe {
+            libc::atexit(drop_databases);
+        }
+    }
+    all.push((base.to_string(), name.to_string()));
+}
+
 /// The repository's root (for tests/lb).
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -796,6 +820,7 @@ pub fn fleet(extra: &[&str]) -> super::Server {
             );
             if exists.trim() != "1" {
                 psql(&base, &format!("CREATE DATABASE {name}"));
+                drop_at_exit(&base, &name);
             }
             (None, with_database(&base, &name), d.clone(), None)
         }
