@@ -197,36 +197,35 @@ impl Drop for TxConn {
 type PgFuture<'a> =
     Pin<Box<dyn Future<Output = std::result::Result<(), tokio_postgres::Error>> + Send + 'a>>;
 
-/// Runs statements pipelined on one connection, sent in order (each future is first polled in
-/// order, which is when tokio-postgres sends its message); the first error wins.
-async fn pipeline(mut futs: Vec<PgFuture<'_>>) -> std::result::Result<(), tokio_postgres::Error> {
-    let mut done = vec![false; futs.len()];
+/// Runs statements pipelined on one connection, sent in order (each future is polled once, in
+/// order, which is when tokio-postgres sends its message; then they are awaited in order); the
+/// first error wins.
+async fn pipeline(futs: Vec<PgFuture<'_>>) -> std::result::Result<(), tokio_postgres::Error> {
+    let mut slots: Vec<Option<PgFuture<'_>>> = futs.into_iter().map(Some).collect();
     let mut first_err: Option<tokio_postgres::Error> = None;
     std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if done[i] {
-                continue;
-            }
-            match f.as_mut().poll(cx) {
-                Poll::Ready(r) => {
-                    done[i] = true;
-                    if let Err(e) = r
-                        && first_err.is_none()
-                    {
-                        first_err = Some(e);
-                    }
+        for slot in slots.iter_mut() {
+            if let Some(f) = slot
+                && let Poll::Ready(r) = f.as_mut().poll(cx)
+            {
+                if let Err(e) = r
+                    && first_err.is_none()
+                {
+                    first_err = Some(e);
                 }
-                Poll::Pending => pending = true,
+                *slot = None;
             }
         }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
+        Poll::Ready(())
     })
     .await;
+    for f in slots.into_iter().flatten() {
+        if let Err(e) = f.await
+            && first_err.is_none()
+        {
+            first_err = Some(e);
+        }
+    }
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),

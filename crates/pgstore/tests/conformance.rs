@@ -310,7 +310,43 @@ async fn records_put_replace_delete_prefix_in_key_order() {
             snap.records
                 .contains(&("meta/x".to_string(), b"2".to_vec()))
         );
+        // A big commit (a pool of 1000 nodes with a user each), then its prefix delete.
+        let mut big = vec![put("pool/big/p", "{}")];
+        for i in 0..1000 {
+            big.push(put(&format!("node/big/p/n{i:04}"), "{\"state\":\"idle\"}"));
+            big.push(put(&format!("user/big/p/n{i:04}/u"), "{\"name\":\"u\"}"));
+        }
+        let t0 = Instant::now();
+        commit(&s, big).await.unwrap();
+        eprintln!("a commit of 2001 ops took {:?}", t0.elapsed());
+        let n = s
+            .snapshot()
+            .await
+            .unwrap()
+            .records
+            .iter()
+            .filter(|(k, _)| k.contains("/big/"))
+            .count();
+        assert_eq!(n, 2001);
+        commit(
+            &s,
+            vec![
+                Op::DeletePrefix {
+                    prefix: "node/big/p/".into(),
+                },
+                Op::DeletePrefix {
+                    prefix: "user/big/".into(),
+                },
+                Op::Delete {
+                    key: "pool/big/p".into(),
+                },
+            ],
+        )
+        .await
+        .unwrap();
         // A reconnected store sees the same.
+        let snap = s.snapshot().await.unwrap();
+        assert_eq!(snap.rev, 9);
         let again = db.store().await;
         assert_eq!(again.snapshot().await.unwrap(), snap);
     })
@@ -500,6 +536,7 @@ async fn two_stores_racing_200_commits_log_each_once() {
     deadline(120, async {
         let db = TestDb::new(&base).await;
         let stores = [db.store().await, db.store().await];
+        let t0 = Instant::now();
         let mut tasks = Vec::new();
         for (si, s) in stores.iter().enumerate() {
             for t in 0..4 {
@@ -516,6 +553,10 @@ async fn two_stores_racing_200_commits_log_each_once() {
         for t in tasks {
             t.await.unwrap();
         }
+        eprintln!(
+            "200 commits from 8 writers on 2 stores took {:?}",
+            t0.elapsed()
+        );
         assert_eq!(stores[0].head().await.unwrap(), 200);
         let changes = stores[1].changes_since(0).await.unwrap().unwrap();
         assert_eq!(changes.len(), 200);
