@@ -333,9 +333,9 @@ impl State {
                 if let (Some(host), Some(slot)) = (&node.host, node.slot)
                     && let Some(h) = self.hub.hosts.get_mut(host)
                 {
-                    if node.state == bluebatch_core::model::NodeState::Unknown {
-                        h.away = true;
-                    }
+                    // Another replica marked the host away, or brought it back (it writes
+                    // all of the host's nodes back at once).
+                    h.away = node.state == bluebatch_core::model::NodeState::Unknown;
                     h.slots.insert(
                         slot,
                         crate::agents::NodeRef {

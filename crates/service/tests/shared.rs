@@ -351,3 +351,92 @@ async fn a_failure_acknowledged_to_one_replica_answers_the_write_waiting_on_the_
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_polling_one_replica_goes_unknown_and_back_by_the_holders_sweep_again_and_again() {
+    deadline(async {
+        let store = MemShared::new();
+        let quick = Config {
+            agent_grace: Duration::from_millis(400),
+            ..shared_config()
+        };
+        // A holds the background lease (started first); the host joins and polls through B.
+        let a = replica_with(&store, "a", quick.clone()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let b = replica_with(&store, "b", quick).await;
+        let token = b
+            .create_join_token(ACCOUNT, None, Duration::from_secs(600))
+            .await
+            .unwrap()
+            .token;
+        let host = HostReport {
+            hostname: "sim".into(),
+            provider: ProviderKind::Simulate,
+            slots: 1,
+            address: "198.18.0.9".into(),
+            ssh_port: None,
+            reserved_names: Vec::new(),
+            version: "test".into(),
+        };
+        let joined = b.join(JoinRequest { token, host }).await.unwrap();
+        let id = joined.host_id.clone();
+        let poller = |svc: Service, id: String| {
+            tokio::spawn(async move {
+                let mut cursor: Option<String> = None;
+                loop {
+                    let Ok(d) = svc
+                        .desired(&id, cursor.as_deref(), Duration::from_millis(200))
+                        .await
+                    else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    let ack = AckRequest {
+                        nodes: d
+                            .nodes
+                            .iter()
+                            .map(|n| NodeAck {
+                                key: n.key.clone(),
+                                revision: n.revision,
+                                image: n.image,
+                                ssh_port: None,
+                                failures: Vec::new(),
+                            })
+                            .collect(),
+                    };
+                    if svc.ack(&id, ack).await.is_ok() {
+                        cursor = Some(d.cursor);
+                    }
+                }
+            })
+        };
+        let mut polling = poller(b.clone(), id.clone());
+        add_agents_pool(&a, "p", 1).await;
+        let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
+            .await
+            .remove(0);
+        for round in 0..2 {
+            polling.abort();
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                a.sync().await.unwrap();
+                if a.get_node(ACCOUNT, "p", &node).unwrap().node.state == NodeState::Unknown {
+                    break;
+                }
+                assert!(Instant::now() < until, "round {round}: never unknown");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            polling = poller(b.clone(), id.clone());
+            let back = idle_nodes(&a, "p", 1, Duration::from_secs(10)).await;
+            assert_eq!(back, [node.clone()], "round {round}");
+            // Keep polling a while: the holder must not call it away while it polls B.
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            assert_eq!(
+                idle_nodes(&a, "p", 1, Duration::from_secs(1)).await.len(),
+                1
+            );
+        }
+        polling.abort();
+    })
+    .await
+}

@@ -12,6 +12,8 @@ pub(crate) struct HostEntry {
     pub reserved: HashSet<String>,
     /// Wall-clock time of its last call (in memory; a restart starts the grace afresh).
     pub last_seen: Option<OffsetDateTime>,
+    /// Wall-clock time other replicas last saw it (shared store; from the database).
+    pub seen_elsewhere: Option<OffsetDateTime>,
     /// Long polls in flight.
     pub polls: u32,
     /// Its nodes were marked `unknown` for want of polls.
@@ -26,6 +28,7 @@ impl HostEntry {
             slots: BTreeMap::new(),
             reserved,
             last_seen: None,
+            seen_elsewhere: None,
             polls: 0,
             away: false,
         }

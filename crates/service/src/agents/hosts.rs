@@ -175,8 +175,12 @@ impl Service {
                 })
                 .collect(),
             drained: h.rec.drained,
-            connected: !h.away && (h.polls > 0 || h.last_seen.is_some_and(|t| now - t <= grace)),
-            last_seen: h.last_seen,
+            connected: !h.away
+                && (h.polls > 0
+                    || h.last_seen
+                        .max(h.seen_elsewhere)
+                        .is_some_and(|t| now - t <= grace)),
+            last_seen: h.last_seen.max(h.seen_elsewhere),
         }
     }
 

@@ -130,9 +130,6 @@ impl Service {
             if !seen.is_empty() {
                 let _ = backend.hosts_seen(&seen).await;
             }
-            if !self.runs_background() {
-                return;
-            }
             let Ok(ages) = backend.host_ages().await else {
                 return;
             };
@@ -140,11 +137,13 @@ impl Service {
             let mut st = self.lock();
             for (host, age) in ages {
                 if let Some(h) = st.hub.hosts.get_mut(&host) {
-                    let at = wall - age;
-                    if h.last_seen.is_none_or(|t| t < at) {
-                        h.last_seen = Some(at);
-                    }
+                    // Kept apart from this replica's own sightings, which alone it reports.
+                    h.seen_elsewhere = Some(wall - age);
                 }
+            }
+            drop(st);
+            if !self.runs_background() {
+                return;
             }
         }
         let Ok(_gate) = self.gate().await else {
@@ -157,10 +156,11 @@ impl Service {
             let mut st = self.lock();
             let mut gone = Vec::new();
             for h in st.hub.hosts.values_mut() {
-                if h.away || h.polls > 0 || h.last_seen.is_some_and(|t| wall - t <= grace) {
+                let last = h.last_seen.max(h.seen_elsewhere);
+                if h.away || h.polls > 0 || last.is_some_and(|t| wall - t <= grace) {
                     continue;
                 }
-                if h.last_seen.is_none() {
+                if last.is_none() {
                     // Never seen since this start: the grace starts now.
                     h.last_seen = Some(wall);
                     continue;
