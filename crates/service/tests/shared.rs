@@ -428,7 +428,7 @@ async fn a_host_polling_one_replica_goes_unknown_and_back_by_the_holders_sweep_a
             }
             polling = poller(b.clone(), id.clone());
             let back = idle_nodes(&a, "p", 1, Duration::from_secs(10)).await;
-            assert_eq!(back, [node.clone()], "round {round}");
+            assert_eq!(back, std::slice::from_ref(&node), "round {round}");
             // Keep polling a while: the holder must not call it away while it polls B.
             tokio::time::sleep(Duration::from_millis(900)).await;
             assert_eq!(
