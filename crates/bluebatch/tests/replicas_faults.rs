@@ -345,3 +345,102 @@ async fn the_database_restarted_under_load_answers_server_busy_then_resumes_losi
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_sigtermed_under_load_answers_what_it_took_and_its_agent_moves_on() {
+    let Some(mut rs) = Replicas::start(2) else {
+        return;
+    };
+    let urls: Vec<String> = rs.replicas.iter().map(|r| r.url.clone()).collect();
+    let (proxy, via_proxy) = start_proxy(&urls);
+    let _proxy = KillOnDrop(proxy);
+    // The agent polls through the proxy: its long polls are open on both replicas.
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = within(T, "the agent to start", async {
+        SimAgent::join(
+            rs.at(1),
+            &via_proxy,
+            &dir.path().join("agent"),
+            2,
+            "32600-32699",
+        )
+        .await
+    })
+    .await;
+    let r = rs
+        .at(1)
+        .req("POST", "/pools")
+        .json(&pool_body("drain", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let nodes = steady_nodes(rs.at(1), "drain", 2, Duration::from_secs(40)).await;
+
+    // Write load on A only, then SIGTERM A.
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            tokio::spawn(pool_writer(
+                vec![urls[0].clone()],
+                format!("term{w}-"),
+                stop.clone(),
+                t0,
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let term_at = t0.elapsed();
+    let status = tokio::task::block_in_place(|| rs.replicas[0].terminate(Duration::from_secs(30)));
+    let exited = t0.elapsed() - term_at;
+    assert!(
+        status.success(),
+        "the replica's exit after SIGTERM: {status}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for w in writers {
+        all.extend(within(T, "the writers to stop", w).await.unwrap());
+    }
+    eprintln!("SIGTERM to exit: {exited:?}");
+
+    // Every request A had before SIGTERM got an answer (201, or 503 ServerBusy handed back).
+    let before: Vec<&Outcome> = all
+        .iter()
+        .filter(|o| o.sent + Duration::from_millis(50) < term_at)
+        .collect();
+    assert!(
+        before.len() >= 5,
+        "too little load before SIGTERM: {before:?}"
+    );
+    for o in &before {
+        match o.status {
+            Some(201) => {}
+            Some(503) => assert_eq!(o.code, "ServerBusy", "{o:?}"),
+            other => panic!("a request taken before SIGTERM ended with {other:?}: {o:?}"),
+        }
+    }
+    // After it: answered as well, or no connection at all (nothing half-done).
+    for o in &all {
+        assert!(matches!(o.status, None | Some(201) | Some(503)), "{o:?}");
+    }
+    let present = pool_ids(rs.at(1)).await;
+    for o in all.iter().filter(|o| o.status == Some(201)) {
+        assert!(present.contains(&o.id), "acknowledged but lost: {o:?}");
+    }
+
+    // The agent's polls moved to B: a write there is applied (acknowledged means applied).
+    let r = rs
+        .at(1)
+        .req("POST", &format!("/pools/drain/nodes/{}/users", nodes[0]))
+        .json(&json!({"name": "after", "password": "after-term-pw"}))
+        .send_within(Duration::from_secs(40))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    // And through the proxy, which now finds B only, every request is answered.
+    let c = Client::new(&via_proxy, ACCOUNT, KEY);
+    for _ in 0..6 {
+        let r = c.req("GET", "/pools/drain").send_within(T).await;
+        assert_eq!(r.status, 200, "{}", text(&r));
+    }
+}

@@ -782,6 +782,47 @@ fn drop_at_exit(base: &str, name: &str) {
     all.push((base.to_string(), name.to_string()));
 }
 
+/// tests/lb/rr_proxy.py in front of `upstreams` (each request to the next in turn); the proxy's
+/// process and URL once it listens (at most 20 s).
+pub fn start_proxy(upstreams: &[String]) -> (Child, String) {
+    let mut proxy = Command::new("python3")
+        .arg(repo_root().join("tests/lb/rr_proxy.py"))
+        .args(["--port", "0"])
+        .args(upstreams.iter().flat_map(|u| ["--upstream", u.as_str()]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting tests/lb/rr_proxy.py");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = proxy.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(u) = line.strip_prefix("rr_proxy listening on ") {
+                let _ = tx.send(u.trim().to_string());
+            }
+        }
+    });
+    match rx.recv_timeout(T) {
+        Ok(url) => (proxy, url),
+        Err(_) => {
+            let _ = proxy.kill();
+            let _ = proxy.wait();
+            panic!("rr_proxy did not listen within {T:?}");
+        }
+    }
+}
+
+/// A process killed (SIGKILL) and reaped when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The repository's root (for tests/lb).
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -830,27 +871,7 @@ pub fn fleet(extra: &[&str]) -> super::Server {
         .collect();
     let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
 
-    let mut proxy = Command::new("python3")
-        .arg(repo_root().join("tests/lb/rr_proxy.py"))
-        .args(["--port", "0"])
-        .args(urls.iter().flat_map(|u| ["--upstream", u.as_str()]))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting tests/lb/rr_proxy.py");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = proxy.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(u) = line.strip_prefix("rr_proxy listening on ") {
-                let _ = tx.send(u.trim().to_string());
-            }
-        }
-    });
-    let proxy_url = rx
-        .recv_timeout(T)
-        .expect("rr_proxy did not listen within 20 s");
+    let (proxy, proxy_url) = start_proxy(&urls);
 
     // The agent: its state beside the data, so a restart on the same data finds its nodes.
     let state = root.join("fleet-agent");
