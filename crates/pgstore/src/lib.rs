@@ -842,6 +842,38 @@ impl SharedBackend for PgStore {
     }
 }
 
+/// A statement parameter whose `Debug` (which tokio-postgres logs at debug level with every
+/// statement's parameters) never shows the value: records hold password hashes and account keys.
+struct Redacted<T>(T);
+
+impl<T> std::fmt::Debug for Redacted<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<T: ToSql> ToSql for Redacted<T> {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        self.0.to_sql(ty, out)
+    }
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        T::accepts(ty)
+    }
+    fn to_sql_checked(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
+    {
+        self.0.to_sql_checked(ty, out)
+    }
+}
+
 /// One op's rows, owned so the statements can borrow them while pipelined.
 enum Prepared {
     Upsert {
@@ -1109,17 +1141,27 @@ async fn commit_on(
             for c in columns(table, doc) {
                 v.push(c);
             }
-            v.push(Box::new(doc.clone()));
-            v.push(Box::new(value.clone()));
+            v.push(Box::new(Redacted(doc.clone())));
+            v.push(Box::new(Redacted(value.clone())));
             typed_params.push(v);
         }
     }
-    let mut change_params: Vec<(i32, i16, &str, Option<&[u8]>)> = Vec::new();
+    let mut change_params: Vec<(i32, i16, &str, Redacted<Option<&[u8]>>)> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
         change_params.push(match op {
-            Op::Put { key, value } => (i as i32, KIND_PUT, key.as_str(), Some(value.as_slice())),
-            Op::Delete { key } => (i as i32, KIND_DELETE, key.as_str(), None),
-            Op::DeletePrefix { prefix } => (i as i32, KIND_DELETE_PREFIX, prefix.as_str(), None),
+            Op::Put { key, value } => (
+                i as i32,
+                KIND_PUT,
+                key.as_str(),
+                Redacted(Some(value.as_slice())),
+            ),
+            Op::Delete { key } => (i as i32, KIND_DELETE, key.as_str(), Redacted(None)),
+            Op::DeletePrefix { prefix } => (
+                i as i32,
+                KIND_DELETE_PREFIX,
+                prefix.as_str(),
+                Redacted(None),
+            ),
         });
     }
 
@@ -1143,7 +1185,7 @@ async fn commit_on(
                 let s = &rec_up;
                 futs.push(Box::pin(async move {
                     client
-                        .execute(s, &[key as &(dyn ToSql + Sync), value])
+                        .execute(s, &[key as &(dyn ToSql + Sync), &Redacted(value)])
                         .await
                         .map(|_| ())
                 }));
