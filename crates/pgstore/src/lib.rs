@@ -64,6 +64,10 @@ struct Inner {
     wake: watch::Sender<u64>,
     listener: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     retention: AtomicU64,
+    /// This replica's writers queue here (first come, first served) rather than each holding a
+    /// pooled connection while waiting for the database's row lock: one waits there at a time,
+    /// and reads always find a connection.
+    local_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Drop for Inner {
@@ -290,6 +294,7 @@ impl PgStore {
                 wake,
                 listener: std::sync::Mutex::new(None),
                 retention: AtomicU64::new(DEFAULT_CHANGE_RETENTION),
+                local_lock: Arc::new(tokio::sync::Mutex::new(())),
             }),
         };
         store.migrate().await?;
@@ -604,6 +609,8 @@ async fn read_changes(
 
 struct PgLocked {
     conn: Option<TxConn>,
+    /// Released after the connection's ROLLBACK or COMMIT was sent.
+    local: Option<tokio::sync::OwnedMutexGuard<()>>,
     rev: u64,
     low: u64,
     store: PgStore,
@@ -612,11 +619,13 @@ struct PgLocked {
 impl Drop for PgLocked {
     fn drop(&mut self) {
         // Not committed: roll back and hand the connection back, or discard it.
+        let local = self.local.take();
         if let Some(mut c) = self.conn.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
             && let Some(obj) = c.0.take()
         {
             rt.spawn(async move {
+                let _local = local;
                 let c = TxConn(Some(obj));
                 if c.batch_execute("ROLLBACK").await.is_ok() {
                     c.finish();
@@ -685,6 +694,7 @@ impl SharedBackend for PgStore {
 
     fn lock(&self) -> BoxFuture<'_, Result<Box<dyn Locked>>> {
         Box::pin(async move {
+            let local = self.inner.local_lock.clone().lock_owned().await;
             let mut attempt = 0;
             loop {
                 let conn = TxConn(Some(self.conn().await?));
@@ -705,6 +715,7 @@ impl SharedBackend for PgStore {
                         };
                         return Ok(Box::new(PgLocked {
                             conn: Some(conn),
+                            local: Some(local),
                             rev,
                             low,
                             store: self.clone(),
@@ -1043,10 +1054,12 @@ impl Locked for PgLocked {
 
     fn commit(mut self: Box<Self>, ops: Vec<Op>) -> BoxFuture<'static, Result<u64>> {
         let conn = self.conn.take().expect("locked connection");
+        let local = self.local.take();
         let (rev, low) = (self.rev, self.low);
         let store = self.store.clone();
         drop(self);
         Box::pin(async move {
+            let _local = local;
             if ops.is_empty() {
                 return match conn.batch_execute("ROLLBACK").await {
                     Ok(()) => {

@@ -1125,3 +1125,39 @@ async fn the_store_fails_promptly_while_the_database_is_down_and_resumes() {
     .await;
     drop(cluster);
 }
+
+/// Writers of one store queue for the lock without each holding a pooled connection: reads
+/// still answer at once while many writers wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_answer_while_many_writers_of_one_store_queue_for_the_lock() {
+    let Some(base) = base() else { return };
+    deadline(60, async {
+        let db = TestDb::new(&base).await;
+        let s = PgStore::connect(&db.opts(), 2).await.unwrap();
+        let mut writers = Vec::new();
+        for i in 0..10 {
+            let s = s.clone();
+            writers.push(tokio::spawn(async move {
+                let l = s.lock().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                l.commit(vec![put(&format!("w{i}"), "1")]).await.unwrap();
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            s.head().await.unwrap();
+            assert!(
+                t0.elapsed() < Duration::from_millis(300),
+                "a read waited {:?}",
+                t0.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert_eq!(s.head().await.unwrap(), 10);
+    })
+    .await
+}
