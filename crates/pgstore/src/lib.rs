@@ -1159,7 +1159,8 @@ async fn commit_on(
             typed_params.push(v);
         }
     }
-    let mut change_params: Vec<(i32, i16, &str, Redacted<Option<&[u8]>>)> = Vec::new();
+    type ChangeRow<'r> = (i32, i16, &'r str, Redacted<Option<&'r [u8]>>);
+    let mut change_params: Vec<ChangeRow<'_>> = Vec::new();
     for (i, op) in ops.iter().enumerate() {
         change_params.push(match op {
             Op::Put { key, value } => (
