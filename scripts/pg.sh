@@ -57,6 +57,8 @@ wait_ready() {
 
 init_cluster() {
     mkdir -p "$dir"
+    as_owner test -x "$(dirname "$dir")" ||
+        die "the $owner user cannot enter $(dirname "$dir"): give another DIR (or TMPDIR)"
     chown "$owner" "$dir"
     chmod 0700 "$dir"
     local pwfile
