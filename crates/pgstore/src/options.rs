@@ -265,15 +265,19 @@ impl PgOptions {
             }
             (_, c) => c,
         };
-        if let Some(c) = &sslrootcert
-            && sslmode != SslMode::Disable
-            && !c.is_file()
-        {
-            return Err(format!(
-                "sslrootcert {} is not a readable file",
-                c.display()
-            ));
-        }
+        // As libpq: verify-ca/verify-full need the file; require verifies with it only when it
+        // exists; prefer never verifies.
+        let sslrootcert = match (sslmode, sslrootcert) {
+            (SslMode::VerifyCa | SslMode::VerifyFull, Some(c)) if !c.is_file() => {
+                return Err(format!(
+                    "sslrootcert {} is not a readable file",
+                    c.display()
+                ));
+            }
+            (SslMode::VerifyCa | SslMode::VerifyFull, c) => c,
+            (SslMode::Require, Some(c)) if c.is_file() => Some(c),
+            _ => None,
+        };
         let mut opts = PgOptions {
             host,
             port,
@@ -548,6 +552,23 @@ mod tests {
         let err = PgOptions::parse_with_env("postgres://u@h/d?sslmode=verify-full", None, &e)
             .unwrap_err();
         assert!(err.contains("sslrootcert"), "{err}");
+        let err = PgOptions::parse_with_env(
+            "postgres://u@h/d?sslmode=verify-ca&sslrootcert=/nonexistent/ca.crt",
+            None,
+            &e,
+        )
+        .unwrap_err();
+        assert!(err.contains("/nonexistent/ca.crt"), "{err}");
+        let o = PgOptions::parse_with_env(
+            "postgres://u@h/d?sslmode=require&sslrootcert=/nonexistent/ca.crt",
+            None,
+            &e,
+        )
+        .unwrap();
+        assert_eq!(
+            o.sslrootcert, None,
+            "require without the file: unverified, as libpq"
+        );
     }
 
     #[test]
