@@ -219,7 +219,7 @@ fn parse_window(s: &str) -> Result<Duration, String> {
 }
 
 fn load_accounts(args: &ServeArgs) -> Result<Accounts, String> {
-    let mut accounts = if args.no_dev_account {
+    let accounts = if args.no_dev_account {
         Accounts::default()
     } else {
         Accounts::dev()
@@ -249,7 +249,7 @@ fn load_accounts(args: &ServeArgs) -> Result<Accounts, String> {
             accounts.add(name.trim(), &[key.trim().to_string()])?;
         }
     }
-    if accounts.names().next().is_none() {
+    if accounts.names().is_empty() {
         return Err("no accounts: drop --no-dev-account or give --accounts-file".into());
     }
     Ok(accounts)
@@ -356,7 +356,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("store {opts}: {e}"))?;
             // The accounts live in the database; this replica's file or dev account seed them.
-            let mut all = Accounts::default();
+            let all = Accounts::default();
             for (name, keys) in service
                 .seed_accounts(accounts.entries())
                 .await
@@ -374,6 +374,17 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     // HTTPS material first: the control endpoints hand out its CA fingerprint.
     let tls = crate::tls::prepare(&args.tls, &data_dir)?;
     let app_service_shutdown = service.clone();
+    if let Some(mut changed) = service.accounts_changed() {
+        // Accounts another replica's file added reach this one without a restart.
+        let (svc, live) = (service.clone(), accounts.clone());
+        tokio::spawn(async move {
+            while changed.changed().await.is_ok() {
+                for refused in live.replace(&svc.stored_accounts()) {
+                    tracing::warn!("an account in the store is not usable: {refused}");
+                }
+            }
+        });
+    }
     let app = Arc::new(App {
         service,
         config: WireConfig {

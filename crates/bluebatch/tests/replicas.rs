@@ -486,3 +486,54 @@ async fn the_postgres_store_takes_agent_nodes_only_and_a_database_down_is_a_clea
     assert_eq!(h.status().as_u16(), 200);
     wait_ready(rs.url(0), 200, T).await;
 }
+
+/// The accounts live in the database: a replica started later with an accounts file of its own
+/// adds its account, and the replicas already running authenticate it without a restart; the
+/// database's keys win over a later file's.
+#[tokio::test]
+async fn an_account_one_replica_seeds_is_served_by_every_replica_at_once() {
+    let Some(mut reps) = Replicas::start(2) else {
+        return;
+    };
+    let key = "c2Vjb25kIGFjY291bnQga2V5IGZvciB0aGUgcmVwbGljYSB0ZXN0cw==";
+    let other = Client::new(&reps.replicas[0].url, "otheraccount", key);
+    let r = other.req("GET", "/pools").send().await;
+    assert_eq!((r.status, r.code().as_str()), (403, "AuthenticationFailed"));
+    // A third replica with a file naming a new account (and the dev account with another key,
+    // which the database's key outlives).
+    let file = reps.dir.path().join("accounts.json");
+    std::fs::write(
+        &file,
+        json!({"accounts": [
+            {"name": "otheraccount", "keys": [key]},
+            {"name": ACCOUNT, "keys": ["d3Jvbmcga2V5IG9mIGEgbGF0ZXIgZmlsZQ=="]},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    reps.extra = vec![
+        "--no-dev-account".into(),
+        "--accounts-file".into(),
+        file.to_str().unwrap().into(),
+    ];
+    let third = reps.add();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for i in [0, 1, third] {
+        let c = Client::new(&reps.replicas[i].url, "otheraccount", key);
+        loop {
+            let r = c.req("GET", "/pools").send().await;
+            if r.status == 200 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {i} never took the new account: {}",
+                r.status
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The development account keeps the key the database had first, on every replica.
+        let r = reps.at(i).req("GET", "/pools").send().await;
+        assert_eq!(r.status, 200, "replica {i}: the dev account's stored key");
+    }
+}

@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     background: AtomicBool,
     /// Shutting down: no more background work, no more lease renewals.
     stopped: AtomicBool,
+    /// Bumped when the accounts in the store change.
+    accounts: tokio::sync::watch::Sender<u64>,
 }
 
 pub(crate) struct Held {
@@ -111,6 +113,7 @@ impl Shared {
             replica,
             background: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            accounts: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -337,6 +340,11 @@ impl Service {
     /// concern; the background holder schedules the steps of the pools they touched.
     fn after_changes(&self, touched: Touched) {
         let hub = &self.inner.hub;
+        if touched.accounts
+            && let Some(sh) = self.shared()
+        {
+            sh.accounts.send_modify(|v| *v += 1);
+        }
         if touched.clock {
             hub.notify_all();
         }
@@ -450,12 +458,22 @@ impl Service {
         if let Some(p) = pending {
             p.durable().await?;
         }
-        let st = self.lock();
-        Ok(st
+        Ok(self.stored_accounts())
+    }
+
+    /// The accounts in the store (shared store: name, base64 keys).
+    pub fn stored_accounts(&self) -> Vec<(String, Vec<String>)> {
+        self.lock()
             .account_keys
             .iter()
             .map(|(n, r)| (n.clone(), r.keys.clone()))
-            .collect())
+            .collect()
+    }
+
+    /// Changes whenever another replica adds accounts to the shared store (`None`: the
+    /// embedded store, whose accounts come from this process alone).
+    pub fn accounts_changed(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.shared().map(|s| s.accounts.subscribe())
     }
 
     /// A replica shutting down: it takes no more background work and gives up the background

@@ -3,15 +3,18 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 /// The well-known development account printed at start-up (as Azurite's devstoreaccount1).
 pub const DEV_ACCOUNT: &str = "bluebatchdev";
 pub const DEV_KEY: &str =
     "msn4CXagmnuee1CykUmurwWY6CRu19fKDokfMNT5AJ+LT4lM+P8MqEYH0USzDq3pUGzaJUiEfj51equ/VeT60Q==";
 
+/// Clones share the accounts: [`Accounts::replace`] on one (a replica learning accounts another
+/// added to the shared store) is seen by every clone.
 #[derive(Clone, Default)]
 pub struct Accounts {
-    keys: HashMap<String, Vec<Vec<u8>>>,
+    keys: Arc<RwLock<HashMap<String, Arc<[Vec<u8>]>>>>,
 }
 
 /// Account names as Azure allows them: 3 to 24 lower-case letters and digits.
@@ -24,14 +27,14 @@ pub fn valid_account_name(name: &str) -> bool {
 
 impl Accounts {
     pub fn dev() -> Self {
-        let mut a = Self::default();
+        let a = Self::default();
         a.add(DEV_ACCOUNT, &[DEV_KEY.to_string()])
             .expect("the development key is valid base64");
         a
     }
 
     /// Adds an account with its (primary, secondary…) base64 keys.
-    pub fn add(&mut self, name: &str, keys: &[String]) -> Result<(), String> {
+    pub fn add(&self, name: &str, keys: &[String]) -> Result<(), String> {
         if !valid_account_name(name) {
             return Err(format!(
                 "account name {name:?}: use 3 to 24 lower-case letters and digits"
@@ -48,18 +51,41 @@ impl Accounts {
         if decoded.is_empty() || decoded.iter().any(Vec::is_empty) {
             return Err(format!("account {name} needs at least one non-empty key"));
         }
-        self.keys.insert(name.to_string(), decoded);
+        self.write().insert(name.to_string(), decoded.into());
         Ok(())
     }
 
-    pub fn keys(&self, name: &str) -> Option<&[Vec<u8>]> {
-        self.keys.get(name).map(Vec::as_slice)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<[Vec<u8>]>>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<[Vec<u8>]>>> {
+        self.keys.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn keys(&self, name: &str) -> Option<Arc<[Vec<u8>]>> {
+        self.read().get(name).cloned()
+    }
+
+    /// Replaces every account at once with `entries` (name, base64 keys); an invalid entry is
+    /// skipped with its reason returned.
+    pub fn replace(&self, entries: &[(String, Vec<String>)]) -> Vec<String> {
+        let fresh = Accounts::default();
+        let mut refused = Vec::new();
+        for (name, keys) in entries {
+            if let Err(e) = fresh.add(name, keys) {
+                refused.push(e);
+            }
+        }
+        let map = std::mem::take(&mut *fresh.write());
+        *self.write() = map;
+        refused
     }
 
     /// Every account with its keys in base64, in name order (to seed a shared store).
     pub fn entries(&self) -> Vec<(String, Vec<String>)> {
         let mut out: Vec<(String, Vec<String>)> = self
-            .keys
+            .read()
             .iter()
             .map(|(n, ks)| (n.clone(), ks.iter().map(|k| STANDARD.encode(k)).collect()))
             .collect();
@@ -67,7 +93,9 @@ impl Accounts {
         out
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.keys.keys().map(String::as_str)
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.read().keys().cloned().collect();
+        names.sort();
+        names
     }
 }

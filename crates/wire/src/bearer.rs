@@ -522,7 +522,7 @@ mod tests {
     const TENANT: &str = "11111111-2222-3333-4444-555555555555";
 
     fn verifier() -> (Bearer, Accounts) {
-        let mut accounts = Accounts::dev();
+        let accounts = Accounts::dev();
         accounts
             .add("other", &["b3RoZXIta2V5".to_string()])
             .unwrap();

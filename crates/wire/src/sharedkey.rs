@@ -110,7 +110,7 @@ pub fn verify(
 
     // Every form a real client signs; each is compared in constant time.
     for candidate in strings_to_sign(req, account) {
-        for key in keys {
+        for key in keys.iter() {
             let mut mac =
                 <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
             mac.update(candidate.as_bytes());
@@ -257,7 +257,7 @@ mod tests {
     const KEY: &str = "Ymx1ZWJhdGNoLWNvbnRyYWN0LXRlc3QtdmVjdG9yLWs=";
 
     fn accounts() -> Accounts {
-        let mut a = Accounts::default();
+        let a = Accounts::default();
         a.add("testaccount", &[KEY.to_string()]).unwrap();
         a
     }

@@ -363,7 +363,7 @@ pub struct Replicas {
     pub replicas: Vec<Replica>,
     pub clients: Vec<Client>,
     turn: AtomicUsize,
-    extra: Vec<String>,
+    pub extra: Vec<String>,
     /// Declared last: dropped after the replicas stopped.
     pub db: TestDb,
     pub dir: tempfile::TempDir,
