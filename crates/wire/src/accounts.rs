@@ -14,8 +14,11 @@ pub const DEV_KEY: &str =
 /// added to the shared store) is seen by every clone.
 #[derive(Clone, Default)]
 pub struct Accounts {
-    keys: Arc<RwLock<HashMap<String, Arc<[Vec<u8>]>>>>,
+    keys: Arc<RwLock<KeyMap>>,
 }
+
+/// Account name → its decoded keys (primary first).
+type KeyMap = HashMap<String, Arc<[Vec<u8>]>>;
 
 /// Account names as Azure allows them: 3 to 24 lower-case letters and digits.
 pub fn valid_account_name(name: &str) -> bool {
@@ -55,11 +58,11 @@ impl Accounts {
         Ok(())
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<[Vec<u8>]>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, KeyMap> {
         self.keys.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<[Vec<u8>]>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, KeyMap> {
         self.keys.write().unwrap_or_else(|p| p.into_inner())
     }
 
