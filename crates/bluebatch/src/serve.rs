@@ -28,8 +28,8 @@ pub struct ServeArgs {
     /// Where the state lives: the embedded SQLite file in --data-dir (default), or a
     /// PostgreSQL database shared by any number of replicas, postgres://[USER@]HOST[:PORT]/DB
     /// [?sslmode=disable|prefer|require|verify-ca|verify-full&sslrootcert=CA.pem]. The password
-    /// comes from PGPASSWORD, PGPASSFILE (or ~/.pgpass) or --store-password-file, never from
-    /// the URL. Needs --nodes agents.
+    /// comes from --store-password-file, else PGPASSWORD, else PGPASSFILE (or ~/.pgpass), never
+    /// from the URL. Needs --nodes agents.
     #[arg(long, env = "BLUEBATCH_STORE", value_name = "URL")]
     store: Option<String>,
     /// File holding the PostgreSQL password (its first line).

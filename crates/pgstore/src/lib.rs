@@ -47,7 +47,8 @@ const KIND_DELETE_PREFIX: i16 = 2;
 /// How long a transaction may sit idle holding the write lock before the server ends it (a
 /// replica stuck while holding it must not stop every other), and how long a statement waits
 /// for a row lock.
-const SESSION_OPTIONS: &str = "-c idle_in_transaction_session_timeout=60000 -c lock_timeout=30000";
+/// (`client_min_messages=warning`: the notices of `CREATE … IF NOT EXISTS` are not worth a log line.)
+const SESSION_OPTIONS: &str = "-c idle_in_transaction_session_timeout=60000 -c lock_timeout=30000 -c client_min_messages=warning";
 
 /// The PostgreSQL store (cheap to clone: one pool and one listener per [`PgStore::connect`]).
 #[derive(Clone)]
