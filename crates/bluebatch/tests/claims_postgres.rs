@@ -1,0 +1,760 @@
+//! The claims of docs/postgres.md and of the README's "Many replicas on PostgreSQL" that no other
+//! suite covers, and the edge cases a user of two replicas hits: the `store:` banner line never
+//! shows a password, `--store sqlite` (or none) keeps the embedded store, `--in-memory` with
+//! `--store` and a non-PostgreSQL URL are refused, readiness on the embedded store, the
+//! database's account keys outliving a later file's, the `background` lease moving at once on
+//! SIGTERM, `host list` seeing a host connected from every replica, Delete Pool on one replica
+//! while the agent polls the other, Reboot through one replica, the service clock moved through
+//! one replica (the other's answers and the agent's SSH expiry follow), join tokens and hosts
+//! revoked on one replica refused on the other, a Windows pool on simulated agents, and a replica
+//! behind a pruned change log reading the snapshot.
+//!
+//! Needs `BLUEBATCH_TEST_PG` (scripts/pg.sh); without it each test prints a loud skip and
+//! passes, except under CI=true.
+
+mod common;
+
+use common::replicas::*;
+use common::*;
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The deadline of each request.
+const T: Duration = Duration::from_secs(20);
+
+/// `bluebatch serve --port 0` with `args` and `env`, its stdout lines until the `nodes:` line
+/// (the banner's last line), at most 40 s.
+fn serve_banner(args: &[&str], env: &[(&str, &str)]) -> (KillOnDrop, Vec<String>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .env("BLUEBATCH_LOG", "info")
+        .env_remove("BLUEBATCH_STORE")
+        .env_remove("BLUEBATCH_NODES")
+        .env_remove("BLUEBATCH_ACCOUNTS")
+        .env_remove("BLUEBATCH_ACCOUNTS_FILE")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting bluebatch serve");
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let l2 = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut g = l2.lock().unwrap();
+            g.push_str(&line);
+            g.push('\n');
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) => {
+                let last = l.starts_with("nodes:");
+                lines.push(l);
+                if last {
+                    break;
+                }
+            }
+            Err(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no banner within 40 s: {lines:?}"
+                );
+                if let Some(st) = child.try_wait().unwrap() {
+                    panic!("serve {args:?} exited: {st}: {lines:?}");
+                }
+            }
+        }
+    }
+    // Let the startup log lines arrive too.
+    std::thread::sleep(Duration::from_millis(300));
+    let text = log.lock().unwrap().clone();
+    (KillOnDrop(child), lines, text)
+}
+
+/// `bluebatch serve` with `args` expected to exit by itself within 30 s: its code and stderr.
+fn serve_exits(args: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("timeout")
+        .args(["-k", "5", "30"])
+        .arg(env!("CARGO_BIN_EXE_bluebatch"))
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(dir.path())
+        .args(args)
+        .env("BLUEBATCH_LOG", "warn")
+        .env_remove("BLUEBATCH_STORE")
+        .env_remove("BLUEBATCH_NODES")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running bluebatch serve");
+    assert_ne!(out.status.code(), Some(124), "{args:?} did not exit");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn url_of(lines: &[String]) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("bluebatch listening on "))
+        .expect("a listening line")
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_flag_banner_and_refusals() {
+    // The embedded store: no --store, and --store sqlite; ready answers 200 there too.
+    for extra in [vec![], vec!["--store", "sqlite"]] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["--data-dir", dir.path().to_str().unwrap()];
+        args.extend(extra.iter().copied());
+        let (_srv, lines, _) = serve_banner(&args, &[]);
+        let store = lines.iter().find(|l| l.starts_with("store: ")).unwrap();
+        assert!(store.ends_with("state.db"), "{extra:?}: {store}");
+        assert!(dir.path().join("state.db").exists(), "{extra:?}");
+        let r = ready(&url_of(&lines)).await.expect("ready answers");
+        assert_eq!(r.status, 200, "{extra:?}: {}", text(&r));
+        assert_eq!(r.json()["status"], "ready");
+    }
+    // Refused: --in-memory with a PostgreSQL store, a URL of another kind.
+    let Some(db) = TestDb::create() else { return };
+    let (code, err) = serve_exits(&["--store", &db.url, "--nodes", "agents", "--in-memory"]);
+    assert!(matches!(code, Some(c) if c != 0), "{code:?} {err}");
+    assert!(err.contains("--in-memory"), "{err}");
+    for bad in ["mysql://db/x", "state.db", "http://127.0.0.1:1/x"] {
+        let (code, err) = serve_exits(&["--store", bad, "--nodes", "agents"]);
+        assert!(matches!(code, Some(c) if c != 0), "{bad}: {code:?} {err}");
+        assert!(err.contains("not a PostgreSQL URL"), "{bad}: {err}");
+    }
+    // The banner names the database and never the password (PGPASSWORD and a password file).
+    let dir = tempfile::tempdir().unwrap();
+    let pwfile = dir.path().join("pw");
+    std::fs::write(&pwfile, "file-secret-pw-42\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let data = dir.path().join("d");
+    let (_srv, lines, log) = serve_banner(
+        &[
+            "--store",
+            &db.url,
+            "--nodes",
+            "agents",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--store-password-file",
+            pwfile.to_str().unwrap(),
+        ],
+        &[("PGPASSWORD", "env-secret-pw-42")],
+    );
+    let store = lines.iter().find(|l| l.starts_with("store: ")).unwrap();
+    assert!(store.starts_with("store: postgres://"), "{store}");
+    assert!(store.contains(&db.name), "{store}");
+    let all = format!("{}\n{log}", lines.join("\n"));
+    assert!(!all.contains("secret-pw-42"), "a password shown: {all}");
+    assert!(
+        !all.contains(":env-secret") && !all.contains("PGPASSWORD="),
+        "{all}"
+    );
+}
+
+/// The database's keys win over a later file's: the file's key for an account already stored is
+/// refused on every replica, the stored key keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_keys_in_the_database_win_over_a_later_file() {
+    let Some(mut rs) = Replicas::start(1) else {
+        return;
+    };
+    let later = "bGF0ZXIgZmlsZSBrZXkgdGhhdCBtdXN0IG5vdCB3aW4gYW55dGhpbmc=";
+    let file = rs.dir.path().join("accounts.json");
+    std::fs::write(
+        &file,
+        json!({"accounts": [{"name": ACCOUNT, "keys": [later]}]}).to_string(),
+    )
+    .unwrap();
+    rs.extra = vec![
+        "--no-dev-account".into(),
+        "--accounts-file".into(),
+        file.to_str().unwrap().into(),
+    ];
+    let second = rs.add();
+    for i in [0, second] {
+        let r = rs.at(i).req("GET", "/pools").send_within(T).await;
+        assert_eq!(r.status, 200, "replica {i}, stored key: {}", text(&r));
+        let c = Client::new(rs.url(i), ACCOUNT, later);
+        let r = c.req("GET", "/pools").send_within(T).await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (403, "AuthenticationFailed"),
+            "replica {i}: the later file's key must not authenticate"
+        );
+    }
+}
+
+/// SIGTERM on the holder of `background` hands it over at once (well under its 5 s lease), and
+/// the other replica then runs the lifecycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_lease_moves_at_once_on_sigterm() {
+    let Some(db) = TestDb::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Replica::start(
+        &db.url,
+        &dir.path().join("a"),
+        &["--replica-id", "replica-a"],
+    );
+    let holder = db.wait_lease("background", None, T).await;
+    assert_eq!(holder, "replica-a", "the only replica holds it");
+    let b = Replica::start(
+        &db.url,
+        &dir.path().join("b"),
+        &["--replica-id", "replica-b"],
+    );
+    let _agent = SimAgent::join(
+        &b.client(),
+        &b.url,
+        &dir.path().join("agent"),
+        2,
+        "32400-32449",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(db.lease_holder("background").as_deref(), Some("replica-a"));
+    let t0 = Instant::now();
+    let st = a.terminate(T);
+    assert!(st.success(), "{st}");
+    let next = db
+        .wait_lease("background", Some("replica-a"), Duration::from_secs(4))
+        .await;
+    assert_eq!(next, "replica-b");
+    assert!(
+        t0.elapsed() < Duration::from_millis(3500),
+        "the lease moved only after {:?}",
+        t0.elapsed()
+    );
+    // B runs the lifecycle now.
+    let c = b.client();
+    let r = c
+        .req("POST", "/pools")
+        .json(&pool_body("after", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    steady_nodes(&c, "after", 2, Duration::from_secs(30)).await;
+}
+
+async fn hosts(c: &Client) -> Vec<serde_json::Value> {
+    let r = c.control("GET", "/hosts").send_within(T).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    r.json()["value"].as_array().cloned().unwrap_or_default()
+}
+
+/// The agent polls B; `host list` is asked of A and B in turn: connected on both; Delete Pool on
+/// A frees the host's slots on both, and a new pool made on A takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_list_and_delete_pool_across_replicas() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 2, "32450-32499").await;
+    within(
+        T,
+        "the host to be listed connected on both replicas",
+        async {
+            loop {
+                let ha = hosts(a).await;
+                let hb = hosts(b).await;
+                if ha.len() == 1
+                    && hb.len() == 1
+                    && ha[0]["connected"] == true
+                    && hb[0]["connected"] == true
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    // Asked many times, it stays connected on the replica the agent does not poll.
+    for _ in 0..20 {
+        let ha = hosts(a).await;
+        assert_eq!(ha[0]["connected"], true, "A: {ha:?}");
+        let hb = hosts(b).await;
+        assert_eq!(hb[0]["connected"], true, "B: {hb:?}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p1", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    steady_nodes(b, "p1", 2, Duration::from_secs(30)).await;
+    // No slot left: a pool made now waits.
+    let r = b.req("DELETE", "/pools/p1").send_within(T).await;
+    assert_eq!(r.status, 202, "{}", text(&r));
+    within(T, "p1 gone and the host's slots free on both", async {
+        loop {
+            let ga = a.req("GET", "/pools/p1").send_within(T).await;
+            let gb = b.req("GET", "/pools/p1").send_within(T).await;
+            let ha = hosts(a).await;
+            let hb = hosts(b).await;
+            let free =
+                |h: &Vec<serde_json::Value>| h[0]["nodes"].as_array().is_some_and(|n| n.is_empty());
+            if ga.status == 404 && gb.status == 404 && free(&ha) && free(&hb) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p2", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    steady_nodes(a, "p2", 2, Duration::from_secs(30)).await;
+    steady_nodes(b, "p2", 2, T).await;
+}
+
+/// Reboot and Reimage through A of a node whose agent polls B: 202, the node goes through
+/// `rebooting`/`reimaging` and back to idle, seen alike on both; a user added through B after
+/// is applied (the agent still serves the node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reboot_and_reimage_through_the_replica_the_agent_does_not_poll() {
+    let Some(rs) = Replicas::start_with(2, &["--node-step-ms", "300"]) else {
+        return;
+    };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 1, "32500-32549").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 1))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
+        .await
+        .remove(0);
+    for (op, mid) in [("reboot", "rebooting"), ("reimage", "reimaging")] {
+        let r = a
+            .req("POST", &format!("/pools/p/nodes/{node}/{op}"))
+            .json(&json!({}))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 202, "{op}: {}", text(&r));
+        let g = b
+            .req("GET", &format!("/pools/p/nodes/{node}"))
+            .send_within(T)
+            .await;
+        assert_eq!(
+            g.json()["state"],
+            mid,
+            "{op} read at once on B: {}",
+            text(&g)
+        );
+        steady_nodes(a, "p", 1, Duration::from_secs(30)).await;
+        steady_nodes(b, "p", 1, T).await;
+    }
+    let r = b
+        .req("POST", &format!("/pools/p/nodes/{node}/users"))
+        .json(&json!({"name": "after", "password": "After-pw-1"}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let u = a
+        .control("GET", &format!("/pools/p/nodes/{node}/users"))
+        .send_within(T)
+        .await;
+    assert_eq!(u.status, 200, "{}", text(&u));
+    let users = u.json()["users"].as_array().cloned().unwrap_or_default();
+    let after = users
+        .iter()
+        .find(|x| x["name"] == "after")
+        .unwrap_or_else(|| panic!("{}", text(&u)));
+    assert_eq!(after["appliedOnNode"], true, "{}", text(&u));
+}
+
+/// The service clock advanced through A: B's clock follows at once, and a user whose expiry the
+/// offset passed can no longer log in over SSH to the simulated node whose agent polls B; reset
+/// through B lets her in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clock_moved_through_one_replica_is_the_others_and_the_agents() {
+    require_ssh();
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 1, "32550-32599").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 1))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
+        .await
+        .remove(0);
+    let expiry = time::OffsetDateTime::now_utc() + time::Duration::days(2);
+    let r = a
+        .req("POST", &format!("/pools/p/nodes/{node}/users"))
+        .json(&json!({"name": "alice", "password": "Alice-pw-1",
+                      "expiryTime": bluebatch_core::timefmt::iso(expiry)}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let port = b.ssh_port("p", &node).await;
+    assert!(ssh_password_login(port, "alice", "Alice-pw-1", &loopback_source(1)).await);
+
+    let r = a
+        .control("POST", "/clock/advance")
+        .json(&json!({"by": "5d"}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let cb = b.control("GET", "/clock").send_within(T).await;
+    assert_eq!(cb.status, 200, "{}", text(&cb));
+    let off = cb.json()["offsetSeconds"].as_f64().unwrap_or(0.0);
+    assert!((off - 432000.0).abs() < 60.0, "B's clock: {}", text(&cb));
+    within(
+        T,
+        "alice refused once the offset passed her expiry",
+        async {
+            let mut n = 2;
+            loop {
+                if !ssh_password_login(port, "alice", "Alice-pw-1", &loopback_source(n)).await {
+                    return;
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        },
+    )
+    .await;
+    let r = b.control("POST", "/clock/reset").send_within(T).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let ca = a.control("GET", "/clock").send_within(T).await;
+    assert_eq!(
+        ca.json()["offsetSeconds"].as_f64(),
+        Some(0.0),
+        "{}",
+        text(&ca)
+    );
+    within(T, "alice back once the clock is reset", async {
+        let mut n = 20;
+        loop {
+            if ssh_password_login(port, "alice", "Alice-pw-1", &loopback_source(n)).await {
+                return;
+            }
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
+/// A join token revoked on A is refused on B (403); a host revoked on A loses its nodes on both
+/// and its long poll on B ends with its credential refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_hosts_revoked_on_one_replica_are_refused_on_the_other() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let r = agents::create_token(a, json!({})).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let (id, token) = (
+        r.json()["id"].as_str().unwrap().to_string(),
+        r.json()["token"].as_str().unwrap().to_string(),
+    );
+    let d = a
+        .control("DELETE", &format!("/join-tokens/{id}"))
+        .send_within(T)
+        .await;
+    assert_eq!(d.status, 200, "{}", text(&d));
+    let j = reqwest::Client::new()
+        .post(format!("{}/_bluebatch/agent/join", rs.url(1)))
+        .json(&json!({"token": token, "host": agents::report("h1", 1)}))
+        .timeout(T)
+        .send()
+        .await
+        .unwrap();
+    let j = respond(j).await;
+    assert_eq!(
+        j.status,
+        403,
+        "a revoked token joined through B: {}",
+        text(&j)
+    );
+    let l = b.control("GET", "/join-tokens").send_within(T).await;
+    assert!(!text(&l).contains(&id), "B still lists it: {}", text(&l));
+
+    // A host polling B, revoked through A.
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = SimAgent::join(b, rs.url(1), &dir.path().join("agent"), 1, "32600-32649").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 1))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    steady_nodes(b, "p", 1, Duration::from_secs(30)).await;
+    let hs = hosts(b).await;
+    let host = hs[0]["id"].as_str().unwrap().to_string();
+    let r = a
+        .control("POST", &format!("/hosts/{host}/revoke"))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    within(T, "the revoked host's node gone on both replicas", async {
+        loop {
+            let na = a.req("GET", "/pools/p/nodes").send_within(T).await;
+            let nb = b.req("GET", "/pools/p/nodes").send_within(T).await;
+            let empty = |r: &Resp| r.json()["value"].as_array().is_some_and(|v| v.is_empty());
+            if empty(&na) && empty(&nb) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // The agent's poll on B is refused from now on: it stops or says so within a few seconds.
+    within(
+        Duration::from_secs(15),
+        "the agent to learn it is revoked",
+        async {
+            loop {
+                if agent.child.try_wait().unwrap().is_some() {
+                    return;
+                }
+                let log = agent.log_text().to_lowercase();
+                if log.contains("revoked") || log.contains("403") || log.contains("refused") {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    agent.kill();
+}
+
+/// A Windows pool on simulated agents through two replicas: steady on both, a user added on B,
+/// its remote login settings the same on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windows_pool_on_simulated_agents_across_replicas() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(0), &dir.path().join("agent"), 1, "32650-32699").await;
+    let r = b.create_pool("win", "windows", 1).await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let node = steady_nodes(a, "win", 1, Duration::from_secs(30))
+        .await
+        .remove(0);
+    let r = b
+        .req("POST", &format!("/pools/win/nodes/{node}/users"))
+        .json(&json!({"name": "wuser", "password": "Windows-pw1"}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let la = a
+        .req(
+            "GET",
+            &format!("/pools/win/nodes/{node}/remoteloginsettings"),
+        )
+        .send_within(T)
+        .await;
+    let lb = b
+        .req(
+            "GET",
+            &format!("/pools/win/nodes/{node}/remoteloginsettings"),
+        )
+        .send_within(T)
+        .await;
+    assert_eq!(la.status, lb.status, "{} / {}", text(&la), text(&lb));
+    assert_eq!(la.json(), lb.json());
+    let p = a.req("GET", "/pools/win").send_within(T).await;
+    assert_eq!(
+        p.json()["virtualMachineConfiguration"]["nodeAgentSKUId"],
+        "batch.node.windows amd64"
+    );
+}
+
+/// A replica frozen (SIGSTOP) while the other writes and the change log is pruned past it reads
+/// the snapshot when it resumes: every write there, deletes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_a_pruned_change_log_reads_the_snapshot() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    for i in 0..3 {
+        let r = a
+            .req("POST", "/pools")
+            .json(&pool_body(&format!("old{i}"), 0))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+    }
+    let g = b.req("GET", "/pools/old0").send_within(T).await;
+    assert_eq!(g.status, 200);
+    let pid = rs.replicas[1].child.as_ref().unwrap().id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let r = a.req("DELETE", "/pools/old0").send_within(T).await;
+    assert_eq!(r.status, 202, "{}", text(&r));
+    for i in 0..3 {
+        let r = a
+            .req("POST", "/pools")
+            .json(&pool_body(&format!("new{i}"), 0))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+    }
+    within(T, "old0 gone on A", async {
+        while a.req("GET", "/pools/old0").send_within(T).await.status != 404 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Prune the whole log: its low mark at the head.
+    rs.db
+        .sql("DELETE FROM bb_changes; UPDATE bb_head SET low = rev WHERE id = 1;");
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let ids = list_across(&[b], "/pools", 100).await;
+    let mut ids: Vec<_> = ids.into_iter().collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["new0", "new1", "new2", "old1", "old2"],
+        "B after the snapshot"
+    );
+    // And it writes on from there.
+    let r = b
+        .req("POST", "/pools")
+        .json(&pool_body("later", 0))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let g = a.req("GET", "/pools/later").send_within(T).await;
+    assert_eq!(g.status, 200, "{}", text(&g));
+}
+
+/// Clock advances taken at once by both replicas add up: none is lost to the other's cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_advances_on_both_replicas_at_once_add_up() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    for _ in 0..4 {
+        let (x, y) = tokio::join!(advance_1h(a), advance_1h(b));
+        assert_eq!(
+            (x.status, y.status),
+            (200, 200),
+            "{} / {}",
+            text(&x),
+            text(&y)
+        );
+    }
+    for c in [a, b] {
+        let r = c.control("GET", "/clock").send_within(T).await;
+        let off = r.json()["offsetSeconds"].as_f64().unwrap();
+        assert!((off - 8.0 * 3600.0).abs() < 1.0, "{}: {}", c.base, text(&r));
+    }
+}
+
+/// One join token sent to both replicas at once joins exactly one host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_join_token_on_two_replicas_at_once_joins_one_host() {
+    let Some(rs) = Replicas::start(2) else { return };
+    for round in 0..5 {
+        let token = agents::token(rs.at(round % 2), None).await;
+        let join = |i: usize| {
+            let url = format!("{}/_bluebatch/agent/join", rs.url(i));
+            let body = json!({"token": token, "host": agents::report(&format!("h{round}-{i}"), 1)});
+            async move {
+                let r = reqwest::Client::new()
+                    .post(url)
+                    .json(&body)
+                    .timeout(T)
+                    .send()
+                    .await
+                    .unwrap();
+                respond(r).await
+            }
+        };
+        let (x, y) = tokio::join!(join(0), join(1));
+        let mut st = [x.status, y.status];
+        st.sort();
+        assert_eq!(st, [200, 403], "round {round}: {} / {}", text(&x), text(&y));
+    }
+    let hs = hosts(rs.at(0)).await;
+    assert_eq!(hs.len(), 5, "{hs:?}");
+}
+
+/// One ETag, two conditional writes (Resize Pool with If-Match) on two replicas at once: one
+/// 202, one 412 ConditionNotMet, and both replicas show the winner's target; a Delete Pool with
+/// the stale ETag is refused on either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_etag_two_conditional_writes_on_two_replicas_one_wins() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    for round in 0..6u32 {
+        let id = format!("p{round}");
+        let r = a
+            .req("POST", "/pools")
+            .json(&pool_body(&id, 0))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201, "{}", text(&r));
+        let g = b.req("GET", &format!("/pools/{id}")).send_within(T).await;
+        let etag = g.header("etag").unwrap().to_string();
+        let (x, y) = tokio::join!(resize_if(a, &id, &etag, 1), resize_if(b, &id, &etag, 2));
+        let mut st = [x.status, y.status];
+        st.sort();
+        assert_eq!(st, [202, 412], "round {round}: {} / {}", text(&x), text(&y));
+        let loser = if x.status == 412 { &x } else { &y };
+        assert_eq!(loser.code(), "ConditionNotMet", "{}", text(loser));
+        let winner = if x.status == 202 { 1 } else { 2 };
+        for c in [a, b] {
+            let g = c.req("GET", &format!("/pools/{id}")).send_within(T).await;
+            assert_eq!(g.json()["targetDedicatedNodes"], winner, "{}", text(&g));
+            assert_ne!(g.header("etag"), Some(etag.as_str()));
+            let d = c
+                .req("DELETE", &format!("/pools/{id}"))
+                .header("if-match", &etag)
+                .send_within(T)
+                .await;
+            assert_eq!(d.status, 412, "a stale delete: {}", text(&d));
+        }
+    }
+}
+
+async fn resize_if(c: &Client, pool: &str, etag: &str, n: u32) -> Resp {
+    c.req("POST", &format!("/pools/{pool}/resize"))
+        .header("if-match", etag)
+        .json(&json!({"targetDedicatedNodes": n}))
+        .send_within(T)
+        .await
+}
+
+async fn advance_1h(c: &Client) -> Resp {
+    c.control("POST", "/clock/advance")
+        .json(&json!({"by": "1h"}))
+        .send_within(T)
+        .await
+}
