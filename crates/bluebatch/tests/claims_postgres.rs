@@ -758,3 +758,166 @@ async fn advance_1h(c: &Client) -> Resp {
         .send_within(T)
         .await
 }
+
+fn signal(pid: u32, sig: i32) {
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// The agent polling B is frozen: an Update User through A is not answered 200 (it times out
+/// with 500 OperationTimedOut within the request's `timeout`); once the agent runs again it
+/// applies the stored change, and B's listing says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_never_acknowledged_by_a_replica_whose_agent_is_gone() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 1, "32700-32749").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 1))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
+        .await
+        .remove(0);
+    add_user(
+        a,
+        "p",
+        &node,
+        json!({"name": "u", "password": "First-pw-1"}),
+    )
+    .await;
+    signal(agent.child.id(), libc::SIGSTOP);
+    let t0 = Instant::now();
+    let r = a
+        .req("PUT", &Client::user_path("p", &node, "u"))
+        .query(&format!("api-version={V}&timeout=3"))
+        .json(&json!({"password": "Second-pw-2"}))
+        .send_within(T)
+        .await;
+    signal(agent.child.id(), libc::SIGCONT);
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (500, "OperationTimedOut"),
+        "{}",
+        text(&r)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    within(T, "the change applied once the agent runs again", async {
+        loop {
+            let u = b
+                .control("GET", &format!("/pools/p/nodes/{node}/users"))
+                .send_within(T)
+                .await;
+            let v = u.json();
+            if v["users"]
+                .as_array()
+                .and_then(|l| l.iter().find(|x| x["name"] == "u"))
+                .is_some_and(|x| x["appliedOnNode"] == true)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
+/// `bluebatch reset` (POST /_bluebatch/reset) through A while the agent polls B: every pool gone
+/// on both, the host's slots free, and a new pool made through B takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_through_one_replica_frees_the_hosts_of_the_other() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 2, "32750-32799").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
+    let r = a.control("POST", "/reset").send_within(T).await;
+    assert!(r.status == 200 || r.status == 204, "{}", text(&r));
+    for c in [a, b] {
+        let g = c.req("GET", "/pools/p").send_within(T).await;
+        assert_eq!(g.status, 404, "{}: {}", c.base, text(&g));
+    }
+    let r = b
+        .req("POST", "/pools")
+        .json(&pool_body("q", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    steady_nodes(a, "q", 2, Duration::from_secs(30)).await;
+    for c in [a, b] {
+        let hs = hosts(c).await;
+        let n = hs[0]["nodes"].as_array().cloned().unwrap_or_default();
+        assert_eq!(n.len(), 2, "{}: {hs:?}", c.base);
+        assert!(n.iter().all(|x| x["poolId"] == "q"), "{hs:?}");
+    }
+}
+
+/// The holder of `background` frozen (SIGSTOP, a long GC-like pause) in the middle of an
+/// allocation: B takes the lease over and finishes; when A runs again the pool has exactly its
+/// target of nodes (no step done twice, no extra node), on both replicas, and A gives up the
+/// lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_background_holder_coming_back_does_no_step_twice() {
+    let Some(db) = TestDb::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Replica::start(
+        &db.url,
+        &dir.path().join("a"),
+        &["--replica-id", "replica-a", "--node-step-ms", "400"],
+    );
+    assert_eq!(db.wait_lease("background", None, T).await, "replica-a");
+    let b = Replica::start(
+        &db.url,
+        &dir.path().join("b"),
+        &["--replica-id", "replica-b", "--node-step-ms", "400"],
+    );
+    let (ca, cb) = (a.client(), b.client());
+    let _agent = SimAgent::join(&cb, &b.url, &dir.path().join("agent"), 6, "32800-32849").await;
+    let r = ca
+        .req("POST", "/pools")
+        .json(&pool_body("p", 3))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = a.child.as_ref().unwrap().id();
+    signal(pid, libc::SIGSTOP);
+    let next = db
+        .wait_lease("background", Some("replica-a"), Duration::from_secs(10))
+        .await;
+    assert_eq!(next, "replica-b");
+    // B finishes the allocation while A sleeps, and takes a resize.
+    steady_nodes(&cb, "p", 3, Duration::from_secs(40)).await;
+    let r = cb
+        .req("POST", "/pools/p/resize")
+        .json(&json!({"targetDedicatedNodes": 4}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 202, "{}", text(&r));
+    signal(pid, libc::SIGCONT);
+    let nb = steady_nodes(&cb, "p", 4, Duration::from_secs(40)).await;
+    // A few more steps' worth of time: A must not add or move anything.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let na = steady_nodes(&ca, "p", 4, T).await;
+    let (mut na, mut nb) = (na, nb);
+    na.sort();
+    nb.sort();
+    assert_eq!(na, nb);
+    let hs = hosts(&ca).await;
+    let used: usize = hs
+        .iter()
+        .map(|h| h["nodes"].as_array().map_or(0, |n| n.len()))
+        .sum();
+    assert_eq!(used, 4, "slots used: {hs:?}");
+    assert_eq!(db.lease_holder("background").as_deref(), Some("replica-b"));
+}

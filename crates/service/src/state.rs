@@ -265,6 +265,41 @@ impl State {
             Op::DeletePrefix { prefix } => {
                 let parts: Vec<&str> = prefix.trim_end_matches('/').split('/').collect();
                 match parts.as_slice() {
+                    // An account's reset: every pool (its nodes, their users and host slots).
+                    ["pool", account] => {
+                        let pools: Vec<String> = self
+                            .accounts
+                            .get(*account)
+                            .map(|a| a.pools.keys().cloned().collect())
+                            .unwrap_or_default();
+                        for pkey in pools {
+                            self.remove(&format!("pool/{account}/{pkey}"), touched);
+                        }
+                    }
+                    ["node", account] => {
+                        let nodes: Vec<(String, String)> = self
+                            .accounts
+                            .get(*account)
+                            .map(|a| {
+                                a.pools
+                                    .iter()
+                                    .flat_map(|(k, p)| {
+                                        p.nodes.keys().map(move |n| (k.clone(), n.clone()))
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        for (pkey, id) in nodes {
+                            self.remove(&format!("node/{account}/{pkey}/{id}"), touched);
+                        }
+                    }
+                    ["user", account] => {
+                        if let Some(a) = self.accounts.get_mut(*account) {
+                            for p in a.pools.values_mut() {
+                                p.nodes.values_mut().for_each(|n| n.users.clear());
+                            }
+                        }
+                    }
                     ["node", account, pool] => {
                         let ids: Vec<String> = self
                             .pool(account, pool)
