@@ -921,3 +921,207 @@ async fn a_frozen_background_holder_coming_back_does_no_step_twice() {
     assert_eq!(used, 4, "slots used: {hs:?}");
     assert_eq!(db.lease_holder("background").as_deref(), Some("replica-b"));
 }
+
+/// `BLUEBATCH_STORE`, `postgresql://` and a URL without a user (PGUSER) start a replica; the
+/// database down at start is exit status 1; a database two schema versions ahead is refused
+/// naming both versions, one ahead is accepted; `--store-connections` bounds this replica's
+/// connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_settings_schema_versions_and_connections() {
+    let Some(db) = TestDb::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // BLUEBATCH_STORE, with postgresql:// and the user from PGUSER.
+    let (scheme_rest, user) = {
+        let (_, rest) = db.url.split_once("://").unwrap();
+        let (userinfo, hostpart) = rest.split_once('@').expect("a user in BLUEBATCH_TEST_PG");
+        (hostpart.to_string(), userinfo.to_string())
+    };
+    let no_user = format!("postgresql://{scheme_rest}");
+    let data = dir.path().join("env");
+    let (srv, lines, _) = serve_banner(
+        &["--nodes", "agents", "--data-dir", data.to_str().unwrap()],
+        &[
+            ("BLUEBATCH_STORE", no_user.as_str()),
+            ("PGUSER", user.as_str()),
+        ],
+    );
+    let store = lines.iter().find(|l| l.starts_with("store: ")).unwrap();
+    assert!(
+        store.contains(&db.name) && store.contains("postgres"),
+        "{store}"
+    );
+    let r = ready(&url_of(&lines)).await.expect("ready");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    drop(srv);
+
+    // Down at start: exit 1, naming the address.
+    let port = free_port();
+    let down = format!("postgres://postgres@127.0.0.1:{port}/nothing");
+    let (code, err) = serve_exits(&["--store", &down, "--nodes", "agents"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) || err.contains(&port.to_string()),
+        "{err}"
+    );
+
+    // Schema one ahead: accepted; two ahead: refused naming both versions.
+    let v: i32 = db
+        .sql("SELECT version FROM bb_schema WHERE id = 1")
+        .trim()
+        .parse()
+        .unwrap();
+    db.sql(&format!(
+        "UPDATE bb_schema SET version = {} WHERE id = 1",
+        v + 1
+    ));
+    let data = dir.path().join("one-ahead");
+    let (srv, _, _) = serve_banner(
+        &[
+            "--store",
+            &db.url,
+            "--nodes",
+            "agents",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    drop(srv);
+    db.sql(&format!(
+        "UPDATE bb_schema SET version = {} WHERE id = 1",
+        v + 2
+    ));
+    let (code, err) = serve_exits(&["--store", &db.url, "--nodes", "agents"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("version {}", v + 2)) && err.contains(&format!("({v})")),
+        "{err}"
+    );
+    db.sql(&format!("UPDATE bb_schema SET version = {v} WHERE id = 1"));
+
+    // --store-connections 2: under 16 concurrent requests the replica holds at most 2 (and its
+    // LISTEN connection).
+    let rep = Replica::start(
+        &db.url,
+        &dir.path().join("conns"),
+        &["--store-connections", "2", "--replica-id", "conns"],
+    );
+    let c = rep.client();
+    let mut max = 0usize;
+    for round in 0..4 {
+        let mut handles = Vec::new();
+        for i in 0..8 {
+            let url = rep.url.clone();
+            handles.push(tokio::spawn(async move {
+                let c = Client::new(&url, ACCOUNT, KEY);
+                let id = format!("c{round}x{i}");
+                c.req("POST", "/pools")
+                    .json(&pool_body(&id, 0))
+                    .send_within(T)
+                    .await
+                    .status
+            }));
+        }
+        let n: usize = db
+            .sql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                db.name
+            ))
+            .trim()
+            .parse()
+            .unwrap();
+        max = max.max(n);
+        for h in handles {
+            assert_eq!(h.await.unwrap(), 201);
+        }
+    }
+    let r = c.req("GET", "/pools").send_within(T).await;
+    assert_eq!(r.json()["value"].as_array().unwrap().len(), 32);
+    assert!(
+        max <= 3,
+        "{max} connections of a replica with --store-connections 2"
+    );
+}
+
+/// The liveness sweep across replicas: the agent polling B is killed; with `--agent-grace 2s`
+/// its node goes `unknown` on both replicas, and back to `idle` on both once the agent, started
+/// again with its identity, polls A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_host_goes_unknown_on_every_replica_and_comes_back() {
+    let Some(rs) = Replicas::start_with(2, &["--agent-grace", "2s"]) else {
+        return;
+    };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("agent");
+    let mut agent = SimAgent::join(a, rs.url(1), &state, 1, "32850-32899").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 1))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
+        .await
+        .remove(0);
+    agent.kill();
+    let t0 = Instant::now();
+    within(Duration::from_secs(40), "unknown on both", async {
+        loop {
+            let sa = a
+                .req("GET", &format!("/pools/p/nodes/{node}"))
+                .send_within(T)
+                .await;
+            let sb = b
+                .req("GET", &format!("/pools/p/nodes/{node}"))
+                .send_within(T)
+                .await;
+            if sa.json()["state"] == "unknown" && sb.json()["state"] == "unknown" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    eprintln!("unknown on both {:?} after the agent died", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let _back = SimAgent::resume(rs.url(0), &state, 1, "32850-32899");
+    steady_nodes(a, "p", 1, Duration::from_secs(20)).await;
+    steady_nodes(b, "p", 1, T).await;
+}
+
+/// The SQL the PostgreSQL store sends avoids what CockroachDB and YugabyteDB do not run alike:
+/// advisory locks, LOCK TABLE, sequences (nextval, SERIAL, identity columns).
+#[test]
+fn the_store_sql_avoids_advisory_locks_lock_table_and_sequences() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pgstore/src");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "rs") {
+            // The code, not its comments (which name what is avoided).
+            let t: String = std::fs::read_to_string(&p)
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .to_uppercase();
+            seen += 1;
+            for bad in [
+                "PG_ADVISORY",
+                "PG_TRY_ADVISORY",
+                "LOCK TABLE",
+                "NEXTVAL(",
+                "CREATE SEQUENCE",
+                " SERIAL",
+                "BIGSERIAL",
+                "GENERATED ALWAYS AS IDENTITY",
+                "GENERATED BY DEFAULT AS IDENTITY",
+            ] {
+                assert!(!t.contains(bad), "{} uses {bad}", p.display());
+            }
+        }
+    }
+    assert!(seen > 0, "no source in {}", src.display());
+}
