@@ -1125,3 +1125,104 @@ fn the_store_sql_avoids_advisory_locks_lock_table_and_sequences() {
     }
     assert!(seen > 0, "no source in {}", src.display());
 }
+
+/// Pool ids are case-insensitive across replicas: `Race{n}` on A and `race{n}` on B at once →
+/// one 201, one 409 `PoolExists`, and both replicas list one pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pool_id_in_two_cases_on_two_replicas_is_created_once() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    for n in 0..8 {
+        let (x, y) = tokio::join!(
+            a.req("POST", "/pools")
+                .json(&pool_body(&format!("Race{n}"), 0))
+                .send_within(T),
+            b.req("POST", "/pools")
+                .json(&pool_body(&format!("race{n}"), 0))
+                .send_within(T)
+        );
+        let mut st = [x.status, y.status];
+        st.sort();
+        assert_eq!(st, [201, 409], "round {n}: {} / {}", text(&x), text(&y));
+        let loser = if x.status == 409 { &x } else { &y };
+        assert_eq!(loser.code(), "PoolExists", "{}", text(loser));
+    }
+    for c in [a, b] {
+        let ids = list_across(&[c], "/pools", 100).await;
+        assert_eq!(ids.len(), 8, "{ids:?}");
+    }
+}
+
+/// Remove Nodes through A of a node whose agent polls B, and Delete Pool through A racing Add
+/// User through B: no 5xx, the pool ends as asked on both, and the host's slots are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_nodes_and_delete_racing_add_user_across_replicas() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 3, "32900-32949").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 3))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let nodes = steady_nodes(b, "p", 3, Duration::from_secs(30)).await;
+    let r = a
+        .req("POST", "/pools/p/removenodes")
+        .json(&json!({"nodeList": [nodes[0]]}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 202, "{}", text(&r));
+    let left = steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
+    assert!(!left.contains(&nodes[0]), "{left:?}");
+    steady_nodes(a, "p", 2, T).await;
+    within(T, "the removed node's slot free on both", async {
+        loop {
+            let ha = hosts(a).await;
+            let hb = hosts(b).await;
+            let used = |h: &Vec<serde_json::Value>| h[0]["nodes"].as_array().map_or(0, |n| n.len());
+            if used(&ha) == 2 && used(&hb) == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // Delete Pool on A while Add User on B.
+    let (d, u) = tokio::join!(
+        a.req("DELETE", "/pools/p").send_within(T),
+        b.req("POST", &format!("/pools/p/nodes/{}/users", left[0]))
+            .json(&json!({"name": "late", "password": "Late-pw-1"}))
+            .send_within(T)
+    );
+    assert_eq!(d.status, 202, "{}", text(&d));
+    assert!(
+        [201, 404, 409].contains(&u.status),
+        "Add User racing Delete Pool: {} {}",
+        u.status,
+        text(&u)
+    );
+    within(T, "p gone and every slot free on both", async {
+        loop {
+            let ga = a.req("GET", "/pools/p").send_within(T).await;
+            let gb = b.req("GET", "/pools/p").send_within(T).await;
+            let ha = hosts(a).await;
+            let hb = hosts(b).await;
+            let free =
+                |h: &Vec<serde_json::Value>| h[0]["nodes"].as_array().is_some_and(|n| n.is_empty());
+            if ga.status == 404 && gb.status == 404 && free(&ha) && free(&hb) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let r = b
+        .req("POST", "/pools")
+        .json(&pool_body("q", 3))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    steady_nodes(a, "q", 3, Duration::from_secs(30)).await;
+}
