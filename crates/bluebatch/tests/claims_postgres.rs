@@ -1226,3 +1226,49 @@ async fn remove_nodes_and_delete_racing_add_user_across_replicas() {
     assert_eq!(r.status, 201, "{}", text(&r));
     steady_nodes(a, "q", 3, Duration::from_secs(30)).await;
 }
+
+/// `node set-state` to `unknown` through A of a node whose agent polls B stays there (as on one
+/// server: "it stays there until something moves it"), and the host stays connected on both:
+/// another replica must not take the node's state for the host being away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_set_unknown_through_one_replica_stays_while_its_agent_polls_the_other() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 2, "32950-32999").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let nodes = steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
+    let r = a
+        .control("PUT", &format!("/pools/p/nodes/{}/state", nodes[0]))
+        .json(&json!({"state": "unknown"}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    // Several polls of the agent later (its long polls answer on every change).
+    let other = b
+        .req("POST", &format!("/pools/p/nodes/{}/users", nodes[1]))
+        .json(&json!({"name": "poke", "password": "Poke-pw-1"}))
+        .send_within(T)
+        .await;
+    assert_eq!(other.status, 201, "{}", text(&other));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for c in [a, b] {
+        let g = c
+            .req("GET", &format!("/pools/p/nodes/{}", nodes[0]))
+            .send_within(T)
+            .await;
+        assert_eq!(g.json()["state"], "unknown", "{}: {}", c.base, text(&g));
+        let g = c
+            .req("GET", &format!("/pools/p/nodes/{}", nodes[1]))
+            .send_within(T)
+            .await;
+        assert_eq!(g.json()["state"], "idle", "{}: {}", c.base, text(&g));
+        let hs = hosts(c).await;
+        assert_eq!(hs[0]["connected"], true, "{}: {hs:?}", c.base);
+    }
+}

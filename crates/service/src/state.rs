@@ -358,6 +358,10 @@ impl State {
                     .pool(account, pkey)
                     .and_then(|p| p.nodes.get(*id))
                     .map(|n| (n.node.host.clone(), n.node.slot));
+                let was_away_mark = self
+                    .pool(account, pkey)
+                    .and_then(|p| p.nodes.get(*id))
+                    .is_some_and(|n| n.node.state_before_unknown.is_some());
                 if let Some((Some(host), Some(slot))) = &old
                     && (node.host.as_ref() != Some(host) || node.slot != Some(*slot))
                     && let Some(h) = self.hub.hosts.get_mut(host)
@@ -368,9 +372,15 @@ impl State {
                 if let (Some(host), Some(slot)) = (&node.host, node.slot)
                     && let Some(h) = self.hub.hosts.get_mut(host)
                 {
-                    // Another replica marked the host away, or brought it back (it writes
-                    // all of the host's nodes back at once).
-                    h.away = node.state == bluebatch_core::model::NodeState::Unknown;
+                    // Another replica's sweep marked the host away (its nodes keep the state
+                    // they had before, as State::load reads it), or the host came back (its
+                    // nodes lose that mark). A node put in `unknown` by hand (the emulator
+                    // control) says nothing of its host.
+                    if node.state_before_unknown.is_some() {
+                        h.away = true;
+                    } else if was_away_mark {
+                        h.away = false;
+                    }
                     h.slots.insert(
                         slot,
                         crate::agents::NodeRef {
