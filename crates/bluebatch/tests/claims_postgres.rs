@@ -1272,3 +1272,101 @@ async fn a_node_set_unknown_through_one_replica_stays_while_its_agent_polls_the_
         assert_eq!(hs[0]["connected"], true, "{}: {hs:?}", c.base);
     }
 }
+
+/// Mixed writes at once on both replicas (users added, updated and deleted on two agent nodes,
+/// resizes, reboots) with the database healthy: never a 5xx (a 503 here would be a write lost to
+/// the other replica's commit), and both replicas end with the same nodes and users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_writes_on_both_replicas_never_answer_5xx() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 4, "33000-33049").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let nodes = steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
+    let work = |w: usize| {
+        let c = rs.at(w % 2);
+        let nodes = nodes.clone();
+        async move {
+            let mut bad = Vec::new();
+            for k in 0..12 {
+                let node = &nodes[k % 2];
+                let name = format!("w{w}u{}", k % 3);
+                let users = format!("/pools/p/nodes/{node}/users");
+                let r = match (k + w) % 6 {
+                    0 | 1 => {
+                        c.req("POST", &users)
+                            .json(&json!({"name": name, "password": "Mixed-pw-1"}))
+                            .send_within(T)
+                            .await
+                    }
+                    2 => {
+                        c.req("PUT", &format!("{users}/{name}"))
+                            .json(&json!({"password": format!("Mixed-pw-{k}")}))
+                            .send_within(T)
+                            .await
+                    }
+                    3 => {
+                        c.req("DELETE", &format!("{users}/{name}"))
+                            .send_within(T)
+                            .await
+                    }
+                    4 if w == 0 => {
+                        c.req("POST", &format!("/pools/p/nodes/{node}/reboot"))
+                            .json(&json!({}))
+                            .send_within(T)
+                            .await
+                    }
+                    _ => {
+                        let id = format!("side{w}x{k}");
+                        let r = c
+                            .req("POST", "/pools")
+                            .json(&pool_body(&id, 0))
+                            .send_within(T)
+                            .await;
+                        if r.status == 201 {
+                            c.req("DELETE", &format!("/pools/{id}"))
+                                .send_within(T)
+                                .await
+                        } else {
+                            r
+                        }
+                    }
+                };
+                if r.status >= 500 {
+                    bad.push(format!("{} {}", r.status, text(&r)));
+                }
+            }
+            bad
+        }
+    };
+    let (x, y, z, u) = tokio::join!(work(0), work(1), work(2), work(3));
+    let bad: Vec<String> = [x, y, z, u].concat();
+    assert!(
+        bad.is_empty(),
+        "5xx answers with a healthy database: {bad:#?}"
+    );
+    steady_nodes(a, "p", 2, Duration::from_secs(30)).await;
+    for node in &nodes {
+        let path = format!("/pools/p/nodes/{node}/users");
+        let ua = a.control("GET", &path).send_within(T).await;
+        let ub = b.control("GET", &path).send_within(T).await;
+        let names = |r: &Resp| {
+            let mut v: Vec<String> = r.json()["users"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|u| u["name"].as_str().unwrap_or("").to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&ua), names(&ub), "{node}");
+    }
+}
