@@ -1370,3 +1370,53 @@ async fn mixed_writes_on_both_replicas_never_answer_5xx() {
         assert_eq!(names(&ua), names(&ub), "{node}");
     }
 }
+
+/// A client that gives up while its write's commit waits in the database (a row of the pool
+/// locked by another session): the commit is rolled back, and the replica must not keep the
+/// write in its cache: afterwards both replicas answer the database's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_abandoned_by_its_client_mid_commit_leaves_no_trace_in_the_cache() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 0))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    // Another session holds the pool's row for 4 s.
+    let url = rs.db.url.clone();
+    let locker = std::thread::spawn(move || {
+        psql(
+            &url,
+            "BEGIN; SELECT 1 FROM bb_pools WHERE pool_key = 'p' FOR UPDATE; SELECT pg_sleep(4); COMMIT;",
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The resize's commit waits on that row; its client gives up after 1 s.
+    let gave_up = a
+        .req("POST", "/pools/p/resize")
+        .json(&json!({"targetDedicatedNodes": 5}))
+        .try_send_within(Duration::from_secs(1))
+        .await;
+    assert!(
+        gave_up.is_err(),
+        "answered while the row was locked: {:?}",
+        gave_up.map(|r| r.status)
+    );
+    locker.join().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let in_db = rs
+        .db
+        .sql("SELECT doc->>'target_dedicated' FROM bb_pools WHERE pool_key = 'p'");
+    for c in [a, b] {
+        let g = c.req("GET", "/pools/p").send_within(T).await;
+        assert_eq!(
+            g.json()["targetDedicatedNodes"].to_string(),
+            in_db,
+            "{}: the cache and the database disagree: {}",
+            c.base,
+            text(&g)
+        );
+    }
+}

@@ -61,6 +61,32 @@ pub(crate) struct SharedCommit {
     ops: Vec<Op>,
     held: Option<Held>,
     base: u64,
+    /// Committed. A commit dropped before that (its request cancelled by a client that went,
+    /// or an error on the way) leaves the cache holding a change the database may not have:
+    /// the cache is marked stale and read again whole.
+    done: bool,
+}
+
+/// Marks the cache stale when dropped, unless its flag says the commit went through.
+struct StaleUnlessDone<'a>(&'a AtomicBool, bool);
+
+impl Drop for StaleUnlessDone<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for SharedCommit {
+    fn drop(&mut self) {
+        if !self.done
+            && let Some(inner) = self.inner.upgrade()
+            && let Some(sh) = &inner.shared
+        {
+            sh.stale.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// Holds the gate for a request; released by its first commit, or when dropped.
@@ -132,12 +158,13 @@ impl Shared {
             ops,
             held: if mine { held.take() } else { None },
             base: self.rev.load(Ordering::Acquire),
+            done: false,
         }
     }
 }
 
 impl SharedCommit {
-    pub async fn durable(self) -> Result<(), BatchError> {
+    pub async fn durable(mut self) -> Result<(), BatchError> {
         let Some(inner) = self.inner.upgrade() else {
             return Err(lost_commit("the service is gone"));
         };
@@ -145,7 +172,7 @@ impl SharedCommit {
             .shared
             .as_ref()
             .expect("a shared commit has a shared store");
-        let held = match self.held {
+        let held = match self.held.take() {
             Some(h) => h,
             None => {
                 // A write made without the gate: it holds only if nobody committed since the
@@ -164,9 +191,14 @@ impl SharedCommit {
             }
         };
         let Held { locked, _gate, .. } = held;
-        match locked.commit(self.ops).await {
+        // Declared after the gate, so dropped before it: a commit cancelled here marks the
+        // cache stale before another writer can take the gate.
+        let mut pending = StaleUnlessDone(&sh.stale, false);
+        match locked.commit(std::mem::take(&mut self.ops)).await {
             Ok(rev) => {
                 sh.rev.store(rev, Ordering::Release);
+                pending.1 = true;
+                self.done = true;
                 Ok(())
             }
             Err(e) => {
