@@ -1420,3 +1420,40 @@ async fn a_write_abandoned_by_its_client_mid_commit_leaves_no_trace_in_the_cache
         );
     }
 }
+
+/// An account seeded by a new replica while B was frozen and the change log was pruned past B:
+/// B reads the snapshot when it resumes, and serves the new account too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_added_while_a_replica_was_behind_the_log_is_served_after_its_reload() {
+    let Some(mut rs) = Replicas::start(2) else {
+        return;
+    };
+    let key = "YW4gYWNjb3VudCBhZGRlZCB3aGlsZSBhIHJlcGxpY2Egd2FzIGJlaGluZA==";
+    let pid = rs.replicas[1].child.as_ref().unwrap().id();
+    signal(pid, libc::SIGSTOP);
+    let file = rs.dir.path().join("accounts.json");
+    std::fs::write(
+        &file,
+        json!({"accounts": [{"name": "lateaccount", "keys": [key]}]}).to_string(),
+    )
+    .unwrap();
+    rs.extra = vec!["--accounts-file".into(), file.to_str().unwrap().into()];
+    let third = rs.add();
+    let c = Client::new(rs.url(third), "lateaccount", key);
+    let r = c.req("GET", "/pools").send_within(T).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    rs.db
+        .sql("DELETE FROM bb_changes; UPDATE bb_head SET low = rev WHERE id = 1;");
+    signal(pid, libc::SIGCONT);
+    let c = Client::new(rs.url(1), "lateaccount", key);
+    within(T, "B to serve the account after its reload", async {
+        loop {
+            let r = c.req("GET", "/pools").send_within(T).await;
+            if r.status == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}

@@ -362,6 +362,8 @@ impl Service {
                 .clock
                 .set_offset(time::Duration::nanoseconds(nanos));
             touched.clock = true;
+            // The accounts may have changed too (the wire's live accounts follow this).
+            touched.accounts = true;
         }
         sh.rev.store(rev, Ordering::Release);
         sh.stale.store(false, Ordering::Release);
