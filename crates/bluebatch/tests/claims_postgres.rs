@@ -1457,3 +1457,63 @@ async fn an_account_added_while_a_replica_was_behind_the_log_is_served_after_its
     })
     .await;
 }
+
+/// `--store-connections 2` (the least; 1 is refused at start): writes, reads and an agent's
+/// polls at once still all answer (a write holding a connection for the write lock must not
+/// leave reads without one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_store_connection_serves_writes_reads_and_polls_at_once() {
+    let Some(rs) = Replicas::start_with(1, &["--store-connections", "2"]) else {
+        return;
+    };
+    let (code, err) = serve_exits(&[
+        "--store",
+        &rs.db.url,
+        "--nodes",
+        "agents",
+        "--store-connections",
+        "1",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--store-connections"), "{err}");
+    let a = rs.at(0);
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(0), &dir.path().join("agent"), 2, "33050-33099").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let nodes = steady_nodes(a, "p", 2, Duration::from_secs(30)).await;
+    let writer = async {
+        for k in 0..10 {
+            let r = a
+                .req("POST", &format!("/pools/p/nodes/{}/users", nodes[k % 2]))
+                .json(&json!({"name": format!("one{k}"), "password": "One-pw-1"}))
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, 201, "{}", text(&r));
+        }
+    };
+    let reader = async {
+        for _ in 0..30 {
+            let r = a.req("GET", "/pools/p/nodes").send_within(T).await;
+            assert_eq!(r.status, 200, "{}", text(&r));
+        }
+    };
+    let creator = async {
+        for k in 0..10 {
+            let r = a
+                .req("POST", "/pools")
+                .json(&pool_body(&format!("e{k}"), 0))
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, 201, "{}", text(&r));
+        }
+    };
+    within(Duration::from_secs(60), "two connections' load", async {
+        tokio::join!(writer, reader, creator)
+    })
+    .await;
+}
