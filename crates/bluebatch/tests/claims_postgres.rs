@@ -1517,3 +1517,57 @@ async fn one_store_connection_serves_writes_reads_and_polls_at_once() {
     })
     .await;
 }
+
+/// A host drained through A takes no new pool made through B (the pool waits, `resizing`), its
+/// current nodes stay; the token it joined with is listed used on both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_drained_through_one_replica_takes_no_pool_made_through_the_other() {
+    let Some(rs) = Replicas::start(2) else { return };
+    let (a, b) = (rs.at(0), rs.at(1));
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 3, "33100-33149").await;
+    let r = a
+        .req("POST", "/pools")
+        .json(&pool_body("p", 1))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    steady_nodes(b, "p", 1, Duration::from_secs(30)).await;
+    for c in [a, b] {
+        let l = c.control("GET", "/join-tokens").send_within(T).await;
+        let v = l.json()["value"].as_array().cloned().unwrap_or_default();
+        assert!(
+            v.len() == 1 && v[0]["used"] == true,
+            "{}: {}",
+            c.base,
+            text(&l)
+        );
+    }
+    let host = hosts(b).await[0]["id"].as_str().unwrap().to_string();
+    let r = a
+        .control("POST", &format!("/hosts/{host}/drain"))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let r = b
+        .req("POST", "/pools")
+        .json(&pool_body("q", 1))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for c in [a, b] {
+        let q = c.req("GET", "/pools/q/nodes").send_within(T).await;
+        assert_eq!(
+            q.json()["value"].as_array().map(|v| v.len()),
+            Some(0),
+            "{}: a drained host took a new pool: {}",
+            c.base,
+            text(&q)
+        );
+        let hs = hosts(c).await;
+        assert_eq!(hs[0]["drained"], true, "{hs:?}");
+        let p = c.req("GET", "/pools/p/nodes").send_within(T).await;
+        assert_eq!(p.json()["value"].as_array().map(|v| v.len()), Some(1));
+    }
+}
