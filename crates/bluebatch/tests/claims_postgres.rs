@@ -1571,3 +1571,90 @@ async fn a_host_drained_through_one_replica_takes_no_pool_made_through_the_other
         assert_eq!(p.json()["value"].as_array().map(|v| v.len()), Some(1));
     }
 }
+
+/// With HTTPS, replicas given the same `--tls-cert` (the chain up to its CA) and `--tls-key`
+/// hand out one CA fingerprint: a token made through A (its fingerprint) joins an agent over
+/// HTTPS to B, whose nodes fill a pool made through A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_one_certificate_take_agents_pinned_through_any_of_them() {
+    let Some(db) = TestDb::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // Material: what a --tls replica generates (a CA and a certificate for 127.0.0.1).
+    let gen_dir = dir.path().join("gen");
+    let gport = free_port().to_string();
+    let mut r#gen = Replica::start(&db.url, &gen_dir, &["--tls", "--tls-port", &gport]);
+    r#gen.kill();
+    let tls = gen_dir.join("tls");
+    let chain = dir.path().join("chain.pem");
+    let mut pem = std::fs::read_to_string(tls.join("cert.pem")).unwrap();
+    pem.push_str(&std::fs::read_to_string(tls.join("ca.pem")).unwrap());
+    std::fs::write(&chain, pem).unwrap();
+    let key = tls.join("key.pem");
+    let (pa, pb) = (free_port().to_string(), free_port().to_string());
+    let flags = |p: &str| {
+        vec![
+            "--tls-cert".to_string(),
+            chain.to_str().unwrap().to_string(),
+            "--tls-key".to_string(),
+            key.to_str().unwrap().to_string(),
+            "--tls-port".to_string(),
+            p.to_string(),
+        ]
+    };
+    let fa = flags(&pa);
+    let fb = flags(&pb);
+    let a = Replica::start(
+        &db.url,
+        &dir.path().join("a"),
+        &fa.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let b = Replica::start(
+        &db.url,
+        &dir.path().join("b"),
+        &fb.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let (ca, cb) = (a.client(), b.client());
+    let ta = agents::create_token(&ca, json!({})).await;
+    assert_eq!(ta.status, 200, "{}", text(&ta));
+    let fp = ta.json()["caFingerprint"]
+        .as_str()
+        .expect("a fingerprint with HTTPS")
+        .to_string();
+    let tb = agents::create_token(&cb, json!({})).await;
+    assert_eq!(
+        tb.json()["caFingerprint"],
+        fp.as_str(),
+        "one fingerprint on every replica"
+    );
+    let token = ta.json()["token"].as_str().unwrap().to_string();
+    let url_b = format!("https://127.0.0.1:{pb}");
+    let state = dir.path().join("agent");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bluebatch"));
+    c.args([
+        "agent",
+        "--server",
+        &url_b,
+        "--simulate",
+        "1",
+        "--ssh-ports",
+        "33150-33199",
+    ])
+    .arg("--state-dir")
+    .arg(&state)
+    .env("BLUEBATCH_LOG", "warn")
+    .env("BLUEBATCH_JOIN_TOKEN", format!("{token}\n{fp}\n"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let _log = agents::agent_log(&mut child);
+    let _agent = KillOnDrop(child);
+    let r = ca
+        .req("POST", "/pools")
+        .json(&pool_body("p", 1))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    steady_nodes(&ca, "p", 1, Duration::from_secs(30)).await;
+    steady_nodes(&cb, "p", 1, T).await;
+}
