@@ -38,6 +38,12 @@ pub struct ServeArgs {
     /// Connections to PostgreSQL this replica keeps open at most.
     #[arg(long, default_value_t = 16, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=1000))]
     store_connections: u32,
+    /// With --store postgres://…: make the database's accounts exactly this replica's (its
+    /// --accounts-file, and the development account unless --no-dev-account), replacing stored
+    /// keys (a key rotation) and removing accounts not named; every running replica follows.
+    /// Without it, the file and the development account only add accounts the database lacks.
+    #[arg(long, requires = "store")]
+    replace_stored_accounts: bool,
     /// This replica's name in the database's leases (default: host name, pid and a random
     /// suffix).
     #[arg(long, value_name = "NAME")]
@@ -358,7 +364,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             // The accounts live in the database; this replica's file or dev account seed them.
             let all = Accounts::default();
             for (name, keys) in service
-                .seed_accounts(accounts.entries())
+                .seed_accounts(accounts.entries(), args.replace_stored_accounts)
                 .await
                 .map_err(|e| format!("store {opts}: seeding the accounts: {e}"))?
             {

@@ -208,6 +208,48 @@ async fn account_keys_in_the_database_win_over_a_later_file() {
     }
 }
 
+/// `--replace-stored-accounts`: the database's accounts become exactly the starting replica's:
+/// a rotated key replaces the stored one and an account not named (the development account,
+/// with `--no-dev-account`) goes, on the replicas already running too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_stored_accounts_rotates_keys_and_removes_accounts_on_every_replica() {
+    let Some(mut rs) = Replicas::start(1) else {
+        return;
+    };
+    let rotated = "cm90YXRlZCBrZXkgb2YgdGhlIG90aGVyIGFjY291bnQgZm9yIHRlc3Rz";
+    let file = rs.dir.path().join("accounts.json");
+    std::fs::write(
+        &file,
+        json!({"accounts": [{"name": "rotatedacct", "keys": [rotated]}]}).to_string(),
+    )
+    .unwrap();
+    rs.extra = vec![
+        "--no-dev-account".into(),
+        "--accounts-file".into(),
+        file.to_str().unwrap().into(),
+        "--replace-stored-accounts".into(),
+    ];
+    let second = rs.add();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in [0, second] {
+        let fresh = Client::new(rs.url(i), "rotatedacct", rotated);
+        loop {
+            let dev = rs.at(i).req("GET", "/pools").send_within(T).await;
+            let new = fresh.req("GET", "/pools").send_within(T).await;
+            if (dev.status, new.status) == (403, 200) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {i}: dev account {} (want 403), rotated account {} (want 200)",
+                dev.status,
+                new.status
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// SIGTERM on the holder of `background` hands it over at once (well under its 5 s lease), and
 /// the other replica then runs the lifecycle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

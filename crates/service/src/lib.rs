@@ -183,6 +183,10 @@ impl Service {
             }),
         };
         svc.ensure_agent_secret().await;
+        if svc.lock().hub.secret.is_empty() {
+            // Without it every node credential would be refused: better not to start.
+            return Err("the database did not take the agents' credential secret".into());
+        }
         svc.start_shared_tasks();
         svc.start_host_sweeper();
         Ok(svc)

@@ -468,9 +468,12 @@ impl Service {
     /// On a shared store, the Batch accounts live in the database (so replicas cannot drift):
     /// adds those of `given` it does not have yet (an accounts file only seeds them) and
     /// answers every account it holds, with its base64 keys. On the embedded store: `given`.
+    /// With `replace`, the store's accounts become exactly `given` instead: keys replaced (a
+    /// rotation), accounts `given` does not name removed; every replica follows at once.
     pub async fn seed_accounts(
         &self,
         given: Vec<(String, Vec<String>)>,
+        replace: bool,
     ) -> Result<Vec<(String, Vec<String>)>, BatchError> {
         if self.shared().is_none() {
             return Ok(given);
@@ -479,8 +482,26 @@ impl Service {
         let pending = {
             let mut st = self.lock();
             let mut ops = Vec::new();
+            if replace {
+                let gone: Vec<String> = st
+                    .account_keys
+                    .keys()
+                    .filter(|n| !given.iter().any(|(g, _)| g == *n))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    st.account_keys.remove(&name);
+                    ops.push(bluebatch_store::Op::Delete {
+                        key: format!("account/{name}"),
+                    });
+                }
+            }
             for (name, keys) in given {
-                if st.account_keys.contains_key(&name) {
+                if st
+                    .account_keys
+                    .get(&name)
+                    .is_some_and(|r| !replace || r.keys == keys)
+                {
                     continue;
                 }
                 let rec = crate::state::AccountRecord { keys };
