@@ -55,7 +55,12 @@ async fn agent_failing(
     slots: u32,
     fail: Option<&str>,
 ) -> tokio::task::JoinHandle<()> {
-    let fail = fail.map(str::to_string);
+    let id = join_sim(on, slots).await;
+    poll_and_ack(polls.clone(), id, Duration::from_secs(2), fail)
+}
+
+/// Joins a simulated host of `slots` nodes through `on`: its host id.
+async fn join_sim(on: &Service, slots: u32) -> String {
     let token = on
         .create_join_token(ACCOUNT, None, Duration::from_secs(600))
         .await
@@ -70,16 +75,25 @@ async fn agent_failing(
         reserved_names: Vec::new(),
         version: "test".into(),
     };
-    let joined = on.join(JoinRequest { token, host }).await.expect("join");
-    let (svc, id) = (polls.clone(), joined.host_id);
+    on.join(JoinRequest { token, host })
+        .await
+        .expect("join")
+        .host_id
+}
+
+/// Long-polls (`wait` each) and acknowledges host `id`'s desired state through `svc`, as an
+/// agent does, until the task is aborted; with `fail`, every account fails with that reason.
+fn poll_and_ack(
+    svc: Service,
+    id: String,
+    wait: Duration,
+    fail: Option<&str>,
+) -> tokio::task::JoinHandle<()> {
+    let fail = fail.map(str::to_string);
     tokio::spawn(async move {
         let mut cursor: Option<String> = None;
         loop {
-            svc.sync().await.ok();
-            let Ok(d) = svc
-                .desired(&id, cursor.as_deref(), Duration::from_secs(2))
-                .await
-            else {
+            let Ok(d) = svc.desired(&id, cursor.as_deref(), wait).await else {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             };
@@ -364,52 +378,9 @@ async fn a_host_polling_one_replica_goes_unknown_and_back_by_the_holders_sweep_a
         let a = replica_with(&store, "a", quick.clone()).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let b = replica_with(&store, "b", quick).await;
-        let token = b
-            .create_join_token(ACCOUNT, None, Duration::from_secs(600))
-            .await
-            .unwrap()
-            .token;
-        let host = HostReport {
-            hostname: "sim".into(),
-            provider: ProviderKind::Simulate,
-            slots: 1,
-            address: "198.18.0.9".into(),
-            ssh_port: None,
-            reserved_names: Vec::new(),
-            version: "test".into(),
-        };
-        let joined = b.join(JoinRequest { token, host }).await.unwrap();
-        let id = joined.host_id.clone();
-        let poller = |svc: Service, id: String| {
-            tokio::spawn(async move {
-                let mut cursor: Option<String> = None;
-                loop {
-                    let Ok(d) = svc
-                        .desired(&id, cursor.as_deref(), Duration::from_millis(200))
-                        .await
-                    else {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    };
-                    let ack = AckRequest {
-                        nodes: d
-                            .nodes
-                            .iter()
-                            .map(|n| NodeAck {
-                                key: n.key.clone(),
-                                revision: n.revision,
-                                image: n.image,
-                                ssh_port: None,
-                                failures: Vec::new(),
-                            })
-                            .collect(),
-                    };
-                    if svc.ack(&id, ack).await.is_ok() {
-                        cursor = Some(d.cursor);
-                    }
-                }
-            })
-        };
+        let id = join_sim(&b, 1).await;
+        let poller =
+            |svc: Service, id: String| poll_and_ack(svc, id, Duration::from_millis(200), None);
         let mut polling = poller(b.clone(), id.clone());
         add_agents_pool(&a, "p", 1).await;
         let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
