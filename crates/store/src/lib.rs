@@ -5,6 +5,7 @@
 //! queued while the previous transaction was syncing and commits them in one transaction, so the
 //! throughput is not bounded by the disk's fsync rate.
 
+pub mod conformance;
 mod group;
 mod memshared;
 mod shared;

@@ -120,6 +120,13 @@ impl Locked for MemLocked {
     fn commit(self: Box<Self>, ops: Vec<Op>) -> BoxFuture<'static, Result<u64>> {
         Box::pin(async move {
             self.store.check()?;
+            // All or nothing, as every backend: a malformed op fails the whole commit first.
+            if let Some(Op::DeletePrefix { prefix }) = ops
+                .iter()
+                .find(|op| matches!(op, Op::DeletePrefix { prefix } if !prefix.ends_with('/')))
+            {
+                return Err(StoreError(format!("prefix {prefix:?} must end with '/'")));
+            }
             let rev = {
                 let mut d = self.store.data();
                 if ops.is_empty() {

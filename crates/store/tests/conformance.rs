@@ -1,6 +1,8 @@
-//! The suite every backend must pass.
+//! The suite every backend must pass (`bluebatch_store::conformance`), on the embedded SQLite
+//! store and the in-process shared store; group commit.
 
-use bluebatch_store::{Backend, GroupCommit, Op, SqliteBackend};
+use bluebatch_store::conformance::{BlockingKv, backend_suite};
+use bluebatch_store::{Backend, GroupCommit, MemShared, Op, SqliteBackend};
 use std::sync::mpsc;
 
 fn put(k: &str, v: &str) -> Op {
@@ -14,79 +16,21 @@ fn keys(b: &mut dyn Backend) -> Vec<String> {
     b.load_all().unwrap().into_iter().map(|(k, _)| k).collect()
 }
 
-fn conformance(b: &mut dyn Backend) {
-    b.commit(&[
-        put("pool/a/p1", "1"),
-        put("node/a/p1/n1", "2"),
-        put("node/a/p10/n1", "3"),
-    ])
-    .unwrap();
-    b.commit(&[put("user/a/p1/n1/alice", "4"), put("user/a/p1/n1/bob", "5")])
-        .unwrap();
-    // Replace, then delete one key.
-    b.commit(&[
-        put("pool/a/p1", "1b"),
-        Op::Delete {
-            key: "user/a/p1/n1/bob".into(),
-        },
-    ])
-    .unwrap();
-    let all = b.load_all().unwrap();
-    assert_eq!(all[0], ("node/a/p1/n1".to_string(), b"2".to_vec()));
-    assert!(all.contains(&("pool/a/p1".to_string(), b"1b".to_vec())));
-    assert_eq!(
-        keys(b),
-        [
-            "node/a/p1/n1",
-            "node/a/p10/n1",
-            "pool/a/p1",
-            "user/a/p1/n1/alice"
-        ]
-    );
-    // A prefix delete takes exactly that prefix, not a sibling that shares its characters.
-    b.commit(&[Op::DeletePrefix {
-        prefix: "node/a/p1/".into(),
-    }])
-    .unwrap();
-    assert_eq!(
-        keys(b),
-        ["node/a/p10/n1", "pool/a/p1", "user/a/p1/n1/alice"]
-    );
-    // A failing transaction applies nothing.
-    let bad = [
-        put("pool/a/p2", "x"),
-        Op::DeletePrefix {
-            prefix: "no-slash".into(),
-        },
-    ];
-    assert!(b.commit(&bad).is_err());
-    assert_eq!(
-        keys(b),
-        ["node/a/p10/n1", "pool/a/p1", "user/a/p1/n1/alice"]
-    );
-    // Binary values survive.
-    b.commit(&[Op::Put {
-        key: "bin".into(),
-        value: vec![0, 255, 10],
-    }])
-    .unwrap();
-    assert!(
-        b.load_all()
-            .unwrap()
-            .contains(&("bin".to_string(), vec![0, 255, 10]))
-    );
+#[test]
+fn memshared_conforms() {
+    backend_suite(&mut BlockingKv::new(|| async { MemShared::new() }));
 }
 
 #[test]
 fn sqlite_in_memory_conforms() {
-    conformance(&mut SqliteBackend::in_memory().unwrap());
+    backend_suite(&mut SqliteBackend::in_memory().unwrap());
 }
 
 #[test]
 fn sqlite_file_conforms_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    conformance(&mut SqliteBackend::open(&path).unwrap());
+    backend_suite(&mut SqliteBackend::open(&path).unwrap());
     let mut again = SqliteBackend::open(&path).unwrap();
     assert_eq!(
         keys(&mut again),
