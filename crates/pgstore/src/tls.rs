@@ -55,23 +55,37 @@ pub(crate) fn connector(opts: &PgOptions) -> Result<Option<MakeRustlsConnect>, S
         } else {
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
+                .with_custom_certificate_verifier(Arc::new(Lenient(Some(webpki), provider())))
                 .with_no_client_auth()
         }
     } else {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_custom_certificate_verifier(Arc::new(Lenient(None, provider())))
             .with_no_client_auth()
     };
     Ok(Some(MakeRustlsConnect::new(config)))
 }
 
-/// verify-ca: the chain must lead to the CA; the name is not checked.
+/// verify-ca (`Some` chain verifier: the chain must lead to the CA, the name is not checked) and
+/// prefer/require without a CA file (`None`: encrypted, the certificate not verified, as libpq).
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Lenient(
+    Option<Arc<WebPkiServerVerifier>>,
+    Arc<rustls::crypto::CryptoProvider>,
+);
 
-impl ServerCertVerifier for ChainOnly {
+type Der<'a> = CertificateDer<'a>;
+type Dss = DigitallySignedStruct;
+type Signed = Result<HandshakeSignatureValid, Error>;
+
+impl Lenient {
+    fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
+        &self.1.signature_verification_algorithms
+    }
+}
+
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -80,79 +94,23 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.0 else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+    fn verify_tls12_signature(&self, m: &[u8], c: &Der<'_>, d: &Dss) -> Signed {
+        rustls::crypto::verify_tls12_signature(m, c, d, self.algorithms())
     }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+    fn verify_tls13_signature(&self, m: &[u8], c: &Der<'_>, d: &Dss) -> Signed {
+        rustls::crypto::verify_tls13_signature(m, c, d, self.algorithms())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// prefer/require without a CA file: encrypted, the certificate not verified (as libpq).
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.algorithms().supported_schemes()
     }
 }
