@@ -56,6 +56,13 @@ fn conn_string(o: &PgOptions, password: Option<&str>) -> String {
     s
 }
 
+/// Runs `f` on a fresh database of its own (skipped without `BLUEBATCH_TEST_PG`), failing when it
+/// has not finished within `secs` s.
+async fn with_db<F: Future<Output = ()>>(secs: u64, f: impl FnOnce(TestDb) -> F) {
+    let Some(base) = base() else { return };
+    deadline(secs, async { f(TestDb::new(&base).await).await }).await
+}
+
 /// A plain client (no TLS) for set-up and checks.
 async fn client(o: &PgOptions) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(&conn_string(o, None), tokio_postgres::NoTls)
@@ -153,9 +160,7 @@ async fn keys(s: &PgStore) -> Vec<String> {
 /// lock/commit and snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_put_replace_delete_prefix_in_key_order() {
-    let Some(base) = base() else { return };
-    deadline(60, async {
-        let db = TestDb::new(&base).await;
+    with_db(60, |db| async move {
         let s = db.store().await;
         assert_eq!(s.head().await.unwrap(), 0);
         assert_eq!(s.snapshot().await.unwrap().records, vec![]);
@@ -357,9 +362,7 @@ async fn records_put_replace_delete_prefix_in_key_order() {
 /// every upsert bumps the row version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_rows_have_columns_and_row_versions() {
-    let Some(base) = base() else { return };
-    deadline(60, async {
-        let db = TestDb::new(&base).await;
+    with_db(60, |db| async move {
         let s = db.store().await;
         let pool = r#"{"id":"P1","os":"linux","vm_size":"standard_d2s_v3","state":"active","allocation_state":"steady"}"#;
         let node = r#"{"id":"n1","state":"idle","scheduling_state":"enabled","users_revision":7,"applied_revision":5,"host":"h1"}"#;
@@ -407,9 +410,7 @@ async fn typed_rows_have_columns_and_row_versions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_come_in_order_and_none_once_pruned() {
-    let Some(base) = base() else { return };
-    deadline(60, async {
-        let db = TestDb::new(&base).await;
+    with_db(60, |db| async move {
         let s = db.store().await;
         assert_eq!(s.changes_since(0).await.unwrap(), Some(vec![]));
         commit(&s, vec![put("a", "1"), put("b", "2")])
@@ -490,11 +491,8 @@ async fn changes_come_in_order_and_none_once_pruned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lock_excludes_a_second_locker_until_commit_or_drop() {
-    let Some(base) = base() else { return };
-    deadline(60, async {
-        let db = TestDb::new(&base).await;
-        let a = db.store().await;
-        let b = db.store().await;
+    with_db(60, |db| async move {
+        let (a, b) = (db.store().await, db.store().await);
         let la = a.lock().await.unwrap();
         assert_eq!(la.rev(), 0);
         let b2 = b.clone();
@@ -532,9 +530,7 @@ async fn the_lock_excludes_a_second_locker_until_commit_or_drop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_stores_racing_200_commits_log_each_once() {
-    let Some(base) = base() else { return };
-    deadline(120, async {
-        let db = TestDb::new(&base).await;
+    with_db(120, |db| async move {
         let stores = [db.store().await, db.store().await];
         let t0 = Instant::now();
         let mut tasks = Vec::new();
@@ -579,11 +575,8 @@ async fn two_stores_racing_200_commits_log_each_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_held_renewed_and_taken_after_expiry() {
-    let Some(base) = base() else { return };
-    deadline(60, async {
-        let db = TestDb::new(&base).await;
-        let a = db.store().await;
-        let b = db.store().await;
+    with_db(60, |db| async move {
+        let (a, b) = (db.store().await, db.store().await);
         let ttl = Duration::from_millis(1500);
         assert!(a.claim_lease("background", "a", ttl).await.unwrap());
         assert!(!b.claim_lease("background", "b", ttl).await.unwrap());
@@ -627,9 +620,7 @@ async fn leases_are_held_renewed_and_taken_after_expiry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_connects_at_once_migrate_once() {
-    let Some(base) = base() else { return };
-    deadline(90, async {
-        let db = TestDb::new(&base).await;
+    with_db(90, |db| async move {
         let o = db.opts();
         let results = futures_util::future::join_all((0..4).map(|_| PgStore::connect(&o, 2))).await;
         for r in &results {
@@ -665,9 +656,7 @@ async fn four_connects_at_once_migrate_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_one_version_ahead_is_accepted_two_ahead_refused() {
-    let Some(base) = base() else { return };
-    deadline(60, async {
-        let db = TestDb::new(&base).await;
+    with_db(60, |db| async move {
         drop(db.store().await);
         let c = client(&db.opts()).await;
         let set = |v: i32, min: i32| {
@@ -733,11 +722,8 @@ async fn a_database_down_at_connect_fails_clearly_without_hanging() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_wakes_another_store_waiting_for_changes() {
-    let Some(base) = base() else { return };
-    deadline(60, async {
-        let db = TestDb::new(&base).await;
-        let a = db.store().await;
-        let b = db.store().await;
+    with_db(60, |db| async move {
+        let (a, b) = (db.store().await, db.store().await);
         // Let b's listener settle.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let t0 = Instant::now();
@@ -1130,9 +1116,7 @@ async fn the_store_fails_promptly_while_the_database_is_down_and_resumes() {
 /// still answer at once while many writers wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_answer_while_many_writers_of_one_store_queue_for_the_lock() {
-    let Some(base) = base() else { return };
-    deadline(60, async {
-        let db = TestDb::new(&base).await;
+    with_db(60, |db| async move {
         let s = PgStore::connect(&db.opts(), 2).await.unwrap();
         let mut writers = Vec::new();
         for i in 0..10 {
