@@ -86,28 +86,6 @@ fn serve_banner(args: &[&str], env: &[(&str, &str)]) -> (KillOnDrop, Vec<String>
     (KillOnDrop(child), lines, text)
 }
 
-/// `bluebatch serve` with `args` expected to exit by itself within 30 s: its code and stderr.
-fn serve_exits(args: &[&str]) -> (Option<i32>, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new("timeout")
-        .args(["-k", "5", "30"])
-        .arg(env!("CARGO_BIN_EXE_bluebatch"))
-        .args(["serve", "--port", "0", "--data-dir"])
-        .arg(dir.path())
-        .args(args)
-        .env("BLUEBATCH_LOG", "warn")
-        .env_remove("BLUEBATCH_STORE")
-        .env_remove("BLUEBATCH_NODES")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running bluebatch serve");
-    assert_ne!(out.status.code(), Some(124), "{args:?} did not exit");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn url_of(lines: &[String]) -> String {
     lines
         .iter()
@@ -134,11 +112,14 @@ async fn store_flag_banner_and_refusals() {
     }
     // Refused: --in-memory with a PostgreSQL store, a URL of another kind.
     let Some(db) = TestDb::create() else { return };
-    let (code, err) = serve_exits(&["--store", &db.url, "--nodes", "agents", "--in-memory"]);
+    let (code, err) = serve_exits(
+        &["--store", &db.url, "--nodes", "agents", "--in-memory"],
+        &[],
+    );
     assert!(matches!(code, Some(c) if c != 0), "{code:?} {err}");
     assert!(err.contains("--in-memory"), "{err}");
     for bad in ["mysql://db/x", "state.db", "http://127.0.0.1:1/x"] {
-        let (code, err) = serve_exits(&["--store", bad, "--nodes", "agents"]);
+        let (code, err) = serve_exits(&["--store", bad, "--nodes", "agents"], &[]);
         assert!(matches!(code, Some(c) if c != 0), "{bad}: {code:?} {err}");
         assert!(err.contains("not a PostgreSQL URL"), "{bad}: {err}");
     }
@@ -292,12 +273,7 @@ async fn the_background_lease_moves_at_once_on_sigterm() {
     );
     // B runs the lifecycle now.
     let c = b.client();
-    let r = c
-        .req("POST", "/pools")
-        .json(&pool_body("after", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(&c, "after", 2).await;
     steady_nodes(&c, "after", 2, Duration::from_secs(30)).await;
 }
 
@@ -307,14 +283,37 @@ async fn hosts(c: &Client) -> Vec<serde_json::Value> {
     r.json()["value"].as_array().cloned().unwrap_or_default()
 }
 
+/// Waits (at most `T`) until `pool` answers 404 on both `a` and `b` and the one host's slots are
+/// free on both.
+async fn pool_gone_and_slots_free(a: &Client, b: &Client, pool: &str) {
+    let path = format!("/pools/{pool}");
+    let free = |h: &Vec<serde_json::Value>| h[0]["nodes"].as_array().is_some_and(|n| n.is_empty());
+    within(
+        T,
+        &format!("{pool} gone and the host's slots free on both"),
+        async {
+            loop {
+                let ga = a.req("GET", &path).send_within(T).await;
+                let gb = b.req("GET", &path).send_within(T).await;
+                let ha = hosts(a).await;
+                let hb = hosts(b).await;
+                if ga.status == 404 && gb.status == 404 && free(&ha) && free(&hb) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+}
+
 /// The agent polls B; `host list` is asked of A and B in turn: connected on both; Delete Pool on
 /// A frees the host's slots on both, and a new pool made on A takes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_list_and_delete_pool_across_replicas() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 2, "32450-32499").await;
+    let (_dir, _agent) = rs.agent(0, 1, 2, "32450-32499").await;
     within(
         T,
         "the host to be listed connected on both replicas",
@@ -343,37 +342,13 @@ async fn host_list_and_delete_pool_across_replicas() {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p1", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(a, "p1", 2).await;
     steady_nodes(b, "p1", 2, Duration::from_secs(30)).await;
     // No slot left: a pool made now waits.
     let r = b.req("DELETE", "/pools/p1").send_within(T).await;
     assert_eq!(r.status, 202, "{}", text(&r));
-    within(T, "p1 gone and the host's slots free on both", async {
-        loop {
-            let ga = a.req("GET", "/pools/p1").send_within(T).await;
-            let gb = b.req("GET", "/pools/p1").send_within(T).await;
-            let ha = hosts(a).await;
-            let hb = hosts(b).await;
-            let free =
-                |h: &Vec<serde_json::Value>| h[0]["nodes"].as_array().is_some_and(|n| n.is_empty());
-            if ga.status == 404 && gb.status == 404 && free(&ha) && free(&hb) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p2", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    pool_gone_and_slots_free(a, b, "p1").await;
+    add_pool(a, "p2", 2).await;
     steady_nodes(a, "p2", 2, Duration::from_secs(30)).await;
     steady_nodes(b, "p2", 2, T).await;
 }
@@ -387,14 +362,8 @@ async fn reboot_and_reimage_through_the_replica_the_agent_does_not_poll() {
         return;
     };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 1, "32500-32549").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(0, 1, 1, "32500-32549").await;
+    add_pool(a, "p", 1).await;
     let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
         .await
         .remove(0);
@@ -445,14 +414,8 @@ async fn the_clock_moved_through_one_replica_is_the_others_and_the_agents() {
     require_ssh();
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 1, "32550-32599").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(0, 1, 1, "32550-32599").await;
+    add_pool(a, "p", 1).await;
     let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
         .await
         .remove(0);
@@ -549,14 +512,8 @@ async fn tokens_and_hosts_revoked_on_one_replica_are_refused_on_the_other() {
     assert!(!text(&l).contains(&id), "B still lists it: {}", text(&l));
 
     // A host polling B, revoked through A.
-    let dir = tempfile::tempdir().unwrap();
-    let mut agent = SimAgent::join(b, rs.url(1), &dir.path().join("agent"), 1, "32600-32649").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, mut agent) = rs.agent(1, 1, 1, "32600-32649").await;
+    add_pool(a, "p", 1).await;
     steady_nodes(b, "p", 1, Duration::from_secs(30)).await;
     let hs = hosts(b).await;
     let host = hs[0]["id"].as_str().unwrap().to_string();
@@ -604,8 +561,7 @@ async fn tokens_and_hosts_revoked_on_one_replica_are_refused_on_the_other() {
 async fn a_windows_pool_on_simulated_agents_across_replicas() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(0), &dir.path().join("agent"), 1, "32650-32699").await;
+    let (_dir, _agent) = rs.agent(0, 0, 1, "32650-32699").await;
     let r = b.create_pool("win", "windows", 1).await;
     assert_eq!(r.status, 201, "{}", text(&r));
     let node = steady_nodes(a, "win", 1, Duration::from_secs(30))
@@ -647,12 +603,7 @@ async fn a_replica_behind_a_pruned_change_log_reads_the_snapshot() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
     for i in 0..3 {
-        let r = a
-            .req("POST", "/pools")
-            .json(&pool_body(&format!("old{i}"), 0))
-            .send_within(T)
-            .await;
-        assert_eq!(r.status, 201, "{}", text(&r));
+        add_pool(a, &format!("old{i}"), 0).await;
     }
     let g = b.req("GET", "/pools/old0").send_within(T).await;
     assert_eq!(g.status, 200);
@@ -661,12 +612,7 @@ async fn a_replica_behind_a_pruned_change_log_reads_the_snapshot() {
     let r = a.req("DELETE", "/pools/old0").send_within(T).await;
     assert_eq!(r.status, 202, "{}", text(&r));
     for i in 0..3 {
-        let r = a
-            .req("POST", "/pools")
-            .json(&pool_body(&format!("new{i}"), 0))
-            .send_within(T)
-            .await;
-        assert_eq!(r.status, 201, "{}", text(&r));
+        add_pool(a, &format!("new{i}"), 0).await;
     }
     within(T, "old0 gone on A", async {
         while a.req("GET", "/pools/old0").send_within(T).await.status != 404 {
@@ -687,12 +633,7 @@ async fn a_replica_behind_a_pruned_change_log_reads_the_snapshot() {
         "B after the snapshot"
     );
     // And it writes on from there.
-    let r = b
-        .req("POST", "/pools")
-        .json(&pool_body("later", 0))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(b, "later", 0).await;
     let g = a.req("GET", "/pools/later").send_within(T).await;
     assert_eq!(g.status, 200, "{}", text(&g));
 }
@@ -757,12 +698,7 @@ async fn one_etag_two_conditional_writes_on_two_replicas_one_wins() {
     let (a, b) = (rs.at(0), rs.at(1));
     for round in 0..6u32 {
         let id = format!("p{round}");
-        let r = a
-            .req("POST", "/pools")
-            .json(&pool_body(&id, 0))
-            .send_within(T)
-            .await;
-        assert_eq!(r.status, 201, "{}", text(&r));
+        add_pool(a, &id, 0).await;
         let g = b.req("GET", &format!("/pools/{id}")).send_within(T).await;
         let etag = g.header("etag").unwrap().to_string();
         let (x, y) = tokio::join!(resize_if(a, &id, &etag, 1), resize_if(b, &id, &etag, 2));
@@ -814,14 +750,8 @@ fn signal(pid: u32, sig: i32) {
 async fn a_write_is_never_acknowledged_by_a_replica_whose_agent_is_gone() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 1, "32700-32749").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, agent) = rs.agent(0, 1, 1, "32700-32749").await;
+    add_pool(a, "p", 1).await;
     let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
         .await
         .remove(0);
@@ -874,14 +804,8 @@ async fn a_write_is_never_acknowledged_by_a_replica_whose_agent_is_gone() {
 async fn reset_through_one_replica_frees_the_hosts_of_the_other() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 2, "32750-32799").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(0, 1, 2, "32750-32799").await;
+    add_pool(a, "p", 2).await;
     steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
     let r = a.control("POST", "/reset").send_within(T).await;
     assert!(r.status == 200 || r.status == 204, "{}", text(&r));
@@ -889,12 +813,7 @@ async fn reset_through_one_replica_frees_the_hosts_of_the_other() {
         let g = c.req("GET", "/pools/p").send_within(T).await;
         assert_eq!(g.status, 404, "{}: {}", c.base, text(&g));
     }
-    let r = b
-        .req("POST", "/pools")
-        .json(&pool_body("q", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(b, "q", 2).await;
     steady_nodes(a, "q", 2, Duration::from_secs(30)).await;
     for c in [a, b] {
         let hs = hosts(c).await;
@@ -925,12 +844,7 @@ async fn a_frozen_background_holder_coming_back_does_no_step_twice() {
     );
     let (ca, cb) = (a.client(), b.client());
     let _agent = SimAgent::join(&cb, &b.url, &dir.path().join("agent"), 6, "32800-32849").await;
-    let r = ca
-        .req("POST", "/pools")
-        .json(&pool_body("p", 3))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(&ca, "p", 3).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = a.child.as_ref().unwrap().id();
     signal(pid, libc::SIGSTOP);
@@ -999,7 +913,7 @@ async fn store_settings_schema_versions_and_connections() {
     // Down at start: exit 1, naming the address.
     let port = free_port();
     let down = format!("postgres://postgres@127.0.0.1:{port}/nothing");
-    let (code, err) = serve_exits(&["--store", &down, "--nodes", "agents"]);
+    let (code, err) = serve_exits(&["--store", &down, "--nodes", "agents"], &[]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(&format!("127.0.0.1:{port}")) || err.contains(&port.to_string()),
@@ -1033,7 +947,7 @@ async fn store_settings_schema_versions_and_connections() {
         "UPDATE bb_schema SET version = {} WHERE id = 1",
         v + 2
     ));
-    let (code, err) = serve_exits(&["--store", &db.url, "--nodes", "agents"]);
+    let (code, err) = serve_exits(&["--store", &db.url, "--nodes", "agents"], &[]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(&format!("version {}", v + 2)) && err.contains(&format!("({v})")),
@@ -1097,12 +1011,7 @@ async fn a_silent_host_goes_unknown_on_every_replica_and_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("agent");
     let mut agent = SimAgent::join(a, rs.url(1), &state, 1, "32850-32899").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(a, "p", 1).await;
     let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
         .await
         .remove(0);
@@ -1201,14 +1110,8 @@ async fn one_pool_id_in_two_cases_on_two_replicas_is_created_once() {
 async fn remove_nodes_and_delete_racing_add_user_across_replicas() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 3, "32900-32949").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 3))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(0, 1, 3, "32900-32949").await;
+    add_pool(a, "p", 3).await;
     let nodes = steady_nodes(b, "p", 3, Duration::from_secs(30)).await;
     let r = a
         .req("POST", "/pools/p/removenodes")
@@ -1245,27 +1148,8 @@ async fn remove_nodes_and_delete_racing_add_user_across_replicas() {
         u.status,
         text(&u)
     );
-    within(T, "p gone and every slot free on both", async {
-        loop {
-            let ga = a.req("GET", "/pools/p").send_within(T).await;
-            let gb = b.req("GET", "/pools/p").send_within(T).await;
-            let ha = hosts(a).await;
-            let hb = hosts(b).await;
-            let free =
-                |h: &Vec<serde_json::Value>| h[0]["nodes"].as_array().is_some_and(|n| n.is_empty());
-            if ga.status == 404 && gb.status == 404 && free(&ha) && free(&hb) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    let r = b
-        .req("POST", "/pools")
-        .json(&pool_body("q", 3))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    pool_gone_and_slots_free(a, b, "p").await;
+    add_pool(b, "q", 3).await;
     steady_nodes(a, "q", 3, Duration::from_secs(30)).await;
 }
 
@@ -1276,14 +1160,8 @@ async fn remove_nodes_and_delete_racing_add_user_across_replicas() {
 async fn a_node_set_unknown_through_one_replica_stays_while_its_agent_polls_the_other() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 2, "32950-32999").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(0, 1, 2, "32950-32999").await;
+    add_pool(a, "p", 2).await;
     let nodes = steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
     let r = a
         .control("PUT", &format!("/pools/p/nodes/{}/state", nodes[0]))
@@ -1322,14 +1200,8 @@ async fn a_node_set_unknown_through_one_replica_stays_while_its_agent_polls_the_
 async fn mixed_writes_on_both_replicas_never_answer_5xx() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 4, "33000-33049").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(0, 1, 4, "33000-33049").await;
+    add_pool(a, "p", 2).await;
     let nodes = steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
     let work = |w: usize| {
         let c = rs.at(w % 2);
@@ -1420,12 +1292,7 @@ async fn mixed_writes_on_both_replicas_never_answer_5xx() {
 async fn a_write_abandoned_by_its_client_mid_commit_leaves_no_trace_in_the_cache() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 0))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(a, "p", 0).await;
     // Another session holds the pool's row for 4 s.
     let url = rs.db.url.clone();
     let locker = std::thread::spawn(move || {
@@ -1508,25 +1375,22 @@ async fn one_store_connection_serves_writes_reads_and_polls_at_once() {
     let Some(rs) = Replicas::start_with(1, &["--store-connections", "2"]) else {
         return;
     };
-    let (code, err) = serve_exits(&[
-        "--store",
-        &rs.db.url,
-        "--nodes",
-        "agents",
-        "--store-connections",
-        "1",
-    ]);
+    let (code, err) = serve_exits(
+        &[
+            "--store",
+            &rs.db.url,
+            "--nodes",
+            "agents",
+            "--store-connections",
+            "1",
+        ],
+        &[],
+    );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--store-connections"), "{err}");
     let a = rs.at(0);
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(0), &dir.path().join("agent"), 2, "33050-33099").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(0, 0, 2, "33050-33099").await;
+    add_pool(a, "p", 2).await;
     let nodes = steady_nodes(a, "p", 2, Duration::from_secs(30)).await;
     let writer = async {
         for k in 0..10 {
@@ -1546,12 +1410,7 @@ async fn one_store_connection_serves_writes_reads_and_polls_at_once() {
     };
     let creator = async {
         for k in 0..10 {
-            let r = a
-                .req("POST", "/pools")
-                .json(&pool_body(&format!("e{k}"), 0))
-                .send_within(T)
-                .await;
-            assert_eq!(r.status, 201, "{}", text(&r));
+            add_pool(a, &format!("e{k}"), 0).await;
         }
     };
     within(Duration::from_secs(60), "two connections' load", async {
@@ -1566,14 +1425,8 @@ async fn one_store_connection_serves_writes_reads_and_polls_at_once() {
 async fn a_host_drained_through_one_replica_takes_no_pool_made_through_the_other() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 3, "33100-33149").await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("p", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(0, 1, 3, "33100-33149").await;
+    add_pool(a, "p", 1).await;
     steady_nodes(b, "p", 1, Duration::from_secs(30)).await;
     for c in [a, b] {
         let l = c.control("GET", "/join-tokens").send_within(T).await;
@@ -1591,12 +1444,7 @@ async fn a_host_drained_through_one_replica_takes_no_pool_made_through_the_other
         .send_within(T)
         .await;
     assert_eq!(r.status, 200, "{}", text(&r));
-    let r = b
-        .req("POST", "/pools")
-        .json(&pool_body("q", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(b, "q", 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for c in [a, b] {
         let q = c.req("GET", "/pools/q/nodes").send_within(T).await;
@@ -1691,12 +1539,7 @@ async fn replicas_with_one_certificate_take_agents_pinned_through_any_of_them() 
     let mut child = c.spawn().unwrap();
     let _log = agents::agent_log(&mut child);
     let _agent = KillOnDrop(child);
-    let r = ca
-        .req("POST", "/pools")
-        .json(&pool_body("p", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(&ca, "p", 1).await;
     steady_nodes(&ca, "p", 1, Duration::from_secs(30)).await;
     steady_nodes(&cb, "p", 1, T).await;
 }

@@ -15,7 +15,6 @@ use common::replicas::*;
 use common::*;
 use serde_json::json;
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// The deadline of each request.
@@ -40,12 +39,8 @@ async fn a_write_on_one_replica_is_read_on_the_other_and_etags_hold_across_them(
         let ready = wait_ready(&r.url, 200, T).await;
         assert_eq!(ready.json()["status"], "ready", "{}", text(&ready));
     }
-    let dir = tempfile::tempdir().unwrap();
     // A token made on A, the agent joined to B: the token is in the database.
-    let _agent = within(T, "the agent to start", async {
-        SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 4, "32100-32199").await
-    })
-    .await;
+    let (_dir, _agent) = rs.agent(0, 1, 4, "32100-32199").await;
 
     for round in 0..5 {
         let id = format!("ryw{round}");
@@ -161,17 +156,8 @@ async fn concurrent_user_writes_on_two_replicas_end_in_one_requests_state() {
     require_ssh();
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = within(T, "the agent to start", async {
-        SimAgent::join(b, rs.url(0), &dir.path().join("agent"), 1, "32200-32299").await
-    })
-    .await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("race", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(1, 0, 1, "32200-32299").await;
+    add_pool(a, "race", 1).await;
     let node = steady_nodes(b, "race", 1, Duration::from_secs(40)).await[0].clone();
     let users = format!("/pools/race/nodes/{node}/users");
 
@@ -234,11 +220,7 @@ async fn concurrent_user_writes_on_two_replicas_end_in_one_requests_state() {
 async fn a_next_link_of_one_replica_continues_on_the_other() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
-    let _agent = within(T, "the agent to start", async {
-        SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 5, "32300-32399").await
-    })
-    .await;
+    let (_dir, _agent) = rs.agent(0, 1, 5, "32300-32399").await;
     let mut want = HashSet::new();
     for i in 0..7 {
         let id = format!("page{i}");
@@ -257,12 +239,7 @@ async fn a_next_link_of_one_replica_continues_on_the_other() {
         assert_eq!(got, want, "every pool once, page {page}");
     }
 
-    let r = b
-        .req("POST", "/pools")
-        .json(&pool_body("nodes", 5))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    add_pool(b, "nodes", 5).await;
     let nodes: HashSet<String> = steady_nodes(a, "nodes", 5, Duration::from_secs(40))
         .await
         .into_iter()
@@ -307,18 +284,9 @@ async fn a_write_on_one_replica_answers_once_the_agent_polling_the_other_applied
     require_ssh();
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
-    let dir = tempfile::tempdir().unwrap();
     // The agent polls B only; every write goes to A.
-    let _agent = within(T, "the agent to start", async {
-        SimAgent::join(a, rs.url(1), &dir.path().join("agent"), 2, "32400-32499").await
-    })
-    .await;
-    let r = a
-        .req("POST", "/pools")
-        .json(&pool_body("ack", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
+    let (_dir, _agent) = rs.agent(0, 1, 2, "32400-32499").await;
+    add_pool(a, "ack", 2).await;
     let nodes = steady_nodes(a, "ack", 2, Duration::from_secs(40)).await;
     let mut n = 0;
     for (i, node) in nodes.iter().enumerate() {
@@ -375,34 +343,6 @@ async fn a_write_on_one_replica_answers_once_the_agent_polling_the_other_applied
     let port = a.ssh_port("ack", &nodes[0]).await;
     n += 1;
     assert!(ssh_password_login(port, "viab", "via-b-pw", &loopback_source(n)).await);
-}
-
-/// `bluebatch serve` with `args` (and `env`), expected to exit by itself within 30 s: its exit
-/// code and stderr.
-fn serve_exits(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new("timeout")
-        .args(["-k", "5", "30"])
-        .arg(env!("CARGO_BIN_EXE_bluebatch"))
-        .args(["serve", "--port", "0", "--data-dir"])
-        .arg(dir.path())
-        .args(args)
-        .env("BLUEBATCH_LOG", "warn")
-        .env_remove("BLUEBATCH_STORE")
-        .env_remove("BLUEBATCH_NODES")
-        .env_remove("BLUEBATCH_ACCOUNTS")
-        .env_remove("BLUEBATCH_ACCOUNTS_FILE")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .expect("running bluebatch serve");
-    let code = out.status.code();
-    assert_ne!(
-        code,
-        Some(124),
-        "bluebatch serve {args:?} did not exit within 30 s"
-    );
-    (code, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

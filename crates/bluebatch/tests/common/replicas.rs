@@ -22,6 +22,34 @@ const T: Duration = Duration::from_secs(20);
 /// How long a replica may take to listen (it connects and migrates first).
 const START: Duration = Duration::from_secs(40);
 
+/// `bluebatch serve` with `args` (and `env`), expected to exit by itself within 30 s: its exit
+/// code and stderr.
+pub fn serve_exits(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("timeout")
+        .args(["-k", "5", "30"])
+        .arg(env!("CARGO_BIN_EXE_bluebatch"))
+        .args(["serve", "--port", "0", "--data-dir"])
+        .arg(dir.path())
+        .args(args)
+        .env("BLUEBATCH_LOG", "warn")
+        .env_remove("BLUEBATCH_STORE")
+        .env_remove("BLUEBATCH_NODES")
+        .env_remove("BLUEBATCH_ACCOUNTS")
+        .env_remove("BLUEBATCH_ACCOUNTS_FILE")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("running bluebatch serve");
+    let code = out.status.code();
+    assert_ne!(
+        code,
+        Some(124),
+        "bluebatch serve {args:?} did not exit within 30 s"
+    );
+    (code, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Where Debian's PostgreSQL 15 binaries are (`BLUEBATCH_PG_BIN` overrides).
 pub fn pg_bin(tool: &str) -> PathBuf {
     let dir = std::env::var("BLUEBATCH_PG_BIN")
@@ -440,6 +468,30 @@ impl Replicas {
         &self.replicas[i].url
     }
 
+    /// `bluebatch agent --simulate n` (ports `ports`) joined with a token minted through replica
+    /// `via`, polling replica `polls`, its state in a fresh directory (kept while both live).
+    pub async fn agent(
+        &self,
+        via: usize,
+        polls: usize,
+        n: u32,
+        ports: &str,
+    ) -> (tempfile::TempDir, SimAgent) {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = within(T, "the agent to start", async {
+            SimAgent::join(
+                self.at(via),
+                self.url(polls),
+                &dir.path().join("agent"),
+                n,
+                ports,
+            )
+            .await
+        })
+        .await;
+        (dir, agent)
+    }
+
     pub fn kill(&mut self, i: usize) {
         self.replicas[i].kill();
     }
@@ -533,6 +585,16 @@ impl Drop for SimAgent {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Add Pool `id` (`pool_body`, `nodes` dedicated nodes) through `c`: 201 or the test fails.
+pub async fn add_pool(c: &Client, id: &str, nodes: u32) {
+    let r = c
+        .req("POST", "/pools")
+        .json(&super::pool_body(id, nodes))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "Add Pool {id}: {}", text(&r));
 }
 
 /// Waits (at most `limit`) until `pool` is steady with `n` nodes, all idle (asking `c`); their
