@@ -836,6 +836,39 @@ impl SharedBackend for PgStore {
         })
     }
 
+    fn pool_nodes<'a>(
+        &'a self,
+        account: &'a str,
+        pool_key: &'a str,
+        after: Option<&'a str>,
+        state: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Vec<u8>>>> {
+        Box::pin(async move {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            self.with_retry("listing a pool's nodes", |c| {
+                Box::pin(async move {
+                    // On the primary key's index (account, pool_key, node_id), node ids compared
+                    // as the key's own column; state on its column.
+                    let s = c
+                        .prepare_cached(
+                            "SELECT value FROM bb_nodes WHERE account = $1 AND pool_key = $2 \
+                             AND ($3::text IS NULL OR node_id > $3) \
+                             AND ($4::text IS NULL OR state = $4) \
+                             ORDER BY node_id LIMIT $5",
+                        )
+                        .await?;
+                    Ok(c.query(&s, &[&account, &pool_key, &after, &state, &limit])
+                        .await?
+                        .into_iter()
+                        .map(|r| r.get::<_, Vec<u8>>(0))
+                        .collect())
+                })
+            })
+            .await
+        })
+    }
+
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let r = tokio::time::timeout(Duration::from_secs(5), async {

@@ -100,6 +100,66 @@ impl Service {
         Ok((out, false))
     }
 
+    /// [`Service::list_nodes`], on a shared store as a query of the database's node rows (in
+    /// node-id order after `after`, only `state` when the filter names one); `keep` still
+    /// decides. On the embedded store: [`Service::list_nodes`].
+    pub async fn list_nodes_query(
+        &self,
+        account: &str,
+        pool: &str,
+        keep: &(dyn Fn(&NodeView) -> bool + Sync),
+        after: Option<&str>,
+        state: Option<&str>,
+        max: usize,
+    ) -> Result<(Vec<NodeView>, bool)> {
+        let Some(sh) = self.shared() else {
+            return self.list_nodes(account, pool, keep, after, max);
+        };
+        let backend = sh.backend.clone();
+        // The pool's part of each view, from the cache (caught up before this request).
+        let (shell, pkey) = {
+            let st = self.lock();
+            let entry = st.pool(account, pool).ok_or_else(pool_not_found)?;
+            let shell = PoolEntry {
+                pool: entry.pool.clone(),
+                nodes: Default::default(),
+            };
+            (shell, crate::state::pool_key(pool))
+        };
+        const CHUNK: usize = 1000;
+        let mut out = Vec::new();
+        let mut cursor = after.map(str::to_string);
+        loop {
+            let rows = backend
+                .pool_nodes(account, &pkey, cursor.as_deref(), state, CHUNK)
+                .await
+                .map_err(crate::shared::unavailable)?;
+            let last_chunk = rows.len() < CHUNK;
+            for value in rows {
+                let Ok(node) = serde_json::from_slice::<bluebatch_core::model::Node>(&value) else {
+                    continue;
+                };
+                cursor = Some(node.id.clone());
+                let v = view(
+                    &shell,
+                    &NodeEntry {
+                        node,
+                        users: Default::default(),
+                    },
+                );
+                if keep(&v) {
+                    if out.len() == max {
+                        return Ok((out, true));
+                    }
+                    out.push(v);
+                }
+            }
+            if last_chunk {
+                return Ok((out, false));
+            }
+        }
+    }
+
     /// (address, port) to log in to a Linux node, or the RDP endpoint of a Windows VM node.
     pub fn remote_login_settings(
         &self,

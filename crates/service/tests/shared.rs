@@ -411,3 +411,57 @@ async fn a_host_polling_one_replica_goes_unknown_and_back_by_the_holders_sweep_a
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_nodes_on_a_shared_store_is_a_paged_query_of_the_store() {
+    deadline(async {
+        let store = MemShared::new();
+        let a = replica(&store, "a").await;
+        let b = replica(&store, "b").await;
+        let _agent = agent(&a, &a, 5).await;
+        add_agents_pool(&a, "p", 5).await;
+        let mut all = idle_nodes(&a, "p", 5, Duration::from_secs(10)).await;
+        all.sort();
+        // Pages of 2 through B, each continuing after the last id of the one before.
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (page, more) = b
+                .list_nodes_query(ACCOUNT, "p", &|_| true, after.as_deref(), None, 2)
+                .await
+                .expect("List Nodes");
+            assert!(page.len() <= 2);
+            seen.extend(page.iter().map(|v| v.node.id.clone()));
+            after = seen.last().cloned();
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(seen, all);
+        // The state narrows the query; the filter still decides.
+        let (idle, _) = b
+            .list_nodes_query(ACCOUNT, "p", &|_| true, None, Some("idle"), 100)
+            .await
+            .unwrap();
+        assert_eq!(idle.len(), 5);
+        let (none, more) = b
+            .list_nodes_query(ACCOUNT, "p", &|_| true, None, Some("rebooting"), 100)
+            .await
+            .unwrap();
+        assert!(none.is_empty() && !more);
+        let (one, more) = b
+            .list_nodes_query(ACCOUNT, "p", &|v| v.node.id == all[3], None, None, 100)
+            .await
+            .unwrap();
+        assert_eq!((one.len(), more), (1, false));
+        assert_eq!(one[0].pool_id, "p");
+        assert_eq!(
+            code(
+                b.list_nodes_query(ACCOUNT, "nope", &|_| true, None, None, 10)
+                    .await
+            ),
+            Code::PoolNotFound
+        );
+    })
+    .await
+}

@@ -246,4 +246,36 @@ impl SharedBackend for MemShared {
     fn ping(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.check() })
     }
+
+    fn pool_nodes<'a>(
+        &'a self,
+        account: &'a str,
+        pool_key: &'a str,
+        after: Option<&'a str>,
+        state: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Vec<u8>>>> {
+        Box::pin(async move {
+            self.check()?;
+            let prefix = format!("node/{account}/{pool_key}/");
+            let from = format!("{prefix}{}", after.unwrap_or(""));
+            let d = self.data();
+            Ok(d.records
+                .range(from..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .filter(|(k, _)| after.is_none_or(|a| k[prefix.len()..] > *a))
+                .filter(|(_, v)| {
+                    state.is_none_or(|s| serde_json_state(v).is_some_and(|st| st == s))
+                })
+                .take(limit)
+                .map(|(_, v)| v.clone())
+                .collect())
+        })
+    }
+}
+
+/// The top-level `"state"` of a JSON node record.
+fn serde_json_state(v: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(v).ok()?;
+    value.get("state")?.as_str().map(str::to_string)
 }

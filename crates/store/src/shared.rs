@@ -62,6 +62,17 @@ pub trait SharedBackend: Send + Sync + 'static {
     fn host_ages(&self) -> BoxFuture<'_, Result<Vec<(String, Duration)>>>;
     /// Whether the database answers (readiness).
     fn ping(&self) -> BoxFuture<'_, Result<()>>;
+    /// The node records (values) of one pool in node-id order, a query rather than a scan:
+    /// those after node id `after`, only in `state` (the record's lowercase state) if given, at
+    /// most `limit`.
+    fn pool_nodes<'a>(
+        &'a self,
+        account: &'a str,
+        pool_key: &'a str,
+        after: Option<&'a str>,
+        state: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Vec<u8>>>>;
 }
 
 /// The store-wide write lock, held by an open transaction.

@@ -174,13 +174,21 @@ pub async fn dispatch(
                     .as_ref()
                     .is_none_or(|f| f.eval(&|k| dto::node_field(v, k)))
             };
-            let (nodes, more) = svc.list_nodes(
-                account,
-                &pool,
-                &keep,
-                q.skip_token.as_deref(),
-                q.max_results as usize,
-            )?;
+            // On PostgreSQL a query: `state eq '…'` of the filter narrows it in the database.
+            let state = filter
+                .as_ref()
+                .and_then(|f| f.required_eq("state"))
+                .map(|s| s.to_ascii_lowercase());
+            let (nodes, more) = svc
+                .list_nodes_query(
+                    account,
+                    &pool,
+                    &keep,
+                    q.skip_token.as_deref(),
+                    state.as_deref(),
+                    q.max_results as usize,
+                )
+                .await?;
             let ip = &svc.config().remote_login_ip;
             let path = format!("/pools/{}/nodes", encode(&pool));
             list_answer(

@@ -30,6 +30,18 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// The value `field` must equal for the filter to hold (`field eq 'v'`, alone or in an
+    /// `and`), which a store can use to narrow a query; `None` when the filter requires none.
+    pub fn required_eq(&self, field: &str) -> Option<&str> {
+        match self {
+            Filter::Eq(f, v) if f == field => Some(v),
+            Filter::And(a, b) => a.required_eq(field).or_else(|| b.required_eq(field)),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Tok {
     Word(String),
@@ -236,6 +248,26 @@ pub fn select(obj: &mut Map<String, Value>, select: Option<&str>) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_required_equality_is_found_only_where_the_filter_needs_it() {
+        let f = |s: &str| parse_filter(s, &["state", "id"]).unwrap();
+        assert_eq!(f("state eq 'idle'").required_eq("state"), Some("idle"));
+        assert_eq!(
+            f("id eq 'a' and (state eq 'Idle')").required_eq("state"),
+            Some("Idle")
+        );
+        for loose in [
+            "state eq 'idle' or id eq 'a'",
+            "not (state eq 'idle')",
+            "state ne 'idle'",
+            "startswith(state, 'idle')",
+            "id eq 'a'",
+        ] {
+            assert_eq!(f(loose).required_eq("state"), None, "{loose}");
+        }
+    }
+
     use super::*;
 
     const FIELDS: &[&str] = &["id", "state"];
