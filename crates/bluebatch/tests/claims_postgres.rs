@@ -273,8 +273,7 @@ async fn the_background_lease_moves_at_once_on_sigterm() {
     );
     // B runs the lifecycle now.
     let c = b.client();
-    add_pool(&c, "after", 2).await;
-    steady_nodes(&c, "after", 2, Duration::from_secs(30)).await;
+    add_steady_pool(&c, "after", 2, &c).await;
 }
 
 async fn hosts(c: &Client) -> Vec<serde_json::Value> {
@@ -342,14 +341,12 @@ async fn host_list_and_delete_pool_across_replicas() {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 
-    add_pool(a, "p1", 2).await;
-    steady_nodes(b, "p1", 2, Duration::from_secs(30)).await;
+    add_steady_pool(a, "p1", 2, b).await;
     // No slot left: a pool made now waits.
     let r = b.req("DELETE", "/pools/p1").send_within(T).await;
     assert_eq!(r.status, 202, "{}", text(&r));
     pool_gone_and_slots_free(a, b, "p1").await;
-    add_pool(a, "p2", 2).await;
-    steady_nodes(a, "p2", 2, Duration::from_secs(30)).await;
+    add_steady_pool(a, "p2", 2, a).await;
     steady_nodes(b, "p2", 2, T).await;
 }
 
@@ -363,10 +360,7 @@ async fn reboot_and_reimage_through_the_replica_the_agent_does_not_poll() {
     };
     let (a, b) = (rs.at(0), rs.at(1));
     let (_dir, _agent) = rs.agent(0, 1, 1, "32500-32549").await;
-    add_pool(a, "p", 1).await;
-    let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
-        .await
-        .remove(0);
+    let node = add_steady_pool(a, "p", 1, b).await.remove(0);
     for (op, mid) in [("reboot", "rebooting"), ("reimage", "reimaging")] {
         let r = a
             .req("POST", &format!("/pools/p/nodes/{node}/{op}"))
@@ -415,10 +409,7 @@ async fn the_clock_moved_through_one_replica_is_the_others_and_the_agents() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
     let (_dir, _agent) = rs.agent(0, 1, 1, "32550-32599").await;
-    add_pool(a, "p", 1).await;
-    let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
-        .await
-        .remove(0);
+    let node = add_steady_pool(a, "p", 1, b).await.remove(0);
     let expiry = time::OffsetDateTime::now_utc() + time::Duration::days(2);
     let r = a
         .req("POST", &format!("/pools/p/nodes/{node}/users"))
@@ -513,8 +504,7 @@ async fn tokens_and_hosts_revoked_on_one_replica_are_refused_on_the_other() {
 
     // A host polling B, revoked through A.
     let (_dir, mut agent) = rs.agent(1, 1, 1, "32600-32649").await;
-    add_pool(a, "p", 1).await;
-    steady_nodes(b, "p", 1, Duration::from_secs(30)).await;
+    add_steady_pool(a, "p", 1, b).await;
     let hs = hosts(b).await;
     let host = hs[0]["id"].as_str().unwrap().to_string();
     let r = a
@@ -751,10 +741,7 @@ async fn a_write_is_never_acknowledged_by_a_replica_whose_agent_is_gone() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
     let (_dir, agent) = rs.agent(0, 1, 1, "32700-32749").await;
-    add_pool(a, "p", 1).await;
-    let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
-        .await
-        .remove(0);
+    let node = add_steady_pool(a, "p", 1, b).await.remove(0);
     add_user(
         a,
         "p",
@@ -805,16 +792,14 @@ async fn reset_through_one_replica_frees_the_hosts_of_the_other() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
     let (_dir, _agent) = rs.agent(0, 1, 2, "32750-32799").await;
-    add_pool(a, "p", 2).await;
-    steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
+    add_steady_pool(a, "p", 2, b).await;
     let r = a.control("POST", "/reset").send_within(T).await;
     assert!(r.status == 200 || r.status == 204, "{}", text(&r));
     for c in [a, b] {
         let g = c.req("GET", "/pools/p").send_within(T).await;
         assert_eq!(g.status, 404, "{}: {}", c.base, text(&g));
     }
-    add_pool(b, "q", 2).await;
-    steady_nodes(a, "q", 2, Duration::from_secs(30)).await;
+    add_steady_pool(b, "q", 2, a).await;
     for c in [a, b] {
         let hs = hosts(c).await;
         let n = hs[0]["nodes"].as_array().cloned().unwrap_or_default();
@@ -1011,10 +996,7 @@ async fn a_silent_host_goes_unknown_on_every_replica_and_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("agent");
     let mut agent = SimAgent::join(a, rs.url(1), &state, 1, "32850-32899").await;
-    add_pool(a, "p", 1).await;
-    let node = steady_nodes(b, "p", 1, Duration::from_secs(30))
-        .await
-        .remove(0);
+    let node = add_steady_pool(a, "p", 1, b).await.remove(0);
     agent.kill();
     let t0 = Instant::now();
     within(Duration::from_secs(40), "unknown on both", async {
@@ -1111,8 +1093,7 @@ async fn remove_nodes_and_delete_racing_add_user_across_replicas() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
     let (_dir, _agent) = rs.agent(0, 1, 3, "32900-32949").await;
-    add_pool(a, "p", 3).await;
-    let nodes = steady_nodes(b, "p", 3, Duration::from_secs(30)).await;
+    let nodes = add_steady_pool(a, "p", 3, b).await;
     let r = a
         .req("POST", "/pools/p/removenodes")
         .json(&json!({"nodeList": [nodes[0]]}))
@@ -1149,8 +1130,7 @@ async fn remove_nodes_and_delete_racing_add_user_across_replicas() {
         text(&u)
     );
     pool_gone_and_slots_free(a, b, "p").await;
-    add_pool(b, "q", 3).await;
-    steady_nodes(a, "q", 3, Duration::from_secs(30)).await;
+    add_steady_pool(b, "q", 3, a).await;
 }
 
 /// `node set-state` to `unknown` through A of a node whose agent polls B stays there (as on one
@@ -1161,8 +1141,7 @@ async fn a_node_set_unknown_through_one_replica_stays_while_its_agent_polls_the_
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
     let (_dir, _agent) = rs.agent(0, 1, 2, "32950-32999").await;
-    add_pool(a, "p", 2).await;
-    let nodes = steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
+    let nodes = add_steady_pool(a, "p", 2, b).await;
     let r = a
         .control("PUT", &format!("/pools/p/nodes/{}/state", nodes[0]))
         .json(&json!({"state": "unknown"}))
@@ -1201,8 +1180,7 @@ async fn mixed_writes_on_both_replicas_never_answer_5xx() {
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
     let (_dir, _agent) = rs.agent(0, 1, 4, "33000-33049").await;
-    add_pool(a, "p", 2).await;
-    let nodes = steady_nodes(b, "p", 2, Duration::from_secs(30)).await;
+    let nodes = add_steady_pool(a, "p", 2, b).await;
     let work = |w: usize| {
         let c = rs.at(w % 2);
         let nodes = nodes.clone();
@@ -1390,8 +1368,7 @@ async fn one_store_connection_serves_writes_reads_and_polls_at_once() {
     assert!(err.contains("--store-connections"), "{err}");
     let a = rs.at(0);
     let (_dir, _agent) = rs.agent(0, 0, 2, "33050-33099").await;
-    add_pool(a, "p", 2).await;
-    let nodes = steady_nodes(a, "p", 2, Duration::from_secs(30)).await;
+    let nodes = add_steady_pool(a, "p", 2, a).await;
     let writer = async {
         for k in 0..10 {
             let r = a
@@ -1426,8 +1403,7 @@ async fn a_host_drained_through_one_replica_takes_no_pool_made_through_the_other
     let Some(rs) = Replicas::start(2) else { return };
     let (a, b) = (rs.at(0), rs.at(1));
     let (_dir, _agent) = rs.agent(0, 1, 3, "33100-33149").await;
-    add_pool(a, "p", 1).await;
-    steady_nodes(b, "p", 1, Duration::from_secs(30)).await;
+    add_steady_pool(a, "p", 1, b).await;
     for c in [a, b] {
         let l = c.control("GET", "/join-tokens").send_within(T).await;
         let v = l.json()["value"].as_array().cloned().unwrap_or_default();
@@ -1539,7 +1515,6 @@ async fn replicas_with_one_certificate_take_agents_pinned_through_any_of_them() 
     let mut child = c.spawn().unwrap();
     let _log = agents::agent_log(&mut child);
     let _agent = KillOnDrop(child);
-    add_pool(&ca, "p", 1).await;
-    steady_nodes(&ca, "p", 1, Duration::from_secs(30)).await;
+    add_steady_pool(&ca, "p", 1, &ca).await;
     steady_nodes(&cb, "p", 1, T).await;
 }

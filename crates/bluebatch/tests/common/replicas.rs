@@ -597,6 +597,13 @@ pub async fn add_pool(c: &Client, id: &str, nodes: u32) {
     assert_eq!(r.status, 201, "Add Pool {id}: {}", text(&r));
 }
 
+/// Add Pool `id` with `nodes` nodes through `make`, then its node ids once `seen_on` shows it
+/// steady with them all idle (at most 30 s).
+pub async fn add_steady_pool(make: &Client, id: &str, nodes: u32, seen_on: &Client) -> Vec<String> {
+    add_pool(make, id, nodes).await;
+    steady_nodes(seen_on, id, nodes as usize, Duration::from_secs(30)).await
+}
+
 /// Waits (at most `limit`) until `pool` is steady with `n` nodes, all idle (asking `c`); their
 /// ids.
 pub async fn steady_nodes(c: &Client, pool: &str, n: usize, limit: Duration) -> Vec<String> {
