@@ -42,6 +42,14 @@ async fn replica_with(store: &MemShared, name: &str, config: Config) -> Service 
     .expect("replica starts")
 }
 
+/// Replica A, holding the background lease (it starts first and renews it every second),
+/// then replica B, both with `config`.
+async fn holder_then_other(store: &MemShared, config: Config) -> (Service, Service) {
+    let a = replica_with(store, "a", config.clone()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (a, replica_with(store, "b", config).await)
+}
+
 /// A simulated host joined through `on`, polling and acknowledging through `polls` (another
 /// replica, if the test wants), until the task is dropped.
 async fn agent(on: &Service, polls: &Service, slots: u32) -> tokio::task::JoinHandle<()> {
@@ -260,10 +268,7 @@ async fn another_replica_finishes_the_allocation_of_a_replica_that_went() {
             node_step: Duration::from_millis(300),
             ..shared_config()
         };
-        let a = replica_with(&store, "a", slow.clone()).await;
-        // A holds the background lease (it started first and renews it every second).
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let b = replica_with(&store, "b", slow).await;
+        let (a, b) = holder_then_other(&store, slow).await;
         let _agent = agent(&b, &b, 3).await;
         // A goes while its pool allocates (a replica shut down; one killed is the binary's
         // tests): the steps are B's from then on.
@@ -374,10 +379,8 @@ async fn a_host_polling_one_replica_goes_unknown_and_back_by_the_holders_sweep_a
             agent_grace: Duration::from_millis(400),
             ..shared_config()
         };
-        // A holds the background lease (started first); the host joins and polls through B.
-        let a = replica_with(&store, "a", quick.clone()).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let b = replica_with(&store, "b", quick).await;
+        // The host joins and polls through B.
+        let (a, b) = holder_then_other(&store, quick).await;
         let id = join_sim(&b, 1).await;
         let poller =
             |svc: Service, id: String| poll_and_ack(svc, id, Duration::from_millis(200), None);
