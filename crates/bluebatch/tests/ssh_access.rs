@@ -269,15 +269,17 @@ impl Open {
             .unwrap_or_else(|_| panic!("the session outlived the node state by {within:?}"))
             .unwrap();
         assert!(!status.success(), "the session was ended, not finished");
-        let mut err = String::new();
+        // read_to_end keeps what it read if the timeout cuts it short (read_to_string would
+        // keep nothing), and a loaded machine gets 5 s to flush ssh's last words.
+        let mut err = Vec::new();
         if let Some(mut e) = self.child.stderr.take() {
             let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err),
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read_to_end(&mut e, &mut err),
             )
             .await;
         }
-        (err, t0.elapsed())
+        (String::from_utf8_lossy(&err).into_owned(), t0.elapsed())
     }
 }
 
