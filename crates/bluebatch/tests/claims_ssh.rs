@@ -67,15 +67,16 @@ impl Session {
             .await
             .unwrap();
         assert!(!st.success(), "the session was ended, it did not finish");
-        let mut err = String::new();
+        // As ssh_access.rs: read_to_end keeps a read cut short by the timeout.
+        let mut err = Vec::new();
         if let Some(mut e) = self.0.stderr.take() {
             let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err),
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read_to_end(&mut e, &mut err),
             )
             .await;
         }
-        err
+        String::from_utf8_lossy(&err).into_owned()
     }
 }
 
