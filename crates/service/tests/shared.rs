@@ -42,6 +42,42 @@ async fn replica_with(store: &MemShared, name: &str, config: Config) -> Service 
     .expect("replica starts")
 }
 
+/// Which replica a test's pool is made through.
+enum Through {
+    A,
+    B,
+}
+
+/// Replicas A and B on one store, a one-slot host joined and polling through A, and pool `p`
+/// of one node made through `via`, idle: (store, A, B, the node, the agent's task).
+async fn one_node_pool(
+    via: Through,
+) -> (
+    MemShared,
+    Service,
+    Service,
+    String,
+    tokio::task::JoinHandle<()>,
+) {
+    let store = MemShared::new();
+    let a = replica(&store, "a").await;
+    let b = replica(&store, "b").await;
+    let agent = agent(&a, &a, 1).await;
+    add_agents_pool(
+        match via {
+            Through::A => &a,
+            Through::B => &b,
+        },
+        "p",
+        1,
+    )
+    .await;
+    let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
+        .await
+        .remove(0);
+    (store, a, b, node, agent)
+}
+
 /// Replica A, holding the background lease (it starts first and renews it every second),
 /// then replica B, both with `config`.
 async fn holder_then_other(store: &MemShared, config: Config) -> (Service, Service) {
@@ -228,14 +264,7 @@ async fn writes_on_one_replica_are_read_and_acknowledged_through_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_user_added_on_two_replicas_at_once_is_created_once() {
     deadline(async {
-        let store = MemShared::new();
-        let a = replica(&store, "a").await;
-        let b = replica(&store, "b").await;
-        let _agent = agent(&a, &a, 1).await;
-        add_agents_pool(&b, "p", 1).await;
-        let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
-            .await
-            .remove(0);
+        let (_store, a, b, node, _agent) = one_node_pool(Through::B).await;
         for round in 0..20 {
             let name = format!("u{round}");
             let (ra, rb) = tokio::join!(
@@ -289,14 +318,7 @@ async fn another_replica_finishes_the_allocation_of_a_replica_that_went() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_answers_server_busy_and_loses_nothing_acknowledged() {
     deadline(async {
-        let store = MemShared::new();
-        let a = replica(&store, "a").await;
-        let b = replica(&store, "b").await;
-        let _agent = agent(&a, &a, 1).await;
-        add_agents_pool(&a, "p", 1).await;
-        let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
-            .await
-            .remove(0);
+        let (store, a, b, node, _agent) = one_node_pool(Through::A).await;
         a.add_user(at("p", &node), user("kept"), None)
             .await
             .expect("before");
@@ -332,14 +354,7 @@ async fn a_store_outage_answers_server_busy_and_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_the_change_log_reads_the_whole_snapshot() {
     deadline(async {
-        let store = MemShared::new();
-        let a = replica(&store, "a").await;
-        let b = replica(&store, "b").await;
-        let _agent = agent(&a, &a, 1).await;
-        add_agents_pool(&a, "p", 1).await;
-        let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
-            .await
-            .remove(0);
+        let (store, a, b, node, _agent) = one_node_pool(Through::A).await;
         a.add_user(at("p", &node), user("one"), None).await.unwrap();
         store.prune();
         b.sync().await.unwrap();
