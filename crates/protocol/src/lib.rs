@@ -51,6 +51,10 @@ pub enum ProviderKind {
     /// Light embedded SSH nodes served by the agent process (`--simulate N`): N nodes, for
     /// Linux and Windows pools alike.
     Simulate,
+    /// A sandboxed node made by `bluebatch serve --nodes sandbox`: the linux provider inside a
+    /// small Linux machine of its own (own network, mount and PID namespaces, its own sshd).
+    /// One node per host; such a host backs only sandbox pools.
+    Sandbox,
 }
 
 /// What a host says about itself: at join, and at every agent start.
@@ -255,5 +259,13 @@ mod tests {
         assert!(serde_json::from_str::<AckRequest>(r#"{"nodes":[],"x":1}"#).is_err());
         assert_eq!(NodeSource::parse("agents"), Some(NodeSource::Agents));
         assert_eq!(NodeSource::parse("Agents"), None);
+        assert_eq!(
+            serde_json::to_string(&ProviderKind::Sandbox).unwrap(),
+            r#""sandbox""#
+        );
+        assert_eq!(
+            serde_json::from_str::<ProviderKind>(r#""sandbox""#).unwrap(),
+            ProviderKind::Sandbox
+        );
     }
 }

@@ -163,7 +163,7 @@ pub(crate) fn converge(
                 let h = hosts.get_mut(&host).expect("picked from the map");
                 node.ip_address = h.rec.address.clone();
                 node.ssh_port = match h.rec.provider {
-                    ProviderKind::Linux => h.rec.ssh_port,
+                    ProviderKind::Linux | ProviderKind::Sandbox => h.rec.ssh_port,
                     // Each simulated node has its own port, acknowledged by the agent.
                     ProviderKind::Simulate => None,
                 };

@@ -254,6 +254,7 @@ impl Setup {
                 match id.provider {
                     ProviderKind::Simulate => "with --simulate N",
                     ProviderKind::Linux => "without --simulate",
+                    ProviderKind::Sandbox => "with --sandbox",
                 }
             ));
         }
@@ -570,6 +571,7 @@ fn provider_name(p: ProviderKind) -> &'static str {
     match p {
         ProviderKind::Linux => "linux",
         ProviderKind::Simulate => "simulated",
+        ProviderKind::Sandbox => "sandbox",
     }
 }
 

@@ -22,10 +22,10 @@ pub(super) fn check_report(r: &HostReport) -> Result<()> {
             &format!("A host backs 1 to {MAX_HOST_SLOTS} nodes."),
         ));
     }
-    if r.provider == ProviderKind::Linux && r.slots != 1 {
+    if r.provider != ProviderKind::Simulate && r.slots != 1 {
         return Err(invalid(
             "host.slots",
-            "A host with the linux provider backs one node.",
+            "A host with the linux or sandbox provider backs one node.",
         ));
     }
     // The node's `ipAddress` and the address SSH clients are sent to: an IP a client can
@@ -114,7 +114,7 @@ impl Service {
                 // Windows node: the nodes it can no longer back leave their pools, which look
                 // for other hosts (as when a host is revoked).
                 if slot >= rec.slots
-                    || (rec.provider == ProviderKind::Linux
+                    || (rec.provider != ProviderKind::Simulate
                         && os != bluebatch_core::model::Os::Linux)
                 {
                     if n.node.state != NodeState::LeavingPool {
@@ -128,7 +128,7 @@ impl Service {
                     continue;
                 }
                 let port = match rec.provider {
-                    ProviderKind::Linux => rec.ssh_port,
+                    ProviderKind::Linux | ProviderKind::Sandbox => rec.ssh_port,
                     ProviderKind::Simulate => n.node.ssh_port,
                 };
                 if n.node.ip_address != rec.address || n.node.ssh_port != port {
