@@ -4,8 +4,9 @@
 
 use super::AgentArgs;
 use super::provider::{Provider, names};
+use super::sandbox::SandboxNode;
 use super::state::{Memos, NodeMemo, StateDir};
-use bluebatch_linux::{LinuxConfig, LinuxProvider};
+use bluebatch_linux::{LinuxConfig, LinuxProvider, NODE_FAILURE};
 use bluebatch_protocol::{DesiredState, NodeAck, ProviderKind, UserFailure};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +19,8 @@ pub struct LinuxHost {
     ssh_port: u16,
     state: StateDir,
     memos: Memos,
+    /// `--sandbox`: the sandboxed node this agent runs in (reboot and reimage restart it).
+    sandbox: Option<SandboxNode>,
 }
 
 /// What `sshd -T` says about the host's sshd.
@@ -94,6 +97,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 pub async fn open(args: &AgentArgs, state: &StateDir) -> Result<LinuxHost, String> {
     let facts = sshd_facts(&args.sshd_config).await;
     let ssh_port = args.ssh_port.or(facts.port).unwrap_or(22);
+    let sandbox = match (args.sandbox, args.advertise_address) {
+        (false, _) => None,
+        (true, Some(ip)) => Some(SandboxNode::open((ip, ssh_port).into())?),
+        (true, None) => return Err("--sandbox needs --advertise-address NODE_IP".into()),
+    };
     tracing::info!(ssh_port, use_pam = ?facts.use_pam, sshd_config = %args.sshd_config.display(),
         "the host's sshd");
     let cfg = config(state, args.admin_group.clone(), facts.use_pam);
@@ -105,6 +113,7 @@ pub async fn open(args: &AgentArgs, state: &StateDir) -> Result<LinuxHost, Strin
         ssh_port,
         state: state.clone(),
         memos: state.memos(),
+        sandbox,
     })
 }
 
@@ -123,7 +132,11 @@ pub async fn uninstall(state: &StateDir) -> Result<String, String> {
 
 impl Provider for LinuxHost {
     fn kind(&self) -> ProviderKind {
-        ProviderKind::Linux
+        if self.sandbox.is_some() {
+            ProviderKind::Sandbox
+        } else {
+            ProviderKind::Linux
+        }
     }
     fn slots(&self) -> u32 {
         1
@@ -163,17 +176,39 @@ impl Provider for LinuxHost {
             (Some(n), Some(m)) => n.boot > m.boot,
             _ => false,
         };
+        let reimage = match (&node, &memo) {
+            (Some(n), Some(m)) => n.image > m.image,
+            _ => false,
+        };
+        // A sandboxed node restarts (every process but its init and agent), before its
+        // accounts are applied: a reimage's removal of the old accounts finds none running.
+        let machine = self.sandbox.clone().filter(|_| reboot || reimage);
+        let restarting = machine.is_some();
         let p = self.provider.clone();
         let offset = state.clock_offset_seconds;
         let desired = node.clone();
-        let failures = blocking(move || {
-            if reboot {
-                p.end_sessions();
+        let outcome = blocking(move || {
+            let restarted = match &machine {
+                Some(m) => m.restart(reimage),
+                None => {
+                    if reboot {
+                        p.end_sessions();
+                    }
+                    Ok(())
+                }
+            };
+            let mut failures = p.apply(desired.as_ref(), offset);
+            if let Err(reason) = &restarted {
+                failures.push(UserFailure {
+                    name: NODE_FAILURE.to_string(),
+                    reason: reason.clone(),
+                });
             }
-            p.apply(desired.as_ref(), offset)
+            (failures, restarting && restarted.is_ok())
         })
-        .await
-        .unwrap_or_else(|e| {
+        .await;
+        let restarted = outcome.as_ref().is_ok_and(|(_, r)| *r);
+        let failures = outcome.map(|(f, _)| f).unwrap_or_else(|e| {
             let users = node.iter().flat_map(|n| n.accounts.iter());
             users
                 .map(|a| UserFailure {
@@ -193,7 +228,10 @@ impl Provider for LinuxHost {
         let changed = memo
             .as_ref()
             .is_none_or(|m| m.revision != n.revision || m.boot != n.boot || m.image != n.image);
-        if reboot {
+        if restarted {
+            tracing::info!(node = %n.key, boot = n.boot, image = n.image, reimage,
+                "the sandboxed node restarted: every session ended, its sshd back");
+        } else if reboot && !restarting {
             tracing::info!(node = %n.key, boot = n.boot, "rebooted: sessions of managed accounts ended");
         }
         if failures.is_empty() {
@@ -213,7 +251,13 @@ impl Provider for LinuxHost {
                 },
             );
             self.save();
-        } else if reboot {
+        } else if restarted {
+            // The node restarted: remember the boot and image, not the revision.
+            let m = self.memos.entry(n.key.clone()).or_default();
+            m.boot = n.boot;
+            m.image = n.image;
+            self.save();
+        } else if reboot && !restarting {
             // The sessions ended: remember the boot, not the revision.
             let m = self.memos.entry(n.key.clone()).or_default();
             m.boot = n.boot;

@@ -11,6 +11,7 @@ mod client;
 mod linux;
 mod pin;
 mod provider;
+mod sandbox;
 mod simulate;
 mod state;
 
@@ -80,6 +81,16 @@ pub struct AgentArgs {
     /// address).
     #[arg(long)]
     ssh_bind: Option<IpAddr>,
+    /// The agent of a sandboxed node of `bluebatch serve --nodes sandbox` (started there by the
+    /// node's init, never by hand): the linux provider, reported as provider `sandbox`, whose
+    /// reboot and reimage restart the node's processes. Needs --advertise-address.
+    #[arg(
+        long,
+        hide = true,
+        conflicts_with = "simulate",
+        requires = "advertise_address"
+    )]
+    sandbox: bool,
 }
 
 #[derive(Subcommand)]
@@ -219,7 +230,12 @@ pub fn run(args: AgentArgs, rt: &tokio::runtime::Runtime) -> Result<(), String> 
         }),
         None => rt.block_on(async {
             let provider = linux::open(&args, &state).await?;
-            let setup = Setup::new(&args, &server, &state, ProviderKind::Linux).await?;
+            let kind = if args.sandbox {
+                ProviderKind::Sandbox
+            } else {
+                ProviderKind::Linux
+            };
+            let setup = Setup::new(&args, &server, &state, kind).await?;
             setup.run(provider).await
         }),
     }
@@ -253,7 +269,7 @@ impl Setup {
                 provider_name(id.provider),
                 match id.provider {
                     ProviderKind::Simulate => "with --simulate N",
-                    ProviderKind::Linux => "without --simulate",
+                    ProviderKind::Linux => "without --simulate or --sandbox",
                     ProviderKind::Sandbox => "with --sandbox",
                 }
             ));
@@ -310,7 +326,7 @@ impl Setup {
             ssh_port: self
                 .ssh_port_flag
                 .or(provider.ssh_port())
-                .filter(|_| provider.kind() == ProviderKind::Linux),
+                .filter(|_| has_sshd(provider.kind())),
             reserved_names: provider.reserved_names(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         }
@@ -482,7 +498,7 @@ impl Setup {
                     continue;
                 }
             }
-            if provider.kind() == ProviderKind::Linux {
+            if has_sshd(provider.kind()) {
                 self.hello_if_changed(provider, last_report).await;
             }
         }
@@ -565,6 +581,11 @@ impl Setup {
             }
         }
     }
+}
+
+/// Whether the host's nodes are logged in by one sshd of the host (whose port is reported).
+fn has_sshd(p: ProviderKind) -> bool {
+    matches!(p, ProviderKind::Linux | ProviderKind::Sandbox)
 }
 
 fn provider_name(p: ProviderKind) -> &'static str {
