@@ -8,6 +8,7 @@
 //! `--quick` is a smoke run of a few seconds (CI); the default full run takes under 3 minutes.
 
 mod load;
+mod sandbox;
 mod server;
 mod sign;
 
@@ -52,6 +53,10 @@ struct Args {
     /// Linux (SSH-backed) nodes created to measure memory per node (default 1000, quick 20).
     #[arg(long)]
     ssh_nodes: Option<u32>,
+    /// Sandboxed nodes (`serve --nodes sandbox`, root only) of the sandbox scenario: start-up
+    /// time and memory per node against embedded nodes (default 50, quick 4).
+    #[arg(long)]
+    sandbox_nodes: Option<u32>,
     /// Where the servers' data directories go (default: a new temporary directory).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -64,7 +69,7 @@ struct Args {
     pin: bool,
     /// Run only these scenarios (comma-separated; for profiling): startup, disk, health,
     /// update-key, update-key-paced, update-key-many, update-key-memory, hash, update-password,
-    /// add-delete, get-node, list, get-pool, startup-stored, ssh-memory.
+    /// add-delete, get-node, list, get-pool, startup-stored, ssh-memory, sandbox.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
 }
@@ -76,6 +81,7 @@ struct Settings {
     warmup: Duration,
     list_nodes: u32,
     ssh_nodes: u32,
+    sandbox_nodes: u32,
     startup_reps: usize,
     /// Alternating slices of a scenario and its baseline.
     rounds: usize,
@@ -443,6 +449,7 @@ const SCENARIOS: &[&str] = &[
     "get-pool",
     "startup-stored",
     "ssh-memory",
+    "sandbox",
 ];
 
 const BENCH_NODES: u32 = 4;
@@ -959,6 +966,14 @@ async fn run(s: Settings) -> Result<Report, String> {
         );
         srv.stop().await;
     }
+
+    // (f) Sandboxed nodes against embedded ones: start-up, memory, teardown (root only).
+    if s.want("sandbox")
+        && let Err(e) = sandbox::measure(&s, &mut rep).await
+    {
+        println!("  !! sandboxed nodes: {e}");
+        rep.errors.push(format!("sandboxed nodes: {e}"));
+    }
     Ok(rep)
 }
 
@@ -1060,6 +1075,10 @@ async fn main() -> std::process::ExitCode {
         ssh_nodes: args
             .ssh_nodes
             .unwrap_or(if args.quick { 20 } else { 1000 })
+            .max(1),
+        sandbox_nodes: args
+            .sandbox_nodes
+            .unwrap_or(if args.quick { 4 } else { 50 })
             .max(1),
         startup_reps: if args.quick { 1 } else { 5 },
         rounds: if args.quick { 1 } else { 5 },

@@ -28,9 +28,36 @@ pub struct Launch<'a> {
     pub cpus: Option<&'a str>,
 }
 
+/// Why a server did not come up: `exit_code` is set when it exited on its own before listening
+/// (e.g. 2: `serve --nodes sandbox` refused to start, saying what is missing).
+pub struct SpawnError {
+    pub exit_code: Option<i32>,
+    pub message: String,
+}
+
+impl From<String> for SpawnError {
+    fn from(message: String) -> Self {
+        SpawnError {
+            exit_code: None,
+            message,
+        }
+    }
+}
+
+impl From<&str> for SpawnError {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
 impl Server {
     /// Spawns `bluebatch serve --port 0 --data-dir DIR …` and waits for its banner.
     pub async fn spawn(l: &Launch<'_>) -> Result<Server, String> {
+        Self::try_spawn(l).await.map_err(|e| e.message)
+    }
+
+    /// [`Server::spawn`], telling a server that exited on its own (and its exit code) apart.
+    pub async fn try_spawn(l: &Launch<'_>) -> Result<Server, SpawnError> {
         let log = l.data_dir.with_extension("log");
         let log_file =
             std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
@@ -68,8 +95,16 @@ impl Server {
                 .map_err(|_| "the server printed nothing for 300 s".to_string())?
                 .map_err(|e| e.to_string())?;
             let Some(line) = line else {
+                let code = tokio::time::timeout(Duration::from_secs(10), child.wait())
+                    .await
+                    .ok()
+                    .and_then(|w| w.ok())
+                    .and_then(|st| st.code());
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!("the server exited before listening: {tail}"));
+                return Err(SpawnError {
+                    exit_code: code,
+                    message: format!("the server exited before listening: {tail}"),
+                });
             };
             if let Some(u) = line.strip_prefix("bluebatch listening on ") {
                 to_listening = spawned.elapsed();
