@@ -619,12 +619,13 @@ fn footprint(serve_pid: u32, nodes: &[Node]) -> Footprint {
 
 /// What of `fp` (and of the data directory `data`) is still there: processes in its
 /// namespaces, processes naming the data directory, its veths and host addresses, mounts under
-/// the data directory. Empty when nothing is left.
-fn leftovers(fp: &Footprint, data: &Path) -> Vec<String> {
+/// the data directory (the serve `serve_pid` itself, which names it, aside). Empty when nothing
+/// is left.
+fn leftovers(fp: &Footprint, data: &Path, serve_pid: Option<u32>) -> Vec<String> {
     let mut left = Vec::new();
     let data_s = data.display().to_string();
     for p in pids() {
-        if p == std::process::id() {
+        if p == std::process::id() || Some(p) == serve_pid {
             continue;
         }
         for ns in ["net", "mnt", "pid"] {
@@ -669,10 +670,10 @@ fn comm(pid: u32) -> String {
 }
 
 /// Waits (at most [`GONE`]) until nothing of `fp` is left, naming `after`.
-async fn nothing_left(fp: &Footprint, data: &Path, after: &str) {
+async fn nothing_left(fp: &Footprint, data: &Path, serve_pid: Option<u32>, after: &str) {
     let start = Instant::now();
     loop {
-        let left = leftovers(fp, data);
+        let left = leftovers(fp, data, serve_pid);
         if left.is_empty() {
             return;
         }
@@ -1019,7 +1020,13 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
 
     // Delete Pool: nothing of the machines is left.
     delete_pool(&c, "p").await;
-    nothing_left(&fp, &data, "after Delete Pool (Get Pool 404)").await;
+    nothing_left(
+        &fp,
+        &data,
+        Some(server.child.id()),
+        "after Delete Pool (Get Pool 404)",
+    )
+    .await;
     eventually(GONE, "DATA/sandbox empty after Delete Pool", || {
         let left = machine_dirs(&data);
         async move { left.is_empty() }
@@ -1159,7 +1166,7 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
     let dirs = machine_dirs(&data);
     assert_eq!(dirs.len(), 2, "one directory per machine: {dirs:?}");
     server.kill();
-    nothing_left(&fp, &data, "after SIGKILL of serve").await;
+    nothing_left(&fp, &data, None, "after SIGKILL of serve").await;
     let mut after = machine_dirs(&data);
     after.sort();
     let mut before = dirs.clone();
@@ -1200,7 +1207,13 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
 
     let fp = footprint(server.child.id(), &back);
     delete_pool(&c, "q").await;
-    nothing_left(&fp, &data, "after Delete Pool (Get Pool 404)").await;
+    nothing_left(
+        &fp,
+        &data,
+        Some(server.child.id()),
+        "after Delete Pool (Get Pool 404)",
+    )
+    .await;
     eventually(GONE, "DATA/sandbox empty after Delete Pool", || {
         let left = machine_dirs(&data);
         async move { left.is_empty() }
