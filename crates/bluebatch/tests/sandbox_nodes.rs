@@ -659,6 +659,25 @@ fn leftovers(fp: &Footprint, data: &Path, serve_pid: Option<u32>) -> Vec<String>
     for m in mounts.lines().filter(|l| l.contains(&data_s)) {
         left.push(format!("mount {m}"));
     }
+    // A namespace kept by a bind mount (a named netns) outlives its processes.
+    for m in mounts
+        .lines()
+        .filter(|l| fp.namespaces.iter().any(|n| l.contains(n.as_str())))
+    {
+        left.push(format!("namespace mount {m}"));
+    }
+    for e in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(md) = std::fs::metadata(e.path())
+            && fp.namespaces.contains(&format!("net:[{}]", md.ino()))
+        {
+            left.push(format!("named network namespace {}", e.path().display()));
+        }
+    }
     left
 }
 
@@ -902,7 +921,8 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
             "for p in {m} {d} {d}/sandbox; do if sudo -n test -e $p; then echo seen; else echo unseen; fi; done; \
              if sudo -n ls {d} >/dev/null 2>&1; then echo listed; else echo unlisted; fi; \
              for h in 127.0.0.1 {hs}; do if timeout 3 bash -c 'echo > /dev/tcp/'$h'/{api_port}' 2>/dev/null; \
-             then echo api-open; else echo api-closed; fi; done",
+             then echo api-open; else echo api-closed; fi; done; \
+             pgrep -fc 'bluebatch serv[e]' || true",
             hs = host_side(&a.ip)
         ),
     )
@@ -915,9 +935,11 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
             "unseen",
             "unlisted",
             "api-closed",
-            "api-closed"
+            "api-closed",
+            "0"
         ],
-        "the server's data directory ({d}) and its Batch API port are invisible from a node"
+        "the server's data directory ({d}), its Batch API port and its process are invisible \
+         from a node"
     );
 
     // Update User: the old password is refused, the new one taken; a key replaced.
