@@ -6,6 +6,7 @@ mod control;
 mod datadir;
 mod fabric;
 mod hosts;
+mod sandbox;
 mod seed;
 mod serve;
 mod tls;
@@ -96,6 +97,9 @@ enum Command {
         #[command(subcommand)]
         cmd: hosts::HostCmd,
     },
+    /// PID 1 of a sandboxed node (started by `serve --nodes sandbox` only).
+    #[command(hide = true, name = "sandbox-init")]
+    SandboxInit(Box<sandbox::init::InitArgs>),
 }
 
 fn init_logs(format: LogFormat) {
@@ -131,13 +135,19 @@ fn main() -> std::process::ExitCode {
         return bluebatch_node::sftp::serve_stdio();
     }
     let cli = Cli::parse();
+    // A sandboxed node's PID 1: single-threaded (no runtime), its own log.
+    let command = match cli.command {
+        Command::SandboxInit(args) => return sandbox::init::run(*args),
+        command => command,
+    };
     init_logs(cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("building the tokio runtime");
     let target = &cli.target;
-    let result = match cli.command {
+    let result = match command {
+        Command::SandboxInit(_) => Err("sandbox-init runs before the runtime".to_string()),
         Command::Serve(args) => rt.block_on(serve::run(*args)),
         Command::Token(args) => token::run(args, target.explicit_account()),
         Command::Pool { cmd } => rt.block_on(cli::pool(target, cmd)),
