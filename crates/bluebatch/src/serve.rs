@@ -170,6 +170,14 @@ pub struct ServeArgs {
     /// back when it polls again): 30s, 2m, … (no unit = seconds).
     #[arg(long, default_value = "60s", env = "BLUEBATCH_AGENT_GRACE", value_parser = parse_window, value_name = "DURATION")]
     agent_grace: Duration,
+    /// With --nodes sandbox: the sshd every sandboxed node runs (under /usr: a node sees this
+    /// host's /usr only).
+    #[arg(long, default_value = "/usr/sbin/sshd", value_name = "PATH")]
+    sandbox_sshd: PathBuf,
+    /// With --nodes sandbox: `UsePAM` of the nodes' sshd (an account's expiry is written for
+    /// it: pam_unix refuses from the expiry day, sshd without PAM from the day after).
+    #[arg(long, default_value = "yes", value_parser = ["yes", "no"], value_name = "yes|no")]
+    sandbox_use_pam: String,
 }
 
 /// `--nodes`: embedded, agents or sandbox.
@@ -291,6 +299,17 @@ fn parse_uids(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
 
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let started = std::time::Instant::now();
+    let sandbox = args.nodes == bluebatch_protocol::NodeSource::Sandbox;
+    if sandbox {
+        // Before anything is made (not even the data directory): what is missing, exit code 2.
+        let opts = crate::sandbox::preflight::PreflightOpts {
+            sshd: args.sandbox_sshd.clone(),
+        };
+        if let Err(e) = crate::sandbox::preflight::check(&opts) {
+            eprintln!("bluebatch: --nodes sandbox cannot run here: {e}");
+            std::process::exit(2);
+        }
+    }
     let accounts = load_accounts(&args)?;
     let bearer = bluebatch_wire::bearer::Bearer::load(args.accounts_file.as_deref(), &accounts)?;
     // In memory, the nodes' files still need a place: a directory removed at exit.
@@ -345,6 +364,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         remote_login_ip: args.remote_login_ip.unwrap_or(args.ssh_bind).to_string(),
         default_nodes: args.nodes,
         agent_grace: args.agent_grace,
+        sandbox_nodes: sandbox,
         ..Config::default()
     };
     let fabric = Arc::new(SshFabric(ssh.clone()));
@@ -431,6 +451,18 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         println!("bearer tokens: {}", b.describe());
     }
     print_nodes_banner(&args, addr);
+    let manager = if sandbox {
+        let exe = std::env::current_exe().map_err(|e| format!("the bluebatch binary: {e}"))?;
+        let opts = crate::sandbox::manager::Options {
+            dir: data_dir.join("sandbox"),
+            exe,
+            sshd: args.sandbox_sshd.clone(),
+            use_pam: args.sandbox_use_pam == "yes",
+        };
+        Some(crate::sandbox::manager::Manager::start(app.clone(), opts).await?)
+    } else {
+        None
+    };
     let (stop_https, stopped) = tokio::sync::watch::channel(());
     let https = crate::tls::start(&args.tls, tls, args.host, &app, stopped).await?;
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
@@ -445,6 +477,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+    }
+    if let Some(m) = manager {
+        // Every machine stops (their directories stay for the next start).
+        m.shutdown().await;
     }
     // Another replica takes the background work over at once.
     app_service_shutdown.shutdown().await;
@@ -511,15 +547,33 @@ fn print_nodes_banner(args: &ServeArgs, addr: std::net::SocketAddr) {
         NodeSource::Agents => ("agents", "hosts joined with `bluebatch agent`".to_string()),
         NodeSource::Sandbox => (
             "sandbox",
-            "a sandboxed machine per node: not available in this version, Add Pool refuses such \
-             pools"
+            "a small Linux machine per node: own network, mount and PID namespaces, a real \
+             sshd on port 22 of 198.19.x.x; a node admin is root on this host"
                 .to_string(),
         ),
     };
+    let choices = if args.nodes == NodeSource::Sandbox {
+        "embedded|agents|sandbox"
+    } else {
+        "embedded|agents (sandbox needs --nodes sandbox)"
+    };
     println!(
-        "nodes: {what} ({detail}); a pool's metadata item bluebatch.nodes=embedded|agents|sandbox \
-         chooses for that pool"
+        "nodes: {what} ({detail}); a pool's metadata item bluebatch.nodes={choices} chooses for \
+         that pool"
     );
+    if args.nodes == NodeSource::Sandbox {
+        println!(
+            "sandbox: nodes' sshd {} (UsePAM {}), their files in {}; Windows pools get embedded \
+             nodes",
+            args.sandbox_sshd.display(),
+            args.sandbox_use_pam,
+            if args.in_memory {
+                "a temporary directory".to_string()
+            } else {
+                args.data_dir.join("sandbox").display().to_string()
+            }
+        );
+    }
     if args.nodes == NodeSource::Agents {
         println!(
             "agents: create a join token with `bluebatch join-token create --url http://{addr} \

@@ -1,0 +1,753 @@
+//! The sandboxed nodes' manager of `bluebatch serve --nodes sandbox`: it makes the service's
+//! sandbox pools' capacity out of machines ([`super::Machine`]) on this host.
+//!
+//! A sandbox pool short of nodes shows *demand* ([`Service::sandbox_demand`]); the manager starts
+//! a machine for each missing node (at most [`MAX_STARTING`] starting at once; a machine started
+//! and not joined yet counts against its pool's demand). Each machine gets:
+//!
+//! - a veth pair ([`Net::allocate`]) and, on this host's side of it, a listener serving **only
+//!   the node protocol's paths** (`WireConfig::agent_paths_only`): the node's agent reaches the
+//!   service there, while the Batch API never leaves loopback;
+//! - a join token scoped to the pool (10 minutes), written by the machine into the node's
+//!   `var/lib/bluebatch-agent/join-token` (0600): never on a command line, never in an
+//!   environment. Once the host joined, the file is removed and the (used) token revoked.
+//!
+//! Its agent joins, and the pool takes the host at once. A machine whose host backs no node any
+//! more and that no pool would take ([`Service::idle_sandbox_hosts`]: the pool was shrunk or
+//! deleted, the node removed) is stopped, its host revoked and its files removed. A machine
+//! whose agent has not joined within [`JOIN_WITHIN`] is torn down the same way, the tails of its
+//! logs logged. A machine whose processes all ended (its init killed) is started again.
+//!
+//! At start, every machine directory of a previous run whose host the service still knows is
+//! started again (its agent says hello with its stored identity; its node comes back); the other
+//! directories are removed, and sandbox hosts the service knows with no directory are revoked.
+//! At shutdown every machine is stopped; the directories stay for the next start.
+
+use super::{AgentLaunch, Machine, MachineInfo, MachineSpec, Net, remove_files};
+use bluebatch_protocol::ProviderKind;
+use bluebatch_service::Service;
+use bluebatch_wire::{App, WireConfig};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+
+/// Machines starting at once, at most.
+pub const MAX_STARTING: usize = 4;
+/// How long a started machine's agent may take to join before the machine is torn down.
+pub const JOIN_WITHIN: Duration = Duration::from_secs(60);
+/// How long a machine's join token lives.
+const TOKEN_TTL: Duration = Duration::from_secs(600);
+/// The manager's fallback poll (it wakes at once on every change of the service).
+const POLL: Duration = Duration::from_millis(500);
+/// How often the manager checks that every machine still has processes.
+const ALIVE_EVERY: Duration = Duration::from_secs(5);
+/// Lines of each log of a machine logged when it is torn down unjoined.
+const LOG_TAIL_LINES: usize = 20;
+
+/// What the manager needs to start machines.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `DATA/sandbox`: one directory per machine.
+    pub dir: PathBuf,
+    /// The bluebatch binary (the machine's init and agent).
+    pub exe: PathBuf,
+    /// The sshd of every node.
+    pub sshd: PathBuf,
+    /// `UsePAM` of every node's sshd.
+    pub use_pam: bool,
+}
+
+/// The running manager; [`Manager::shutdown`] stops every machine.
+pub struct Manager {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Manager {
+    /// Starts the manager for `app`'s service: resumes the machines of a previous run, then
+    /// follows the service's demand.
+    pub async fn start(app: Arc<App>, opts: Options) -> Result<Manager, String> {
+        std::fs::create_dir_all(&opts.dir).map_err(|e| format!("{}: {e}", opts.dir.display()))?;
+        let agent_app = Arc::new(App {
+            service: app.service.clone(),
+            config: WireConfig {
+                agent_paths_only: true,
+                ca_fingerprint: None,
+                ..app.config.clone()
+            },
+        });
+        let accounts = app.config.accounts.names();
+        let mut lp = Loop {
+            app: agent_app,
+            opts,
+            running: HashMap::new(),
+            starting: JoinSet::new(),
+            starting_for: HashMap::new(),
+            queue: VecDeque::new(),
+            teardowns: JoinSet::new(),
+            next_start: Instant::now(),
+            failures: 0,
+            last_alive_check: Instant::now(),
+        };
+        lp.resume(&accounts).await;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(lp.run(stopped));
+        Ok(Manager { stop, task })
+    }
+
+    /// Stops every machine (their directories stay) and waits for it.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the sandbox manager ended abnormally");
+        }
+    }
+}
+
+/// A machine that runs.
+struct Running {
+    machine: Option<Machine>,
+    name: String,
+    dir: PathBuf,
+    account: String,
+    pool_id: String,
+    /// The join token's id (revoked once joined or torn down); `None` for a resumed machine.
+    token: Option<String>,
+    /// The host id, once the agent joined.
+    host: Option<String>,
+    since: Instant,
+    /// Dropped: the machine's agents-only listener stops.
+    _listener: oneshot::Sender<()>,
+}
+
+/// A machine to start: new for a pool, or the directory of a previous run.
+#[derive(Debug, Clone)]
+enum Start {
+    New {
+        account: String,
+        pool_id: String,
+    },
+    Resume {
+        name: String,
+        dir: PathBuf,
+        account: String,
+        host: String,
+        index: Option<u32>,
+    },
+}
+
+struct Loop {
+    app: Arc<App>,
+    opts: Options,
+    running: HashMap<String, Running>,
+    starting: JoinSet<(u64, Result<Running, String>)>,
+    /// (account, lower-cased pool id) of every start under way, by its sequence number.
+    starting_for: HashMap<u64, (String, String)>,
+    /// Resumed machines waiting for a start slot.
+    queue: VecDeque<Start>,
+    teardowns: JoinSet<()>,
+    /// No new machine before this (backoff after failed starts).
+    next_start: Instant,
+    failures: u32,
+    last_alive_check: Instant,
+}
+
+fn service(app: &App) -> &Service {
+    &app.service
+}
+
+fn pool_key(account: &str, pool: &str) -> (String, String) {
+    (account.to_string(), pool.to_ascii_lowercase())
+}
+
+impl Loop {
+    /// The directories of a previous run: started again when the service knows their host,
+    /// removed otherwise; sandbox hosts with no directory are revoked.
+    async fn resume(&mut self, accounts: &[String]) {
+        let svc = service(&self.app).clone();
+        let mut known: HashMap<String, String> = HashMap::new(); // host id → account
+        for a in accounts {
+            for h in svc.list_hosts(a) {
+                if h.provider == ProviderKind::Sandbox {
+                    known.insert(h.id, h.account);
+                }
+            }
+        }
+        let mut kept: HashSet<String> = HashSet::new();
+        let entries = match std::fs::read_dir(&self.opts.dir) {
+            Ok(e) => e.filter_map(Result::ok).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(dir = %self.opts.dir.display(), error = %e, "sandbox directory");
+                Vec::new()
+            }
+        };
+        for e in entries {
+            let dir = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            match identity_of(&dir) {
+                Some((account, host)) if known.get(&host) == Some(&account) => {
+                    kept.insert(host.clone());
+                    tracing::info!(node = %name, host = %host, "sandboxed node of the last run: starting it again");
+                    self.queue.push_back(Start::Resume {
+                        index: index_of(&dir),
+                        name,
+                        dir,
+                        account,
+                        host,
+                    });
+                }
+                _ => {
+                    tracing::info!(node = %name, "sandboxed node of the last run whose host the service does not know: removing its files");
+                    remove_dir_logged(&dir).await;
+                }
+            }
+        }
+        for (host, account) in known {
+            if !kept.contains(&host) {
+                tracing::info!(host = %host, account = %account,
+                    "a sandbox host without its machine's files: revoking it");
+                if let Err(e) = svc.revoke_host(&account, &host).await {
+                    tracing::warn!(host = %host, error = %e, "revoking the sandbox host");
+                }
+            }
+        }
+    }
+
+    async fn run(mut self, mut stopped: watch::Receiver<bool>) {
+        let mut changed = service(&self.app).capacity_changed();
+        let mut watching = true;
+        let mut seq = 0u64;
+        loop {
+            if *stopped.borrow() {
+                break;
+            }
+            self.tick(&mut seq).await;
+            tokio::select! {
+                _ = stopped.changed() => {}
+                r = changed.changed(), if watching => watching = r.is_ok(),
+                Some(done) = self.starting.join_next(), if !self.starting.is_empty() => {
+                    self.started(done);
+                }
+                Some(_) = self.teardowns.join_next(), if !self.teardowns.is_empty() => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+        self.stop_all().await;
+    }
+
+    /// One round: collect finished starts, notice joins, tear down what is idle or late, start
+    /// what is missing.
+    async fn tick(&mut self, seq: &mut u64) {
+        while let Some(done) = self.starting.try_join_next() {
+            self.started(done);
+        }
+        let svc = service(&self.app).clone();
+        let demand = svc.sandbox_demand();
+        self.notice_joins(&svc).await;
+        // Idle hosts: their machines go.
+        let idle = svc.idle_sandbox_hosts();
+        for (account, host) in idle {
+            let name = self
+                .running
+                .iter()
+                .find(|(_, r)| r.host.as_deref() == Some(host.as_str()) && r.account == account)
+                .map(|(n, _)| n.clone());
+            match name {
+                Some(n) => {
+                    let r = self.running.remove(&n).expect("listed");
+                    self.teardown(r, "its host backs no node any more");
+                }
+                None if self.queue.is_empty() && self.starting.is_empty() => {
+                    // Not a machine of this server (its files were removed): nothing to stop.
+                    if !self.is_unjoined_machine_host(&svc, &account, &host) {
+                        tracing::info!(host = %host, "an idle sandbox host without a machine: revoking it");
+                        if let Err(e) = svc.revoke_host(&account, &host).await {
+                            tracing::warn!(host = %host, error = %e, "revoking the sandbox host");
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        // Unjoined machines: late ones go, and those their pool no longer needs.
+        let mut wanted: HashMap<(String, String), u32> = demand
+            .iter()
+            .map(|d| (pool_key(&d.account, &d.pool_id), d.missing))
+            .collect();
+        for k in self.starting_for.values() {
+            if let Some(w) = wanted.get_mut(k) {
+                *w = w.saturating_sub(1);
+            }
+        }
+        let mut unjoined: Vec<&Running> =
+            self.running.values().filter(|r| r.host.is_none()).collect();
+        unjoined.sort_by_key(|r| r.since);
+        let mut going: Vec<(String, &'static str)> = Vec::new();
+        for r in unjoined {
+            let k = pool_key(&r.account, &r.pool_id);
+            if r.since.elapsed() > JOIN_WITHIN {
+                going.push((r.name.clone(), "its agent did not join within 60 s"));
+                continue;
+            }
+            match wanted.get_mut(&k) {
+                Some(w) if *w > 0 => *w -= 1,
+                _ => going.push((r.name.clone(), "its pool needs no more nodes")),
+            }
+        }
+        for (name, why) in going {
+            // Joined meanwhile? Then it is not unjoined (the next round sees it).
+            if self
+                .running
+                .get(&name)
+                .is_some_and(|r| joined_host(&svc, r).is_some())
+            {
+                continue;
+            }
+            if let Some(r) = self.running.remove(&name) {
+                if why.starts_with("its agent") {
+                    log_tails(&r.name, &r.dir);
+                }
+                self.teardown(r, why);
+            }
+        }
+        self.check_alive();
+        // Resumed machines first, then the pools' demand.
+        while self.starting.len() < MAX_STARTING
+            && let Some(s) = self.queue.pop_front()
+        {
+            self.spawn_start(seq, s);
+        }
+        if Instant::now() < self.next_start {
+            return;
+        }
+        let mut wanted: Vec<((String, String), (String, u32))> = demand
+            .iter()
+            .map(|d| {
+                (
+                    pool_key(&d.account, &d.pool_id),
+                    (d.pool_id.clone(), d.missing),
+                )
+            })
+            .collect();
+        for (k, (_, w)) in wanted.iter_mut() {
+            let pending = self.starting_for.values().filter(|p| *p == k).count()
+                + self
+                    .running
+                    .values()
+                    .filter(|r| r.host.is_none() && pool_key(&r.account, &r.pool_id) == *k)
+                    .count();
+            *w = w.saturating_sub(pending as u32);
+        }
+        // Round-robin over the pools, so one large pool does not starve the others.
+        while self.starting.len() < MAX_STARTING {
+            let mut any = false;
+            for ((account, _), (pool_id, w)) in wanted.iter_mut() {
+                if *w == 0 || self.starting.len() >= MAX_STARTING {
+                    continue;
+                }
+                *w -= 1;
+                any = true;
+                self.spawn_start(
+                    seq,
+                    Start::New {
+                        account: account.clone(),
+                        pool_id: pool_id.clone(),
+                    },
+                );
+            }
+            if !any {
+                break;
+            }
+        }
+    }
+
+    /// Whether `host` might be the host of a machine that has not been seen joining yet.
+    fn is_unjoined_machine_host(&self, svc: &Service, account: &str, host: &str) -> bool {
+        let names: HashSet<&str> = self
+            .running
+            .values()
+            .filter(|r| r.host.is_none())
+            .map(|r| r.name.as_str())
+            .collect();
+        svc.list_hosts(account)
+            .iter()
+            .any(|h| h.id == host && names.contains(h.hostname.as_str()))
+    }
+
+    /// Records the hosts of machines whose agent joined: the join-token file goes, the token is
+    /// revoked.
+    async fn notice_joins(&mut self, svc: &Service) {
+        let waiting: Vec<String> = self
+            .running
+            .values()
+            .filter(|r| r.host.is_none())
+            .map(|r| r.name.clone())
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        for name in waiting {
+            let Some(r) = self.running.get_mut(&name) else {
+                continue;
+            };
+            let Some(host) = joined_host(svc, r) else {
+                continue;
+            };
+            tracing::info!(node = %r.name, host = %host, pool = %r.pool_id,
+                joined_in_ms = r.since.elapsed().as_millis() as u64, "sandboxed node joined");
+            r.host = Some(host);
+            if let Some(Err(e)) = r.machine.as_ref().map(Machine::remove_join_token) {
+                tracing::warn!(node = %r.name, error = %e, "removing the join token file");
+            }
+            if let Some(token) = r.token.take() {
+                let _ = svc.revoke_join_token(&r.account, &token).await;
+            }
+        }
+    }
+
+    /// Machines whose processes all ended are started again (checked every 5 s).
+    fn check_alive(&mut self) {
+        if self.last_alive_check.elapsed() < ALIVE_EVERY {
+            return;
+        }
+        self.last_alive_check = Instant::now();
+        let dead: Vec<String> = self
+            .running
+            .iter_mut()
+            .filter_map(|(n, r)| {
+                r.machine
+                    .as_mut()
+                    .is_some_and(|m| !m.is_running())
+                    .then(|| n.clone())
+            })
+            .collect();
+        for name in dead {
+            let Some(mut r) = self.running.remove(&name) else {
+                continue;
+            };
+            tracing::warn!(node = %r.name, "every process of the sandboxed node ended: starting it again");
+            log_tails(&r.name, &r.dir);
+            let machine = r.machine.take();
+            let restart = match &r.host {
+                Some(host) => Some(Start::Resume {
+                    index: index_of(&r.dir),
+                    name: r.name.clone(),
+                    dir: r.dir.clone(),
+                    account: r.account.clone(),
+                    host: host.clone(),
+                }),
+                None => None,
+            };
+            let dir = r.dir.clone();
+            let remove = restart.is_none();
+            drop(r);
+            self.teardowns.spawn(async move {
+                if let Some(m) = machine {
+                    stop_machine(&name, m).await;
+                }
+                if remove {
+                    remove_dir_logged(&dir).await;
+                }
+            });
+            if let Some(s) = restart {
+                self.queue.push_back(s);
+            }
+        }
+    }
+
+    fn spawn_start(&mut self, seq: &mut u64, s: Start) {
+        *seq += 1;
+        let id = *seq;
+        if let Start::New { account, pool_id } = &s {
+            self.starting_for.insert(id, pool_key(account, pool_id));
+        }
+        let (app, opts) = (self.app.clone(), self.opts.clone());
+        self.starting
+            .spawn(async move { (id, start_machine(app, opts, s).await) });
+    }
+
+    fn started(&mut self, done: Result<(u64, Result<Running, String>), tokio::task::JoinError>) {
+        let (id, result) = match done {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "starting a sandboxed node panicked");
+                self.back_off();
+                return;
+            }
+        };
+        self.starting_for.remove(&id);
+        match result {
+            Ok(r) => {
+                self.failures = 0;
+                self.running.insert(r.name.clone(), r);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a sandboxed node did not start");
+                self.back_off();
+            }
+        }
+    }
+
+    fn back_off(&mut self) {
+        self.failures += 1;
+        let secs = (1u64 << self.failures.min(5)).min(30);
+        self.next_start = Instant::now() + Duration::from_secs(secs);
+    }
+
+    /// Stops the machine in the background: revokes its host (when it joined) or its unused
+    /// token, and removes its files.
+    fn teardown(&mut self, mut r: Running, why: &str) {
+        tracing::info!(node = %r.name, host = ?r.host, pool = %r.pool_id, "removing the sandboxed node: {why}");
+        let svc = service(&self.app).clone();
+        let machine = r.machine.take();
+        self.teardowns.spawn(async move {
+            if let Some(m) = machine {
+                stop_machine(&r.name, m).await;
+            }
+            if let Some(host) = &r.host
+                && let Err(e) = svc.revoke_host(&r.account, host).await
+            {
+                tracing::warn!(host = %host, error = %e, "revoking the sandbox host");
+            }
+            if let Some(token) = &r.token {
+                let _ = svc.revoke_join_token(&r.account, token).await;
+            }
+            remove_dir_logged(&r.dir).await;
+            drop(r);
+        });
+    }
+
+    /// Shutdown: every machine stops (starts under way finish first); the directories stay.
+    async fn stop_all(&mut self) {
+        while let Some(done) = self.starting.join_next().await {
+            self.started(done);
+        }
+        let n = self.running.len();
+        for (name, mut r) in self.running.drain() {
+            if let Some(m) = r.machine.take() {
+                self.teardowns.spawn(async move {
+                    stop_machine(&name, m).await;
+                    drop(r);
+                });
+            }
+        }
+        while self.teardowns.join_next().await.is_some() {}
+        tracing::info!(machines = n, "every sandboxed node stopped");
+    }
+}
+
+/// Starts one machine: its veth pair, its agents-only listener, its join token, the machine.
+async fn start_machine(app: Arc<App>, opts: Options, s: Start) -> Result<Running, String> {
+    let started = Instant::now();
+    let index = match &s {
+        Start::Resume { index, .. } => *index,
+        Start::New { .. } => None,
+    };
+    let net = blocking(move || match index {
+        Some(i) => Net::allocate_index(i).or_else(|e| {
+            tracing::info!(error = %e, "the node's former addresses are taken: new ones");
+            Net::allocate()
+        }),
+        None => Net::allocate(),
+    })
+    .await??;
+    let (host_ip, node_ip) = (net.host_ip, net.node_ip);
+    let listener = tokio::net::TcpListener::bind((host_ip, 0))
+        .await
+        .map_err(|e| format!("listening on {host_ip}: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let server = format!("http://{host_ip}:{port}");
+    let (stop_listener, listener_stopped) = oneshot::channel::<()>();
+    let (serving, shown) = (app.clone(), server.clone());
+    tokio::spawn(async move {
+        let stopped = async move {
+            let _ = listener_stopped.await;
+        };
+        if let Err(e) = bluebatch_wire::serve(listener, serving, stopped).await {
+            tracing::warn!(server = %shown, error = %e, "a sandboxed node's agent listener ended");
+        }
+    });
+    let svc = service(&app).clone();
+    let (name, dir, account, pool_id, token, join_token, host) = match s {
+        Start::New { account, pool_id } => {
+            let name = format!("n{}-{:08x}", net.index, rand::random::<u32>());
+            let dir = opts.dir.join(&name);
+            let created = svc
+                .create_join_token(&account, Some(&pool_id), TOKEN_TTL)
+                .await
+                .map_err(|e| format!("a join token for pool {pool_id}: {e}"))?;
+            (
+                name,
+                dir,
+                account,
+                pool_id,
+                Some(created.id),
+                Some(created.token),
+                None,
+            )
+        }
+        Start::Resume {
+            name,
+            dir,
+            account,
+            host,
+            ..
+        } => {
+            let pool = svc
+                .list_hosts(&account)
+                .into_iter()
+                .find(|h| h.id == host)
+                .and_then(|h| h.nodes.first().map(|(p, _)| p.clone()))
+                .unwrap_or_default();
+            (name, dir, account, pool, None, None, Some(host))
+        }
+    };
+    let spec = MachineSpec {
+        dir: dir.clone(),
+        name: name.clone(),
+        exe: opts.exe.clone(),
+        sshd: opts.sshd.clone(),
+        use_pam: opts.use_pam,
+        agent: Some(AgentLaunch { server, join_token }),
+    };
+    let new = host.is_none();
+    match blocking(move || Machine::start(spec, net)).await? {
+        Ok(machine) => {
+            tracing::info!(node = %name, ip = %node_ip, pool = %pool_id, resumed = !new,
+                started_in_ms = started.elapsed().as_millis() as u64, "sandboxed node started");
+            Ok(Running {
+                machine: Some(machine),
+                name,
+                dir,
+                account,
+                pool_id,
+                token,
+                host,
+                since: Instant::now(),
+                _listener: stop_listener,
+            })
+        }
+        Err(e) => {
+            if let Some(t) = &token {
+                let _ = svc.revoke_join_token(&account, t).await;
+            }
+            if new {
+                remove_dir_logged(&dir).await;
+            }
+            Err(format!("sandboxed node {name}: {e}"))
+        }
+    }
+}
+
+/// The id of the host a machine's agent joined as, if the service knows it: by the node's
+/// host name, or by the identity the agent saved.
+fn joined_host(svc: &Service, r: &Running) -> Option<String> {
+    let hosts = svc.list_hosts(&r.account);
+    let mine = r.machine.as_ref().and_then(Machine::host_id);
+    hosts
+        .into_iter()
+        .filter(|h| h.provider == ProviderKind::Sandbox)
+        .find(|h| h.hostname == r.name || mine.as_deref() == Some(h.id.as_str()))
+        .map(|h| h.id)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("a sandbox operation panicked: {e}"))
+}
+
+async fn stop_machine(name: &str, m: Machine) {
+    match blocking(move || m.stop()).await {
+        Ok(Ok(())) => tracing::info!(node = %name, "sandboxed node stopped"),
+        Ok(Err(e)) => {
+            tracing::error!(node = %name, error = %e, "stopping the sandboxed node left something behind")
+        }
+        Err(e) => tracing::error!(node = %name, error = %e, "stopping the sandboxed node"),
+    }
+}
+
+async fn remove_dir_logged(dir: &Path) {
+    let d = dir.to_path_buf();
+    match blocking(move || remove_files(&d)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) | Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing a sandboxed node's files")
+        }
+    }
+}
+
+/// (account, host id) of the agent identity a machine directory holds.
+fn identity_of(dir: &Path) -> Option<(String, String)> {
+    let path = dir.join("var/lib/bluebatch-agent/identity.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some((
+        v.get("account")?.as_str()?.to_string(),
+        v.get("hostId")?.as_str()?.to_string(),
+    ))
+}
+
+/// The network index a machine directory recorded (`machine.json`).
+fn index_of(dir: &Path) -> Option<u32> {
+    MachineInfo::read(dir).map(|i| i.index)
+}
+
+/// The last lines of a machine's logs (init's, sshd's, the agent's), logged.
+fn log_tails(name: &str, dir: &Path) {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for sub in ["log", "var/log"] {
+        if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
+            files.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "log")),
+            );
+        }
+    }
+    files.sort();
+    for f in files {
+        let Ok(text) = std::fs::read(&f) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+        if !tail.is_empty() {
+            tracing::warn!(node = %name, log = %f.display(), "the end of the node's log:\n{tail}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_and_index_are_read_back_from_a_machine_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(identity_of(dir.path()), None);
+        assert_eq!(index_of(dir.path()), None);
+        let state = dir.path().join("var/lib/bluebatch-agent");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(
+            state.join("identity.json"),
+            r#"{"hostId":"h1","credential":"x","credentialExpires":"2030-01-01T00:00:00Z","account":"acct","provider":"sandbox","slots":1}"#,
+        )
+        .unwrap();
+        assert_eq!(identity_of(dir.path()), Some(("acct".into(), "h1".into())));
+        std::fs::write(
+            dir.path().join("machine.json"),
+            r#"{"name":"n7-1","index":7,"hostIp":"198.19.0.29","nodeIp":"198.19.0.30"}"#,
+        )
+        .unwrap();
+        assert_eq!(index_of(dir.path()), Some(7));
+    }
+}
