@@ -13,6 +13,7 @@
 
 pub mod init;
 pub mod machine;
+pub mod manager;
 pub mod net;
 pub mod preflight;
 
