@@ -612,7 +612,7 @@ fn machines(serve: u32, dir: &Path) -> Machines {
                 m.namespaces.insert(ns.unwrap_or_default());
                 m.inside += 1;
                 m.inside_pss += pss;
-                let e = m.by_comm.entry(comm.clone()).or_default();
+                let e = m.by_comm.entry(role(*c, comm)).or_default();
                 e.0 += 1;
                 e.1 += pss;
             } else {
@@ -623,6 +623,19 @@ fn machines(serve: u32, dir: &Path) -> Machines {
     }
     m.disk_kb = disk_kb(&dir.join("sandbox"));
     m
+}
+
+/// What a process of a node is: its command name, or for the bluebatch binary its subcommand
+/// (`bluebatch sandbox-init`, `bluebatch agent`).
+fn role(pid: u32, comm: &str) -> String {
+    if comm != "bluebatch" {
+        return comm.to_string();
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    match cmdline.split(|b| *b == 0).nth(1) {
+        Some(sub) if !sub.is_empty() => format!("bluebatch {}", String::from_utf8_lossy(sub)),
+        _ => comm.to_string(),
+    }
 }
 
 /// Allocated size of everything under `dir`, kB (no symlinks followed).
@@ -676,7 +689,8 @@ fn our_veths(node_ips: &[Ipv4Addr]) -> Vec<String> {
     veths
 }
 
-/// What is left of the machines: processes of their PID namespaces, mounts of the data dir.
+/// What is left of the machines: processes of their PID namespaces, their directories under
+/// DATA/sandbox, mounts of the data directory.
 fn leftovers(namespaces: &BTreeSet<u64>, dir: &Path) -> Vec<String> {
     let mut left = Vec::new();
     if !namespaces.is_empty() {
@@ -686,6 +700,11 @@ fn leftovers(namespaces: &BTreeSet<u64>, dir: &Path) -> Vec<String> {
             .map(|(pid, _, comm)| format!("process {pid} ({comm})"))
             .collect();
         left.extend(procs);
+    }
+    if let Ok(rd) = std::fs::read_dir(dir.join("sandbox")) {
+        for e in rd.flatten() {
+            left.push(format!("files {}", e.path().display()));
+        }
     }
     let d = dir.to_string_lossy().to_string();
     if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
