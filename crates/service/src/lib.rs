@@ -10,6 +10,7 @@ mod fabric;
 mod lifecycle;
 mod nodes;
 mod pools;
+mod sandbox;
 mod shared;
 mod state;
 mod users;
@@ -20,6 +21,7 @@ pub use fabric::{BoxFuture, LoginLockout, NodeFabric};
 pub use nodes::{AppliedUsers, NodeView};
 pub use pools::PoolView;
 pub use pools::Precondition;
+pub use sandbox::SandboxDemand;
 pub use shared::LEASE_TTL;
 pub use users::{UserAddr, Written};
 
@@ -49,6 +51,9 @@ pub struct Config {
     pub agent_grace: Duration,
     /// How long a node credential lives (renewed through the long poll past half its life).
     pub credential_ttl: Duration,
+    /// The service has sandboxed nodes (`serve --nodes sandbox` runs their manager): pools may
+    /// ask for them. Without it a pool asking for sandbox nodes is refused.
+    pub sandbox_nodes: bool,
 }
 
 impl Default for Config {
@@ -62,6 +67,7 @@ impl Default for Config {
             default_nodes: NodeSource::Embedded,
             agent_grace: Duration::from_secs(60),
             credential_ttl: Duration::from_secs(24 * 3600),
+            sandbox_nodes: false,
         }
     }
 }
@@ -85,6 +91,8 @@ struct Inner {
     due: lifecycle::Due,
     /// Wake-ups of agents' long polls and of writes waiting for agent nodes.
     hub: agents::Hub,
+    /// Moves on every change of the state (see [`Service::capacity_changed`]).
+    capacity: tokio::sync::watch::Sender<u64>,
 }
 
 /// A commit the caller must await (outside the state lock) before answering.
@@ -147,6 +155,7 @@ impl Service {
                 config,
                 due: Default::default(),
                 hub: Default::default(),
+                capacity: tokio::sync::watch::Sender::new(0),
             }),
         };
         svc.ensure_agent_secret().await;
@@ -180,6 +189,7 @@ impl Service {
                 config,
                 due: Default::default(),
                 hub: Default::default(),
+                capacity: tokio::sync::watch::Sender::new(0),
             }),
         };
         svc.ensure_agent_secret().await;
@@ -269,6 +279,8 @@ impl Service {
     /// Queues `ops` for the store; call while holding the state lock so the store sees changes
     /// in the order memory did.
     fn submit(&self, ops: Vec<Op>) -> Pending {
+        // Memory took the change already: the sandboxed nodes' manager may look at it.
+        self.capacity_moved();
         if let Some(sh) = &self.inner.shared {
             return Pending::Shared(sh.submit(Arc::downgrade(&self.inner), ops));
         }

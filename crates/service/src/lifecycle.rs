@@ -399,10 +399,16 @@ impl Service {
                     self.advance_later(account, pool_key, wait);
                 } else if entry.pool.allocation_state != AllocationState::Steady {
                     if short && entry.pool.allocation_state == AllocationState::Resizing {
+                        let why = if entry.pool.source == bluebatch_core::model::NodeSource::Sandbox
+                        {
+                            "too few sandboxed nodes started (see the service's log)"
+                        } else {
+                            "too few joined hosts were free"
+                        };
                         entry.pool.resize_errors = vec![bluebatch_core::model::ResizeError {
                             code: "AllocationTimedout".into(),
                             message: format!(
-                                "Desired number of dedicated nodes could not be allocated as the resize timeout was reached: {} dedicated and {} low-priority nodes were requested, too few joined hosts were free.",
+                                "Desired number of dedicated nodes could not be allocated as the resize timeout was reached: {} dedicated and {} low-priority nodes were requested, {why}.",
                                 entry.pool.target_dedicated, entry.pool.target_low_priority
                             ),
                         }];

@@ -92,10 +92,11 @@ fn pick_slot(
     account: &str,
     pool: &str,
     os: Os,
+    source: NodeSource,
 ) -> Option<(String, u32)> {
     hosts
         .values()
-        .filter(|h| h.takes(account, pool, os))
+        .filter(|h| h.takes(account, pool, os, source))
         .filter_map(|h| {
             let first = h.first_free()?;
             Some((h.away, std::cmp::Reverse(h.free_count()), &h.rec.id, first))
@@ -112,10 +113,18 @@ pub(crate) struct Converged {
     pub short: bool,
 }
 
-/// Whether an agents pool has fewer nodes (not leaving) than its targets.
-pub(crate) fn is_short(entry: &PoolEntry) -> bool {
-    if entry.pool.source != NodeSource::Agents {
-        return false;
+/// Whether the pool's nodes are backed by joined hosts (agents pools, and sandbox pools, whose
+/// hosts are the sandboxed nodes `serve --nodes sandbox` starts): capacity, resize timeout,
+/// `resizeErrors` and the node lifecycle through the node protocol.
+pub(crate) fn host_backed(source: NodeSource) -> bool {
+    matches!(source, NodeSource::Agents | NodeSource::Sandbox)
+}
+
+/// How many nodes (dedicated, low-priority) a host-backed pool lacks to meet its targets, not
+/// counting nodes leaving it; (0, 0) for a pool of embedded nodes.
+pub(crate) fn missing(entry: &PoolEntry) -> (u32, u32) {
+    if !host_backed(entry.pool.source) {
+        return (0, 0);
     }
     let staying = |dedicated: bool| {
         entry
@@ -124,7 +133,18 @@ pub(crate) fn is_short(entry: &PoolEntry) -> bool {
             .filter(|n| n.node.is_dedicated == dedicated && n.node.state != NodeState::LeavingPool)
             .count() as u32
     };
-    staying(true) < entry.pool.target_dedicated || staying(false) < entry.pool.target_low_priority
+    (
+        entry.pool.target_dedicated.saturating_sub(staying(true)),
+        entry
+            .pool
+            .target_low_priority
+            .saturating_sub(staying(false)),
+    )
+}
+
+/// Whether a host-backed pool has fewer nodes (not leaving) than its targets.
+pub(crate) fn is_short(entry: &PoolEntry) -> bool {
+    missing(entry) != (0, 0)
 }
 
 /// Brings the pool's nodes (those not leaving) to its targets: new nodes are created (for an
@@ -155,8 +175,10 @@ pub(crate) fn converge(
         let have = staying(entry);
         for _ in have..target {
             let mut node = new_node(dedicated, now);
-            if entry.pool.source == NodeSource::Agents {
-                let Some((host, slot)) = pick_slot(hosts, account, &pkey, entry.pool.os) else {
+            if host_backed(entry.pool.source) {
+                let Some((host, slot)) =
+                    pick_slot(hosts, account, &pkey, entry.pool.os, entry.pool.source)
+                else {
                     out.short = true;
                     break;
                 };
@@ -216,10 +238,13 @@ pub(crate) fn converge(
 }
 
 /// Where the pool's nodes come from: its `bluebatch.nodes` metadata item, else the service's
-/// default. Sandboxed nodes need a provider this service does not have yet.
+/// default. Sandboxed nodes only where the service has their provider (`sandbox`); a sandboxed
+/// node is a Linux machine, so a Windows pool that did not ask for them gets embedded nodes.
 fn pool_source(
     spec: &serde_json::Map<String, serde_json::Value>,
+    os: Os,
     default: NodeSource,
+    sandbox: bool,
 ) -> Result<NodeSource> {
     let item = spec
         .get("metadata")
@@ -230,6 +255,7 @@ fn pool_source(
             })
         });
     let source = match item {
+        None if default == NodeSource::Sandbox && os == Os::Windows => NodeSource::Embedded,
         None => default,
         Some(i) => {
             let value = i.get("value").and_then(|v| v.as_str()).unwrap_or("");
@@ -245,17 +271,27 @@ fn pool_source(
             })?
         }
     };
-    if source == NodeSource::Sandbox {
+    if source == NodeSource::Sandbox && !sandbox {
         return Err(BatchError::property(
             Code::InvalidPropertyValue,
             "metadata",
-            "This service has no sandbox node provider; use embedded or agents nodes.",
+            "This service has no sandbox node provider (start it with --nodes sandbox); use embedded or agents nodes.",
+        ));
+    }
+    if source == NodeSource::Sandbox && os == Os::Windows {
+        return Err(BatchError::property(
+            Code::InvalidPropertyValue,
+            "metadata",
+            format!(
+                "Sandboxed nodes are Linux machines: a Windows pool cannot have them. Set the metadata item {} to embedded or agents.",
+                bluebatch_protocol::NODES_METADATA
+            ),
         ));
     }
     Ok(source)
 }
 
-/// How long an agents pool waits for hosts before it reports the allocation it could not meet:
+/// How long a host-backed pool waits for hosts before it reports the allocation it could not meet:
 /// the `resizeTimeout` of its most recent resize (Add Pool or Resize), 15 minutes by default.
 pub(crate) fn resize_timeout(pool: &Pool) -> time::Duration {
     pool.spec
@@ -294,7 +330,12 @@ impl Service {
         let _gate = self.gate().await?;
         let now = self.now();
         let pkey = pool_key(&new.id);
-        let source = pool_source(&new.spec, self.inner.config.default_nodes)?;
+        let source = pool_source(
+            &new.spec,
+            new.os,
+            self.inner.config.default_nodes,
+            self.inner.config.sandbox_nodes,
+        )?;
         if self.shared().is_some() && source != crate::NodeSource::Agents {
             // Embedded nodes live inside one process; replicas share joined hosts only.
             return Err(BatchError::property(

@@ -2,9 +2,22 @@
 
 use super::{HostRecord, NodeRef};
 use crate::state::pool_key;
+use bluebatch_core::model::NodeSource;
 use bluebatch_protocol::ProviderKind;
 use std::collections::{BTreeMap, HashSet};
 use time::OffsetDateTime;
+
+/// Whether a host of this provider can back a node of a pool of this OS and node source: a
+/// sandboxed node's host backs sandbox pools only, and a sandbox pool takes no other host; the
+/// linux and sandbox providers back Linux nodes only.
+pub(crate) fn provider_backs(
+    provider: ProviderKind,
+    os: bluebatch_core::model::Os,
+    source: NodeSource,
+) -> bool {
+    (provider == ProviderKind::Sandbox) == (source == NodeSource::Sandbox)
+        && (provider == ProviderKind::Simulate || os == bluebatch_core::model::Os::Linux)
+}
 
 pub(crate) struct HostEntry {
     pub rec: HostRecord,
@@ -34,13 +47,19 @@ impl HostEntry {
         }
     }
 
-    /// Whether the host may take a new node of this pool.
-    pub fn takes(&self, account: &str, pool: &str, os: bluebatch_core::model::Os) -> bool {
+    /// Whether the host may take a new node of this pool (`source`: where the pool's nodes come
+    /// from, `Agents` or `Sandbox`).
+    pub fn takes(
+        &self,
+        account: &str,
+        pool: &str,
+        os: bluebatch_core::model::Os,
+        source: NodeSource,
+    ) -> bool {
         self.rec.account == account
             && !self.rec.drained
             && self.rec.pool.as_deref().is_none_or(|p| pool_key(p) == pool)
-            && (self.rec.provider == ProviderKind::Simulate
-                || os == bluebatch_core::model::Os::Linux)
+            && provider_backs(self.rec.provider, os, source)
     }
 
     /// How many of its slots back no node (O(log n) while slots fill from 0 up).

@@ -1,6 +1,7 @@
 //! What a host reports of itself (at join and on every start), and what an operator does with
 //! joined hosts: list, drain, revoke; and the host's own account names the API refuses.
 
+use super::capacity::provider_backs;
 use super::{
     HOST_PREFIX, HostEntry, HostView, MAX_HOST_SLOTS, NodeRef, auth_failed, invalid, not_found,
 };
@@ -106,17 +107,15 @@ impl Service {
                     continue;
                 };
                 let pool_id = p.pool.id.clone();
-                let os = p.pool.os;
+                let fits = provider_backs(rec.provider, p.pool.os, p.pool.source);
                 let Some(n) = p.nodes.get_mut(&r.node) else {
                     continue;
                 };
-                // The host came back smaller (fewer slots) or as a linux host, which backs no
-                // Windows node: the nodes it can no longer back leave their pools, which look
+                // The host came back smaller (fewer slots) or with a provider that cannot back
+                // the node (a linux host backs no Windows node, a sandboxed node's host only
+                // sandbox pools): the nodes it can no longer back leave their pools, which look
                 // for other hosts (as when a host is revoked).
-                if slot >= rec.slots
-                    || (rec.provider != ProviderKind::Simulate
-                        && os != bluebatch_core::model::Os::Linux)
-                {
+                if slot >= rec.slots || !fits {
                     if n.node.state != NodeState::LeavingPool {
                         set_node_state(&mut n.node, NodeState::LeavingPool, now);
                         ops.push(put_json(
