@@ -10,7 +10,9 @@
 //! No `api-version`. Bodies are parsed strictly (unknown properties are refused: 400
 //! `InvalidRequestBody`); a wrong verb is 405 `UnsupportedHttpVerb`; errors are Batch error JSON
 //! like every other endpoint. When the service also serves HTTPS, its plain HTTP listener refuses
-//! every agent call (403 `AuthenticationFailed`): tokens and credentials travel over TLS only. `wait` is whole seconds (`30` or `30s`), cut to
+//! every agent call (403 `AuthenticationFailed`): tokens and credentials travel over TLS only
+//! (a listener with [`crate::WireConfig::agent_paths_only`] excepted: it serves nothing else).
+//! `wait` is whole seconds (`30` or `30s`), cut to
 //! [`MAX_WAIT_SECONDS`]; without it the answer comes at once. A long poll in flight when the
 //! server shuts down answers at once with what there is. A connection whose request carried a
 //! valid node credential no longer counts against `--max-connections-per-source` (many agents
@@ -59,7 +61,12 @@ pub(crate) async fn handle(
         return Err(BatchError::new(Code::UnsupportedHttpVerb));
     }
     // Tokens and credentials never cross plain HTTP when the service has HTTPS.
-    if app.config.scheme == "http" && app.config.ca_fingerprint.is_some() {
+    // A listener of the node protocol only (a sandboxed node's own) is reachable from its node
+    // alone: plain HTTP is what it serves.
+    if app.config.scheme == "http"
+        && app.config.ca_fingerprint.is_some()
+        && !app.config.agent_paths_only
+    {
         return Err(BatchError::new(Code::AuthenticationFailed).with(
             "AuthenticationErrorDetail",
             "This service serves HTTPS: agents must call its HTTPS listener (with the CA \

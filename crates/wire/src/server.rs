@@ -48,6 +48,12 @@ pub struct WireConfig {
     /// The fingerprint (`sha256:…`) of the CA certificate of the service's HTTPS listener, for
     /// agents to pin at join; `None` when the service serves no HTTPS.
     pub ca_fingerprint: Option<String>,
+    /// This listener serves the node protocol's paths only (`/_bluebatch/agent/…`): every other
+    /// path answers 404 `ResourceNotFound`, so the Batch API and the control endpoints are not
+    /// reachable through it (the listener `--nodes sandbox` binds on a sandboxed node's veth).
+    /// The refusal of agent calls over plain HTTP when the service serves HTTPS does not apply
+    /// here: such a listener is reachable from its own node only.
+    pub agent_paths_only: bool,
 }
 
 impl Default for WireConfig {
@@ -60,6 +66,7 @@ impl Default for WireConfig {
             bearer: None,
             limits: HttpLimits::default(),
             ca_fingerprint: None,
+            agent_paths_only: false,
         }
     }
 }
@@ -240,7 +247,14 @@ async fn process(
     check_head(parts, &app.config.limits)?;
     let raw_path = parts.uri.path();
     let raw_query = parts.uri.query().unwrap_or("");
-    if crate::agents::is_agent_path(raw_path) {
+    let agent_path = crate::agents::is_agent_path(raw_path);
+    if app.config.agent_paths_only && !agent_path {
+        return Err(BatchError::new(Code::ResourceNotFound).message(
+            "This listener serves the node protocol only (/_bluebatch/agent/...); the Batch API \
+             is served on the service's own address.",
+        ));
+    }
+    if agent_path {
         return match crate::agents::handle(app, parts, body, ctx).await {
             Err(e) if e.status() == 401 => {
                 let mut answer = respond::error(ctx, &e);
