@@ -80,6 +80,7 @@ pub fn run(args: InitArgs) -> ExitCode {
         log("no lifeline on fd 3 (started by the server only)");
         return ExitCode::from(2);
     }
+    log(&format!("starting {}", args.name));
     let signals = match Signals::new() {
         Ok(s) => s,
         Err(e) => {
@@ -368,6 +369,10 @@ fn setup(args: &InitArgs, signals: &Signals) -> Result<Setup, String> {
     let own_machine_id = upper.join("machine-id").is_file();
     root(args)?;
     etc(args, own_key, own_machine_id)?;
+    log(&format!(
+        "{} up: eth0 {}/30, its own root (this host's /usr read-only, /etc an overlay)",
+        args.name, args.node_ip
+    ));
     Ok(Setup::Ready)
 }
 
@@ -768,6 +773,7 @@ fn supervise(args: &InitArgs, signals: &Signals) -> String {
             };
             match started {
                 Ok(pid) => {
+                    log(&format!("{} started (pid {pid})", s.what));
                     s.pid = Some(pid);
                     s.started = now;
                     s.next_start = None;

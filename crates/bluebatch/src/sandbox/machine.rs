@@ -379,6 +379,19 @@ impl Machine {
             &self.init_pid.to_string(),
         ])?;
         let addr = SocketAddr::from((self.net.node_ip, 22));
+        // No connection before the node's end is up: an address resolution that failed would
+        // hold the next ones for a second.
+        let carrier = format!("/sys/class/net/{}/carrier", self.net.veth);
+        loop {
+            self.check_alive()?;
+            if std::fs::read_to_string(&carrier).is_ok_and(|c| c.trim() == "1") {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the node's end of {} never came up", self.net.veth));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
         loop {
             self.check_alive()?;
             if ssh_answers(addr) {
@@ -793,6 +806,10 @@ mod tests {
         let a = Machine::start(spec(data.path(), "n0-test0a"), Net::allocate().unwrap())
             .unwrap_or_else(|e| panic!("{e}"));
         let started = t.elapsed();
+        eprintln!(
+            "init's log:\n{}",
+            std::fs::read_to_string(a.dir().join("log/init.log")).unwrap_or_default()
+        );
         let b = Machine::start(spec(data.path(), "n1-test0b"), Net::allocate().unwrap())
             .unwrap_or_else(|e| panic!("{e}"));
         assert_ne!(a.node_ip(), b.node_ip());
@@ -812,6 +829,30 @@ mod tests {
         assert_eq!(lines[3], "n0-test0a", "{out}");
         let (_, tty) = ssh(&a, "alice", "pw-of-alice-1", &["-tt"], "tty");
         assert!(tty.trim().starts_with("/dev/pts/"), "ssh -t: {tty:?}");
+        // sudo (setuid, from this host's /usr) works for a sudoer of the node's own /etc, and
+        // refuses anyone else.
+        useradd(&a, "carol", "pw-of-carol-3");
+        inside(
+            &a,
+            "sh",
+            &[
+                "-c",
+                "echo 'alice ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/bb-test \
+                 && chmod 0440 /etc/sudoers.d/bb-test",
+            ],
+            None,
+        );
+        let (_, id) = ssh(&a, "alice", "pw-of-alice-1", &[], "sudo -n id -u");
+        assert_eq!(id.trim(), "0");
+        let (_, refused) = ssh(
+            &a,
+            "carol",
+            "pw-of-carol-3",
+            &[],
+            "sudo -n true 2>&1; echo rc=$?",
+        );
+        assert!(refused.contains("rc=1"), "{refused}");
+        assert!(!Path::new("/etc/sudoers.d/bb-test").exists());
         assert_eq!(
             std::fs::read("/etc/passwd").unwrap(),
             host_passwd,
@@ -994,6 +1035,93 @@ mod tests {
         let new = key_file(&m.dir);
         assert_ne!(new, key);
         assert_eq!(presented_key(&m), new);
+        m.stop().unwrap();
+    }
+
+    #[test]
+    fn sandbox_agent_runs_from_the_node_and_reaches_the_host_side_with_its_token_file_only() {
+        if !root() {
+            return;
+        }
+        let data = data_dir();
+        let net = Net::allocate().unwrap();
+        // The server's side: a listener on the host end of the veth that takes the agent's
+        // first request and never answers (so the agent stays in it).
+        let listener = std::net::TcpListener::bind((net.host_ip, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let token = "bbjt-test.this-is-the-secret-of-the-token";
+        let mut s = spec(data.path(), "n3-test2");
+        s.agent = Some(AgentLaunch {
+            server: format!("http://{}:{port}", net.host_ip),
+            join_token: Some(token.to_string()),
+        });
+        let m = Machine::start(s, net).unwrap_or_else(|e| panic!("{e}"));
+        let file = m.dir().join("var/lib/bluebatch-agent/join-token");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        listener.set_nonblocking(true).unwrap();
+        let t = Instant::now();
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, peer)) => {
+                    assert_eq!(peer.ip(), std::net::IpAddr::V4(m.node_ip()));
+                    break c;
+                }
+                Err(_) if t.elapsed() < DEADLINE => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => panic!(
+                    "the agent never connected: {e}\nagent's log:\n{}",
+                    tail(&m.dir().join("var/log/agent.log"), 20)
+                ),
+            }
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&req).contains(token) {
+            let n = conn.read(&mut buf).unwrap_or(0);
+            assert!(n > 0, "the request: {}", String::from_utf8_lossy(&req));
+            req.extend_from_slice(&buf[..n]);
+        }
+        // The agent runs from the read-only bind, with the plan's arguments and a clean
+        // environment; the token is in no process's arguments or environment.
+        let agent = m
+            .pids()
+            .into_iter()
+            .map(|p| {
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+                for blob in [&cmd, &env] {
+                    assert!(
+                        !String::from_utf8_lossy(blob).contains("this-is-the-secret"),
+                        "the token in process {p}"
+                    );
+                }
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            })
+            .find(|c| c.starts_with("/run/bluebatch/bluebatch agent"))
+            .expect("the agent runs");
+        let want = format!(
+            "/run/bluebatch/bluebatch agent --sandbox --server http://{}:{port} --state-dir \
+             /var/lib/bluebatch-agent --advertise-address {} --ssh-port 22 --sshd-config \
+             /etc/ssh/sshd_config --join-token-file /var/lib/bluebatch-agent/join-token ",
+            m.host_ip(),
+            m.node_ip()
+        );
+        assert_eq!(agent, want);
+        let ro = inside(
+            &m,
+            "sh",
+            &[
+                "-c",
+                "echo x > /run/bluebatch/bluebatch 2>/dev/null || echo refused",
+            ],
+            None,
+        );
+        assert_eq!(ro.trim(), "refused");
+        m.remove_join_token().unwrap();
+        assert!(!file.exists());
+        assert_eq!(m.host_id(), None);
         m.stop().unwrap();
     }
 }
