@@ -76,37 +76,43 @@ async fn join_at(
     .await
     .expect("join answered in time")
     .expect("join");
-    let (svc, host) = (svc.clone(), joined.host_id.clone());
-    let task = tokio::spawn(async move {
-        let mut cursor: Option<String> = None;
-        loop {
-            let Ok(d) = svc
-                .desired(&host, cursor.as_deref(), Duration::from_secs(5))
-                .await
-            else {
-                return;
-            };
-            let ack = AckRequest {
-                nodes: d
-                    .nodes
-                    .iter()
-                    .map(|n| NodeAck {
-                        key: n.key.clone(),
-                        revision: n.revision,
-                        image: n.image,
-                        ssh_port: None,
-                        failures: Vec::new(),
-                    })
-                    .collect(),
-            };
-            let _ = svc.ack(&host, ack).await;
-            cursor = Some(d.cursor);
-        }
-    });
-    Agent {
-        host: joined.host_id,
-        task,
-    }
+    resume(svc, &joined.host_id)
+}
+
+/// The agent of a host that joined earlier, polling and acknowledging from now on (after a
+/// restart of the service, as a sandboxed node's agent resumes with its identity).
+fn resume(svc: &Service, host: &str) -> Agent {
+    let (svc, host) = (svc.clone(), host.to_string());
+    let task = {
+        let host = host.clone();
+        tokio::spawn(async move {
+            let mut cursor: Option<String> = None;
+            loop {
+                let Ok(d) = svc
+                    .desired(&host, cursor.as_deref(), Duration::from_secs(5))
+                    .await
+                else {
+                    return;
+                };
+                let ack = AckRequest {
+                    nodes: d
+                        .nodes
+                        .iter()
+                        .map(|n| NodeAck {
+                            key: n.key.clone(),
+                            revision: n.revision,
+                            image: n.image,
+                            ssh_port: None,
+                            failures: Vec::new(),
+                        })
+                        .collect(),
+                };
+                let _ = svc.ack(&host, ack).await;
+                cursor = Some(d.cursor);
+            }
+        })
+    };
+    Agent { host, task }
 }
 
 fn pool_body(id: &str, os: Os, dedicated: u32, nodes: Option<&str>) -> serde_json::Value {
@@ -664,6 +670,40 @@ async fn a_shared_store_refuses_sandbox_pools() {
         );
         assert!(svc.get_pool(ACCOUNT, "sb").is_err());
         assert!(svc.sandbox_demand().is_empty());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn after_a_restart_sandboxed_hosts_keep_their_nodes_and_nothing_is_idle_or_missing() {
+    deadline(async {
+        let h = Harness::on_disk(sandbox_config(), AckMode::AtOnce).await;
+        sandbox_pool(&h.svc, "sb", 2, json!({})).await;
+        let a = join(&h.svc, Some("sb"), ProviderKind::Sandbox, 1).await;
+        let b = join(&h.svc, Some("sb"), ProviderKind::Sandbox, 1).await;
+        let before = h.wait_idle("sb", 2).await;
+        let hosts = [a.host.clone(), b.host.clone()];
+        drop((a, b));
+        let h = h.restart(AckMode::AtOnce).await;
+        // What the manager reads at its start: both hosts known, each backing its node.
+        let listed = h.svc.list_hosts(ACCOUNT);
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        for x in &listed {
+            assert_eq!(x.provider, ProviderKind::Sandbox);
+            assert_eq!(x.nodes.len(), 1, "{x:?}");
+            assert!(hosts.contains(&x.id));
+        }
+        assert!(demand(&h.svc).is_empty());
+        assert!(idle(&h.svc).is_empty());
+        // Their agents resume: the same nodes, idle.
+        let _agents: Vec<Agent> = hosts.iter().map(|x| resume(&h.svc, x)).collect();
+        let mut after = h.wait_idle("sb", 2).await;
+        let mut before = before;
+        before.sort();
+        after.sort();
+        assert_eq!(before, after);
+        resize(&h.svc, "sb", json!({"targetDedicatedNodes": 1})).await;
+        eventually("one host idle", || idle(&h.svc).len() == 1).await;
     })
     .await
 }
