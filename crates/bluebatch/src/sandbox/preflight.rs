@@ -112,13 +112,14 @@ pub fn check(opts: &PreflightOpts) -> Result<(), String> {
             ));
         }
     }
-    if root && tool("unshare") {
-        if let Err(e) = try_namespaces() {
-            missing.push(format!(
-                "namespaces: `unshare --net --mount --pid --fork true` failed here ({e}; \
-                 inside a container, run it privileged)"
-            ));
-        }
+    if root
+        && tool("unshare")
+        && let Err(e) = try_namespaces()
+    {
+        missing.push(format!(
+            "namespaces: `unshare --net --mount --pid --fork true` failed here ({e}; \
+             inside a container, run it privileged)"
+        ));
     }
     if missing.is_empty() {
         return Ok(());
