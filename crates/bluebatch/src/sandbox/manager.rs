@@ -118,6 +118,9 @@ struct Running {
     token: Option<String>,
     /// The host id, once the agent joined.
     host: Option<String>,
+    /// Whether its host backed a node (until then it counts against its pool's demand: the
+    /// service shows a host before its pool takes it).
+    assigned: bool,
     since: Instant,
     /// Dropped: the machine's agents-only listener stops.
     _listener: oneshot::Sender<()>,
@@ -248,6 +251,8 @@ impl Loop {
             self.started(done);
         }
         let svc = service(&self.app).clone();
+        // Demand first, joins second: a host taken by its pool in between is then counted as
+        // missing and as joined, so no unjoined machine is taken for surplus by mistake.
         let demand = svc.sandbox_demand();
         self.notice_joins(&svc).await;
         // Idle hosts: their machines go.
@@ -280,8 +285,13 @@ impl Loop {
             .iter()
             .map(|d| (pool_key(&d.account, &d.pool_id), d.missing))
             .collect();
-        for k in self.starting_for.values() {
-            if let Some(w) = wanted.get_mut(k) {
+        let joined_unassigned = self
+            .running
+            .values()
+            .filter(|r| r.host.is_some() && !r.assigned)
+            .map(|r| pool_key(&r.account, &r.pool_id));
+        for k in self.starting_for.values().cloned().chain(joined_unassigned) {
+            if let Some(w) = wanted.get_mut(&k) {
                 *w = w.saturating_sub(1);
             }
         }
@@ -299,6 +309,11 @@ impl Loop {
                 Some(w) if *w > 0 => *w -= 1,
                 _ => going.push((r.name.clone(), "its pool needs no more nodes")),
             }
+        }
+        if !going.is_empty() {
+            tracing::debug!(?demand, starting = ?self.starting_for, ?going,
+                unjoined = ?self.running.values().filter(|r| r.host.is_none()).map(|r| &r.name).collect::<Vec<_>>(),
+                "unjoined machines to remove");
         }
         for (name, why) in going {
             // Joined meanwhile? Then it is not unjoined (the next round sees it).
@@ -326,6 +341,9 @@ impl Loop {
         if Instant::now() < self.next_start {
             return;
         }
+        // Read again, after the joins were noticed: a host whose pool took it since shows in
+        // neither, instead of in the joins only (which would start one machine too many).
+        let demand = svc.sandbox_demand();
         let mut wanted: Vec<((String, String), (String, u32))> = demand
             .iter()
             .map(|d| {
@@ -340,7 +358,7 @@ impl Loop {
                 + self
                     .running
                     .values()
-                    .filter(|r| r.host.is_none() && pool_key(&r.account, &r.pool_id) == *k)
+                    .filter(|r| !r.assigned && pool_key(&r.account, &r.pool_id) == *k)
                     .count();
             *w = w.saturating_sub(pending as u32);
         }
@@ -386,19 +404,20 @@ impl Loop {
         let waiting: Vec<String> = self
             .running
             .values()
-            .filter(|r| r.host.is_none())
+            .filter(|r| !r.assigned)
             .map(|r| r.name.clone())
             .collect();
-        if waiting.is_empty() {
-            return;
-        }
         for name in waiting {
             let Some(r) = self.running.get_mut(&name) else {
                 continue;
             };
-            let Some(host) = joined_host(svc, r) else {
+            let Some((host, backs)) = joined_host(svc, r) else {
                 continue;
             };
+            r.assigned = backs;
+            if r.host.is_some() {
+                continue;
+            }
             tracing::info!(node = %r.name, host = %host, pool = %r.pool_id,
                 joined_in_ms = r.since.elapsed().as_millis() as u64, "sandboxed node joined");
             r.host = Some(host);
@@ -628,6 +647,7 @@ async fn start_machine(app: Arc<App>, opts: Options, s: Start) -> Result<Running
                 account,
                 pool_id,
                 token,
+                assigned: host.is_some(),
                 host,
                 since: Instant::now(),
                 _listener: stop_listener,
@@ -647,14 +667,15 @@ async fn start_machine(app: Arc<App>, opts: Options, s: Start) -> Result<Running
 
 /// The id of the host a machine's agent joined as, if the service knows it: by the node's
 /// host name, or by the identity the agent saved.
-fn joined_host(svc: &Service, r: &Running) -> Option<String> {
+/// With whether that host backs a node now.
+fn joined_host(svc: &Service, r: &Running) -> Option<(String, bool)> {
     let hosts = svc.list_hosts(&r.account);
     let mine = r.machine.as_ref().and_then(Machine::host_id);
     hosts
         .into_iter()
         .filter(|h| h.provider == ProviderKind::Sandbox)
         .find(|h| h.hostname == r.name || mine.as_deref() == Some(h.id.as_str()))
-        .map(|h| h.id)
+        .map(|h| (h.id, !h.nodes.is_empty()))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
