@@ -159,6 +159,24 @@ fn prepare(spec: &MachineSpec, net: &Net) -> Result<(), String> {
     if let Some(g) = gid_of("mail") {
         let _ = std::os::unix::fs::chown(d.join("var/mail"), Some(0), Some(g));
     }
+    // sshd's and login's records.
+    let utmp = gid_of("utmp");
+    for (f, mode) in [
+        ("var/log/lastlog", 0o664),
+        ("var/log/wtmp", 0o664),
+        ("var/log/btmp", 0o660),
+    ] {
+        let p = d.join(f);
+        if !p.exists() {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(mode)
+                .open(&p)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            let _ = std::os::unix::fs::chown(&p, Some(0), utmp);
+        }
+    }
     for (link, to) in [("var/run", "/run"), ("var/lock", "/run/lock")] {
         let p = d.join(link);
         if std::fs::symlink_metadata(&p).is_err() {
@@ -207,7 +225,19 @@ fn lifeline_pipe() -> Result<(OwnedFd, OwnedFd), String> {
         return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: both are fresh descriptors of this process.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // A server started with stdin, stdout or stderr closed: the read end must not be one of
+    // the descriptors the child's stdio replaces.
+    if read.as_raw_fd() < 3 {
+        // SAFETY: duplicates a descriptor owned here to a fresh one (≥ 3).
+        let fd = unsafe { libc::fcntl(read.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+        if fd < 0 {
+            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor of this process.
+        return Ok((unsafe { OwnedFd::from_raw_fd(fd) }, write));
+    }
+    Ok((read, write))
 }
 
 fn first_child(pid: u32) -> Option<u32> {
