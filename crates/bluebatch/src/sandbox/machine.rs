@@ -1154,4 +1154,77 @@ mod tests {
         assert_eq!(m.host_id(), None);
         m.stop().unwrap();
     }
+
+    /// Set for the owner process of [`sandbox_a_sigkilled_owner_leaves_nothing_behind`].
+    const OWNER_ENV: &str = "BB_SANDBOX_TEST_OWNER_DIR";
+
+    /// Not a test of its own: the owner process of the next test (a machine started, its facts
+    /// printed, then it waits to be killed). Returns at once without the environment variable.
+    #[test]
+    fn sandbox_owner_process() {
+        let Some(data) = std::env::var_os(OWNER_ENV) else {
+            return;
+        };
+        let m = Machine::start(spec(Path::new(&data), "n4-owner"), Net::allocate().unwrap())
+            .unwrap_or_else(|e| panic!("{e}"));
+        println!(
+            "OWNER {} {} {} {}",
+            m.init_pid(),
+            m.pid_ns,
+            m.net.veth,
+            m.dir().display()
+        );
+        std::thread::sleep(DEADLINE);
+    }
+
+    #[test]
+    fn sandbox_a_sigkilled_owner_leaves_nothing_behind() {
+        if !root() {
+            return;
+        }
+        let data = data_dir();
+        let mut owner = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sandbox::machine::tests::sandbox_owner_process",
+                "--nocapture",
+            ])
+            .env(OWNER_ENV, data.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = owner.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("OWNER ") {
+                    let _ = tx.send(rest.to_string());
+                }
+            }
+        });
+        let facts = match rx.recv_timeout(DEADLINE) {
+            Ok(f) => f,
+            Err(_) => {
+                let _ = owner.kill();
+                let _ = owner.wait();
+                panic!("the owner did not start its machine");
+            }
+        };
+        let f: Vec<&str> = facts.split(' ').collect();
+        let (init, ns, veth, dir) = (f[0], f[1], f[2], PathBuf::from(f[3]));
+        assert!(Path::new(&format!("/proc/{init}")).exists());
+        assert!(!pids_in(ns).is_empty() && link_exists(veth));
+        let t = Instant::now();
+        owner.kill().unwrap(); // SIGKILL: no destructor runs
+        owner.wait().unwrap();
+        assert_gone(ns, veth, &dir, Duration::from_secs(2));
+        eprintln!(
+            "MEASURE owner SIGKILLed → nothing left: {:.0} ms",
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+        remove_files(&dir).unwrap();
+    }
 }
