@@ -306,7 +306,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             sshd: args.sandbox_sshd.clone(),
         };
         if let Err(e) = crate::sandbox::preflight::check(&opts) {
-            eprintln!("bluebatch: --nodes sandbox cannot run here: {e}");
+            eprintln!("bluebatch: {e}");
             std::process::exit(2);
         }
     }

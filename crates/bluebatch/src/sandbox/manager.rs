@@ -268,13 +268,14 @@ impl Loop {
                     let r = self.running.remove(&n).expect("listed");
                     self.teardown(r, "its host backs no node any more");
                 }
-                None if self.queue.is_empty() && self.starting.is_empty() => {
-                    // Not a machine of this server (its files were removed): nothing to stop.
-                    if !self.is_unjoined_machine_host(&svc, &account, &host) {
-                        tracing::info!(host = %host, "an idle sandbox host without a machine: revoking it");
-                        if let Err(e) = svc.revoke_host(&account, &host).await {
-                            tracing::warn!(host = %host, error = %e, "revoking the sandbox host");
-                        }
+                // Not a machine of this server (its files were removed): nothing to stop.
+                None if self.queue.is_empty()
+                    && self.starting.is_empty()
+                    && !self.is_unjoined_machine_host(&svc, &account, &host) =>
+                {
+                    tracing::info!(host = %host, "an idle sandbox host without a machine: revoking it");
+                    if let Err(e) = svc.revoke_host(&account, &host).await {
+                        tracing::warn!(host = %host, error = %e, "revoking the sandbox host");
                     }
                 }
                 None => {}
@@ -331,7 +332,7 @@ impl Loop {
                 self.teardown(r, why);
             }
         }
-        self.check_alive();
+        self.check_alive().await;
         // Resumed machines first, then the pools' demand.
         while self.starting.len() < MAX_STARTING
             && let Some(s) = self.queue.pop_front()
@@ -431,7 +432,7 @@ impl Loop {
     }
 
     /// Machines whose processes all ended are started again (checked every 5 s).
-    fn check_alive(&mut self) {
+    async fn check_alive(&mut self) {
         if self.last_alive_check.elapsed() < ALIVE_EVERY {
             return;
         }
@@ -450,33 +451,23 @@ impl Loop {
             let Some(mut r) = self.running.remove(&name) else {
                 continue;
             };
-            tracing::warn!(node = %r.name, "every process of the sandboxed node ended: starting it again");
             log_tails(&r.name, &r.dir);
-            let machine = r.machine.take();
-            let restart = match &r.host {
-                Some(host) => Some(Start::Resume {
-                    index: index_of(&r.dir),
-                    name: r.name.clone(),
-                    dir: r.dir.clone(),
-                    account: r.account.clone(),
-                    host: host.clone(),
-                }),
-                None => None,
+            let Some(host) = r.host.clone() else {
+                self.teardown(r, "every process of it ended before its agent joined");
+                continue;
             };
-            let dir = r.dir.clone();
-            let remove = restart.is_none();
-            drop(r);
-            self.teardowns.spawn(async move {
-                if let Some(m) = machine {
-                    stop_machine(&name, m).await;
-                }
-                if remove {
-                    remove_dir_logged(&dir).await;
-                }
-            });
-            if let Some(s) = restart {
-                self.queue.push_back(s);
+            tracing::warn!(node = %r.name, "every process of the sandboxed node ended: starting it again");
+            // Stopped first (what is left of it goes), so that it gets its addresses back.
+            if let Some(m) = r.machine.take() {
+                stop_machine(&name, m).await;
             }
+            self.queue.push_back(Start::Resume {
+                index: index_of(&r.dir),
+                name: r.name.clone(),
+                dir: r.dir.clone(),
+                account: r.account.clone(),
+                host,
+            });
         }
     }
 
