@@ -400,14 +400,22 @@ impl Machine {
             .map_err(|e| format!("the node's PID namespace: {e}"))?
             .to_string_lossy()
             .into_owned();
-        super::net::ip(&[
+        if let Err(e) = super::net::ip(&[
             "link",
             "set",
             "dev",
             &self.net.peer,
             "netns",
             &self.init_pid.to_string(),
-        ])?;
+        ]) {
+            // Most likely its init ended already: say so when it did.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(200) {
+                self.check_alive()?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return Err(e);
+        }
         let addr = SocketAddr::from((self.net.node_ip, 22));
         // No connection before the node's end is up: an address resolution that failed would
         // hold the next ones for a second.
@@ -1046,14 +1054,23 @@ mod tests {
         assert_eq!(presented_key(&m), key);
         ssh(&m, "bob", "pw-of-bob-2", &[], "true");
 
-        // Started again (the same index): accounts kept, the same key.
+        // Started again (the same index, sshd now without PAM): accounts kept, the same key.
         let index = m.index();
         m.stop().unwrap();
-        let m = Machine::start(s.clone(), Net::allocate_index(index).unwrap())
+        let no_pam = MachineSpec {
+            use_pam: false,
+            ..s.clone()
+        };
+        let m = Machine::start(no_pam, Net::allocate_index(index).unwrap())
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(MachineInfo::read(&s.dir).unwrap().index, index);
         assert_eq!(presented_key(&m), key);
-        ssh(&m, "bob", "pw-of-bob-2", &[], "true");
+        let (_, who) = ssh(&m, "bob", "pw-of-bob-2", &[], "whoami");
+        assert_eq!(who.trim(), "bob");
+        let config =
+            std::fs::read_to_string(format!("/proc/{}/root/etc/ssh/sshd_config", m.init_pid()))
+                .unwrap();
+        assert!(config.contains("UsePAM no\n"), "{config}");
         m.stop().unwrap();
 
         // Key files removed: a new key at the next start.
@@ -1226,5 +1243,38 @@ mod tests {
             t.elapsed().as_secs_f64() * 1000.0
         );
         remove_files(&dir).unwrap();
+    }
+
+    #[test]
+    fn sandbox_a_machine_that_cannot_start_leaves_nothing_and_says_why() {
+        if !root() {
+            return;
+        }
+        let data = data_dir();
+        // Its init cannot run: unshare's child ends at once.
+        let net = Net::allocate().unwrap();
+        let veth = net.veth.clone();
+        let bad = MachineSpec {
+            exe: PathBuf::from("/usr/bin/false"),
+            ..spec(data.path(), "n5-bad")
+        };
+        let t = Instant::now();
+        let err = Machine::start(bad, net)
+            .err()
+            .expect("a machine without init");
+        assert!(err.contains("its init ended"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(!link_exists(&veth), "{veth} left behind");
+        // A name that is no host name: refused before anything is made.
+        let net = Net::allocate().unwrap();
+        let veth = net.veth.clone();
+        let bad = MachineSpec {
+            name: "bad_name!".into(),
+            ..spec(data.path(), "n6-bad")
+        };
+        let err = Machine::start(bad, net).err().expect("a bad name");
+        assert!(err.contains("not a host name"), "{err}");
+        assert!(!link_exists(&veth), "{veth} left behind");
+        assert!(!data.path().join("sandbox/n6-bad").exists());
     }
 }
