@@ -88,6 +88,7 @@ impl Manager {
             starting_for: HashMap::new(),
             queue: VecDeque::new(),
             teardowns: JoinSet::new(),
+            leaving: HashSet::new(),
             next_start: Instant::now(),
             failures: 0,
             last_alive_check: Instant::now(),
@@ -151,7 +152,10 @@ struct Loop {
     starting_for: HashMap<u64, (String, String)>,
     /// Resumed machines waiting for a start slot.
     queue: VecDeque<Start>,
-    teardowns: JoinSet<()>,
+    /// Tear-downs under way, each answering the host it revokes.
+    teardowns: JoinSet<Option<String>>,
+    /// Hosts whose machines are being torn down (not "without a machine").
+    leaving: HashSet<String>,
     /// No new machine before this (backoff after failed starts).
     next_start: Instant,
     failures: u32,
@@ -237,7 +241,11 @@ impl Loop {
                 Some(done) = self.starting.join_next(), if !self.starting.is_empty() => {
                     self.started(done);
                 }
-                Some(_) = self.teardowns.join_next(), if !self.teardowns.is_empty() => {}
+                Some(done) = self.teardowns.join_next(), if !self.teardowns.is_empty() => {
+                    if let Ok(Some(host)) = done {
+                        self.leaving.remove(&host);
+                    }
+                }
                 _ = tokio::time::sleep(POLL) => {}
             }
         }
@@ -271,6 +279,7 @@ impl Loop {
                 // Not a machine of this server (its files were removed): nothing to stop.
                 None if self.queue.is_empty()
                     && self.starting.is_empty()
+                    && !self.leaving.contains(&host)
                     && !self.is_unjoined_machine_host(&svc, &account, &host) =>
                 {
                     tracing::info!(host = %host, "an idle sandbox host without a machine: revoking it");
@@ -516,6 +525,9 @@ impl Loop {
         tracing::info!(node = %r.name, host = ?r.host, pool = %r.pool_id, "removing the sandboxed node: {why}");
         let svc = service(&self.app).clone();
         let machine = r.machine.take();
+        if let Some(host) = &r.host {
+            self.leaving.insert(host.clone());
+        }
         self.teardowns.spawn(async move {
             if let Some(m) = machine {
                 stop_machine(&r.name, m).await;
@@ -529,7 +541,7 @@ impl Loop {
                 let _ = svc.revoke_join_token(&r.account, token).await;
             }
             remove_dir_logged(&r.dir).await;
-            drop(r);
+            r.host.clone()
         });
     }
 
@@ -544,6 +556,7 @@ impl Loop {
                 self.teardowns.spawn(async move {
                     stop_machine(&name, m).await;
                     drop(r);
+                    None
                 });
             }
         }
