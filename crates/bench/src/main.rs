@@ -416,6 +416,7 @@ fn launch<'a>(s: &'a Settings, dir: &'a Path, extra: &'a [String]) -> Launch<'a>
         data_dir: dir,
         extra,
         cpus: s.pin.then_some("1"),
+        log_filter: None,
     }
 }
 

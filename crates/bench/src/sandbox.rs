@@ -30,6 +30,8 @@ const READY_LIMIT: Duration = Duration::from_secs(600);
 /// How long the teardown may take before the run fails.
 const TEARDOWN_LIMIT: Duration = Duration::from_secs(120);
 const POOL: &str = "sbx";
+/// The server's log filter in the sandbox run: warnings, and the manager's lines per machine.
+const MANAGER_LOG: &str = "warn,bluebatch::sandbox::manager=info";
 
 /// What one run (one kind of node) measured.
 struct Run {
@@ -53,6 +55,10 @@ struct Run {
     banner: String,
     /// Server spawn → first 200.
     startup: Duration,
+    /// Per machine, from the server's log (sandbox only): start (veth, listener, token, init,
+    /// sshd answering) and then the agent's join, ms, each sorted.
+    machine_start_ms: Vec<f64>,
+    machine_join_ms: Vec<f64>,
 }
 
 #[derive(Default)]
@@ -92,7 +98,10 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
 
     // The sandbox first: if it cannot run here, nothing else is worth doing.
     let sbx_dir = s.work.join("sandbox-nodes");
-    let sbx = match Server::try_spawn(&launch(s, &sbx_dir, &sbx_args)).await {
+    let mut l = launch(s, &sbx_dir, &sbx_args);
+    // The manager's own account of each machine: how long it took to start, then to join.
+    l.log_filter = Some(MANAGER_LOG);
+    let sbx = match Server::try_spawn(&l).await {
         Ok(srv) => srv,
         Err(e) if e.exit_code == Some(2) => {
             println!(
@@ -207,6 +216,22 @@ fn show(sbx: &Run, emb: &Run, n: u32, s: &Settings, rep: &mut Report) {
         p(emb, 1.0),
         "s",
     );
+    let pm = |v: &[f64], q: f64| -> String {
+        if v.is_empty() {
+            return "-".into();
+        }
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        format!("{:.0}", v[i.min(v.len() - 1)])
+    };
+    println!(
+        "  a machine's own start (veth, listener, token, init, sshd answering): p50 {} ms, max {} ms; \
+         then its agent's join: p50 {} ms, max {} ms ({} machines in the server's log)",
+        pm(&sbx.machine_start_ms, 0.5),
+        pm(&sbx.machine_start_ms, 1.0),
+        pm(&sbx.machine_join_ms, 0.5),
+        pm(&sbx.machine_join_ms, 1.0),
+        sbx.machine_start_ms.len()
+    );
     line(
         "memory per node: server RSS growth",
         sbx_serve,
@@ -220,7 +245,7 @@ fn show(sbx: &Run, emb: &Run, n: u32, s: &Settings, rep: &mut Report) {
         "kB",
     );
     line(
-        "MemAvailable drop per node (whole machine)",
+        "MemAvailable drop per node (noisy: any process)",
         avail(sbx),
         avail(emb),
         "kB",
@@ -349,7 +374,14 @@ async fn one_run(srv: &Server, dir: &Path, n: u32, sandbox: bool) -> Result<Run,
         if let Some(api) = teardown_api
             && left.is_empty()
         {
+            let (machine_start_ms, machine_join_ms) = if sandbox {
+                manager_times(&srv.log)
+            } else {
+                (Vec::new(), Vec::new())
+            };
             return Ok(Run {
+                machine_start_ms,
+                machine_join_ms,
                 total,
                 ready,
                 rss0,
@@ -454,6 +486,30 @@ async fn wait_ready(
     let mut times: Vec<Duration> = ready.into_values().collect();
     times.sort();
     Ok((times, banner, probing.into_values().collect()))
+}
+
+/// `started_in_ms` and `joined_in_ms` of the manager's lines in the server's log, each sorted.
+fn manager_times(log: &Path) -> (Vec<f64>, Vec<f64>) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let field = |line: &str, key: &str| -> Option<f64> {
+        let at = line.find(key)? + key.len();
+        let rest = &line[at..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        rest[..end].parse().ok()
+    };
+    let (mut start, mut join) = (Vec::new(), Vec::new());
+    for l in text.lines() {
+        if l.contains("sandboxed node started") {
+            start.extend(field(l, "started_in_ms="));
+        } else if l.contains("sandboxed node joined") {
+            join.extend(field(l, "joined_in_ms="));
+        }
+    }
+    start.sort_by(f64::total_cmp);
+    join.sort_by(f64::total_cmp);
+    (start, join)
 }
 
 /// Get Remote Login Settings of a node: where its SSH endpoint is.

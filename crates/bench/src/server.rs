@@ -26,6 +26,8 @@ pub struct Launch<'a> {
     pub extra: &'a [String],
     /// Run the server on these CPUs only (`taskset -c`), e.g. "1".
     pub cpus: Option<&'a str>,
+    /// `BLUEBATCH_LOG` of the server (default `warn`).
+    pub log_filter: Option<&'a str>,
 }
 
 /// Why a server did not come up: `exit_code` is set when it exited on its own before listening
@@ -77,7 +79,7 @@ impl Server {
             .arg("--data-dir")
             .arg(l.data_dir)
             .args(l.extra)
-            .env("BLUEBATCH_LOG", "warn")
+            .env("BLUEBATCH_LOG", l.log_filter.unwrap_or("warn"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
