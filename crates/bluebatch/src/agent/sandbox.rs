@@ -364,6 +364,28 @@ mod tests {
     }
 
     #[test]
+    fn kill_all_kills_what_the_namespace_lists_and_waits_for_its_end() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let own = std::process::id();
+        // A namespace of a fake init, this test (the agent) and the child, as /proc shows it.
+        let dir = fake_proc(&[(1, "init", 'S', 0, 1), (own, "agent", 'S', 1, 2)]);
+        std::os::unix::fs::symlink(
+            format!("/proc/{}", child.id()),
+            dir.path().join(child.id().to_string()),
+        )
+        .unwrap();
+        let started = Instant::now();
+        assert_eq!(kill_all(dir.path(), own), 1);
+        assert!(started.elapsed() < GONE_WITHIN, "waited for a zombie");
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    }
+
+    #[test]
     fn kill_all_of_an_empty_namespace_kills_nothing() {
         let dir = fake_proc(&[(1, "init", 'S', 0, 1), (9, "agent", 'S', 1, 2)]);
         assert_eq!(kill_all(dir.path(), 9), 0);
