@@ -814,23 +814,30 @@ mod tests {
         );
     }
 
-    /// RSS and PSS (kB) of the node's processes, from smaps_rollup.
-    fn memory(m: &Machine) -> (u64, u64, usize) {
+    /// RSS and PSS (kB) of the node's processes, from smaps_rollup: totals, how many, and
+    /// each process's `name rss/pss`.
+    fn memory(m: &Machine) -> (u64, u64, usize, String) {
         let (mut rss, mut pss) = (0, 0);
+        let mut each = Vec::new();
         let pids = m.pids();
         for p in &pids {
             let text =
                 std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).unwrap_or_default();
+            let (mut r, mut s) = (0, 0);
             for l in text.lines() {
                 let mut w = l.split_whitespace();
                 match (w.next(), w.next().and_then(|v| v.parse::<u64>().ok())) {
-                    (Some("Rss:"), Some(v)) => rss += v,
-                    (Some("Pss:"), Some(v)) => pss += v,
+                    (Some("Rss:"), Some(v)) => r = v,
+                    (Some("Pss:"), Some(v)) => s = v,
                     _ => {}
                 }
             }
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            each.push(format!("{} {r}/{s}", comm.trim()));
+            rss += r;
+            pss += s;
         }
-        (rss, pss, pids.len())
+        (rss, pss, pids.len(), each.join(", "))
     }
 
     #[test]
@@ -955,10 +962,10 @@ mod tests {
             "/usr is writable from a node"
         );
 
-        let (rss, pss, n) = memory(&a);
+        let (rss, pss, n, each) = memory(&a);
         eprintln!(
             "MEASURE one machine: start (create → sshd answering) {:.0} ms; {n} processes, \
-             RSS {rss} kB, PSS {pss} kB",
+             RSS {rss} kB, PSS {pss} kB (kB RSS/PSS: {each})",
             started.as_secs_f64() * 1000.0
         );
         assert!(n >= 2, "init and sshd at least: {:?}", a.pids());
@@ -1166,6 +1173,10 @@ mod tests {
             None,
         );
         assert_eq!(ro.trim(), "refused");
+        let (rss, pss, n, each) = memory(&m);
+        eprintln!(
+            "MEASURE a machine with its agent: {n} processes, RSS {rss} kB, PSS {pss} kB ({each})"
+        );
         m.remove_join_token().unwrap();
         assert!(!file.exists());
         assert_eq!(m.host_id(), None);
