@@ -1288,4 +1288,36 @@ mod tests {
         assert!(!link_exists(&veth), "{veth} left behind");
         assert!(!data.path().join("sandbox/n6-bad").exists());
     }
+
+    #[test]
+    fn sandbox_machines_started_at_once_get_their_own_links_and_addresses() {
+        if !root() {
+            return;
+        }
+        let data = data_dir();
+        let t = Instant::now();
+        let started: Vec<Machine> = (0..6)
+            .map(|i| {
+                let s = spec(data.path(), &format!("n{i}-par"));
+                std::thread::spawn(move || Machine::start(s, Net::allocate()?))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        eprintln!(
+            "MEASURE 6 machines started at once: {:.0} ms",
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+        let mut ips: Vec<Ipv4Addr> = started.iter().map(Machine::node_ip).collect();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), 6);
+        for m in &started {
+            assert_eq!(presented_key(m), key_file(m.dir()));
+        }
+        for m in started {
+            m.stop().unwrap();
+        }
+    }
 }
