@@ -774,3 +774,35 @@ fn leftovers(namespaces: &BTreeSet<u64>, dir: &Path) -> Vec<String> {
     }
     left
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manager_lines_give_each_machines_start_and_join_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serve.log");
+        std::fs::write(
+            &log,
+            "2026-12-01T18:41:26.663461Z  INFO bluebatch::sandbox::manager: sandboxed node started node=n6400-fac3de53 ip=198.19.100.2 pool=p1 resumed=false started_in_ms=128\n\
+             2026-12-01T18:41:26.675480Z  INFO bluebatch::sandbox::manager: sandboxed node started node=n1137-0d4e90be ip=198.19.17.198 pool=p1 resumed=false started_in_ms=40\n\
+             2026-12-01T18:41:27.000000Z  INFO bluebatch::sandbox::manager: sandboxed node joined node=n1137-0d4e90be host=host-x pool=p1 joined_in_ms=300\n\
+             2026-12-01T18:41:27.100000Z  WARN bluebatch::sandbox::manager: something else started_in_ms=9999\n",
+        )
+        .unwrap();
+        let (start, join) = manager_times(&log);
+        assert_eq!(start, [40.0, 128.0]);
+        assert_eq!(join, [300.0]);
+        assert_eq!(manager_times(&dir.path().join("absent")), (vec![], vec![]));
+    }
+
+    #[test]
+    fn this_process_has_a_pid_namespace_and_a_role() {
+        let me = std::process::id();
+        assert!(pid_ns(me).is_some());
+        assert_eq!(role(me, "cargo-test"), "cargo-test");
+        assert!(processes().iter().any(|(pid, _, _)| *pid == me));
+        assert!(pss_kb(me) > 0);
+    }
+}
