@@ -25,7 +25,7 @@
 
 use super::{AgentLaunch, Machine, MachineInfo, MachineSpec, Net, remove_files};
 use bluebatch_protocol::ProviderKind;
-use bluebatch_service::Service;
+use bluebatch_service::{SandboxDemand, Service};
 use bluebatch_wire::{App, WireConfig};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -291,35 +291,12 @@ impl Loop {
             }
         }
         // Unjoined machines: late ones go, and those their pool no longer needs.
-        let mut wanted: HashMap<(String, String), u32> = demand
+        let missing: HashMap<PoolKey, u32> = demand
             .iter()
             .map(|d| (pool_key(&d.account, &d.pool_id), d.missing))
             .collect();
-        let joined_unassigned = self
-            .running
-            .values()
-            .filter(|r| r.host.is_some() && !r.assigned)
-            .map(|r| pool_key(&r.account, &r.pool_id));
-        for k in self.starting_for.values().cloned().chain(joined_unassigned) {
-            if let Some(w) = wanted.get_mut(&k) {
-                *w = w.saturating_sub(1);
-            }
-        }
-        let mut unjoined: Vec<&Running> =
-            self.running.values().filter(|r| r.host.is_none()).collect();
-        unjoined.sort_by_key(|r| r.since);
-        let mut going: Vec<(String, &'static str)> = Vec::new();
-        for r in unjoined {
-            let k = pool_key(&r.account, &r.pool_id);
-            if r.since.elapsed() > JOIN_WITHIN {
-                going.push((r.name.clone(), "its agent did not join within 60 s"));
-                continue;
-            }
-            match wanted.get_mut(&k) {
-                Some(w) if *w > 0 => *w -= 1,
-                _ => going.push((r.name.clone(), "its pool needs no more nodes")),
-            }
-        }
+        let starting: Vec<PoolKey> = self.starting_for.values().cloned().collect();
+        let going = unjoined_to_remove(&missing, &starting, &self.seen());
         if !going.is_empty() {
             tracing::debug!(?demand, starting = ?self.starting_for, ?going,
                 unjoined = ?self.running.values().filter(|r| r.host.is_none()).map(|r| &r.name).collect::<Vec<_>>(),
@@ -354,45 +331,25 @@ impl Loop {
         // Read again, after the joins were noticed: a host whose pool took it since shows in
         // neither, instead of in the joins only (which would start one machine too many).
         let demand = svc.sandbox_demand();
-        let mut wanted: Vec<((String, String), (String, u32))> = demand
-            .iter()
-            .map(|d| {
-                (
-                    pool_key(&d.account, &d.pool_id),
-                    (d.pool_id.clone(), d.missing),
-                )
+        let starting: Vec<PoolKey> = self.starting_for.values().cloned().collect();
+        let room = MAX_STARTING.saturating_sub(self.starting.len());
+        for (account, pool_id) in to_start(&demand, &starting, &self.seen(), room) {
+            self.spawn_start(seq, Start::New { account, pool_id });
+        }
+    }
+
+    /// The running machines, as [`unjoined_to_remove`] and [`to_start`] see them.
+    fn seen(&self) -> Vec<Seen> {
+        self.running
+            .values()
+            .map(|r| Seen {
+                name: r.name.clone(),
+                pool: pool_key(&r.account, &r.pool_id),
+                age: r.since.elapsed(),
+                joined: r.host.is_some(),
+                assigned: r.assigned,
             })
-            .collect();
-        for (k, (_, w)) in wanted.iter_mut() {
-            let pending = self.starting_for.values().filter(|p| *p == k).count()
-                + self
-                    .running
-                    .values()
-                    .filter(|r| !r.assigned && pool_key(&r.account, &r.pool_id) == *k)
-                    .count();
-            *w = w.saturating_sub(pending as u32);
-        }
-        // Round-robin over the pools, so one large pool does not starve the others.
-        while self.starting.len() < MAX_STARTING {
-            let mut any = false;
-            for ((account, _), (pool_id, w)) in wanted.iter_mut() {
-                if *w == 0 || self.starting.len() >= MAX_STARTING {
-                    continue;
-                }
-                *w -= 1;
-                any = true;
-                self.spawn_start(
-                    seq,
-                    Start::New {
-                        account: account.clone(),
-                        pool_id: pool_id.clone(),
-                    },
-                );
-            }
-            if !any {
-                break;
-            }
-        }
+            .collect()
     }
 
     /// Whether `host` might be the host of a machine that has not been seen joining yet.
@@ -563,6 +520,96 @@ impl Loop {
         while self.teardowns.join_next().await.is_some() {}
         tracing::info!(machines = n, "every sandboxed node stopped");
     }
+}
+
+/// (account, lower-cased pool id).
+type PoolKey = (String, String);
+
+/// A running machine, as the plan of a round sees it.
+#[derive(Debug, Clone)]
+struct Seen {
+    name: String,
+    pool: PoolKey,
+    /// Since it started.
+    age: Duration,
+    /// Its agent joined (the service knows its host).
+    joined: bool,
+    /// Its host backed a node.
+    assigned: bool,
+}
+
+/// The unjoined machines to tear down, with why: those not joined within [`JOIN_WITHIN`], and
+/// the newest of those beyond what their pool still lacks (`missing`, less the starts under way
+/// and the joined machines the pool has not taken yet).
+fn unjoined_to_remove(
+    missing: &HashMap<PoolKey, u32>,
+    starting: &[PoolKey],
+    machines: &[Seen],
+) -> Vec<(String, &'static str)> {
+    let mut wanted = missing.clone();
+    let joined_unassigned = machines
+        .iter()
+        .filter(|m| m.joined && !m.assigned)
+        .map(|m| &m.pool);
+    for k in starting.iter().chain(joined_unassigned) {
+        if let Some(w) = wanted.get_mut(k) {
+            *w = w.saturating_sub(1);
+        }
+    }
+    let mut unjoined: Vec<&Seen> = machines.iter().filter(|m| !m.joined).collect();
+    // Oldest first: they are the nearest to joining.
+    unjoined.sort_by_key(|m| std::cmp::Reverse(m.age));
+    let mut going = Vec::new();
+    for m in unjoined {
+        if m.age > JOIN_WITHIN {
+            going.push((m.name.clone(), "its agent did not join within 60 s"));
+            continue;
+        }
+        match wanted.get_mut(&m.pool) {
+            Some(w) if *w > 0 => *w -= 1,
+            _ => going.push((m.name.clone(), "its pool needs no more nodes")),
+        }
+    }
+    going
+}
+
+/// The machines to start, (account, pool id) each, at most `room`: what each pool lacks less
+/// its starts under way and its machines not taken yet, round-robin over the pools so that a
+/// large pool does not hold up the others.
+fn to_start(
+    demand: &[SandboxDemand],
+    starting: &[PoolKey],
+    machines: &[Seen],
+    room: usize,
+) -> Vec<(String, String)> {
+    let mut wanted: Vec<(&SandboxDemand, u32)> = demand
+        .iter()
+        .map(|d| {
+            let k = pool_key(&d.account, &d.pool_id);
+            let pending = starting.iter().filter(|p| **p == k).count()
+                + machines
+                    .iter()
+                    .filter(|m| !m.assigned && m.pool == k)
+                    .count();
+            (d, d.missing.saturating_sub(pending as u32))
+        })
+        .collect();
+    let mut out = Vec::new();
+    while out.len() < room {
+        let mut any = false;
+        for (d, w) in wanted.iter_mut() {
+            if *w == 0 || out.len() >= room {
+                continue;
+            }
+            *w -= 1;
+            any = true;
+            out.push((d.account.clone(), d.pool_id.clone()));
+        }
+        if !any {
+            break;
+        }
+    }
+    out
 }
 
 /// Starts one machine: its veth pair, its agents-only listener, its join token, the machine.
@@ -754,6 +801,78 @@ fn log_tails(name: &str, dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(pool: &str) -> PoolKey {
+        pool_key("acct", pool)
+    }
+
+    fn seen(name: &str, pool: &str, secs: u64, joined: bool, assigned: bool) -> Seen {
+        Seen {
+            name: name.into(),
+            pool: key(pool),
+            age: Duration::from_secs(secs),
+            joined,
+            assigned,
+        }
+    }
+
+    fn demand(pool: &str, missing: u32) -> SandboxDemand {
+        SandboxDemand {
+            account: "acct".into(),
+            pool_id: pool.into(),
+            missing,
+        }
+    }
+
+    #[test]
+    fn unjoined_machines_beyond_their_pools_needs_go_newest_first_and_late_ones_always() {
+        let missing: HashMap<PoolKey, u32> = [(key("a"), 2)].into();
+        let machines = [
+            seen("old", "a", 5, false, false),
+            seen("new", "a", 1, false, false),
+            seen("newer", "a", 0, false, false),
+            seen("late", "a", 61, false, false),
+            seen("gone-pool", "b", 1, false, false),
+            seen("joined", "a", 3, true, true),
+        ];
+        let mut going = unjoined_to_remove(&missing, &[], &machines);
+        going.sort();
+        assert_eq!(
+            going,
+            [
+                ("gone-pool".to_string(), "its pool needs no more nodes"),
+                ("late".to_string(), "its agent did not join within 60 s"),
+                ("newer".to_string(), "its pool needs no more nodes"),
+            ]
+        );
+        // A start under way and a joined machine the pool has not taken yet count against it.
+        let machines = [
+            seen("old", "a", 5, false, false),
+            seen("taken-soon", "a", 3, true, false),
+        ];
+        let going = unjoined_to_remove(&missing, &[key("A")], &machines);
+        assert_eq!(going, [("old".to_string(), "its pool needs no more nodes")]);
+    }
+
+    #[test]
+    fn starts_are_what_pools_lack_less_what_is_pending_round_robin_within_the_room() {
+        let d = [demand("a", 5), demand("B", 2), demand("c", 1)];
+        // Pool a: one start under way, one machine not taken yet; pool c: its machine taken.
+        let machines = [
+            seen("x", "a", 1, true, false),
+            seen("y", "c", 1, true, true),
+        ];
+        let starts = to_start(&d, &[key("a")], &machines, 4);
+        let pools: Vec<&str> = starts.iter().map(|(_, p)| p.as_str()).collect();
+        assert_eq!(
+            pools,
+            ["a", "B", "c", "a"],
+            "round-robin, pool ids as given"
+        );
+        assert_eq!(to_start(&d, &[key("a")], &machines, 10).len(), 3 + 2 + 1);
+        assert!(to_start(&d, &[], &[], 0).is_empty());
+        assert!(to_start(&[demand("a", 1)], &[key("a")], &[], 4).is_empty());
+    }
 
     #[test]
     fn identity_and_index_are_read_back_from_a_machine_dir() {
