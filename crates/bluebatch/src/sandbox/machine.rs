@@ -10,8 +10,8 @@
 use super::net::{Net, link_exists};
 use super::{INIT_SUBCOMMAND, JOIN_TOKEN_FILE};
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -278,13 +278,36 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 }
 
 /// Whether something answers with an SSH banner at `addr`.
+#[cfg(test)]
 fn ssh_answers(addr: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+    use std::io::Read as _;
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(1000)));
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
+}
+
+/// Whether a socket of process `pid`'s network namespace listens on `addr` (its
+/// `/proc/PID/net/tcp`: no connection made, so nothing in sshd's log).
+fn listening(pid: u32, addr: SocketAddr) -> bool {
+    let SocketAddr::V4(a) = addr else {
+        return false;
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(a.ip().octets()),
+        a.port()
+    );
+    std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let mut f = l.split_whitespace();
+            let local = f.nth(1);
+            let state = f.nth(1);
+            local == Some(want.as_str()) && state == Some("0A")
+        })
+    })
 }
 
 impl Machine {
@@ -432,7 +455,7 @@ impl Machine {
         }
         loop {
             self.check_alive()?;
-            if ssh_answers(addr) {
+            if listening(self.init_pid, addr) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -623,6 +646,7 @@ pub fn remove_files(dir: &Path) -> Result<(), String> {
 mod tests {
     //! Real machines (root only): the host's OpenSSH client against the node's sshd.
     use super::*;
+    use std::io::Read;
 
     const DEADLINE: Duration = Duration::from_secs(30);
 
