@@ -1113,7 +1113,23 @@ mod tests {
         let new = key_file(&m.dir);
         assert_ne!(new, key);
         assert_eq!(presented_key(&m), new);
+
+        // SIGTERM to the node's init: it ends every process of the node and itself.
+        let (ns, veth, dir) = (m.pid_ns.clone(), m.net.veth.clone(), m.dir.clone());
+        // SAFETY: kill(2) of the node's init.
+        unsafe { libc::kill(m.init_pid() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while !pids_in(&ns).is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(2), "init ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         m.stop().unwrap();
+        assert_gone(&ns, &veth, &dir, Duration::ZERO);
+        assert!(
+            std::fs::read_to_string(dir.join("log/init.log"))
+                .unwrap()
+                .contains("stopping: signal 15")
+        );
     }
 
     #[test]
