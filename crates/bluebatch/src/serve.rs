@@ -162,8 +162,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     tls: crate::tls::TlsArgs,
     /// Where pools' nodes come from: `embedded` (SSH endpoints in this process), `agents`
-    /// (hosts joined with `bluebatch agent`; see `bluebatch join-token create`) or `sandbox`.
-    /// A pool's metadata item `bluebatch.nodes` wins over this for that pool.
+    /// (hosts joined with `bluebatch agent`; see `bluebatch join-token create`) or `sandbox` (a
+    /// small Linux machine per Linux node, made by this server: root on Linux only, with
+    /// openssh-server, sudo, iproute2, util-linux, passwd and procps). A pool's metadata item
+    /// `bluebatch.nodes` wins over this for that pool (`sandbox` only with --nodes sandbox).
     #[arg(long, default_value = "embedded", env = "BLUEBATCH_NODES", value_parser = parse_nodes, value_name = "embedded|agents|sandbox")]
     nodes: bluebatch_protocol::NodeSource,
     /// How long a joined host may go without polling before its nodes go `unknown` (they come
