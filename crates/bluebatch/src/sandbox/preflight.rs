@@ -187,4 +187,54 @@ mod tests {
         assert!(err.contains("/usr/sbin/no-such-sshd"), "{err}");
         assert!(err.contains("apt-get install openssh-server"), "{err}");
     }
+
+    /// Set for the unprivileged child of [`refuses_without_root_naming_it`].
+    const AS_NOBODY_ENV: &str = "BB_PREFLIGHT_AS_NOBODY";
+
+    /// Not a test of its own: prints what the check answers (run as nobody by the next test).
+    #[test]
+    fn preflight_child_prints_its_answer() {
+        if std::env::var_os(AS_NOBODY_ENV).is_none() {
+            return;
+        }
+        match check(&PreflightOpts::default()) {
+            Ok(()) => println!("ANSWER ok"),
+            Err(e) => println!("ANSWER {e}"),
+        }
+    }
+
+    #[test]
+    fn refuses_without_root_naming_it() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            let err = check(&PreflightOpts::default()).unwrap_err();
+            assert!(err.contains("root"), "{err}");
+            return;
+        }
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sandbox::preflight::tests::preflight_child_prints_its_answer",
+                "--nocapture",
+            ])
+            .env(AS_NOBODY_ENV, "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let answer = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ANSWER "))
+            .unwrap_or_else(|| panic!("no answer from the child: {text}"));
+        assert!(
+            answer.starts_with("--nodes sandbox cannot start here"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("root (network, mount and PID namespaces"),
+            "{answer}"
+        );
+    }
 }
