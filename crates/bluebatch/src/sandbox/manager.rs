@@ -21,7 +21,9 @@
 //! At start, every machine directory of a previous run whose host the service still knows is
 //! started again (its agent says hello with its stored identity; its node comes back); the other
 //! directories are removed, and sandbox hosts the service knows with no directory are revoked.
-//! At shutdown every machine is stopped; the directories stay for the next start.
+//! A machine of a previous run that fails to start three times is given up: its host revoked
+//! (its node leaves the pool, which gets a new one) and its files removed. At shutdown every
+//! machine is stopped; the directories stay for the next start.
 
 use super::{AgentLaunch, Machine, MachineInfo, MachineSpec, Net, remove_files};
 use bluebatch_protocol::ProviderKind;
@@ -140,14 +142,24 @@ enum Start {
         account: String,
         host: String,
         index: Option<u32>,
+        /// Failed starts so far.
+        attempt: u32,
     },
 }
+
+/// Starts of a machine of a previous run tried before it is given up (its host revoked, its
+/// files removed: its pool gets a new node).
+const RESUME_ATTEMPTS: u32 = 3;
+
+/// What a start task answers: its sequence number, the resume it was (to try again), and the
+/// machine or why not.
+type Started = (u64, Option<Start>, Result<Running, String>);
 
 struct Loop {
     app: Arc<App>,
     opts: Options,
     running: HashMap<String, Running>,
-    starting: JoinSet<(u64, Result<Running, String>)>,
+    starting: JoinSet<Started>,
     /// (account, lower-cased pool id) of every start under way, by its sequence number.
     starting_for: HashMap<u64, (String, String)>,
     /// Resumed machines waiting for a start slot.
@@ -207,6 +219,7 @@ impl Loop {
                         dir,
                         account,
                         host,
+                        attempt: 0,
                     });
                 }
                 _ => {
@@ -319,8 +332,9 @@ impl Loop {
             }
         }
         self.check_alive().await;
-        // Resumed machines first, then the pools' demand.
-        while self.starting.len() < MAX_STARTING
+        // Resumed machines first, then the pools' demand (both after a failed start's pause).
+        while Instant::now() >= self.next_start
+            && self.starting.len() < MAX_STARTING
             && let Some(s) = self.queue.pop_front()
         {
             self.spawn_start(seq, s);
@@ -433,6 +447,7 @@ impl Loop {
                 dir: r.dir.clone(),
                 account: r.account.clone(),
                 host,
+                attempt: 0,
             });
         }
     }
@@ -444,12 +459,13 @@ impl Loop {
             self.starting_for.insert(id, pool_key(account, pool_id));
         }
         let (app, opts) = (self.app.clone(), self.opts.clone());
+        let resume = matches!(s, Start::Resume { .. }).then(|| s.clone());
         self.starting
-            .spawn(async move { (id, start_machine(app, opts, s).await) });
+            .spawn(async move { (id, resume, start_machine(app, opts, s).await) });
     }
 
-    fn started(&mut self, done: Result<(u64, Result<Running, String>), tokio::task::JoinError>) {
-        let (id, result) = match done {
+    fn started(&mut self, done: Result<Started, tokio::task::JoinError>) {
+        let (id, resume, result) = match done {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "starting a sandboxed node panicked");
@@ -466,6 +482,43 @@ impl Loop {
             Err(e) => {
                 tracing::error!(error = %e, "a sandboxed node did not start");
                 self.back_off();
+                match resume {
+                    Some(Start::Resume {
+                        name,
+                        dir,
+                        account,
+                        host,
+                        index,
+                        attempt,
+                    }) if attempt + 1 < RESUME_ATTEMPTS => self.queue.push_back(Start::Resume {
+                        name,
+                        dir,
+                        account,
+                        host,
+                        index,
+                        attempt: attempt + 1,
+                    }),
+                    Some(Start::Resume {
+                        name,
+                        dir,
+                        account,
+                        host,
+                        ..
+                    }) => {
+                        tracing::error!(node = %name, host = %host,
+                            "giving the sandboxed node up: its host is revoked and its files removed (its pool gets a new node)");
+                        let svc = service(&self.app).clone();
+                        self.leaving.insert(host.clone());
+                        self.teardowns.spawn(async move {
+                            if let Err(e) = svc.revoke_host(&account, &host).await {
+                                tracing::warn!(host = %host, error = %e, "revoking the sandbox host");
+                            }
+                            remove_dir_logged(&dir).await;
+                            Some(host)
+                        });
+                    }
+                    _ => {}
+                }
             }
         }
     }
