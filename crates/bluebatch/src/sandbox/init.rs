@@ -615,6 +615,15 @@ fn etc(args: &InitArgs, own_key: bool, own_machine_id: bool) -> Result<(), Strin
         ),
         0o644,
     )?;
+    // No name server is reachable from a node (its network is this host's end of the veth):
+    // lookups fail at once instead of timing out against this host's resolvers.
+    write(
+        "/etc/resolv.conf",
+        "# A sandboxed node has no name server (its network reaches its host only); names of\n\
+         # the node itself are in /etc/hosts.\n\
+         nameserver 127.0.0.1\n",
+        0o644,
+    )?;
     write(SSHD_CONFIG, &sshd_config(args), 0o644)?;
     for d in ["log", "lib", "tmp", "cache", "spool"] {
         let _ = fs::create_dir_all(Path::new("/var").join(d));

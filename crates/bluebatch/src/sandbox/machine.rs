@@ -986,6 +986,24 @@ mod tests {
             "/usr is writable from a node"
         );
 
+        // Name lookups fail at once (no name server), the node's own name resolves.
+        let t = Instant::now();
+        let looked = inside(
+            &a,
+            "sh",
+            &[
+                "-c",
+                "getent hosts n0-test0a; getent hosts no-such-name.example || echo unresolved",
+            ],
+            None,
+        );
+        assert!(looked.contains(&a.node_ip().to_string()), "{looked}");
+        assert!(looked.contains("unresolved"), "{looked}");
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "name lookups took {:?}",
+            t.elapsed()
+        );
         let (rss, pss, n, each) = memory(&a);
         eprintln!(
             "MEASURE one machine: start (create → sshd answering) {:.0} ms; {n} processes, \
