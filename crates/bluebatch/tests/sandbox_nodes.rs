@@ -241,6 +241,48 @@ async fn check_address(c: &Client, pool: &str, node: &Node) {
     );
 }
 
+/// Waits (at most `limit`) until this host routes `ip` through a `bbs*` link that is up and
+/// an SSH server answers on `ip:22`.
+async fn routed_and_answering(ip: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = sandbox::run_bounded(
+            Command::new("ip").args(["-o", "route", "get", ip]),
+            "ip route get",
+        );
+        let route = String::from_utf8_lossy(&out.stdout).into_owned();
+        let dev = route
+            .split_whitespace()
+            .skip_while(|w| *w != "dev")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        if dev.starts_with("bbs")
+            && links().lines().any(|l| {
+                l.split(": ")
+                    .nth(1)
+                    .is_some_and(|n| n.split('@').next() == Some(dev.as_str()))
+                    && l.contains(",UP,LOWER_UP>")
+            })
+        {
+            let addr = format!("{ip}:22").parse().unwrap();
+            if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                use std::io::Read;
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let mut buf = [0u8; 8];
+                if (&s).read_exact(&mut buf).is_ok() && &buf == b"SSH-2.0-" {
+                    return;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ip}: not routed to a node's veth with an sshd answering within {limit:?} (route: {route})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The first line an SSH server sends on `ip:22` (at most 10 s).
 fn ssh_banner(ip: &str) -> String {
     use std::io::{BufRead, BufReader};
@@ -568,37 +610,90 @@ struct Footprint {
     namespaces: BTreeSet<String>,
     veths: Vec<String>,
     host_ips: Vec<String>,
+    whole: bool,
 }
 
-/// Reads the footprint of `serve_pid`'s machines (the nodes `nodes`): each node has a network
-/// namespace of its own, and a veth on this machine holding the host side of its /30.
-fn footprint(serve_pid: u32, nodes: &[Node]) -> Footprint {
+/// `ip:port` as /proc/net/tcp writes a local address (IPv4, host byte order on little-endian).
+fn proc_net_addr(ip: &str, port: u16) -> String {
+    let o = ip.parse::<Ipv4Addr>().unwrap().octets();
+    format!(
+        "{:02X}{:02X}{:02X}{:02X}:{port:04X}",
+        o[3], o[2], o[1], o[0]
+    )
+}
+
+/// The ports listening (TCP) on `ip` in the network namespace of process `pid`.
+fn listening_ports(pid: u32, ip: &str) -> Vec<u16> {
+    let o = ip.parse::<Ipv4Addr>().unwrap().octets();
+    let want = format!("{:02X}{:02X}{:02X}{:02X}:", o[3], o[2], o[1], o[0]);
+    std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local = f.get(1)?;
+            (f.get(3) == Some(&"0A") && local.starts_with(&want))
+                .then(|| u16::from_str_radix(&local[want.len()..], 16).ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// Reads the footprint of the machines of the nodes `nodes` of the serve `serve_pid`: the
+/// namespaces of its descendants whose network listens on a node's address, port 22 (each
+/// node's own, none this machine's), and each node's veth on this machine (a `bbs*` link
+/// holding the host side of its /30). `whole`: these are all of the serve's nodes (then what
+/// names the data directory counts too).
+fn footprint(serve_pid: u32, nodes: &[Node], whole: bool) -> Footprint {
     let mine: BTreeSet<String> = ["net", "mnt", "pid"]
         .iter()
         .filter_map(|ns| ns_of(std::process::id(), ns))
         .collect();
     let mut namespaces = BTreeSet::new();
-    let mut net_namespaces = BTreeSet::new();
-    for p in descendants(serve_pid) {
-        for ns in ["net", "mnt", "pid"] {
-            if let Some(n) = ns_of(p, ns)
-                && !mine.contains(&n)
-            {
-                if ns == "net" {
-                    net_namespaces.insert(n.clone());
-                }
-                namespaces.insert(n);
-            }
-        }
-    }
-    assert!(
-        net_namespaces.len() >= nodes.len(),
-        "each of the {} node(s) runs in a network namespace of its own: {net_namespaces:?}",
-        nodes.len()
-    );
+    let mut nets = BTreeSet::new();
+    let procs = descendants(serve_pid);
     let mut veths = Vec::new();
     let mut host_ips = Vec::new();
     for n in nodes {
+        let sshd = proc_net_addr(&n.ip, 22);
+        let of_node: Vec<u32> = procs
+            .iter()
+            .copied()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/net/tcp"))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.split_whitespace().nth(1) == Some(sshd.as_str()))
+            })
+            .collect();
+        assert!(
+            !of_node.is_empty(),
+            "{}: no process of the serve listens on {}:22 in its network namespace",
+            n.id,
+            n.ip
+        );
+        let mut net = BTreeSet::new();
+        for p in &of_node {
+            for ns in ["net", "mnt", "pid"] {
+                // `unshare` itself stays in this machine's PID namespace (only its child is
+                // in the node's); a namespace of this machine is none of the node's.
+                if let Some(x) = ns_of(*p, ns)
+                    && !mine.contains(&x)
+                {
+                    if ns == "net" {
+                        net.insert(x.clone());
+                    }
+                    namespaces.insert(x);
+                }
+            }
+        }
+        assert_eq!(net.len(), 1, "{}: one network namespace: {net:?}", n.id);
+        assert!(
+            nets.insert(net.into_iter().next().unwrap()),
+            "{}: a network namespace of its own",
+            n.id
+        );
         let h = host_side(&n.ip);
         let veth = link_with_address(&h)
             .unwrap_or_else(|| panic!("{}: no interface here holds the host side {h}", n.id));
@@ -614,6 +709,7 @@ fn footprint(serve_pid: u32, nodes: &[Node]) -> Footprint {
         namespaces,
         veths,
         host_ips,
+        whole,
     }
 }
 
@@ -640,7 +736,7 @@ fn leftovers(fp: &Footprint, data: &Path, serve_pid: Option<u32>) -> Vec<String>
         let cwd = std::fs::read_link(format!("/proc/{p}/cwd"))
             .map(|c| c.display().to_string())
             .unwrap_or_default();
-        if cmdline.contains(&data_s) || cwd.starts_with(&data_s) {
+        if fp.whole && (cmdline.contains(&data_s) || cwd.starts_with(&data_s)) {
             left.push(format!("process {p}: {cmdline} (cwd {cwd})"));
         }
     }
@@ -656,7 +752,7 @@ fn leftovers(fp: &Footprint, data: &Path, serve_pid: Option<u32>) -> Vec<String>
         }
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for m in mounts.lines().filter(|l| l.contains(&data_s)) {
+    for m in mounts.lines().filter(|l| fp.whole && l.contains(&data_s)) {
         left.push(format!("mount {m}"));
     }
     // A namespace kept by a bind mount (a named netns) outlives its processes.
@@ -798,8 +894,46 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
     for n in &nodes {
         check_address(&c, "p", n).await;
     }
-    let fp = footprint(server.child.id(), &nodes);
+    let fp = footprint(server.child.id(), &nodes, true);
     let (a, b) = (&nodes[0], &nodes[1]);
+
+    // The agents reach the service on the host side of their veth, where only the node
+    // protocol is served; the Batch API stays on loopback.
+    let r = c.req("GET", "/pools").send_within(T).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    for n in &nodes {
+        let h = host_side(&n.ip);
+        let ports = listening_ports(std::process::id(), &h);
+        assert!(
+            !ports.is_empty(),
+            "{}: the service listens on the host side {h} for the node's agent",
+            n.id
+        );
+        assert!(
+            !ports.contains(&api_port.parse().unwrap()),
+            "the Batch API port is not served on {h}"
+        );
+        for port in ports {
+            let side = Client::new(&format!("http://{h}:{port}"), ACCOUNT, KEY);
+            let r = side.req("GET", "/pools").send_within(T).await;
+            assert_eq!(r.status, 404, "GET /pools on {h}:{port}: {}", text(&r));
+            assert_eq!(r.code(), "ResourceNotFound", "{}", text(&r));
+        }
+    }
+    // Each node has a host key of its own, never this machine's.
+    let (ka, kb) = (host_key(&a.ip).await, host_key(&b.ip).await);
+    assert_ne!(ka, kb, "each node has a host key of its own");
+    if let Ok(own) = std::fs::read_to_string("/etc/ssh/ssh_host_ed25519_key.pub") {
+        let own = own
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            own != ka && own != kb,
+            "a node never holds this machine's host key"
+        );
+    }
 
     let keys = tempfile::tempdir().unwrap();
     let (k1, pub1) = keypair(keys.path(), "ann1");
@@ -872,6 +1006,16 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
     );
     assert_eq!(l[6], "sudo-no", "a non-admin's sudo -n is refused: {bob}");
     let host_a = l[7].to_string();
+    // The host's /usr is read-only in a node, even to its root.
+    let usr = run_as(
+        &a.ip,
+        "ann",
+        Auth::Key(&k1),
+        "if sudo -n touch /usr/bb-sandbox-probe 2>/dev/null; then echo usr-rw; else echo usr-ro; fi",
+    )
+    .await;
+    assert_eq!(usr.trim(), "usr-ro", "a node's /usr is read-only");
+    assert!(!Path::new("/usr/bb-sandbox-probe").exists());
     // ssh -t gets a terminal.
     let tty = ssh_x(&a.ip, "ann", Auth::Key(&k1), &["-tt"], "tty").await;
     let tty = tty.stdout("ssh -tt ann@A tty");
@@ -1184,7 +1328,7 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
     );
 
     // SIGKILL the serve: its machines go with it (the lifeline), their directories stay.
-    let fp = footprint(server.child.id(), &nodes);
+    let fp = footprint(server.child.id(), &nodes, true);
     let dirs = machine_dirs(&data);
     assert_eq!(dirs.len(), 2, "one directory per machine: {dirs:?}");
     server.kill();
@@ -1206,18 +1350,10 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
         "the same nodes come back"
     );
     for n in &back {
-        // The stored nodes are listed before their machines are back: no packet goes to a
-        // 198.19 address before this host has a route to it (it would take the default route).
-        let h = host_side(&n.ip);
-        eventually(
-            Duration::from_secs(30),
-            &format!("{}'s veth ({h}) back after the restart", n.id),
-            || {
-                let back = link_with_address(&h).is_some();
-                async move { back }
-            },
-        )
-        .await;
+        // The stored nodes are listed idle before their machines are back: no packet goes to
+        // a 198.19 address before this host routes it to the node's veth (else it would take
+        // the default route), and the node's sshd answers.
+        routed_and_answering(&n.ip, Duration::from_secs(30)).await;
         check_address(&c, "q", n).await;
     }
     let (a2, b2) = (&back[0], &back[1]);
@@ -1239,7 +1375,60 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
         "lee"
     );
 
-    let fp = footprint(server.child.id(), &back);
+    // Remove Nodes: the removed node's machine goes, the other stays.
+    let fp_b = footprint(server.child.id(), std::slice::from_ref(b2), false);
+    let r = c
+        .req("POST", "/pools/q/removenodes")
+        .json(&json!({"nodeList": [b2.id]}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 202, "{}", text(&r));
+    let (cr, b2id) = (&c, b2.id.as_str());
+    eventually(
+        Duration::from_secs(60),
+        "the removed node gone (404)",
+        || async move {
+            let r = cr
+                .req("GET", &format!("/pools/q/nodes/{b2id}"))
+                .send_within(T)
+                .await;
+            r.status == 404
+        },
+    )
+    .await;
+    nothing_left(
+        &fp_b,
+        &data,
+        Some(server.child.id()),
+        "after Remove Nodes (Get Node 404)",
+    )
+    .await;
+    eventually(
+        GONE,
+        "one machine directory left after Remove Nodes",
+        || {
+            let n = machine_dirs(&data).len();
+            async move { n == 1 }
+        },
+    )
+    .await;
+    let r = c.req("GET", "/pools/q/nodes").send_within(T).await;
+    let v = r.json();
+    let left: Vec<&str> = v["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, [a2.id.as_str()], "the other node stays: {v}");
+    assert!(
+        ssh(&a2.ip, "kim", Auth::Password("Kim-pw-2"), "true")
+            .await
+            .accepted(),
+        "the other node's logins stay"
+    );
+
+    let fp = footprint(server.child.id(), std::slice::from_ref(a2), true);
     delete_pool(&c, "q").await;
     nothing_left(
         &fp,
