@@ -367,8 +367,10 @@ fn setup(args: &InitArgs, signals: &Signals) -> Result<Setup, String> {
     let own_key = upper.join("ssh/ssh_host_ed25519_key").is_file()
         && upper.join("ssh/ssh_host_ed25519_key.pub").is_file();
     let own_machine_id = upper.join("machine-id").is_file();
+    // The node's own account files exist once anything changed them (its first start did).
+    let own_accounts = fs::symlink_metadata(upper.join("passwd")).is_ok();
     root(args)?;
-    etc(args, own_key, own_machine_id)?;
+    etc(args, own_key, own_machine_id, own_accounts)?;
     log(&format!(
         "{} up: eth0 {}/30, its own root (this host's /usr read-only, /etc an overlay)",
         args.name, args.node_ip
@@ -589,7 +591,15 @@ fn dev(r: &Path) -> Result<(), String> {
 
 /// The node's own /etc (inside the new root): never this host's host keys, the node's name,
 /// its sshd_config, its host key.
-fn etc(args: &InitArgs, own_key: bool, own_machine_id: bool) -> Result<(), String> {
+fn etc(
+    args: &InitArgs,
+    own_key: bool,
+    own_machine_id: bool,
+    own_accounts: bool,
+) -> Result<(), String> {
+    if !own_accounts {
+        system_accounts_only()?;
+    }
     mkdir(Path::new("/etc/ssh"), 0o755)?;
     let ours =
         |n: &str| own_key && (n == "ssh_host_ed25519_key" || n == "ssh_host_ed25519_key.pub");
@@ -627,6 +637,116 @@ fn etc(args: &InitArgs, own_key: bool, own_machine_id: bool) -> Result<(), Strin
     write(SSHD_CONFIG, &sshd_config(args), 0o644)?;
     for d in ["log", "lib", "tmp", "cache", "spool"] {
         let _ = fs::create_dir_all(Path::new("/var").join(d));
+    }
+    Ok(())
+}
+
+/// `UID_MIN`..`UID_MAX` and `GID_MIN`..`GID_MAX` of /etc/login.defs (1000..60000 by default):
+/// the range of people's accounts and their groups.
+fn login_ranges(defs: &str) -> ((u32, u32), (u32, u32)) {
+    let get = |key: &str, default: u32| {
+        defs.lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some(key)).then(|| w.next()?.parse().ok())?
+            })
+            .unwrap_or(default)
+    };
+    (
+        (get("UID_MIN", 1000), get("UID_MAX", 60000)),
+        (get("GID_MIN", 1000), get("GID_MAX", 60000)),
+    )
+}
+
+/// The account files of a node's first start: this host's system accounts and groups only
+/// (a fresh image's), none of its people (uids and gids in the login range) nor their
+/// memberships.
+#[derive(Debug, PartialEq, Eq)]
+struct Accounts {
+    passwd: String,
+    shadow: String,
+    group: String,
+    gshadow: String,
+}
+
+fn filter_accounts(defs: &str, passwd: &str, shadow: &str, group: &str, gshadow: &str) -> Accounts {
+    let ((umin, umax), (gmin, gmax)) = login_ranges(defs);
+    let id = |l: &str| l.split(':').nth(2).and_then(|v| v.parse::<u32>().ok());
+    let name = |l: &str| l.split(':').next().unwrap_or_default().to_string();
+    let people: Vec<String> = passwd
+        .lines()
+        .filter(|l| id(l).is_some_and(|u| (umin..=umax).contains(&u)))
+        .map(name)
+        .collect();
+    let gone_groups: Vec<String> = group
+        .lines()
+        .filter(|l| id(l).is_some_and(|g| (gmin..=gmax).contains(&g)))
+        .map(name)
+        .collect();
+    let keep = |text: &str, gone: &[String]| -> Vec<String> {
+        text.lines()
+            .filter(|l| !gone.contains(&name(l)))
+            .map(str::to_string)
+            .collect()
+    };
+    // Member lists (the last field; gshadow's admins too) without the people.
+    let members = |field: &str| {
+        field
+            .split(',')
+            .filter(|m| !m.is_empty() && !people.iter().any(|p| p == m))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let fix_groups = |lines: Vec<String>, fields: &[usize]| -> String {
+        lines
+            .into_iter()
+            .map(|l| {
+                let mut f: Vec<String> = l.split(':').map(str::to_string).collect();
+                for &i in fields {
+                    if let Some(v) = f.get_mut(i) {
+                        *v = members(v);
+                    }
+                }
+                f.join(":") + "\n"
+            })
+            .collect()
+    };
+    let lines = |v: Vec<String>| v.into_iter().map(|l| l + "\n").collect::<String>();
+    Accounts {
+        passwd: lines(keep(passwd, &people)),
+        shadow: lines(keep(shadow, &people)),
+        group: fix_groups(keep(group, &gone_groups), &[3]),
+        gshadow: fix_groups(keep(gshadow, &gone_groups), &[2, 3]),
+    }
+}
+
+/// Rewrites the node's account files as [`filter_accounts`] says (modes and owners kept).
+fn system_accounts_only() -> Result<(), String> {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let a = filter_accounts(
+        &read("/etc/login.defs"),
+        &read("/etc/passwd"),
+        &read("/etc/shadow"),
+        &read("/etc/group"),
+        &read("/etc/gshadow"),
+    );
+    for (path, text) in [
+        ("/etc/passwd", &a.passwd),
+        ("/etc/shadow", &a.shadow),
+        ("/etc/group", &a.group),
+        ("/etc/gshadow", &a.gshadow),
+    ] {
+        let Ok(meta) = fs::metadata(path) else {
+            continue;
+        };
+        use std::os::unix::fs::MetadataExt;
+        let tmp = format!("{path}.bb-tmp");
+        fs::write(&tmp, text).map_err(|e| format!("{tmp}: {e}"))?;
+        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| format!("{tmp}: {e}"))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(|e| format!("{tmp}: {e}"))?;
+        fs::rename(&tmp, path).map_err(|e| format!("{path}: {e}"))?;
     }
     Ok(())
 }
@@ -858,5 +978,33 @@ fn describe(status: i32) -> String {
         format!("signal {}", libc::WTERMSIG(status))
     } else {
         format!("status {status}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_start_keeps_system_accounts_and_drops_people_and_their_memberships() {
+        let defs = "# login.defs\nUID_MIN\t\t\t 1000\nUID_MAX 60000\nGID_MIN 1000\nGID_MAX 60000\n";
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n\
+                      alice:x:1000:1000::/home/alice:/bin/bash\nnobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\n";
+        let shadow =
+            "root:*:1::::::\nsshd:!:1::::::\nalice:$6$hash:1:0:99999:7:::\nnobody:*:1::::::\n";
+        let group = "root:x:0:\nsudo:x:27:alice,bob\nalice:x:1000:\nnogroup:x:65534:\n";
+        let gshadow = "root:*::\nsudo:*:alice:alice,bob\nalice:!::\nnogroup:*::\n";
+        let a = filter_accounts(defs, passwd, shadow, group, gshadow);
+        assert_eq!(
+            a.passwd,
+            "root:x:0:0:root:/root:/bin/bash\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n\
+             nobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\n"
+        );
+        assert_eq!(
+            a.shadow,
+            "root:*:1::::::\nsshd:!:1::::::\nnobody:*:1::::::\n"
+        );
+        assert_eq!(a.group, "root:x:0:\nsudo:x:27:bob\nnogroup:x:65534:\n");
+        assert_eq!(a.gshadow, "root:*::\nsudo:*::bob\nnogroup:*::\n");
     }
 }

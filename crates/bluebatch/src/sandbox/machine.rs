@@ -883,6 +883,23 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_ne!(a.node_ip(), b.node_ip());
 
+        // The node begins with this host's system accounts only, none of its people.
+        let node_passwd =
+            std::fs::read_to_string(format!("/proc/{}/root/etc/passwd", a.init_pid())).unwrap();
+        assert!(node_passwd.starts_with("root:x:0:0:"), "{node_passwd}");
+        for l in String::from_utf8_lossy(&host_passwd).lines() {
+            let uid: u32 = l.split(':').nth(2).unwrap().parse().unwrap();
+            let user = l.split(':').next().unwrap();
+            let listed = node_passwd
+                .lines()
+                .any(|n| n.starts_with(&format!("{user}:")));
+            assert_eq!(
+                listed,
+                !(1000..=60000).contains(&uid),
+                "{user} (uid {uid}) in the node: {listed}"
+            );
+        }
+
         // An account made inside is a real login of the node, and of the node only.
         useradd(&a, "alice", "pw-of-alice-1");
         let (_, out) = ssh(
