@@ -1563,3 +1563,123 @@ async fn sandboxed_nodes_refuse_without_root_or_sshd() {
         half_made_veths(&links_before)
     );
 }
+
+/// `bluebatch serve` given SIGTERM: it must exit 0 within 20 s.
+fn terminate(server: &mut Server) {
+    // SAFETY: kill(2) of the serve this test started.
+    unsafe {
+        libc::kill(server.child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            assert!(st.success(), "serve after SIGTERM: {st}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve did not exit within 20 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `--sandbox-use-pam no`: the node's sshd runs without PAM, and expiry (shadow's, the day
+/// before PAM's) still refuses a login once the service clock passed it. A SIGTERMed serve
+/// stops its machines: nothing is left but their directories.
+#[tokio::test(flavor = "multi_thread")]
+async fn sandboxed_nodes_without_pam_keep_expiry_and_stop_with_serve() {
+    if !prerequisites() {
+        return;
+    }
+    let _shared = MACHINES.read().await;
+    let tmp = scratch();
+    let data = tmp.path().join("data");
+    let _logs = Logs(data.clone());
+    let mut args = serve_args(&data);
+    args.extend(["--sandbox-use-pam".to_string(), "no".to_string()]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Server::start_exact(&a, &[]);
+    let c = server.client();
+    add_pool(&c, "r", 1).await;
+    let nodes = idle_nodes(&c, "r", 1, &data).await;
+    let n = &nodes[0];
+    check_address(&c, "r", n).await;
+    let r = c.req("GET", "/pools/r").send_within(T).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = r.json();
+    assert_eq!(v["allocationState"], "steady", "{v}");
+    assert_eq!(v["currentDedicatedNodes"], 1, "{v}");
+
+    let expiry = OffsetDateTime::now_utc() + time::Duration::days(2);
+    let far = OffsetDateTime::now_utc() + time::Duration::days(30);
+    let r = add(
+        &c,
+        "r",
+        &n.id,
+        json!({"name": "eve", "password": "Eve-pw-1",
+        "expiryTime": iso(expiry)}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let r = add(
+        &c,
+        "r",
+        &n.id,
+        json!({"name": "root2", "password": "Root2-pw-1",
+        "isAdmin": true, "expiryTime": iso(far)}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let pam = run_as(
+        &n.ip,
+        "root2",
+        Auth::Password("Root2-pw-1"),
+        "sudo -n /usr/sbin/sshd -T | grep -i '^usepam '",
+    )
+    .await;
+    assert_eq!(pam.trim(), "usepam no", "the node's sshd runs without PAM");
+    assert!(
+        ssh(&n.ip, "eve", Auth::Password("Eve-pw-1"), "true")
+            .await
+            .accepted()
+    );
+    let r = c
+        .control("POST", "/clock/advance")
+        .json(&json!({"by": "8d"}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let nip = n.ip.as_str();
+    eventually(
+        Duration::from_secs(45),
+        "eve refused once her expiry passed (UsePAM no)",
+        || async move {
+            let o = ssh(nip, "eve", Auth::Password("Eve-pw-1"), "true").await;
+            assert!(
+                !matches!(o, SshOutcome::Unreachable(_)),
+                "the node must answer: {o:?}"
+            );
+            o == SshOutcome::Refused
+        },
+    )
+    .await;
+    assert!(
+        ssh(&n.ip, "root2", Auth::Password("Root2-pw-1"), "true")
+            .await
+            .accepted(),
+        "a user whose expiry is still ahead logs in"
+    );
+
+    // SIGTERM: the machines stop with the serve; their directories stay for the next start.
+    let fp = footprint(server.child.id(), &nodes, true);
+    let dirs = machine_dirs(&data);
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    terminate(&mut server);
+    nothing_left(&fp, &data, None, "after SIGTERM of serve").await;
+    assert_eq!(
+        machine_dirs(&data),
+        dirs,
+        "a stopped serve's machine directories stay"
+    );
+}
