@@ -948,3 +948,259 @@ mod tests {
         assert_eq!(index_of(dir.path()), Some(7));
     }
 }
+
+#[cfg(test)]
+mod machines {
+    //! The manager with real machines and a real service (root only): a pool's machines follow
+    //! its resizes, a machine whose init was killed comes back, a restart of the manager resumes
+    //! the machines with their hosts, and Delete Pool leaves nothing.
+    use super::*;
+    use bluebatch_core::ServiceClock;
+    use bluebatch_node::{SshConfig, SshNodes};
+    use bluebatch_service::{Config, HostView, NodeSource};
+    use bluebatch_wire::DEV_ACCOUNT;
+
+    /// Everything the test does, at most.
+    const TEST_DEADLINE: Duration = Duration::from_secs(240);
+    /// Any one awaited change.
+    const WAIT: Duration = Duration::from_secs(60);
+
+    fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let ok = unsafe { libc::geteuid() } == 0;
+        if !ok {
+            eprintln!("SKIP: sandboxed nodes need root");
+        }
+        ok
+    }
+
+    /// target/debug/bluebatch (build it first: `cargo build -p bluebatch`).
+    fn exe() -> PathBuf {
+        let t = std::env::current_exe().unwrap();
+        let p = t.parent().unwrap().parent().unwrap().join("bluebatch");
+        assert!(
+            p.is_file(),
+            "{}: run `cargo build -p bluebatch` first",
+            p.display()
+        );
+        p
+    }
+
+    async fn app(data: &Path) -> Arc<App> {
+        let clock = Arc::new(ServiceClock::new());
+        let ssh = SshNodes::new(
+            SshConfig {
+                data_dir: data.join("nodes"),
+                ..SshConfig::default()
+            },
+            clock.clone(),
+        );
+        let config = Config {
+            node_step: Duration::from_millis(20),
+            default_nodes: NodeSource::Sandbox,
+            sandbox_nodes: true,
+            ..Config::default()
+        };
+        let backend = bluebatch_store::SqliteBackend::in_memory().unwrap();
+        let service = Service::start(
+            backend,
+            clock,
+            Arc::new(crate::fabric::SshFabric(ssh)),
+            config,
+        )
+        .await
+        .unwrap();
+        Arc::new(App {
+            service,
+            config: WireConfig::default(),
+        })
+    }
+
+    fn hosts(svc: &Service) -> Vec<HostView> {
+        let mut h: Vec<HostView> = svc
+            .list_hosts(DEV_ACCOUNT)
+            .into_iter()
+            .filter(|h| h.provider == ProviderKind::Sandbox)
+            .collect();
+        h.sort_by(|a, b| a.id.cmp(&b.id));
+        h
+    }
+
+    fn dirs(data: &Path) -> Vec<PathBuf> {
+        let mut d: Vec<PathBuf> = std::fs::read_dir(data.join("sandbox"))
+            .map(|e| e.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        d.sort();
+        d
+    }
+
+    /// The init (`bluebatch sandbox-init --dir DIR …`, not its `unshare`) of a machine.
+    fn init_of(dir: &Path) -> Option<u32> {
+        let want = dir.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(Result::ok)
+            .find_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+                (args.get(1) == Some(&b"sandbox-init".as_slice())
+                    && args.contains(&want.as_bytes()))
+                .then_some(pid)
+            })
+    }
+
+    /// Every process whose command line names something under `data`.
+    fn processes_of(data: &Path) -> Vec<u32> {
+        let want = data.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|pid| {
+                        std::fs::read(format!("/proc/{pid}/cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&want))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let until = Instant::now() + WAIT;
+        while !cond() {
+            assert!(Instant::now() < until, "not within {WAIT:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn backed(svc: &Service, n: usize) -> bool {
+        let h = hosts(svc);
+        h.len() == n && h.iter().all(|h| h.nodes.len() == 1)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sandbox_manager_follows_resizes_restarts_machines_and_resumes_them() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("bb-manager-test-")
+            .tempdir()
+            .unwrap();
+        let data = tmp.path().to_path_buf();
+        tokio::time::timeout(TEST_DEADLINE, run(&data))
+            .await
+            .expect("the test within its deadline");
+        assert!(
+            processes_of(&data).is_empty(),
+            "nothing of the test's machines runs"
+        );
+    }
+
+    async fn run(data: &Path) {
+        let app = app(data).await;
+        let svc = app.service.clone();
+        let opts = Options {
+            dir: data.join("sandbox"),
+            exe: exe(),
+            sshd: PathBuf::from("/usr/sbin/sshd"),
+            use_pam: true,
+        };
+        let manager = Manager::start(app.clone(), opts.clone()).await.unwrap();
+        let body = serde_json::json!({
+            "id": "p", "vmSize": "standard_d2s_v3", "targetDedicatedNodes": 3,
+            "virtualMachineConfiguration": {
+                "imageReference": {"publisher": "Canonical",
+                    "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
+                "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
+        });
+        let new = bluebatch_core::pools::parse_add_pool(body.to_string().as_bytes(), 100).unwrap();
+        svc.add_pool(DEV_ACCOUNT, new).await.unwrap();
+        eventually(
+            "three machines, each backing a node, the pool steady",
+            || {
+                backed(&svc, 3)
+                    && dirs(data).len() == 3
+                    && svc.get_pool(DEV_ACCOUNT, "p").is_ok_and(|p| {
+                        p.pool.allocation_state == bluebatch_core::model::AllocationState::Steady
+                    })
+            },
+        )
+        .await;
+
+        // Shrunk: the machines of the nodes that left go, with their files and processes.
+        let resize = bluebatch_core::pools::Resize {
+            target_dedicated: 1,
+            target_low_priority: 0,
+            resize_timeout: None,
+        };
+        svc.resize_pool(DEV_ACCOUNT, "p", resize, &|_| Ok(()))
+            .await
+            .unwrap();
+        eventually("one machine left after the shrink", || {
+            backed(&svc, 1) && dirs(data).len() == 1
+        })
+        .await;
+        let dir = dirs(data).remove(0);
+        eventually("only the remaining machine's processes", || {
+            let others = processes_of(data);
+            let init = init_of(&dir);
+            init.is_some()
+                && others.iter().all(|p| {
+                    std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                        String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy())
+                    })
+                })
+        })
+        .await;
+        let host = hosts(&svc).remove(0).id;
+
+        // Its init killed: the machine is started again, with the same host.
+        let init = init_of(&dir).unwrap();
+        // SAFETY: kill(2) of the test's own machine's init.
+        assert_eq!(unsafe { libc::kill(init as libc::pid_t, libc::SIGKILL) }, 0);
+        eventually(
+            "the machine started again after its init was killed",
+            || init_of(&dir).is_some_and(|p| p != init),
+        )
+        .await;
+        let ids = |svc: &Service| hosts(svc).into_iter().map(|h| h.id).collect::<Vec<_>>();
+        assert_eq!(ids(&svc), std::slice::from_ref(&host));
+
+        // The manager stopped: nothing runs, the files stay; started again: the same machine
+        // and host come back.
+        manager.shutdown().await;
+        assert!(
+            init_of(&dir).is_none(),
+            "a stopped manager leaves no machine running"
+        );
+        assert!(dir.exists(), "a stopped manager keeps the machines' files");
+        let restarted = time::OffsetDateTime::now_utc();
+        let manager = Manager::start(app.clone(), opts).await.unwrap();
+        eventually(
+            "the machine resumed, its agent calling with its identity",
+            || {
+                init_of(&dir).is_some()
+                    && hosts(&svc)
+                        .first()
+                        .and_then(|h| h.last_seen)
+                        .is_some_and(|t| t > restarted)
+            },
+        )
+        .await;
+        assert_eq!(dirs(data), std::slice::from_ref(&dir));
+        assert_eq!(ids(&svc), [host]);
+
+        // Delete Pool: no machine, no host, no files.
+        svc.delete_pool(DEV_ACCOUNT, "p", &|_| Ok(()))
+            .await
+            .unwrap();
+        eventually("nothing left after Delete Pool", || {
+            hosts(&svc).is_empty() && dirs(data).is_empty() && processes_of(data).is_empty()
+        })
+        .await;
+        manager.shutdown().await;
+        svc.shutdown().await;
+    }
+}
