@@ -1518,6 +1518,18 @@ fn refused_serve(wrap: &[&str], data: &Path, extra: &[&str]) -> (i32, String) {
 /// is missing, and leaves nothing: no data directory, no veth, no machine directory.
 #[tokio::test(flavor = "multi_thread")]
 async fn sandboxed_nodes_refuse_without_root_or_sshd() {
+    if !running_as_root() {
+        // Not root: this user's own serve is the non-root case.
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data-user");
+        let (code, stderr) = refused_serve(&[], &data, &[]);
+        assert_eq!(
+            code, 2,
+            "a non-root serve --nodes sandbox exits 2: {stderr}"
+        );
+        assert!(stderr.contains("root"), "the refusal names root: {stderr}");
+        assert!(!data.exists(), "no data directory made by a refused serve");
+    }
     if !prerequisites() {
         return;
     }
