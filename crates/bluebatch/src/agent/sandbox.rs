@@ -6,9 +6,10 @@
 //! - reboot: every process of the node's PID namespace except PID 1 (the node's init) and the
 //!   agent itself is killed (every session, every user process, sshd), then the agent waits until
 //!   the node's sshd (restarted by init) accepts on `NODE_IP:22` again, at most 10 s;
-//! - reimage: the same, after the node's host keys (`/etc/ssh/ssh_host_*`) and what is in `/tmp`
-//!   are removed, so that init generates a new host key; the linux provider removes the node's
-//!   accounts and homes as on any host.
+//! - reimage: the same, after the node's host keys (`/etc/ssh/ssh_host_*`) are removed, so that
+//!   init generates a new host key; then what is in `/tmp`, `/var/tmp` and `/root` goes, and the
+//!   linux provider removes the node's accounts and homes as on any host. (Other changes an
+//!   admin made to the node's `/etc` or `/var` stay: the node has no OS disk to reset.)
 //!
 //! The agent refuses `--sandbox` unless PID 1 of its PID namespace is `bluebatch sandbox-init`:
 //! on any other host "every process" would be the host's.
@@ -90,8 +91,8 @@ pub struct SandboxNode {
     pub proc: PathBuf,
     /// Where the node's host keys are: `/etc/ssh`.
     pub ssh_dir: PathBuf,
-    /// The node's `/tmp`, emptied by a reimage.
-    pub tmp: PathBuf,
+    /// What a reimage empties: `/tmp`, `/var/tmp`, `/root`.
+    pub scratch: Vec<PathBuf>,
     /// The node's sshd: `NODE_IP:22`.
     pub sshd: SocketAddr,
 }
@@ -102,7 +103,10 @@ impl SandboxNode {
         let node = SandboxNode {
             proc: PathBuf::from("/proc"),
             ssh_dir: PathBuf::from("/etc/ssh"),
-            tmp: PathBuf::from("/tmp"),
+            scratch: ["/tmp", "/var/tmp", "/root"]
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
             sshd,
         };
         if !inside_sandbox(&node.proc) {
@@ -129,7 +133,9 @@ impl SandboxNode {
             "every process of the node but its init and agent killed"
         );
         if reimage {
-            empty_dir(&self.tmp);
+            for d in &self.scratch {
+                empty_dir(d);
+            }
         }
         wait_for_sshd(self.sshd, SSHD_BACK_WITHIN)
     }
