@@ -1310,7 +1310,7 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
         &c,
         "q",
         &a.id,
-        json!({"name": "kim", "password": "Kim-pw-2"}),
+        json!({"name": "kim", "password": "Kim-pw-2", "sshPublicKey": public}),
     )
     .await;
     assert_eq!(r.status, 201, "{}", text(&r));
@@ -1429,7 +1429,9 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
     );
 
     let fp = footprint(server.child.id(), std::slice::from_ref(a2), true);
+    let session = open_session(&a2.ip, "kim", &k).await;
     delete_pool(&c, "q").await;
+    session_ends(session, "Delete Pool to end an open session").await;
     nothing_left(
         &fp,
         &data,
