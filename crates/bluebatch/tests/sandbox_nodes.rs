@@ -1282,13 +1282,15 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
         "a reboot keeps the host key"
     );
 
-    // Reimage: a new host key, no accounts.
+    // Reimage: the open session ends, a new host key, no accounts.
+    let session = open_session(&a.ip, "kim", &k).await;
     let r = c
         .req("POST", &format!("/pools/q/nodes/{}/reimage", a.id))
         .json(&json!({}))
         .send_within(T)
         .await;
     assert_eq!(r.status, 202, "{}", text(&r));
+    session_ends(session, "reimage to end the open session").await;
     let (cr, aid, kb) = (&c, a.id.as_str(), key_before.as_str());
     eventually(
         Duration::from_secs(60),
