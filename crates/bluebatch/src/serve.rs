@@ -460,6 +460,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             exe,
             sshd: args.sandbox_sshd.clone(),
             use_pam: args.sandbox_use_pam == "yes",
+            join_within: crate::sandbox::manager::JOIN_WITHIN,
         };
         Some(crate::sandbox::manager::Manager::start(app.clone(), opts).await?)
     } else {

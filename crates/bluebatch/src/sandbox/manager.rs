@@ -46,6 +46,8 @@ const TOKEN_TTL: Duration = Duration::from_secs(600);
 const POLL: Duration = Duration::from_millis(500);
 /// How often the manager checks that every machine still has processes.
 const ALIVE_EVERY: Duration = Duration::from_secs(5);
+/// Why a machine is torn down that did not join in time (followed by the time).
+const LATE: &str = "its agent did not join within";
 /// Lines of each log of a machine logged when it is torn down unjoined.
 const LOG_TAIL_LINES: usize = 20;
 
@@ -60,6 +62,8 @@ pub struct Options {
     pub sshd: PathBuf,
     /// `UsePAM` of every node's sshd.
     pub use_pam: bool,
+    /// How long a started machine's agent may take to join ([`JOIN_WITHIN`]).
+    pub join_within: Duration,
 }
 
 /// The running manager; [`Manager::shutdown`] stops every machine.
@@ -309,7 +313,7 @@ impl Loop {
             .map(|d| (pool_key(&d.account, &d.pool_id), d.missing))
             .collect();
         let starting: Vec<PoolKey> = self.starting_for.values().cloned().collect();
-        let going = unjoined_to_remove(&missing, &starting, &self.seen());
+        let going = unjoined_to_remove(&missing, &starting, &self.seen(), self.opts.join_within);
         if !going.is_empty() {
             tracing::debug!(?demand, starting = ?self.starting_for, ?going,
                 unjoined = ?self.running.values().filter(|r| r.host.is_none()).map(|r| &r.name).collect::<Vec<_>>(),
@@ -325,10 +329,10 @@ impl Loop {
                 continue;
             }
             if let Some(r) = self.running.remove(&name) {
-                if why.starts_with("its agent") {
+                if why.starts_with(LATE) {
                     log_tails(&r.name, &r.dir);
                 }
-                self.teardown(r, why);
+                self.teardown(r, &why);
             }
         }
         self.check_alive().await;
@@ -591,14 +595,15 @@ struct Seen {
     assigned: bool,
 }
 
-/// The unjoined machines to tear down, with why: those not joined within [`JOIN_WITHIN`], and
+/// The unjoined machines to tear down, with why: those not joined within `join_within`, and
 /// the newest of those beyond what their pool still lacks (`missing`, less the starts under way
 /// and the joined machines the pool has not taken yet).
 fn unjoined_to_remove(
     missing: &HashMap<PoolKey, u32>,
     starting: &[PoolKey],
     machines: &[Seen],
-) -> Vec<(String, &'static str)> {
+    join_within: Duration,
+) -> Vec<(String, String)> {
     let mut wanted = missing.clone();
     let joined_unassigned = machines
         .iter()
@@ -614,13 +619,14 @@ fn unjoined_to_remove(
     unjoined.sort_by_key(|m| std::cmp::Reverse(m.age));
     let mut going = Vec::new();
     for m in unjoined {
-        if m.age > JOIN_WITHIN {
-            going.push((m.name.clone(), "its agent did not join within 60 s"));
+        if m.age > join_within {
+            let why = format!("{LATE} {} s", join_within.as_secs_f64());
+            going.push((m.name.clone(), why));
             continue;
         }
         match wanted.get_mut(&m.pool) {
             Some(w) if *w > 0 => *w -= 1,
-            _ => going.push((m.name.clone(), "its pool needs no more nodes")),
+            _ => going.push((m.name.clone(), "its pool needs no more nodes".into())),
         }
     }
     going
@@ -826,6 +832,15 @@ fn index_of(dir: &Path) -> Option<u32> {
 
 /// The last lines of a machine's logs (init's, sshd's, the agent's), logged.
 fn log_tails(name: &str, dir: &Path) {
+    for (f, tail) in tails(dir) {
+        tracing::warn!(node = %name, log = %f.display(), "the end of the node's log:\n{tail}");
+    }
+}
+
+/// The last [`LOG_TAIL_LINES`] lines (of its last 64 KiB) of each `*.log` of a machine's
+/// `log/` and `var/log/`, the non-empty ones, by path.
+fn tails(dir: &Path) -> Vec<(PathBuf, String)> {
+    use std::io::{Read, Seek, SeekFrom};
     let mut files: Vec<PathBuf> = Vec::new();
     for sub in ["log", "var/log"] {
         if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
@@ -838,17 +853,28 @@ fn log_tails(name: &str, dir: &Path) {
         }
     }
     files.sort();
+    let mut out = Vec::new();
     for f in files {
-        let Ok(text) = std::fs::read(&f) else {
+        let Ok(mut file) = std::fs::File::open(&f) else {
             continue;
         };
-        let text = String::from_utf8_lossy(&text);
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut bytes = Vec::new();
+        if file
+            .seek(SeekFrom::Start(len.saturating_sub(64 << 10)))
+            .is_err()
+            || file.read_to_end(&mut bytes).is_err()
+        {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
-        if !tail.is_empty() {
-            tracing::warn!(node = %name, log = %f.display(), "the end of the node's log:\n{tail}");
+        if !tail.trim().is_empty() {
+            out.push((f, tail));
         }
     }
+    out
 }
 
 #[cfg(test)]
@@ -888,14 +914,18 @@ mod tests {
             seen("gone-pool", "b", 1, false, false),
             seen("joined", "a", 3, true, true),
         ];
-        let mut going = unjoined_to_remove(&missing, &[], &machines);
+        let mut going = unjoined_to_remove(&missing, &[], &machines, JOIN_WITHIN);
         going.sort();
+        let going: Vec<(&str, &str)> = going
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
         assert_eq!(
             going,
             [
-                ("gone-pool".to_string(), "its pool needs no more nodes"),
-                ("late".to_string(), "its agent did not join within 60 s"),
-                ("newer".to_string(), "its pool needs no more nodes"),
+                ("gone-pool", "its pool needs no more nodes"),
+                ("late", "its agent did not join within 60 s"),
+                ("newer", "its pool needs no more nodes"),
             ]
         );
         // A start under way and a joined machine the pool has not taken yet count against it.
@@ -903,8 +933,14 @@ mod tests {
             seen("old", "a", 5, false, false),
             seen("taken-soon", "a", 3, true, false),
         ];
-        let going = unjoined_to_remove(&missing, &[key("A")], &machines);
-        assert_eq!(going, [("old".to_string(), "its pool needs no more nodes")]);
+        let going = unjoined_to_remove(&missing, &[key("A")], &machines, JOIN_WITHIN);
+        assert_eq!(
+            going,
+            [(
+                "old".to_string(),
+                "its pool needs no more nodes".to_string()
+            )]
+        );
     }
 
     #[test]
@@ -925,6 +961,32 @@ mod tests {
         assert_eq!(to_start(&d, &[key("a")], &machines, 10).len(), 3 + 2 + 1);
         assert!(to_start(&d, &[], &[], 0).is_empty());
         assert!(to_start(&[demand("a", 1)], &[key("a")], &[], 4).is_empty());
+    }
+
+    #[test]
+    fn the_tails_of_a_machines_logs_are_its_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("log")).unwrap();
+        std::fs::create_dir_all(dir.path().join("var/log")).unwrap();
+        let long: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(dir.path().join("var/log/agent.log"), &long).unwrap();
+        std::fs::write(dir.path().join("var/log/sshd.log"), "").unwrap();
+        std::fs::write(dir.path().join("log/init.log"), "init: up\n").unwrap();
+        std::fs::write(dir.path().join("var/log/other.txt"), "not a log\n").unwrap();
+        let t = tails(dir.path());
+        let names: Vec<String> = t
+            .iter()
+            .map(|(p, _)| p.strip_prefix(dir.path()).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["log/init.log", "var/log/agent.log"]);
+        assert_eq!(t[0].1, "init: up");
+        let agent: Vec<&str> = t[1].1.lines().collect();
+        assert_eq!(agent.len(), LOG_TAIL_LINES);
+        assert_eq!(
+            (agent[0], agent[LOG_TAIL_LINES - 1]),
+            ("line 80", "line 99")
+        );
+        assert!(tails(&dir.path().join("absent")).is_empty());
     }
 
     #[test]
@@ -1098,6 +1160,94 @@ mod machines {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sandbox_manager_tears_down_machines_whose_agent_does_not_join() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("bb-manager-test-")
+            .tempdir()
+            .unwrap();
+        let data = tmp.path().to_path_buf();
+        tokio::time::timeout(TEST_DEADLINE, late(&data))
+            .await
+            .expect("the test within its deadline");
+        assert!(
+            processes_of(&data).is_empty(),
+            "nothing of the test's machines runs"
+        );
+    }
+
+    async fn late(data: &Path) {
+        let app = app(data).await;
+        let svc = app.service.clone();
+        // Every join token is revoked as soon as it exists: no agent can join meanwhile.
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let revoker = {
+            let (svc, refusing) = (svc.clone(), refusing.clone());
+            tokio::spawn(async move {
+                while refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                    for t in svc.list_join_tokens(DEV_ACCOUNT) {
+                        if !t.used {
+                            let _ = svc.revoke_join_token(DEV_ACCOUNT, &t.id).await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+        let opts = Options {
+            dir: data.join("sandbox"),
+            exe: exe(),
+            sshd: PathBuf::from("/usr/sbin/sshd"),
+            use_pam: true,
+            join_within: Duration::from_secs(2),
+        };
+        let manager = Manager::start(app.clone(), opts).await.unwrap();
+        add_pool(&svc, 1).await;
+        let mut first = Vec::new();
+        eventually("a machine for the pool", || {
+            first = dirs(data);
+            first.len() == 1
+        })
+        .await;
+        let first = first.remove(0);
+        eventually("the machine whose agent did not join torn down", || {
+            !first.exists() && init_of(&first).is_none()
+        })
+        .await;
+        assert!(hosts(&svc).is_empty(), "no host joined");
+        // Tokens work again: the pool gets its node.
+        refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+        revoker.await.unwrap();
+        eventually("a machine joined once tokens work", || {
+            backed(&svc, 1) && dirs(data).len() == 1
+        })
+        .await;
+        svc.delete_pool(DEV_ACCOUNT, "p", &|_| Ok(()))
+            .await
+            .unwrap();
+        eventually("nothing left after Delete Pool", || {
+            hosts(&svc).is_empty() && dirs(data).is_empty() && processes_of(data).is_empty()
+        })
+        .await;
+        manager.shutdown().await;
+        svc.shutdown().await;
+    }
+
+    async fn add_pool(svc: &Service, nodes: u32) {
+        let body = serde_json::json!({
+            "id": "p", "vmSize": "standard_d2s_v3", "targetDedicatedNodes": nodes,
+            "virtualMachineConfiguration": {
+                "imageReference": {"publisher": "Canonical",
+                    "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
+                "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
+        });
+        let new = bluebatch_core::pools::parse_add_pool(body.to_string().as_bytes(), 100).unwrap();
+        svc.add_pool(DEV_ACCOUNT, new).await.unwrap();
+    }
+
     async fn run(data: &Path) {
         let app = app(data).await;
         let svc = app.service.clone();
@@ -1106,17 +1256,10 @@ mod machines {
             exe: exe(),
             sshd: PathBuf::from("/usr/sbin/sshd"),
             use_pam: true,
+            join_within: JOIN_WITHIN,
         };
         let manager = Manager::start(app.clone(), opts.clone()).await.unwrap();
-        let body = serde_json::json!({
-            "id": "p", "vmSize": "standard_d2s_v3", "targetDedicatedNodes": 3,
-            "virtualMachineConfiguration": {
-                "imageReference": {"publisher": "Canonical",
-                    "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
-                "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
-        });
-        let new = bluebatch_core::pools::parse_add_pool(body.to_string().as_bytes(), 100).unwrap();
-        svc.add_pool(DEV_ACCOUNT, new).await.unwrap();
+        add_pool(&svc, 3).await;
         eventually(
             "three machines, each backing a node, the pool steady",
             || {
