@@ -1699,3 +1699,89 @@ async fn sandboxed_nodes_without_pam_keep_expiry_and_stop_with_serve() {
         "a stopped serve's machine directories stay"
     );
 }
+
+/// Delete Pool while its machines are still starting: once Get Pool answers 404, nothing of
+/// them is left (no process of the serve's, none naming the data directory, no machine
+/// directory, no veth pair left on this host), and the serve still gives the next pool working
+/// nodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn sandboxed_nodes_deleted_while_starting_leave_nothing() {
+    if !prerequisites() {
+        return;
+    }
+    let _shared = MACHINES.read().await;
+    let tmp = scratch();
+    let data = tmp.path().join("data");
+    let _logs = Logs(data.clone());
+    let server = serve(&data);
+    let c = server.client();
+    let links_before = bbs_links();
+    add_pool(&c, "s", 2).await;
+    // Let the machines get under way (a directory made), then delete the pool.
+    let d = data.clone();
+    eventually(Duration::from_secs(30), "a machine directory made", || {
+        let n = machine_dirs(&d).len();
+        async move { n > 0 }
+    })
+    .await;
+    delete_pool(&c, "s").await;
+    let serve_pid = server.child.id();
+    let data_s = data.display().to_string();
+    eventually(
+        Duration::from_secs(30),
+        "the starting machines gone after Delete Pool (Get Pool 404)",
+        || {
+            let kids = descendants(serve_pid);
+            let naming: Vec<u32> = pids()
+                .into_iter()
+                .filter(|p| *p != serve_pid && *p != std::process::id())
+                .filter(|p| {
+                    String::from_utf8_lossy(
+                        &std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default(),
+                    )
+                    .contains(&data_s)
+                })
+                .collect();
+            let dirs = machine_dirs(&data);
+            let done = kids.is_empty() && naming.is_empty() && dirs.is_empty();
+            if !done {
+                eprintln!("still there: children {kids:?}, naming {naming:?}, dirs {dirs:?}");
+            }
+            async move { done }
+        },
+    )
+    .await;
+    assert!(
+        half_made_veths(&links_before).is_empty(),
+        "no veth pair left: {:?}",
+        half_made_veths(&links_before)
+    );
+
+    // The next pool gets working nodes.
+    add_pool(&c, "s2", 1).await;
+    let nodes = idle_nodes(&c, "s2", 1, &data).await;
+    check_address(&c, "s2", &nodes[0]).await;
+    let r = add(
+        &c,
+        "s2",
+        &nodes[0].id,
+        json!({"name": "ivy", "password": "Ivy-pw-1"}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(
+        run_as(&nodes[0].ip, "ivy", Auth::Password("Ivy-pw-1"), "whoami")
+            .await
+            .trim(),
+        "ivy"
+    );
+    let fp = footprint(serve_pid, &nodes, true);
+    delete_pool(&c, "s2").await;
+    nothing_left(
+        &fp,
+        &data,
+        Some(serve_pid),
+        "after Delete Pool (Get Pool 404)",
+    )
+    .await;
+}
