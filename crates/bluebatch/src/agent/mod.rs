@@ -209,6 +209,10 @@ pub fn run(args: AgentArgs, rt: &tokio::runtime::Runtime) -> Result<(), String> 
     if let Some(AgentCmd::Uninstall(u)) = args.cmd {
         return rt.block_on(uninstall(u));
     }
+    if args.sandbox {
+        // Before anything is made: outside a sandboxed node, "every process" is the host's.
+        sandbox::check_inside(std::path::Path::new("/proc"))?;
+    }
     let server = args
         .server
         .clone()

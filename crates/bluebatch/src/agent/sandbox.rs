@@ -84,6 +84,20 @@ pub fn inside_sandbox(proc: &Path) -> bool {
     cmdline.split(|b| *b == 0).nth(1) == Some(b"sandbox-init".as_slice())
 }
 
+/// Ok inside a sandboxed node (PID 1 of `proc` is `bluebatch sandbox-init`); else why
+/// `--sandbox` does not run here.
+pub fn check_inside(proc: &Path) -> Result<(), String> {
+    if inside_sandbox(proc) {
+        return Ok(());
+    }
+    Err(
+        "--sandbox is the agent of a sandboxed node of `bluebatch serve --nodes sandbox`: it runs \
+         only where PID 1 is `bluebatch sandbox-init` (on any other host, run the agent without \
+         --sandbox)"
+            .into(),
+    )
+}
+
 /// The node's machine, as its agent sees it from inside.
 #[derive(Debug, Clone)]
 pub struct SandboxNode {
@@ -109,14 +123,7 @@ impl SandboxNode {
                 .collect(),
             sshd,
         };
-        if !inside_sandbox(&node.proc) {
-            return Err(
-                "--sandbox is the agent of a sandboxed node of `bluebatch serve --nodes sandbox`: \
-                 it runs only where PID 1 is `bluebatch sandbox-init` (on any other host, use the \
-                 agent without --sandbox)"
-                    .into(),
-            );
-        }
+        check_inside(&node.proc)?;
         Ok(node)
     }
 
@@ -315,6 +322,16 @@ mod tests {
         assert!(!inside_sandbox(dir.path()));
         std::fs::write(&cmdline, b"/srv/bluebatch\0sandbox-init\0--dir\0x\0").unwrap();
         assert!(inside_sandbox(dir.path()));
+    }
+
+    #[test]
+    fn this_host_is_not_a_sandboxed_node() {
+        // PID 1 here is this machine's init (or a container's), never sandbox-init: --sandbox,
+        // whose reboot kills every process of the PID namespace, refuses to run.
+        let addr: SocketAddr = "127.0.0.1:22".parse().unwrap();
+        let e = SandboxNode::open(addr).unwrap_err();
+        assert!(e.contains("sandbox-init"), "{e}");
+        assert!(check_inside(Path::new("/proc")).is_err());
     }
 
     #[test]
