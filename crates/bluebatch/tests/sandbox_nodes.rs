@@ -860,8 +860,9 @@ fn host_accounts() -> Vec<(String, String)> {
 /// real account (`whoami`, `id`, `$HOME`, `sudo -n` for an admin only, a tty with `ssh -t`); one
 /// node's `/tmp` and homes are invisible from the other, the server's data directory and its
 /// API port from both; Update User, expiry (the service clock) and Delete reach the logins; this
-/// machine's account files never change; Delete Pool leaves nothing (veths, processes, mounts,
-/// machine directories).
+/// machine's account files never change; each node has a host key of its own and a read-only
+/// `/usr`; the agents' listener on each veth serves no Batch API; Delete Pool leaves nothing
+/// (veths, processes, namespaces, mounts, machine directories).
 #[tokio::test(flavor = "multi_thread")]
 async fn sandboxed_nodes_are_machines_with_real_accounts() {
     if !prerequisites() {
@@ -1205,10 +1206,11 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
     );
 }
 
-/// Reboot ends an open session and keeps accounts and host key; reimage gives a new host key
-/// and no accounts; a serve killed with SIGKILL leaves no process, veth or mount (only the
-/// machines' directories), and a serve started again on the data directory brings the same
-/// nodes back, with their logins; Delete Pool then leaves nothing.
+/// Reboot ends an open session and keeps accounts and host key; reimage ends a session too and
+/// gives a new host key, no accounts and a fresh home; a serve killed with SIGKILL leaves no
+/// process, veth or mount (only the machines' directories), and a serve started again on the
+/// data directory brings the same nodes back, with their logins; Remove Nodes tears down that
+/// node's machine only; Delete Pool ends a session and then leaves nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
     if !prerequisites() {
