@@ -280,6 +280,32 @@ impl Loop {
         // missing and as joined, so no unjoined machine is taken for surplus by mistake.
         let demand = svc.sandbox_demand();
         self.notice_joins(&svc).await;
+        // Hosts revoked by someone else (`bluebatch host revoke`): their machines go.
+        let mut known: HashMap<String, HashSet<String>> = HashMap::new();
+        let revoked: Vec<String> = self
+            .running
+            .values()
+            .filter(|r| {
+                r.host.as_ref().is_some_and(|h| {
+                    !known
+                        .entry(r.account.clone())
+                        .or_insert_with(|| {
+                            svc.list_hosts(&r.account)
+                                .into_iter()
+                                .map(|h| h.id)
+                                .collect()
+                        })
+                        .contains(h)
+                })
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        for name in revoked {
+            if let Some(mut r) = self.running.remove(&name) {
+                r.host = None;
+                self.teardown(r, "its host was revoked");
+            }
+        }
         // Idle hosts: their machines go.
         let idle = svc.idle_sandbox_hosts();
         for (account, host) in idle {
@@ -1333,7 +1359,19 @@ mod machines {
         )
         .await;
         assert_eq!(dirs(data), std::slice::from_ref(&dir));
-        assert_eq!(ids(&svc), [host]);
+        assert_eq!(ids(&svc), std::slice::from_ref(&host));
+
+        // Its host revoked by hand: that machine goes, a new one backs the pool's node.
+        svc.revoke_host(DEV_ACCOUNT, &host).await.unwrap();
+        eventually("a new machine for the revoked host's node", || {
+            let d = dirs(data);
+            !dir.exists()
+                && init_of(&dir).is_none()
+                && d.len() == 1
+                && backed(&svc, 1)
+                && ids(&svc) != [host.clone()]
+        })
+        .await;
 
         // Delete Pool: no machine, no host, no files.
         svc.delete_pool(DEV_ACCOUNT, "p", &|_| Ok(()))
