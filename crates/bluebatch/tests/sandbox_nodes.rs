@@ -1054,6 +1054,28 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
         SshOutcome::Refused,
         "A's password is not B's"
     );
+    // This machine's own users (UID 1000..60000, e.g. a developer's account) are no node's.
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let human = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        let uid: u32 = f.get(2)?.parse().ok()?;
+        ((1000..60000).contains(&uid) && f[0].chars().all(|c| c.is_ascii_alphanumeric()))
+            .then(|| f[0].to_string())
+    });
+    if let Some(name) = human {
+        let out = run_as(
+            &b.ip,
+            "bob",
+            Auth::Password("Bob-pw-B"),
+            &format!("getent passwd {name}; echo rc=$?"),
+        )
+        .await;
+        assert_eq!(
+            out.trim(),
+            "rc=2",
+            "this machine's user {name} is not a node's: {out}"
+        );
+    }
 
     // The server's data directory and its API are invisible from a node, even to its root.
     let d = data.display();
