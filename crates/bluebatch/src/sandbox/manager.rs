@@ -44,6 +44,8 @@ pub const JOIN_WITHIN: Duration = Duration::from_secs(60);
 const TOKEN_TTL: Duration = Duration::from_secs(600);
 /// The manager's fallback poll (it wakes at once on every change of the service).
 const POLL: Duration = Duration::from_millis(500);
+/// How long serve waits at start for the machines of its previous run before it answers.
+const RESUME_WITHIN: Duration = Duration::from_secs(30);
 /// How often the manager checks that every machine still has processes.
 const ALIVE_EVERY: Duration = Duration::from_secs(5);
 /// Why a machine is torn down that did not join in time (followed by the time).
@@ -100,8 +102,10 @@ impl Manager {
             last_alive_check: Instant::now(),
         };
         lp.resume(&accounts).await;
+        let mut seq = 0u64;
+        lp.start_resumed(&mut seq).await;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(lp.run(stopped));
+        let task = tokio::spawn(lp.run(stopped, seq));
         Ok(Manager { stop, task })
     }
 
@@ -178,6 +182,17 @@ struct Loop {
     last_alive_check: Instant,
 }
 
+/// Revokes a machine's host; one already gone (its pool deleted it with its nodes) is no news.
+async fn revoke(svc: &Service, account: &str, host: &str) {
+    match svc.revoke_host(account, host).await {
+        Ok(()) => {}
+        Err(e) if e.code == bluebatch_core::error::Code::ResourceNotFound => {
+            tracing::debug!(host = %host, "the sandbox host is already gone");
+        }
+        Err(e) => tracing::warn!(host = %host, error = %e, "revoking the sandbox host"),
+    }
+}
+
 fn service(app: &App) -> &Service {
     &app.service
 }
@@ -243,10 +258,31 @@ impl Loop {
         }
     }
 
-    async fn run(mut self, mut stopped: watch::Receiver<bool>) {
+    /// Starts the machines of the previous run before the API answers (at most
+    /// [`RESUME_WITHIN`]): until their veths are back, their nodes would be listed `idle` at
+    /// addresses nothing on this host routes. A failed start is left to [`Loop::run`]'s retries.
+    async fn start_resumed(&mut self, seq: &mut u64) {
+        let deadline = tokio::time::Instant::now() + RESUME_WITHIN;
+        loop {
+            while Instant::now() >= self.next_start
+                && self.starting.len() < MAX_STARTING
+                && let Some(s) = self.queue.pop_front()
+            {
+                self.spawn_start(seq, s);
+            }
+            if self.starting.is_empty() {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.starting.join_next()).await {
+                Ok(Some(done)) => self.started(done),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
+    async fn run(mut self, mut stopped: watch::Receiver<bool>, mut seq: u64) {
         let mut changed = service(&self.app).capacity_changed();
         let mut watching = true;
-        let mut seq = 0u64;
         loop {
             if *stopped.borrow() {
                 break;
@@ -540,9 +576,7 @@ impl Loop {
                         let svc = service(&self.app).clone();
                         self.leaving.insert(host.clone());
                         self.teardowns.spawn(async move {
-                            if let Err(e) = svc.revoke_host(&account, &host).await {
-                                tracing::warn!(host = %host, error = %e, "revoking the sandbox host");
-                            }
+                            revoke(&svc, &account, &host).await;
                             remove_dir_logged(&dir).await;
                             Some(host)
                         });
@@ -572,10 +606,8 @@ impl Loop {
             if let Some(m) = machine {
                 stop_machine(&r.name, m).await;
             }
-            if let Some(host) = &r.host
-                && let Err(e) = svc.revoke_host(&r.account, host).await
-            {
-                tracing::warn!(host = %host, error = %e, "revoking the sandbox host");
+            if let Some(host) = &r.host {
+                revoke(&svc, &r.account, host).await;
             }
             if let Some(token) = &r.token {
                 let _ = svc.revoke_join_token(&r.account, token).await;
