@@ -38,6 +38,15 @@ stage "cargo build -p bluebatch" cargo build -p bluebatch
 export BLUEBATCH_BIN="$PWD/target/debug/bluebatch"
 stage "azure-batch SDK + OpenSSH (tests/sdk)" tests/sdk/run.sh
 stage "azure-batch SDK on agent nodes (tests/sdk, BLUEBATCH_SDK_NODES=agents)" env BLUEBATCH_SDK_NODES=agents tests/sdk/run.sh
+# Sandboxed nodes (a network, mount and PID namespace and a real sshd per node) need root.
+if [ "$(id -u)" -eq 0 ]; then
+    stage "azure-batch SDK on sandboxed nodes (tests/sdk, BLUEBATCH_SDK_NODES=sandbox)" env BLUEBATCH_SDK_NODES=sandbox tests/sdk/run.sh
+elif [ "${CI:-}" = true ]; then
+    echo "!! the SDK suite on sandboxed nodes needs root (serve --nodes sandbox)"
+    exit 1
+else
+    echo "SKIPPED CHECKS: the SDK suite on sandboxed nodes (needs root)"
+fi
 stage "azure-batch SDK on two PostgreSQL replicas behind a round-robin proxy (tests/sdk, BLUEBATCH_SDK_STORE=postgres)" env BLUEBATCH_SDK_STORE=postgres tests/sdk/run.sh test_user_flow.py test_ssh_login.py test_unserved.py test_early_answers.py
 stage "az CLI (tests/az)" tests/az/run.sh
 echo "-- scripts/test.sh took $((SECONDS - start)) s"

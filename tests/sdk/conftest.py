@@ -7,6 +7,8 @@ Environment:
   BLUEBATCH_SDK_NODES `agents`: the suite's server runs `--nodes agents` and its pools' nodes come
                       from a `bluebatch agent --simulate N` joined with a join token (the node
                       protocol end to end); default `embedded`
+                      `sandbox`: `--nodes sandbox` (root): every Linux node a sandboxed machine
+                      with a real sshd on port 22 of its own address
   BLUEBATCH_SDK_AGENT_NODES  N for that agent (default 64)
   BLUEBATCH_SDK_STORE `postgres`: two `bluebatch serve --store postgres://… --nodes agents` replicas
                       on a fresh database of the cluster BLUEBATCH_TEST_PG names (dropped at the
@@ -164,8 +166,8 @@ def server(tmp_path_factory) -> Server:
     log_path = work / "server.log"
     log = open(log_path, "w", encoding="utf-8")
     nodes = os.environ.get("BLUEBATCH_SDK_NODES", "embedded").strip() or "embedded"
-    if nodes not in ("embedded", "agents"):
-        pytest.fail(f"BLUEBATCH_SDK_NODES={nodes!r}: embedded or agents")
+    if nodes not in ("embedded", "agents", "sandbox"):
+        pytest.fail(f"BLUEBATCH_SDK_NODES={nodes!r}: embedded, agents or sandbox")
     store = os.environ.get("BLUEBATCH_SDK_STORE", "embedded").strip() or "embedded"
     if store not in ("embedded", "postgres"):
         pytest.fail(f"BLUEBATCH_SDK_STORE={store!r}: embedded or postgres")
@@ -197,8 +199,8 @@ def server(tmp_path_factory) -> Server:
                         f"behind {url}\n")
         else:
             argv = [str(binary), "serve", "--port", "0", "--in-memory", "--data-dir", str(data_dir)]
-            if nodes == "agents":
-                argv += ["--nodes", "agents"]
+            if nodes in ("agents", "sandbox"):
+                argv += ["--nodes", nodes]
             serves.append(_launch(argv, work, log, log_path))
             url = serves[0].url
         account, key = serves[0].account, serves[0].key

@@ -3,6 +3,7 @@
 #   VENV=path          virtualenv to create/use (default: tests/sdk/.venv)
 #   BLUEBATCH_BIN=path server binary (default: <repo>/target/debug/bluebatch)
 #   BLUEBATCH_SDK_NODES=agents   nodes from a `bluebatch agent --simulate` (see conftest.py)
+#   BLUEBATCH_SDK_NODES=sandbox  `serve --nodes sandbox` (root): sandboxed machines as nodes
 #   BLUEBATCH_SDK_STORE=postgres two replicas on one PostgreSQL database behind the round-robin
 #                      proxy tests/lb/rr_proxy.py, every request alternating between them; the
 #                      cluster is BLUEBATCH_TEST_PG's, or (unset) a throwaway one that

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shutil
 import subprocess
 
@@ -55,7 +56,10 @@ def _env(extra=None):
 
 
 def ssh_password(ip, port, user, password, command="echo ok"):
-    argv = ["sshpass", "-e", "ssh", *COMMON_OPTS,
+    # LogLevel=INFO (after COMMON_OPTS' ERROR: ssh takes the first value, so it goes first) shows
+    # "Connection closed by …" when a server with PAM takes the password and then refuses the
+    # account (expired): that is a refusal too.
+    argv = ["sshpass", "-e", "ssh", "-o", "LogLevel=INFO", *COMMON_OPTS,
             "-o", "PreferredAuthentications=password", "-o", "PubkeyAuthentication=no",
             "-p", str(port), f"{user}@{ip}", command]
     assert password not in argv
@@ -84,6 +88,9 @@ def assert_password_refused(r):
     # sshpass exits 5 when the password prompt comes back (wrong password); ssh itself prints
     # "Permission denied" when the server allows no (more) password attempts.
     refused = r.returncode == 5 or (r.returncode == 255 and "Permission denied" in r.stderr)
+    # A sandboxed node's sshd (PAM) refuses an expired account after the password: it closes.
+    refused = refused or (r.returncode == 255 and not r.stdout.strip()
+                          and re.search(r"Connection closed by \S+ port \d+", r.stderr) is not None)
     assert refused, f"expected the server to refuse the password: {_describe(r)}"
 
 
