@@ -463,16 +463,16 @@ fn root(args: &InitArgs) -> Result<(), String> {
         }
     }
     bind_ro(Path::new("/usr"), &r.join("usr"))?;
+    // The overlay's options are comma/colon separated: its layers are named relative to the
+    // machine's directory (overlayfs resolves them from the caller's cwd), so a data directory
+    // whose path holds `,` `:` `\` or spaces works too.
+    std::env::set_current_dir(dir).map_err(|e| format!("chdir {}: {e}", dir.display()))?;
     mount(
         Some(Path::new("overlay")),
         &r.join("etc"),
         Some("overlay"),
         0,
-        Some(&format!(
-            "lowerdir=/etc,upperdir={},workdir={}",
-            dir.join("etc-upper").display(),
-            dir.join("etc-work").display()
-        )),
+        Some("lowerdir=/etc,upperdir=./etc-upper,workdir=./etc-work"),
     )?;
     bind(&dir.join("home"), &r.join("home"))?;
     bind(&dir.join("var"), &r.join("var"))?;
