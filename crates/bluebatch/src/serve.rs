@@ -311,6 +311,15 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             eprintln!("bluebatch: {e}");
             std::process::exit(2);
         }
+        let dir = if args.in_memory {
+            std::env::temp_dir()
+        } else {
+            args.data_dir.clone()
+        };
+        if let Err(e) = crate::sandbox::preflight::check_data_dir(&dir) {
+            eprintln!("bluebatch: {e}");
+            std::process::exit(2);
+        }
     }
     let accounts = load_accounts(&args)?;
     let bearer = bluebatch_wire::bearer::Bearer::load(args.accounts_file.as_deref(), &accounts)?;

@@ -147,3 +147,78 @@ async fn a_data_dir_with_odd_characters_still_gives_working_nodes() {
     let _ = Value::Null;
     let _ = (Command::new("true"), Stdio::null());
 }
+
+/// `bluebatch serve ARGS` run inside a private mount namespace where `MERGED` is an overlayfs
+/// (nothing mounted on this host's own namespace); its exit code and stderr (at most 30 s).
+fn serve_on_overlay(base: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    for d in ["lower", "upper", "work", "merged"] {
+        std::fs::create_dir_all(base.join(d)).unwrap();
+    }
+    let script = format!(
+        "mount -t overlay overlay -o lowerdir={b}/lower,upperdir={b}/upper,workdir={b}/work \
+         {b}/merged && exec \"$0\" \"$@\"",
+        b = base.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(env!("CARGO_BIN_EXE_bluebatch"))
+        .args(["serve", "--port", "0", "--nodes", "sandbox"])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("BLUEBATCH_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve --nodes sandbox on an overlayfs data directory still runs after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A data directory on an overlayfs (a container's root, often) cannot hold a node's /etc
+/// overlay: serve refuses at start (exit 2, naming it and what to do), making nothing; so does
+/// --in-memory when TMPDIR is there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_dir_on_overlayfs_is_refused_at_start() {
+    if !prerequisites() {
+        return;
+    }
+    let base = tempfile::Builder::new()
+        .prefix("sandbox-edges-ovl-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let b = base.path();
+    let data = b.join("merged/data");
+    let (code, err) = serve_on_overlay(b, &["--data-dir", data.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is on an overlayfs"), "{err}");
+    assert!(err.contains("--data-dir"), "{err}");
+    assert!(
+        !b.join("upper/data").exists(),
+        "the data directory was made"
+    );
+    let tmp = b.join("merged");
+    let (code, err) = serve_on_overlay(b, &["--in-memory"], &[("TMPDIR", tmp.to_str().unwrap())]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is on an overlayfs"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(b.join("upper"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "left in the overlay: {left:?}");
+}

@@ -137,6 +137,45 @@ pub fn check(opts: &PreflightOpts) -> Result<(), String> {
     Err(msg)
 }
 
+/// overlayfs' statfs magic (`OVERLAYFS_SUPER_MAGIC`).
+const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
+
+/// Ok when the machines' directories can live under `dir` (the data directory, made or not yet):
+/// a node's `/etc` is an overlay whose upper layer is there, and overlayfs takes no upper layer
+/// on an overlayfs (a container's root, often). Checked on `dir`'s nearest existing ancestor.
+pub fn check_data_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let abs = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("the current directory: {e}"))?
+            .join(dir)
+    };
+    let Some(existing) = abs.ancestors().find(|a| a.exists()) else {
+        return Ok(());
+    };
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else {
+        return Ok(());
+    };
+    // SAFETY: statfs writes into a zeroed struct of its own type; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Ok(());
+    }
+    if st.f_type as i64 == OVERLAYFS_MAGIC {
+        return Err(format!(
+            "--nodes sandbox cannot start here: the data directory {} is on an overlayfs (a \
+             container's root, often), and a node's /etc is an overlay whose upper layer lives \
+             there (overlayfs takes no upper layer on an overlayfs). Use --data-dir on another \
+             filesystem (a volume, or a tmpfs: `mount -t tmpfs tmpfs DIR`); with --in-memory, \
+             set TMPDIR to such a directory",
+            abs.display()
+        ));
+    }
+    Ok(())
+}
+
 /// One real `unshare --net --mount --pid --fork true` (at most 10 s).
 fn try_namespaces() -> Result<(), String> {
     let mut child = Command::new("unshare")
