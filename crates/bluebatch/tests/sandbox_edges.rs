@@ -222,3 +222,214 @@ async fn a_data_dir_on_overlayfs_is_refused_at_start() {
         .collect();
     assert!(left.is_empty(), "left in the overlay: {left:?}");
 }
+
+/// The PID of the sandbox-init whose node address is `node_ip`.
+fn init_of(node_ip: &str) -> u32 {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "sandbox-init")
+            && args
+                .windows(2)
+                .any(|w| w[0] == "--node-ip" && w[1] == node_ip)
+        {
+            return pid;
+        }
+    }
+    panic!("no sandbox-init for {node_ip}");
+}
+
+/// Whether a TCP connection from inside the network namespace of `pid` to `ip:port` is
+/// accepted within 3 s.
+fn reaches_from(pid: u32, ip: &str, port: u16) -> bool {
+    Command::new("timeout")
+        .args(["5", "nsenter", "-t", &pid.to_string(), "-n", "--"])
+        .args([
+            "bash",
+            "-c",
+            &format!("timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}'"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `curl` from inside the network namespace of `pid`: the HTTP status of GET `url` ("000" when
+/// nothing answered).
+fn http_status_from(pid: u32, url: &str) -> String {
+    let out = Command::new("timeout")
+        .args(["10", "nsenter", "-t", &pid.to_string(), "-n", "--"])
+        .args([
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-m",
+            "5",
+            "-w",
+            "%{http_code}",
+            url,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Set in the child of [`a_node_reaches_no_other_node_even_with_ip_forward_on`].
+const IN_OWN_NETNS: &str = "BB_SANDBOX_EDGES_IN_NETNS";
+
+/// Not a test of its own: run by the next one in a network namespace of its own with
+/// `net.ipv4.ip_forward=1`; prints what a node reaches.
+#[tokio::test(flavor = "multi_thread")]
+async fn reachability_child() {
+    if std::env::var_os(IN_OWN_NETNS).is_none() {
+        return;
+    }
+    let lo = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
+    assert!(lo.unwrap().success());
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+    let base = tempfile::Builder::new()
+        .prefix("sandbox-edges-net-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let data = base.path().join("data");
+    let mut server = serve(&data, &[]);
+    let c = server.client();
+    let port: u16 = server.url.rsplit(':').next().unwrap().parse().unwrap();
+    let r = c
+        .req("POST", "/pools")
+        .json(&pool_body("net", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201);
+    let nodes = idle_nodes(&c, "net", 2).await;
+    let (a, b) = (&nodes[0].1, &nodes[1].1);
+    let init_a = init_of(a);
+    let host_a = {
+        let o: std::net::Ipv4Addr = a.parse().unwrap();
+        std::net::Ipv4Addr::from(u32::from(o) - 1).to_string()
+    };
+    let host_b = {
+        let o: std::net::Ipv4Addr = b.parse().unwrap();
+        std::net::Ipv4Addr::from(u32::from(o) - 1).to_string()
+    };
+    // A listener of this host on every address (as many services are).
+    let any = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let any_port = any.local_addr().unwrap().port();
+    println!("RESULT own_sshd {}", reaches_from(init_a, a, 22));
+    println!("RESULT other_sshd {}", reaches_from(init_a, b, 22));
+    println!(
+        "RESULT other_host_side_sshd {}",
+        reaches_from(init_a, &host_b, 22)
+    );
+    println!(
+        "RESULT batch_api_on_host_side {}",
+        reaches_from(init_a, &host_a, port)
+    );
+    println!(
+        "RESULT batch_api_on_loopback {}",
+        reaches_from(init_a, "127.0.0.1", port)
+    );
+    println!(
+        "RESULT host_any_listener {}",
+        reaches_from(init_a, &host_a, any_port)
+    );
+    // The agents-only listener serves the node protocol only.
+    let agents_port = listening_ports_on(&host_a);
+    for p in agents_port {
+        println!(
+            "RESULT agents_listener_pools {}",
+            http_status_from(
+                init_a,
+                &format!("http://{host_a}:{p}/pools?api-version={V}")
+            )
+        );
+    }
+    drop(any);
+    server.stop();
+}
+
+/// The TCP ports listening on `ip` (from /proc/net/tcp of this network namespace).
+fn listening_ports_on(ip: &str) -> Vec<u16> {
+    let o: std::net::Ipv4Addr = ip.parse().unwrap();
+    let hex = format!("{:08X}", u32::from_le_bytes(o.octets()));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (addr, port) = f.get(1)?.split_once(':')?;
+            (addr == hex && f.get(3) == Some(&"0A")).then(|| u16::from_str_radix(port, 16).ok())?
+        })
+        .collect()
+}
+
+/// What a node reaches, checked where this host forwards IPv4 (`ip_forward=1`, as on many
+/// hosts that run containers): its own sshd, but not another node's (the host side of each
+/// node's link forwards nothing); not the Batch API (loopback only); the agents-only listener
+/// of its link answers the Batch API's paths 404. A listener of this host on every address
+/// *is* reachable at the host side of the node's link (as from a container on a bridge).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_reaches_no_other_node_even_with_ip_forward_on() {
+    if !prerequisites() {
+        return;
+    }
+    let out = Command::new("timeout")
+        .args(["150", "unshare", "--net", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "reachability_child", "--nocapture"])
+        .env(IN_OWN_NETNS, "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let results: std::collections::BTreeMap<String, String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("RESULT "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let all = format!(
+        "{results:?}\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the child failed: {all}");
+    eprintln!("what a node reaches: {results:?}");
+    assert_eq!(
+        results.get("own_sshd").map(String::as_str),
+        Some("true"),
+        "{all}"
+    );
+    assert_eq!(
+        results.get("other_sshd").map(String::as_str),
+        Some("false"),
+        "{all}"
+    );
+    assert_eq!(
+        results.get("batch_api_on_host_side").map(String::as_str),
+        Some("false"),
+        "{all}"
+    );
+    assert_eq!(
+        results.get("batch_api_on_loopback").map(String::as_str),
+        Some("false"),
+        "{all}"
+    );
+    assert_eq!(
+        results.get("agents_listener_pools").map(String::as_str),
+        Some("404"),
+        "{all}"
+    );
+}

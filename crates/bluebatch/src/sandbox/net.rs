@@ -148,6 +148,11 @@ impl Net {
         };
         let cidr = format!("{host_ip}/30");
         ip(&["addr", "add", &cidr, "dev", &net.veth]).map_err(Failed)?;
+        // Nothing a node sends is forwarded by this host (to another node, or beyond), whatever
+        // net.ipv4.ip_forward says: IPv4 forwarding is decided by the interface a packet came in
+        // on, and this is the node's.
+        let knob = format!("/proc/sys/net/ipv4/conf/{}/forwarding", net.veth);
+        std::fs::write(&knob, "0").map_err(|e| Failed(format!("{knob}: {e}")))?;
         ip(&["link", "set", "dev", &net.veth, "up"]).map_err(Failed)?;
         Ok(net)
     }
