@@ -7,7 +7,7 @@
 //! `root/` (root's home), `log/init.log` (init's own log), `.root/` (the mount point of the
 //! node's root, inside the node's mount namespace only) and `machine.json` ([`MachineInfo`]).
 
-use super::net::{Net, link_exists};
+use super::net::Net;
 use super::{INIT_SUBCOMMAND, JOIN_TOKEN_FILE};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -589,7 +589,7 @@ impl Machine {
         if let Err(e) = self.net.delete() {
             left.push(e);
         }
-        if link_exists(&self.net.veth) {
+        if self.net.is_ours() {
             left.push(format!("the link {}", self.net.veth));
         }
         let mounts = mounts_under(&self.dir);
@@ -644,6 +644,7 @@ pub fn remove_files(dir: &Path) -> Result<(), String> {
 mod tests {
     //! Real machines (root only): the host's OpenSSH client against the node's sshd.
     use super::*;
+    use crate::sandbox::net::link_exists;
     use std::io::Read;
 
     const DEADLINE: Duration = Duration::from_secs(30);

@@ -26,6 +26,10 @@ pub struct Net {
     pub peer: String,
     /// Whether dropping this deletes the pair (false once a machine owns it).
     pub(crate) owned: bool,
+    /// The kernel's index of `veth` when it was made: a link of that name with another index
+    /// is someone else's (this pair died with its node and the name was taken again, by this
+    /// server or another one) and is never deleted as ours.
+    pub(crate) ifindex: u32,
 }
 
 /// The (host, node) addresses of index `i`.
@@ -145,6 +149,7 @@ impl Net {
             veth,
             peer,
             owned: true,
+            ifindex: link_index(&format!("bbs{index}")),
         };
         let cidr = format!("{host_ip}/30");
         ip(&["addr", "add", &cidr, "dev", &net.veth]).map_err(Failed)?;
@@ -159,15 +164,32 @@ impl Net {
 
     /// Deletes this host's end (and so the pair) if it still exists.
     pub(crate) fn delete(&self) -> Result<(), String> {
-        if !link_exists(&self.veth) {
+        if !self.is_ours() {
             return Ok(());
         }
         match ip(&["link", "del", "dev", &self.veth]) {
             Ok(_) => Ok(()),
-            Err(_) if !link_exists(&self.veth) => Ok(()),
+            Err(_) if !self.is_ours() => Ok(()),
             Err(e) => Err(e),
         }
     }
+}
+
+impl Net {
+    /// Whether `veth` exists and is still the link this pair made.
+    pub(crate) fn is_ours(&self) -> bool {
+        let now = link_index(&self.veth);
+        now != 0 && now == self.ifindex
+    }
+}
+
+/// The kernel's index of the link `name` (0: none).
+fn link_index(name: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated name.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 enum MakeError {
@@ -181,5 +203,33 @@ impl Drop for Net {
         if self.owned {
             let _ = self.delete();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pair that died with its node and whose name another machine (or server) took again is
+    /// not deleted by the first one's clean-up.
+    #[test]
+    fn deleting_a_dead_pair_spares_a_new_link_of_the_same_name() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: not root");
+            return;
+        }
+        let net = Net::allocate().unwrap();
+        let (veth, peer) = (net.veth.clone(), net.peer.clone());
+        // The node's namespace went away with the pair in it…
+        ip(&["link", "del", "dev", &veth]).unwrap();
+        // …and the name was taken again.
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]).unwrap();
+        let delete = net.delete();
+        drop(net);
+        let spared = link_exists(&veth);
+        let _ = ip(&["link", "del", "dev", &veth]);
+        delete.unwrap();
+        assert!(spared, "the other link {veth} was deleted");
     }
 }
