@@ -450,6 +450,8 @@ async fn serve_help_states_the_readme_defaults() {
             ("--log-format", "[default: text]"),
             ("--nodes", "[default: embedded]"),
             ("--agent-grace", "[default: 60s]"),
+            ("--sandbox-sshd", "[default: /usr/sbin/sshd]"),
+            ("--sandbox-use-pam", "[default: yes]"),
         ] {
             let text = option(flag);
             assert!(text.contains(default), "{flag}: {text}");
