@@ -433,3 +433,146 @@ async fn a_node_reaches_no_other_node_even_with_ip_forward_on() {
         "{all}"
     );
 }
+
+/// The `bbs*` links of this network namespace.
+fn bbs_links() -> Vec<String> {
+    let out = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap().to_string())
+        .filter(|n| n.starts_with("bbs"))
+        .collect()
+}
+
+/// The sandbox-init processes whose machine directory lies under `data`.
+fn inits_under(data: &Path) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        // The inits themselves (not the `unshare … sandbox-init` wrapping each).
+        if args.get(1) == Some(&&b"sandbox-init"[..]) && text.contains(data.to_str().unwrap()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// POST /pools/{pool}/resize to `n` as soon as the pool takes it (409 while it resizes; Stop
+/// Resize is not served), at most 60 s.
+async fn resize(c: &Client, pool: &str, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = c
+            .req("POST", &format!("/pools/{pool}/resize"))
+            .json(&serde_json::json!({"targetDedicatedNodes": n}))
+            .send_within(T)
+            .await;
+        if r.status == 202 {
+            return;
+        }
+        assert_eq!(r.status, 409, "resize to {n}: {}", r.code());
+        assert!(Instant::now() < deadline, "resize to {n}: still 409");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Set in the child of [`churn_ends_with_exactly_the_target_machines`].
+const CHURN_CHILD: &str = "BB_SANDBOX_EDGES_CHURN";
+
+/// Not a test of its own: the churn, run in a network namespace of its own (so that every
+/// `bbs*` link there is this serve's).
+#[tokio::test(flavor = "multi_thread")]
+async fn churn_child() {
+    if std::env::var_os(CHURN_CHILD).is_none() {
+        return;
+    }
+    assert!(
+        Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let base = tempfile::Builder::new()
+        .prefix("sandbox-edges-churn-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let data = base.path().join("data");
+    let mut server = serve(&data, &[]);
+    let c = server.client();
+    let r = c
+        .req("POST", "/pools")
+        .json(&pool_body("churn", 0))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201);
+    for (n, pause) in [(5, 700), (0, 300), (3, 200), (1, 500), (3, 0)] {
+        resize(&c, "churn", n).await;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    let nodes = idle_nodes(&c, "churn", 3).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (dirs, links, inits) = (machine_dirs(&data), bbs_links(), inits_under(&data));
+        if dirs.len() == 3 && links.len() == 3 && inits.len() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the churn, not 3 machines: dirs {dirs:?}, links {links:?}, inits {inits:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (_, ip) in &nodes {
+        let b = ssh_banner(ip);
+        assert!(b.starts_with("SSH-2.0-OpenSSH"), "{ip}: {b:?}");
+    }
+    // Delete Pool while a resize is starting machines.
+    resize(&c, "churn", 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    delete_pool_and_wait(&c, "churn", &data).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (links, inits) = (bbs_links(), inits_under(&data));
+        if links.is_empty() && inits.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left: links {links:?}, inits {inits:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.stop();
+    println!("CHURN ok");
+}
+
+/// Resize 0 → 5 → 0 → 3 → 1 → 3 in quick succession ends with exactly 3 idle nodes, 3
+/// machines (directories, veth pairs, inits) answering SSH; Delete Pool while it grows again
+/// leaves no machine, link or process.
+#[tokio::test(flavor = "multi_thread")]
+async fn churn_ends_with_exactly_the_target_machines() {
+    if !prerequisites() {
+        return;
+    }
+    let out = Command::new("timeout")
+        .args(["240", "unshare", "--net", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "churn_child", "--nocapture"])
+        .env(CHURN_CHILD, "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("CHURN ok"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -443,8 +443,21 @@ impl Machine {
         let carrier = format!("/sys/class/net/{}/carrier", self.net.veth);
         loop {
             self.check_alive()?;
-            if std::fs::read_to_string(&carrier).is_ok_and(|c| c.trim() == "1") {
-                break;
+            match std::fs::read_to_string(&carrier) {
+                Ok(c) if c.trim() == "1" => break,
+                // This /sys is another network namespace's (serve runs in a namespace of its
+                // own without a /sys of its own, e.g. `unshare --net`): ask netlink.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && super::net::ip(&["-o", "link", "show", "dev", &self.net.veth])
+                            .is_ok_and(|l| l.contains("LOWER_UP")) =>
+                {
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(8));
+                }
+                _ => {}
             }
             if Instant::now() > deadline {
                 return Err(format!("the node's end of {} never came up", self.net.veth));
