@@ -576,3 +576,109 @@ async fn churn_ends_with_exactly_the_target_machines() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Set in the child of [`two_serves_never_touch_each_others_machines`].
+const TWO_CHILD: &str = "BB_SANDBOX_EDGES_TWO";
+
+/// Not a test of its own: two serves in one network namespace of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_serves_child() {
+    if std::env::var_os(TWO_CHILD).is_none() {
+        return;
+    }
+    assert!(
+        Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let base = tempfile::Builder::new()
+        .prefix("sandbox-edges-two-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let (da, db) = (base.path().join("a"), base.path().join("b"));
+    let mut a = serve(&da, &[]);
+    let mut b = serve(&db, &[]);
+    let (ca, cb) = (a.client(), b.client());
+    for c in [&ca, &cb] {
+        let r = c
+            .req("POST", "/pools")
+            .json(&pool_body("p", 2))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    let na = idle_nodes(&ca, "p", 2).await;
+    let nb = idle_nodes(&cb, "p", 2).await;
+    let mut ips: Vec<&String> = na.iter().chain(nb.iter()).map(|(_, ip)| ip).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(
+        ips.len(),
+        4,
+        "addresses shared between serves: {na:?} {nb:?}"
+    );
+    assert_eq!(bbs_links().len(), 4, "{:?}", bbs_links());
+    let b_inits = inits_under(&db);
+    assert_eq!(b_inits.len(), 2);
+    let b_alive = |what: &str| {
+        for (_, ip) in &nb {
+            let s = ssh_banner(ip);
+            assert!(
+                s.starts_with("SSH-2.0-OpenSSH"),
+                "{what}: B's node {ip}: {s:?}"
+            );
+        }
+        assert_eq!(inits_under(&db), b_inits, "{what}: B's inits changed");
+    };
+    // A stopped and started again while B runs: A's machines come back, B's are untouched.
+    a.stop();
+    b_alive("after A stopped");
+    let mut a = serve(&da, &[]);
+    let ca = a.client();
+    let again = idle_nodes(&ca, "p", 2).await;
+    for (_, ip) in &again {
+        let s = ssh_banner(ip);
+        assert!(
+            s.starts_with("SSH-2.0-OpenSSH"),
+            "A's node {ip} after restart: {s:?}"
+        );
+    }
+    b_alive("after A restarted");
+    // A killed (SIGKILL): its machines end themselves, B's stay.
+    a.kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !inits_under(&da).is_empty() {
+        assert!(Instant::now() < deadline, "A's machines outlive A");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b_alive("after A was killed");
+    assert_eq!(bbs_links().len(), 2, "{:?}", bbs_links());
+    delete_pool_and_wait(&cb, "p", &db).await;
+    b.stop();
+    println!("TWO ok");
+}
+
+/// Two serves with sandboxed nodes at once (different data directories) get distinct links and
+/// addresses; one stopped, restarted and then killed never touches the other's machines.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_serves_never_touch_each_others_machines() {
+    if !prerequisites() {
+        return;
+    }
+    let out = Command::new("timeout")
+        .args(["240", "unshare", "--net", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "two_serves_child", "--nocapture"])
+        .env(TWO_CHILD, "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("TWO ok"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
