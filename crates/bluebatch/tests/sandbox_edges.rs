@@ -234,7 +234,7 @@ fn init_of(node_ip: &str) -> u32 {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.iter().any(|a| a == "sandbox-init")
+        if args.get(1).is_some_and(|a| a == "sandbox-init")
             && args
                 .windows(2)
                 .any(|w| w[0] == "--node-ip" && w[1] == node_ip)
@@ -681,4 +681,129 @@ async fn two_serves_never_touch_each_others_machines() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// utime + stime of `pid` in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// A node whose sshd cannot start (an admin broke its sshd_config): init retries once a second
+/// without spinning the CPU; the node stays idle in the API (as a VM whose sshd died), and a
+/// reboot completes (idle again) instead of repeating for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_sshd_cannot_start_does_not_spin() {
+    if !prerequisites() {
+        return;
+    }
+    let base = tempfile::Builder::new()
+        .prefix("sandbox-edges-sshd-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let data = base.path().join("data");
+    let mut server = serve(&data, &[]);
+    let c = server.client();
+    let r = c
+        .req("POST", "/pools")
+        .json(&pool_body("broken", 1))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201);
+    let nodes = idle_nodes(&c, "broken", 1).await;
+    let (id, ip) = nodes[0].clone();
+    let init = init_of(&ip);
+    // As an admin inside would: a broken sshd_config, then sshd ends.
+    let conf = format!("/proc/{init}/root/etc/ssh/sshd_config");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    assert!(text.contains("written by bluebatch sandbox-init"), "{text}");
+    text.push_str("NoSuchOption yes\n");
+    std::fs::write(&conf, text).unwrap();
+    let ns = std::fs::read_link(format!("/proc/{init}/ns/pid")).unwrap();
+    let sshds: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/ns/pid"))
+                .ok()
+                .as_ref()
+                == Some(&ns)
+        })
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .unwrap_or_default()
+                .trim()
+                == "sshd"
+        })
+        .collect();
+    assert!(!sshds.is_empty());
+    for p in sshds {
+        // SAFETY: kill(2) of the test's own node's sshd.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = cpu_ticks(init);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let used = cpu_ticks(init) - t0;
+    assert!(used < 100, "init used {used} ticks in 5 s");
+    let logs = |data: &Path| {
+        let mut out = String::new();
+        for d in machine_dirs(data) {
+            for f in ["log/init.log", "var/log/sshd.log"] {
+                let p = data.join("sandbox").join(&d).join(f);
+                out.push_str(&format!(
+                    "== {f}\n{}\n",
+                    std::fs::read_to_string(p).unwrap_or_default()
+                ));
+            }
+        }
+        out
+    };
+    assert!(
+        !ssh_banner(&ip).starts_with("SSH-"),
+        "sshd still answers: {}",
+        logs(&data)
+    );
+    let v = c
+        .req("GET", &format!("/pools/broken/nodes/{id}"))
+        .send_within(T)
+        .await
+        .json();
+    eprintln!("node with a dead sshd: state {}", v["state"]);
+    let r = c
+        .req("POST", &format!("/pools/broken/nodes/{id}/reboot"))
+        .json(&serde_json::json!({}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 202);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        last = c
+            .req("GET", &format!("/pools/broken/nodes/{id}"))
+            .send_within(T)
+            .await
+            .json();
+        if last["state"] != "rebooting" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "after reboot: state {} errors {}",
+        last["state"], last["errors"]
+    );
+    // Rebooted once, as a machine with a broken sshd boots: idle (SSH refused), not rebooting
+    // for ever with its processes killed again and again.
+    assert_eq!(last["state"], "idle", "{last}");
+    assert!(
+        !ssh_banner(&ip).starts_with("SSH-"),
+        "sshd answers with a broken config"
+    );
+    delete_pool_and_wait(&c, "broken", &data).await;
+    server.stop();
 }
