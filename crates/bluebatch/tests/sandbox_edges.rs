@@ -807,3 +807,90 @@ async fn a_node_whose_sshd_cannot_start_does_not_spin() {
     delete_pool_and_wait(&c, "broken", &data).await;
     server.stop();
 }
+
+/// Set in the child of [`removing_a_rebooting_node_leaves_exactly_the_rest`].
+const REMOVE_CHILD: &str = "BB_SANDBOX_EDGES_REMOVE";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remove_rebooting_child() {
+    if std::env::var_os(REMOVE_CHILD).is_none() {
+        return;
+    }
+    assert!(
+        Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let base = tempfile::Builder::new()
+        .prefix("sandbox-edges-rm-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let data = base.path().join("data");
+    let mut server = serve(&data, &[]);
+    let c = server.client();
+    let r = c
+        .req("POST", "/pools")
+        .json(&pool_body("rm", 3))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201);
+    let nodes = idle_nodes(&c, "rm", 3).await;
+    let (gone, _) = nodes[0].clone();
+    let r = c
+        .req("POST", &format!("/pools/rm/nodes/{gone}/reboot"))
+        .json(&serde_json::json!({}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 202);
+    let r = c
+        .req("POST", "/pools/rm/removenodes")
+        .json(&serde_json::json!({"nodeList": [gone]}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 202, "{}", r.code());
+    let rest = idle_nodes(&c, "rm", 2).await;
+    assert!(rest.iter().all(|(id, _)| *id != gone));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (dirs, links, inits) = (machine_dirs(&data), bbs_links(), inits_under(&data));
+        if dirs.len() == 2 && links.len() == 2 && inits.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not 2 machines: dirs {dirs:?}, links {links:?}, inits {inits:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (_, ip) in &rest {
+        assert!(ssh_banner(ip).starts_with("SSH-2.0-OpenSSH"), "{ip}");
+    }
+    delete_pool_and_wait(&c, "rm", &data).await;
+    server.stop();
+    println!("REMOVE ok");
+}
+
+/// Remove Nodes of a node that is rebooting ends with exactly the other nodes idle, their
+/// machines only (directories, links, inits).
+#[tokio::test(flavor = "multi_thread")]
+async fn removing_a_rebooting_node_leaves_exactly_the_rest() {
+    if !prerequisites() {
+        return;
+    }
+    let out = Command::new("timeout")
+        .args(["240", "unshare", "--net", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "remove_rebooting_child", "--nocapture"])
+        .env(REMOVE_CHILD, "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("REMOVE ok"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
