@@ -185,7 +185,7 @@ fn show(sbx: &Run, emb: &Run, n: u32, s: &Settings, rep: &mut Report) {
             what,
             a,
             b,
-            if b > 0.0 {
+            if a > 0.0 && b > 0.0 {
                 format!("{:.1}", a / b)
             } else {
                 "-".into()
