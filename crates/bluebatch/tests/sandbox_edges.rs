@@ -694,7 +694,8 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// A node whose sshd cannot start (an admin broke its sshd_config): init retries once a second
 /// without spinning the CPU; the node stays idle in the API (as a VM whose sshd died), and a
-/// reboot completes (idle again) instead of repeating for ever.
+/// reboot completes (idle again) instead of repeating for ever; a reimage gives the node its own
+/// sshd_config back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_whose_sshd_cannot_start_does_not_spin() {
     if !prerequisites() {
@@ -804,6 +805,34 @@ async fn a_node_whose_sshd_cannot_start_does_not_spin() {
         !ssh_banner(&ip).starts_with("SSH-"),
         "sshd answers with a broken config"
     );
+    // A reimage gives the node its own sshd_config back: SSH answers again, the node is idle.
+    let r = c
+        .req("POST", &format!("/pools/broken/nodes/{id}/reimage"))
+        .json(&serde_json::json!({}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 202);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let v = c
+            .req("GET", &format!("/pools/broken/nodes/{id}"))
+            .send_within(T)
+            .await
+            .json();
+        if v["state"] == "idle" && ssh_banner(&ip).starts_with("SSH-2.0-OpenSSH") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after a reimage: {v}, banner {:?}\n{}",
+            ssh_banner(&ip),
+            logs(&data)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let conf = std::fs::read_to_string(format!("/proc/{}/root/etc/ssh/sshd_config", init_of(&ip)))
+        .unwrap();
+    assert!(!conf.contains("NoSuchOption"), "{conf}");
     delete_pool_and_wait(&c, "broken", &data).await;
     server.stop();
 }

@@ -136,6 +136,14 @@ impl SandboxNode {
         if reimage {
             let removed = remove_host_keys(&self.ssh_dir)?;
             tracing::info!(removed, "reimage: the node's host keys removed");
+            // Init writes its own sshd_config again when it is missing: whatever an admin did
+            // to it (even broke it) goes with the reimage.
+            let config = self.ssh_dir.join("sshd_config");
+            match std::fs::remove_file(&config) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", config.display())),
+            }
         }
         let killed = kill_all(&self.proc, std::process::id());
         tracing::info!(

@@ -846,6 +846,11 @@ fn log_file(name: &str) -> Result<fs::File, String> {
 
 fn start_sshd(args: &InitArgs) -> Result<i32, String> {
     ensure_host_key(&args.name)?;
+    // Missing (a reimage removed it): the node's own again.
+    if !Path::new(SSHD_CONFIG).exists() {
+        write(SSHD_CONFIG, &sshd_config(args), 0o644)?;
+        log("wrote the node's sshd_config again");
+    }
     mkdir(Path::new("/run/sshd"), 0o755)?;
     let log = log_file("sshd.log")?;
     let child = Command::new(&args.sshd)
