@@ -654,7 +654,7 @@ pub fn remove_files(dir: &Path) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Real machines (root only): the host's OpenSSH client against the node's sshd.
     use super::*;
     use crate::sandbox::net::link_exists;
@@ -662,7 +662,7 @@ mod tests {
 
     const DEADLINE: Duration = Duration::from_secs(30);
 
-    fn root() -> bool {
+    pub(crate) fn root() -> bool {
         // SAFETY: geteuid has no preconditions.
         let ok = unsafe { libc::geteuid() } == 0;
         if !ok {
@@ -672,7 +672,7 @@ mod tests {
     }
 
     /// target/debug/bluebatch (build it first: `cargo build -p bluebatch`).
-    fn exe() -> PathBuf {
+    pub(crate) fn exe() -> PathBuf {
         let t = std::env::current_exe().unwrap();
         let p = t.parent().unwrap().parent().unwrap().join("bluebatch");
         assert!(

@@ -1085,26 +1085,7 @@ mod machines {
     /// Any one awaited change.
     const WAIT: Duration = Duration::from_secs(60);
 
-    fn root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        let ok = unsafe { libc::geteuid() } == 0;
-        if !ok {
-            eprintln!("SKIP: sandboxed nodes need root");
-        }
-        ok
-    }
-
-    /// target/debug/bluebatch (build it first: `cargo build -p bluebatch`).
-    fn exe() -> PathBuf {
-        let t = std::env::current_exe().unwrap();
-        let p = t.parent().unwrap().parent().unwrap().join("bluebatch");
-        assert!(
-            p.is_file(),
-            "{}: run `cargo build -p bluebatch` first",
-            p.display()
-        );
-        p
-    }
+    use crate::sandbox::machine::tests::{exe, root};
 
     async fn app(data: &Path) -> Arc<App> {
         let clock = Arc::new(ServiceClock::new());
@@ -1201,25 +1182,21 @@ mod machines {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sandbox_manager_follows_resizes_restarts_machines_and_resumes_them() {
-        if !root() {
-            return;
-        }
-        let tmp = tempfile::Builder::new()
-            .prefix("bb-manager-test-")
-            .tempdir()
-            .unwrap();
-        let data = tmp.path().to_path_buf();
-        tokio::time::timeout(TEST_DEADLINE, run(&data))
-            .await
-            .expect("the test within its deadline");
-        assert!(
-            processes_of(&data).is_empty(),
-            "nothing of the test's machines runs"
-        );
+        in_scratch(|d| async move { run(&d).await }).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sandbox_manager_tears_down_machines_whose_agent_does_not_join() {
+        in_scratch(|d| async move { late(&d).await }).await;
+    }
+
+    /// Runs `body` (root only) in a fresh data directory within the test's deadline, then
+    /// checks that nothing of its machines runs.
+    async fn in_scratch<F, Fut>(body: F)
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         if !root() {
             return;
         }
@@ -1228,7 +1205,7 @@ mod machines {
             .tempdir()
             .unwrap();
         let data = tmp.path().to_path_buf();
-        tokio::time::timeout(TEST_DEADLINE, late(&data))
+        tokio::time::timeout(TEST_DEADLINE, body(data.clone()))
             .await
             .expect("the test within its deadline");
         assert!(
