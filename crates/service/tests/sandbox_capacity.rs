@@ -158,6 +158,31 @@ async fn resize(svc: &Service, pool: &str, body: serde_json::Value) {
         .expect("Resize Pool");
 }
 
+async fn in_memory(cfg: Config) -> Harness {
+    Harness::in_memory(cfg, AckMode::AtOnce).await
+}
+
+/// Waits for the pool to stop resizing (it gave up at its resize timeout) and returns it.
+async fn gave_up(svc: &Service, pool: &str, what: &str) -> bluebatch_service::PoolView {
+    eventually(what, || {
+        svc.get_pool(ACCOUNT, pool).unwrap().pool.allocation_state == AllocationState::Steady
+    })
+    .await;
+    svc.get_pool(ACCOUNT, pool).unwrap()
+}
+
+/// An Add Pool refused as InvalidPropertyValue, naming the metadata.
+fn refused_naming_metadata(e: &bluebatch_core::error::BatchError, what: &str) {
+    assert_eq!(e.code, Code::InvalidPropertyValue, "{what}");
+    assert!(
+        e.values
+            .iter()
+            .any(|(k, v)| k == "PropertyName" && v == "metadata"),
+        "{what}: {:?}",
+        e.values
+    );
+}
+
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let until = Instant::now() + Duration::from_secs(10);
     while !f() {
@@ -316,7 +341,7 @@ async fn demand_is_the_nodes_a_sandbox_pool_lacks_and_drops_as_sandboxed_hosts_j
 #[tokio::test]
 async fn sandbox_pools_take_only_sandboxed_hosts_and_other_pools_never_take_them() {
     deadline(async {
-        let h = Harness::in_memory(sandbox_config(), AckMode::AtOnce).await;
+        let h = in_memory(sandbox_config()).await;
         let linux = join(&h.svc, None, ProviderKind::Linux, 1).await;
         let sim = join(&h.svc, None, ProviderKind::Simulate, 4).await;
         let sandbox = join(&h.svc, None, ProviderKind::Sandbox, 1).await;
@@ -326,11 +351,7 @@ async fn sandbox_pools_take_only_sandboxed_hosts_and_other_pools_never_take_them
         // Five free slots of linux and simulated hosts, one sandboxed host: the sandbox pool of
         // two takes the sandboxed host only, then gives up at its resize timeout.
         sandbox_pool(&h.svc, "sb", 2, json!({"resizeTimeout": "PT0.5S"})).await;
-        eventually("the sandbox pool gave up", || {
-            h.svc.get_pool(ACCOUNT, "sb").unwrap().pool.allocation_state == AllocationState::Steady
-        })
-        .await;
-        let p = h.svc.get_pool(ACCOUNT, "sb").unwrap();
+        let p = gave_up(&h.svc, "sb", "the sandbox pool gave up").await;
         assert_eq!(p.current_dedicated, 1);
         assert_eq!(p.pool.resize_errors.len(), 1);
         assert_eq!(p.pool.resize_errors[0].code, "AllocationTimedout");
@@ -355,24 +376,10 @@ async fn sandbox_pools_take_only_sandboxed_hosts_and_other_pools_never_take_them
         resize(&h.svc, "sb", json!({"targetDedicatedNodes": 0})).await;
         h.wait_idle("sb", 0).await;
         assert_eq!(idle(&h.svc), vec![sandbox.host.clone()]);
-        add(
-            &h.svc,
-            json!({
-                "id": "ag", "vmSize": "standard_d2s_v3",
-                "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
-                    "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
-                    "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
-                "targetDedicatedNodes": 7,
-                "resizeTimeout": "PT0.5S",
-                "metadata": [{"name": "bluebatch.nodes", "value": "agents"}],
-            }),
-        )
-        .await
-        .unwrap();
-        eventually("the agents pool gave up", || {
-            h.svc.get_pool(ACCOUNT, "ag").unwrap().pool.allocation_state == AllocationState::Steady
-        })
-        .await;
+        let mut ag = pool_body("ag", Os::Linux, 7, Some("agents"));
+        ag["resizeTimeout"] = json!("PT0.5S");
+        add(&h.svc, ag).await.unwrap();
+        gave_up(&h.svc, "ag", "the agents pool gave up").await;
         let nodes = nodes_of(&h.svc, "ag");
         assert_eq!(nodes.len(), 5, "{nodes:?}");
         assert!(
@@ -395,7 +402,7 @@ async fn sandbox_pools_take_only_sandboxed_hosts_and_other_pools_never_take_them
 #[tokio::test]
 async fn a_host_that_comes_back_as_another_provider_gives_up_the_nodes_it_cannot_back() {
     deadline(async {
-        let h = Harness::in_memory(sandbox_config(), AckMode::AtOnce).await;
+        let h = in_memory(sandbox_config()).await;
         let a = join(&h.svc, Some("sb"), ProviderKind::Sandbox, 1).await;
         sandbox_pool(&h.svc, "sb", 1, json!({})).await;
         h.wait_idle("sb", 1).await;
@@ -421,7 +428,7 @@ async fn shrink_remove_nodes_and_delete_pool_make_hosts_idle_once_their_nodes_ar
             node_step: Duration::from_millis(400),
             ..sandbox_config()
         };
-        let h = Harness::in_memory(cfg, AckMode::AtOnce).await;
+        let h = in_memory(cfg).await;
         sandbox_pool(&h.svc, "sb", 3, json!({})).await;
         let mut agents = Vec::new();
         for _ in 0..3 {
@@ -523,14 +530,10 @@ async fn shrink_remove_nodes_and_delete_pool_make_hosts_idle_once_their_nodes_ar
 #[tokio::test]
 async fn a_sandbox_pool_without_hosts_times_out_with_allocation_timedout() {
     deadline(async {
-        let h = Harness::in_memory(sandbox_config(), AckMode::AtOnce).await;
+        let h = in_memory(sandbox_config()).await;
         sandbox_pool(&h.svc, "sb", 2, json!({"resizeTimeout": "PT0.3S"})).await;
         assert_eq!(demand(&h.svc), vec![("sb".to_string(), 2)]);
-        eventually("the pool gave up", || {
-            h.svc.get_pool(ACCOUNT, "sb").unwrap().pool.allocation_state == AllocationState::Steady
-        })
-        .await;
-        let p = h.svc.get_pool(ACCOUNT, "sb").unwrap();
+        let p = gave_up(&h.svc, "sb", "the pool gave up").await;
         assert_eq!(p.current_dedicated, 0);
         assert_eq!(p.pool.resize_errors.len(), 1);
         assert_eq!(p.pool.resize_errors[0].code, "AllocationTimedout");
@@ -565,7 +568,7 @@ async fn windows_pools_get_embedded_nodes_by_default_and_are_refused_sandboxed_o
             default_nodes: NodeSource::Sandbox,
             ..sandbox_config()
         };
-        let h = Harness::in_memory(cfg, AckMode::AtOnce).await;
+        let h = in_memory(cfg).await;
         // Without the metadata item: a Windows pool's nodes are embedded ones.
         add(&h.svc, pool_body("win", Os::Windows, 2, None))
             .await
@@ -588,14 +591,7 @@ async fn windows_pools_get_embedded_nodes_by_default_and_are_refused_sandboxed_o
         let e = add(&h.svc, pool_body("win2", Os::Windows, 1, Some("sandbox")))
             .await
             .unwrap_err();
-        assert_eq!(e.code, Code::InvalidPropertyValue);
-        assert!(
-            e.values
-                .iter()
-                .any(|(k, v)| k == "PropertyName" && v == "metadata"),
-            "{:?}",
-            e.values
-        );
+        refused_naming_metadata(&e, "a Windows pool of sandboxed nodes");
         let reason = e
             .values
             .iter()
@@ -620,18 +616,13 @@ async fn windows_pools_get_embedded_nodes_by_default_and_are_refused_sandboxed_o
 #[tokio::test]
 async fn without_sandboxed_nodes_a_pool_asking_for_them_is_refused() {
     deadline(async {
-        let h = Harness::in_memory(config(), AckMode::AtOnce).await;
+        let h = in_memory(config()).await;
         assert!(!h.svc.config().sandbox_nodes);
         for os in [Os::Linux, Os::Windows] {
             let e = add(&h.svc, pool_body("sb", os, 1, Some("sandbox")))
                 .await
                 .unwrap_err();
-            assert_eq!(e.code, Code::InvalidPropertyValue, "{os:?}");
-            assert!(
-                e.values
-                    .iter()
-                    .any(|(k, v)| k == "PropertyName" && v == "metadata")
-            );
+            refused_naming_metadata(&e, &format!("{os:?}"));
             assert!(h.svc.get_pool(ACCOUNT, "sb").is_err());
         }
         assert!(demand(&h.svc).is_empty());
@@ -662,12 +653,7 @@ async fn a_shared_store_refuses_sandbox_pools() {
         let e = add(&svc, pool_body("sb", Os::Linux, 1, Some("sandbox")))
             .await
             .unwrap_err();
-        assert_eq!(e.code, Code::InvalidPropertyValue);
-        assert!(
-            e.values
-                .iter()
-                .any(|(k, v)| k == "PropertyName" && v == "metadata")
-        );
+        refused_naming_metadata(&e, "a shared store");
         assert!(svc.get_pool(ACCOUNT, "sb").is_err());
         assert!(svc.sandbox_demand().is_empty());
     })
