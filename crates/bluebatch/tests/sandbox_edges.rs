@@ -118,6 +118,79 @@ fn machine_dirs(data: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A scratch directory under the build's own (not /tmp: a node has a /tmp of its own).
+fn scratch(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+}
+
+/// Creates the Linux pool `pool` of `n` dedicated nodes (201).
+async fn add_pool(c: &Client, pool: &str, n: u32) {
+    let r = c
+        .req("POST", "/pools")
+        .json(&pool_body(pool, n))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201);
+}
+
+/// Whether this is the child [`in_own_netns`] runs with `var` set; if so, its loopback is up.
+fn child_of(var: &str) -> bool {
+    if std::env::var_os(var).is_none() {
+        return false;
+    }
+    assert!(
+        Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    true
+}
+
+/// Runs this binary's test `child` (at most `secs` s) in a network namespace of its own, with
+/// `var` set.
+fn in_own_netns(secs: &str, child: &str, var: &str) -> std::process::Output {
+    Command::new("timeout")
+        .args([secs, "unshare", "--net", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", child, "--nocapture"])
+        .env(var, "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The child succeeded and printed `marker`.
+fn child_passed(out: &std::process::Output, marker: &str) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(marker),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits (at most `limit`) until `data` has exactly `n` machines: directories, `bbs*` links
+/// (of this network namespace) and inits.
+async fn exactly_machines(data: &Path, n: usize, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (dirs, links, inits) = (machine_dirs(data), bbs_links(), inits_under(data));
+        if dirs.len() == n && links.len() == n && inits.len() == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}, not {n} machines: dirs {dirs:?}, links {links:?}, inits {inits:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A data directory whose path holds `,` `:` `\` and a space (an overlay mount option's
 /// separators): its nodes still start and answer SSH, and Delete Pool leaves nothing.
 #[tokio::test(flavor = "multi_thread")]
@@ -125,19 +198,11 @@ async fn a_data_dir_with_odd_characters_still_gives_working_nodes() {
     if !prerequisites() {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("sandbox-edges-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
+    let base = scratch("sandbox-edges-");
     let data = base.path().join("my data,v1:x\\y");
     let mut server = serve(&data, &[]);
     let c = server.client();
-    let r = c
-        .req("POST", "/pools")
-        .json(&pool_body("odd", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201);
+    add_pool(&c, "odd", 1).await;
     let nodes = idle_nodes(&c, "odd", 1).await;
     let banner = ssh_banner(&nodes[0].1);
     assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner:?}");
@@ -198,10 +263,7 @@ async fn a_data_dir_on_overlayfs_is_refused_at_start() {
     if !prerequisites() {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("sandbox-edges-ovl-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
+    let base = scratch("sandbox-edges-ovl-");
     let b = base.path();
     let data = b.join("merged/data");
     let (code, err) = serve_on_overlay(b, &["--data-dir", data.to_str().unwrap()], &[]);
@@ -291,28 +353,16 @@ const IN_OWN_NETNS: &str = "BB_SANDBOX_EDGES_IN_NETNS";
 /// `net.ipv4.ip_forward=1`; prints what a node reaches.
 #[tokio::test(flavor = "multi_thread")]
 async fn reachability_child() {
-    if std::env::var_os(IN_OWN_NETNS).is_none() {
+    if !child_of(IN_OWN_NETNS) {
         return;
     }
-    let lo = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status();
-    assert!(lo.unwrap().success());
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-    let base = tempfile::Builder::new()
-        .prefix("sandbox-edges-net-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
+    let base = scratch("sandbox-edges-net-");
     let data = base.path().join("data");
     let mut server = serve(&data, &[]);
     let c = server.client();
     let port: u16 = server.url.rsplit(':').next().unwrap().parse().unwrap();
-    let r = c
-        .req("POST", "/pools")
-        .json(&pool_body("net", 2))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201);
+    add_pool(&c, "net", 2).await;
     let nodes = idle_nodes(&c, "net", 2).await;
     let (a, b) = (&nodes[0].1, &nodes[1].1);
     let init_a = init_of(a);
@@ -386,14 +436,7 @@ async fn a_node_reaches_no_other_node_even_with_ip_forward_on() {
     if !prerequisites() {
         return;
     }
-    let out = Command::new("timeout")
-        .args(["150", "unshare", "--net", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "reachability_child", "--nocapture"])
-        .env(IN_OWN_NETNS, "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = in_own_netns("150", "reachability_child", IN_OWN_NETNS);
     let text = String::from_utf8_lossy(&out.stdout);
     let results: std::collections::BTreeMap<String, String> = text
         .lines()
@@ -489,46 +532,20 @@ const CHURN_CHILD: &str = "BB_SANDBOX_EDGES_CHURN";
 /// `bbs*` link there is this serve's).
 #[tokio::test(flavor = "multi_thread")]
 async fn churn_child() {
-    if std::env::var_os(CHURN_CHILD).is_none() {
+    if !child_of(CHURN_CHILD) {
         return;
     }
-    assert!(
-        Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let base = tempfile::Builder::new()
-        .prefix("sandbox-edges-churn-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
+    let base = scratch("sandbox-edges-churn-");
     let data = base.path().join("data");
     let mut server = serve(&data, &[]);
     let c = server.client();
-    let r = c
-        .req("POST", "/pools")
-        .json(&pool_body("churn", 0))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201);
+    add_pool(&c, "churn", 0).await;
     for (n, pause) in [(5, 700), (0, 300), (3, 200), (1, 500), (3, 0)] {
         resize(&c, "churn", n).await;
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     let nodes = idle_nodes(&c, "churn", 3).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (dirs, links, inits) = (machine_dirs(&data), bbs_links(), inits_under(&data));
-        if dirs.len() == 3 && links.len() == 3 && inits.len() == 3 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after the churn, not 3 machines: dirs {dirs:?}, links {links:?}, inits {inits:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    exactly_machines(&data, 3, Duration::from_secs(60), "after the churn").await;
     for (_, ip) in &nodes {
         let b = ssh_banner(ip);
         assert!(b.starts_with("SSH-2.0-OpenSSH"), "{ip}: {b:?}");
@@ -561,20 +578,7 @@ async fn churn_ends_with_exactly_the_target_machines() {
     if !prerequisites() {
         return;
     }
-    let out = Command::new("timeout")
-        .args(["240", "unshare", "--net", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "churn_child", "--nocapture"])
-        .env(CHURN_CHILD, "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("CHURN ok"),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    child_passed(&in_own_netns("240", "churn_child", CHURN_CHILD), "CHURN ok");
 }
 
 /// Set in the child of [`two_serves_never_touch_each_others_machines`].
@@ -583,31 +587,16 @@ const TWO_CHILD: &str = "BB_SANDBOX_EDGES_TWO";
 /// Not a test of its own: two serves in one network namespace of their own.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_serves_child() {
-    if std::env::var_os(TWO_CHILD).is_none() {
+    if !child_of(TWO_CHILD) {
         return;
     }
-    assert!(
-        Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let base = tempfile::Builder::new()
-        .prefix("sandbox-edges-two-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
+    let base = scratch("sandbox-edges-two-");
     let (da, db) = (base.path().join("a"), base.path().join("b"));
     let mut a = serve(&da, &[]);
     let mut b = serve(&db, &[]);
     let (ca, cb) = (a.client(), b.client());
     for c in [&ca, &cb] {
-        let r = c
-            .req("POST", "/pools")
-            .json(&pool_body("p", 2))
-            .send_within(T)
-            .await;
-        assert_eq!(r.status, 201);
+        add_pool(c, "p", 2).await;
     }
     let na = idle_nodes(&ca, "p", 2).await;
     let nb = idle_nodes(&cb, "p", 2).await;
@@ -667,19 +656,9 @@ async fn two_serves_never_touch_each_others_machines() {
     if !prerequisites() {
         return;
     }
-    let out = Command::new("timeout")
-        .args(["240", "unshare", "--net", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "two_serves_child", "--nocapture"])
-        .env(TWO_CHILD, "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("TWO ok"),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    child_passed(
+        &in_own_netns("240", "two_serves_child", TWO_CHILD),
+        "TWO ok",
     );
 }
 
@@ -701,19 +680,11 @@ async fn a_node_whose_sshd_cannot_start_does_not_spin() {
     if !prerequisites() {
         return;
     }
-    let base = tempfile::Builder::new()
-        .prefix("sandbox-edges-sshd-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
+    let base = scratch("sandbox-edges-sshd-");
     let data = base.path().join("data");
     let mut server = serve(&data, &[]);
     let c = server.client();
-    let r = c
-        .req("POST", "/pools")
-        .json(&pool_body("broken", 1))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201);
+    add_pool(&c, "broken", 1).await;
     let nodes = idle_nodes(&c, "broken", 1).await;
     let (id, ip) = nodes[0].clone();
     let init = init_of(&ip);
@@ -842,29 +813,14 @@ const REMOVE_CHILD: &str = "BB_SANDBOX_EDGES_REMOVE";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn remove_rebooting_child() {
-    if std::env::var_os(REMOVE_CHILD).is_none() {
+    if !child_of(REMOVE_CHILD) {
         return;
     }
-    assert!(
-        Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let base = tempfile::Builder::new()
-        .prefix("sandbox-edges-rm-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap();
+    let base = scratch("sandbox-edges-rm-");
     let data = base.path().join("data");
     let mut server = serve(&data, &[]);
     let c = server.client();
-    let r = c
-        .req("POST", "/pools")
-        .json(&pool_body("rm", 3))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201);
+    add_pool(&c, "rm", 3).await;
     let nodes = idle_nodes(&c, "rm", 3).await;
     let (gone, _) = nodes[0].clone();
     let r = c
@@ -881,18 +837,7 @@ async fn remove_rebooting_child() {
     assert_eq!(r.status, 202, "{}", r.code());
     let rest = idle_nodes(&c, "rm", 2).await;
     assert!(rest.iter().all(|(id, _)| *id != gone));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (dirs, links, inits) = (machine_dirs(&data), bbs_links(), inits_under(&data));
-        if dirs.len() == 2 && links.len() == 2 && inits.len() == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not 2 machines: dirs {dirs:?}, links {links:?}, inits {inits:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    exactly_machines(&data, 2, Duration::from_secs(30), "after Remove Nodes").await;
     for (_, ip) in &rest {
         assert!(ssh_banner(ip).starts_with("SSH-2.0-OpenSSH"), "{ip}");
     }
@@ -908,18 +853,8 @@ async fn removing_a_rebooting_node_leaves_exactly_the_rest() {
     if !prerequisites() {
         return;
     }
-    let out = Command::new("timeout")
-        .args(["240", "unshare", "--net", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "remove_rebooting_child", "--nocapture"])
-        .env(REMOVE_CHILD, "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("REMOVE ok"),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    child_passed(
+        &in_own_netns("240", "remove_rebooting_child", REMOVE_CHILD),
+        "REMOVE ok",
     );
 }
