@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::replicas::add_pool;
+use common::sandboxed::{idle_nodes, machine_dirs, scratch, serve};
 use common::*;
 use serde_json::Value;
 use std::path::Path;
@@ -10,7 +12,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(30);
-const READY: Duration = Duration::from_secs(90);
 
 fn prerequisites() -> bool {
     if !require_root("sandboxed nodes (network, mount and PID namespaces)") {
@@ -23,49 +24,6 @@ fn prerequisites() -> bool {
                 .all(|t| Path::new(t).exists()),
         "Linux with openssh-server, sudo, util-linux",
     )
-}
-
-fn serve(data: &Path, extra: &[&str]) -> Server {
-    let mut a = vec![
-        "--node-step-ms",
-        "20",
-        "--nodes",
-        "sandbox",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    a.extend_from_slice(extra);
-    Server::start_exact(&a, &[])
-}
-
-/// The nodes of `pool` once there are `n` and all are idle (at most [`READY`]): (id, ip).
-async fn idle_nodes(c: &Client, pool: &str, n: usize) -> Vec<(String, String)> {
-    let deadline = Instant::now() + READY;
-    loop {
-        let r = c
-            .req("GET", &format!("/pools/{pool}/nodes"))
-            .send_within(T)
-            .await;
-        assert_eq!(r.status, 200);
-        let v = r.json();
-        let list = v["value"].as_array().cloned().unwrap_or_default();
-        if list.len() == n && list.iter().all(|x| x["state"] == "idle") {
-            return list
-                .iter()
-                .map(|x| {
-                    (
-                        x["id"].as_str().unwrap().to_string(),
-                        x["ipAddress"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pool}: {n} idle node(s) not within {READY:?}: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The first line an SSH server at `ip:22` sends (within 10 s), or "".
@@ -106,34 +64,6 @@ async fn delete_pool_and_wait(c: &Client, pool: &str, data: &Path) {
         assert!(Instant::now() < deadline, "pool {pool} not gone: {dirs:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn machine_dirs(data: &Path) -> Vec<String> {
-    std::fs::read_dir(data.join("sandbox"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// A scratch directory under the build's own (not /tmp: a node has a /tmp of its own).
-fn scratch(prefix: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
-}
-
-/// Creates the Linux pool `pool` of `n` dedicated nodes (201).
-async fn add_pool(c: &Client, pool: &str, n: u32) {
-    let r = c
-        .req("POST", "/pools")
-        .json(&pool_body(pool, n))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201);
 }
 
 /// Whether this is the child [`in_own_netns`] runs with `var` set; if so, its loopback is up.
@@ -203,7 +133,7 @@ async fn a_data_dir_with_odd_characters_still_gives_working_nodes() {
     let mut server = serve(&data, &[]);
     let c = server.client();
     add_pool(&c, "odd", 1).await;
-    let nodes = idle_nodes(&c, "odd", 1).await;
+    let nodes = idle_nodes(&c, "odd", 1, &data).await;
     let banner = ssh_banner(&nodes[0].1);
     assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner:?}");
     eprintln!("node {nodes:?} answers {banner}");
@@ -363,7 +293,7 @@ async fn reachability_child() {
     let c = server.client();
     let port: u16 = server.url.rsplit(':').next().unwrap().parse().unwrap();
     add_pool(&c, "net", 2).await;
-    let nodes = idle_nodes(&c, "net", 2).await;
+    let nodes = idle_nodes(&c, "net", 2, &data).await;
     let (a, b) = (&nodes[0].1, &nodes[1].1);
     let init_a = init_of(a);
     let host_a = {
@@ -544,7 +474,7 @@ async fn churn_child() {
         resize(&c, "churn", n).await;
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
-    let nodes = idle_nodes(&c, "churn", 3).await;
+    let nodes = idle_nodes(&c, "churn", 3, &data).await;
     exactly_machines(&data, 3, Duration::from_secs(60), "after the churn").await;
     for (_, ip) in &nodes {
         let b = ssh_banner(ip);
@@ -598,8 +528,8 @@ async fn two_serves_child() {
     for c in [&ca, &cb] {
         add_pool(c, "p", 2).await;
     }
-    let na = idle_nodes(&ca, "p", 2).await;
-    let nb = idle_nodes(&cb, "p", 2).await;
+    let na = idle_nodes(&ca, "p", 2, &da).await;
+    let nb = idle_nodes(&cb, "p", 2, &db).await;
     let mut ips: Vec<&String> = na.iter().chain(nb.iter()).map(|(_, ip)| ip).collect();
     ips.sort();
     ips.dedup();
@@ -626,7 +556,7 @@ async fn two_serves_child() {
     b_alive("after A stopped");
     let mut a = serve(&da, &[]);
     let ca = a.client();
-    let again = idle_nodes(&ca, "p", 2).await;
+    let again = idle_nodes(&ca, "p", 2, &da).await;
     for (_, ip) in &again {
         let s = ssh_banner(ip);
         assert!(
@@ -685,7 +615,7 @@ async fn a_node_whose_sshd_cannot_start_does_not_spin() {
     let mut server = serve(&data, &[]);
     let c = server.client();
     add_pool(&c, "broken", 1).await;
-    let nodes = idle_nodes(&c, "broken", 1).await;
+    let nodes = idle_nodes(&c, "broken", 1, &data).await;
     let (id, ip) = nodes[0].clone();
     let init = init_of(&ip);
     // As an admin inside would: a broken sshd_config, then sshd ends.
@@ -821,7 +751,7 @@ async fn remove_rebooting_child() {
     let mut server = serve(&data, &[]);
     let c = server.client();
     add_pool(&c, "rm", 3).await;
-    let nodes = idle_nodes(&c, "rm", 3).await;
+    let nodes = idle_nodes(&c, "rm", 3, &data).await;
     let (gone, _) = nodes[0].clone();
     let r = c
         .req("POST", &format!("/pools/rm/nodes/{gone}/reboot"))
@@ -835,7 +765,7 @@ async fn remove_rebooting_child() {
         .send_within(T)
         .await;
     assert_eq!(r.status, 202, "{}", r.code());
-    let rest = idle_nodes(&c, "rm", 2).await;
+    let rest = idle_nodes(&c, "rm", 2, &data).await;
     assert!(rest.iter().all(|(id, _)| *id != gone));
     exactly_machines(&data, 2, Duration::from_secs(30), "after Remove Nodes").await;
     for (_, ip) in &rest {

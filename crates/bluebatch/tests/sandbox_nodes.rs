@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::replicas::add_pool;
+use common::sandboxed::{self, machine_dirs, machine_logs, scratch, serve};
 use common::*;
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -21,8 +23,6 @@ use time::OffsetDateTime;
 
 /// Every request of these tests.
 const T: Duration = Duration::from_secs(30);
-/// How long a pool of sandboxed nodes may take to be idle.
-const READY: Duration = Duration::from_secs(90);
 /// How long what a machine was may take to be gone after its pool was deleted (Get Pool 404)
 /// or its serve was killed.
 const GONE: Duration = Duration::from_secs(15);
@@ -63,36 +63,6 @@ fn prerequisites() -> bool {
 // ---------------------------------------------------------------------------------------------
 // A serve with sandboxed nodes.
 
-/// A data directory under the build's own scratch directory (not /tmp: a node has a /tmp of its
-/// own, so a data directory there would be invisible for the wrong reason).
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("sandbox-nodes-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-        .unwrap()
-}
-
-fn serve_args(data: &Path) -> Vec<String> {
-    [
-        "--node-step-ms",
-        "20",
-        "--nodes",
-        "sandbox",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-/// `bluebatch serve --port 0 --nodes sandbox --data-dir DATA` (listening within 20 s).
-fn serve(data: &Path) -> Server {
-    let args = serve_args(data);
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start_exact(&a, &[])
-}
-
 /// A node of a pool as the API shows it, with its remote login address.
 #[derive(Debug, Clone)]
 struct Node {
@@ -115,70 +85,13 @@ impl Drop for Logs {
     }
 }
 
-/// The tail of each log file under DATA/sandbox/*/{log,var/log}.
-fn machine_logs(data: &Path) -> String {
-    let mut out = String::new();
-    let Ok(machines) = std::fs::read_dir(data.join("sandbox")) else {
-        return "(no DATA/sandbox)".into();
-    };
-    for m in machines.flatten() {
-        for sub in ["log", "var/log"] {
-            let Ok(files) = std::fs::read_dir(m.path().join(sub)) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let text = std::fs::read_to_string(f.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                out.push_str(&format!("== {} ==\n", f.path().display()));
-                for l in tail.into_iter().rev() {
-                    out.push_str(l);
-                    out.push('\n');
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Creates the Linux pool `pool` of `n` dedicated nodes (201).
-async fn add_pool(c: &Client, pool: &str, n: u32) {
-    let r = c
-        .req("POST", "/pools")
-        .json(&pool_body(pool, n))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 201, "{}", text(&r));
-}
-
-/// The nodes of `pool` once there are `n` and all are idle (at most [`READY`]).
+/// The nodes of `pool` once there are `n` and all are idle (at most [`sandboxed::READY`]).
 async fn idle_nodes(c: &Client, pool: &str, n: usize, data: &Path) -> Vec<Node> {
-    let deadline = Instant::now() + READY;
-    loop {
-        let r = c
-            .req("GET", &format!("/pools/{pool}/nodes"))
-            .send_within(T)
-            .await;
-        assert_eq!(r.status, 200, "{}", text(&r));
-        let v = r.json();
-        let list = v["value"].as_array().cloned().unwrap_or_default();
-        if list.len() == n && list.iter().all(|x| x["state"] == "idle") {
-            let mut nodes: Vec<Node> = list
-                .iter()
-                .map(|x| Node {
-                    id: x["id"].as_str().unwrap().to_string(),
-                    ip: x["ipAddress"].as_str().unwrap_or_default().to_string(),
-                })
-                .collect();
-            nodes.sort_by(|a, b| a.id.cmp(&b.id));
-            return nodes;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pool}: {n} idle node(s) not within {READY:?}: {v}\n{}",
-            machine_logs(data)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    sandboxed::idle_nodes(c, pool, n, data)
+        .await
+        .into_iter()
+        .map(|(id, ip)| Node { id, ip })
+        .collect()
 }
 
 /// The node `node` of `pool` (Get Node, 200).
@@ -801,17 +714,6 @@ async fn nothing_left(fp: &Footprint, data: &Path, serve_pid: Option<u32>, after
     }
 }
 
-/// The entries of DATA/sandbox (none when it does not exist).
-fn machine_dirs(data: &Path) -> Vec<String> {
-    std::fs::read_dir(data.join("sandbox"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Deletes `pool` (202) and waits (at most 60 s) until Get Pool answers 404 PoolNotFound.
 async fn delete_pool(c: &Client, pool: &str) {
     let r = c
@@ -870,10 +772,10 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
     }
     let _shared = MACHINES.read().await;
     let host_before = host_accounts();
-    let tmp = scratch();
+    let tmp = scratch("sandbox-nodes-");
     let data = tmp.path().join("data");
     let _logs = Logs(data.clone());
-    let server = serve(&data);
+    let server = serve(&data, &[]);
     let c = server.client();
     // A file of the server's own, which no node may see.
     let marker = data.join("server-only-marker");
@@ -1239,10 +1141,10 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
         return;
     }
     let _shared = MACHINES.read().await;
-    let tmp = scratch();
+    let tmp = scratch("sandbox-nodes-");
     let data = tmp.path().join("data");
     let _logs = Logs(data.clone());
-    let mut server = serve(&data);
+    let mut server = serve(&data, &[]);
     let c = server.client();
     add_pool(&c, "q", 2).await;
     let nodes = idle_nodes(&c, "q", 2, &data).await;
@@ -1366,7 +1268,7 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
     assert_eq!(after, before, "a killed serve's machine directories stay");
 
     // A serve started again on the data directory brings the nodes back, with their accounts.
-    let server = serve(&data);
+    let server = serve(&data, &[]);
     let c = server.client();
     let back = idle_nodes(&c, "q", 2, &data).await;
     let ids: Vec<&str> = back.iter().map(|n| n.id.as_str()).collect();
@@ -1562,7 +1464,7 @@ async fn sandboxed_nodes_refuse_without_root_or_sshd() {
         return;
     }
     let _alone = MACHINES.write().await;
-    let tmp = scratch();
+    let tmp = scratch("sandbox-nodes-");
     // A directory the unprivileged user may write, the data directory not yet made in it.
     std::os::unix::fs::chown(tmp.path(), Some(65534), Some(65534)).unwrap();
     let links_before = bbs_links();
@@ -1633,13 +1535,10 @@ async fn sandboxed_nodes_without_pam_keep_expiry_and_stop_with_serve() {
         return;
     }
     let _shared = MACHINES.read().await;
-    let tmp = scratch();
+    let tmp = scratch("sandbox-nodes-");
     let data = tmp.path().join("data");
     let _logs = Logs(data.clone());
-    let mut args = serve_args(&data);
-    args.extend(["--sandbox-use-pam".to_string(), "no".to_string()]);
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut server = Server::start_exact(&a, &[]);
+    let mut server = serve(&data, &["--sandbox-use-pam", "no"]);
     let c = server.client();
     add_pool(&c, "r", 1).await;
     let nodes = idle_nodes(&c, "r", 1, &data).await;
@@ -1734,10 +1633,10 @@ async fn sandboxed_nodes_deleted_while_starting_leave_nothing() {
         return;
     }
     let _shared = MACHINES.read().await;
-    let tmp = scratch();
+    let tmp = scratch("sandbox-nodes-");
     let data = tmp.path().join("data");
     let _logs = Logs(data.clone());
-    let server = serve(&data);
+    let server = serve(&data, &[]);
     let c = server.client();
     let links_before = bbs_links();
     add_pool(&c, "s", 2).await;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub mod agents;
 pub mod replicas;
 pub mod sandbox;
+pub mod sandboxed;
 
 pub const ACCOUNT: &str = "bluebatchdev";
 pub const KEY: &str =
