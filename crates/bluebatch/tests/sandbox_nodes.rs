@@ -403,6 +403,31 @@ where
     }
 }
 
+/// `eve` (password `Eve-pw-1`, expiring within 8 days) logs in at `ip`; once the service's clock
+/// advanced 8 days she is refused (at most 45 s), the node answering all along.
+async fn eve_refused_once_expired(c: &Client, ip: &str, what: &str) {
+    assert!(
+        ssh(ip, "eve", Auth::Password("Eve-pw-1"), "true")
+            .await
+            .accepted()
+    );
+    let r = c
+        .control("POST", "/clock/advance")
+        .json(&json!({"by": "8d"}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    eventually(Duration::from_secs(45), what, || async move {
+        let o = ssh(ip, "eve", Auth::Password("Eve-pw-1"), "true").await;
+        assert!(
+            !matches!(o, SshOutcome::Unreachable(_)),
+            "the node must answer: {o:?}"
+        );
+        o == SshOutcome::Refused
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Users through the Batch API.
 
@@ -1077,31 +1102,7 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
     )
     .await;
     assert_eq!(r.status, 201, "{}", text(&r));
-    assert!(
-        ssh(&b.ip, "eve", Auth::Password("Eve-pw-1"), "true")
-            .await
-            .accepted()
-    );
-    let r = c
-        .control("POST", "/clock/advance")
-        .json(&json!({"by": "8d"}))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 200, "{}", text(&r));
-    let bip = b.ip.as_str();
-    eventually(
-        Duration::from_secs(45),
-        "eve refused once her expiry passed",
-        || async move {
-            let o = ssh(bip, "eve", Auth::Password("Eve-pw-1"), "true").await;
-            assert!(
-                !matches!(o, SshOutcome::Unreachable(_)),
-                "the node must answer: {o:?}"
-            );
-            o == SshOutcome::Refused
-        },
-    )
-    .await;
+    eve_refused_once_expired(&c, &b.ip, "eve refused once her expiry passed").await;
 
     assert_eq!(
         host_accounts(),
@@ -1578,31 +1579,7 @@ async fn sandboxed_nodes_without_pam_keep_expiry_and_stop_with_serve() {
     )
     .await;
     assert_eq!(pam.trim(), "usepam no", "the node's sshd runs without PAM");
-    assert!(
-        ssh(&n.ip, "eve", Auth::Password("Eve-pw-1"), "true")
-            .await
-            .accepted()
-    );
-    let r = c
-        .control("POST", "/clock/advance")
-        .json(&json!({"by": "8d"}))
-        .send_within(T)
-        .await;
-    assert_eq!(r.status, 200, "{}", text(&r));
-    let nip = n.ip.as_str();
-    eventually(
-        Duration::from_secs(45),
-        "eve refused once her expiry passed (UsePAM no)",
-        || async move {
-            let o = ssh(nip, "eve", Auth::Password("Eve-pw-1"), "true").await;
-            assert!(
-                !matches!(o, SshOutcome::Unreachable(_)),
-                "the node must answer: {o:?}"
-            );
-            o == SshOutcome::Refused
-        },
-    )
-    .await;
+    eve_refused_once_expired(&c, &n.ip, "eve refused once her expiry passed (UsePAM no)").await;
     assert!(
         ssh(&n.ip, "root2", Auth::Password("Root2-pw-1"), "true")
             .await
