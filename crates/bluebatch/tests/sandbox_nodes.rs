@@ -70,6 +70,17 @@ struct Node {
     ip: String,
 }
 
+/// A serve with sandboxed nodes (`extra` arguments) on a data directory of its own, whose
+/// machines' logs a panic shows. Bind all four, in this order: the serve drops first, then the
+/// logs are shown, then the directory goes.
+fn serve_logged(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Logs, Server) {
+    let tmp = scratch("sandbox-nodes-");
+    let data = tmp.path().join("data");
+    let logs = Logs(data.clone());
+    let server = serve(&data, extra);
+    (tmp, data, logs, server)
+}
+
 /// On a panic, the logs of every machine of `data` (init, sshd, agent), for the message.
 struct Logs(PathBuf);
 
@@ -797,10 +808,7 @@ async fn sandboxed_nodes_are_machines_with_real_accounts() {
     }
     let _shared = MACHINES.read().await;
     let host_before = host_accounts();
-    let tmp = scratch("sandbox-nodes-");
-    let data = tmp.path().join("data");
-    let _logs = Logs(data.clone());
-    let server = serve(&data, &[]);
+    let (_tmp, data, _logs, server) = serve_logged(&[]);
     let c = server.client();
     // A file of the server's own, which no node may see.
     let marker = data.join("server-only-marker");
@@ -1142,10 +1150,7 @@ async fn sandboxed_nodes_reboot_reimage_and_outlive_no_serve() {
         return;
     }
     let _shared = MACHINES.read().await;
-    let tmp = scratch("sandbox-nodes-");
-    let data = tmp.path().join("data");
-    let _logs = Logs(data.clone());
-    let mut server = serve(&data, &[]);
+    let (_tmp, data, _logs, mut server) = serve_logged(&[]);
     let c = server.client();
     add_pool(&c, "q", 2).await;
     let nodes = idle_nodes(&c, "q", 2, &data).await;
@@ -1536,10 +1541,7 @@ async fn sandboxed_nodes_without_pam_keep_expiry_and_stop_with_serve() {
         return;
     }
     let _shared = MACHINES.read().await;
-    let tmp = scratch("sandbox-nodes-");
-    let data = tmp.path().join("data");
-    let _logs = Logs(data.clone());
-    let mut server = serve(&data, &["--sandbox-use-pam", "no"]);
+    let (_tmp, data, _logs, mut server) = serve_logged(&["--sandbox-use-pam", "no"]);
     let c = server.client();
     add_pool(&c, "r", 1).await;
     let nodes = idle_nodes(&c, "r", 1, &data).await;
@@ -1610,10 +1612,7 @@ async fn sandboxed_nodes_deleted_while_starting_leave_nothing() {
         return;
     }
     let _shared = MACHINES.read().await;
-    let tmp = scratch("sandbox-nodes-");
-    let data = tmp.path().join("data");
-    let _logs = Logs(data.clone());
-    let server = serve(&data, &[]);
+    let (_tmp, data, _logs, server) = serve_logged(&[]);
     let c = server.client();
     let links_before = bbs_links();
     add_pool(&c, "s", 2).await;
