@@ -788,3 +788,191 @@ async fn removing_a_rebooting_node_leaves_exactly_the_rest() {
         "REMOVE ok",
     );
 }
+
+/// The accounts of the node's own `/etc/passwd` (init rewrote it to the host's system accounts
+/// at the node's first start, so it is in the overlay's upper layer).
+fn accounts_of(data: &Path, machine: &str) -> Vec<String> {
+    let upper = data.join("sandbox").join(machine).join("etc-upper/passwd");
+    let passwd =
+        std::fs::read_to_string(&upper).unwrap_or_else(|e| panic!("{}: {e}", upper.display()));
+    passwd
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A pool body of `os` ("linux" or "windows") with `bluebatch.nodes=nodes` when given.
+fn pool_of(id: &str, os: &str, nodes: Option<&str>) -> Value {
+    let mut b = pool_body(id, 1);
+    if os == "windows" {
+        b["virtualMachineConfiguration"] = serde_json::json!({"imageReference": {
+            "publisher": "MicrosoftWindowsServer", "offer": "WindowsServer",
+            "sku": "2022-datacenter"}, "nodeAgentSKUId": "batch.node.windows amd64"});
+    }
+    if let Some(v) = nodes {
+        b["metadata"] = serde_json::json!([{"name": "bluebatch.nodes", "value": v}]);
+    }
+    b
+}
+
+/// The remote login address of `pool`'s node `node`.
+async fn remote_login_ip(c: &Client, pool: &str, node: &str) -> String {
+    let r = c
+        .req(
+            "GET",
+            &format!("/pools/{pool}/nodes/{node}/remoteloginsettings"),
+        )
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    r.json()["remoteLoginIPAddress"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// One `serve --nodes sandbox`: a sandboxed node's agent joined, so its join-token file is gone
+/// and its pool's token revoked (listed no more); Add User with any account the node has is
+/// refused (as reserved on the node where the service's own list lacks the name); a Windows pool and a Linux pool asking for
+/// `bluebatch.nodes=embedded` get embedded nodes (127.0.0.1, no machine directory); a Windows
+/// pool asking for `sandbox` is refused. A serve without `--nodes sandbox` refuses `sandbox`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_serve_spends_join_tokens_refuses_system_names_and_still_embeds() {
+    if !prerequisites() {
+        return;
+    }
+    within(Duration::from_secs(240), "the test", async {
+        let base = scratch("sandbox-edges-");
+        let data = base.path().join("data");
+        let mut server = serve(&data, &[]);
+        let c = server.client();
+
+        // A sandboxed node: joined, so its token file is gone and the token spent.
+        add_pool(&c, "sb", 1).await;
+        let nodes = idle_nodes(&c, "sb", 1, &data).await;
+        let dirs = machine_dirs(&data);
+        assert_eq!(dirs.len(), 1, "{dirs:?}");
+        let machine = dirs[0].clone();
+        let token_file = data
+            .join("sandbox")
+            .join(&machine)
+            .join("var/lib/bluebatch-agent/join-token");
+        assert!(
+            data.join("sandbox")
+                .join(&machine)
+                .join("var/lib/bluebatch-agent")
+                .is_dir(),
+            "the agent's state directory is where the token file was"
+        );
+        // The manager removes it once the host is seen: allow it a moment after idle.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while token_file.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} still there after the node joined",
+                token_file.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let list = c.control("GET", "/join-tokens").send_within(T).await;
+        assert_eq!(list.status, 200, "{}", text(&list));
+        let list = list.json();
+        // A used token stays listed (`used: true`); the manager revoked this one: not listed.
+        assert!(
+            !list["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["pool"] == "sb"),
+            "the node's join token is still listed: {list}"
+        );
+        let hosts = c.control("GET", "/hosts").send_within(T).await;
+        assert_eq!(hosts.status, 200, "{}", text(&hosts));
+        assert_eq!(
+            hosts.json()["value"].as_array().map(Vec::len),
+            Some(1),
+            "the node's agent joined as a host: {}",
+            text(&hosts)
+        );
+        eprintln!("node {nodes:?} joined; tokens {list}");
+
+        // Every account the node has is refused before anything reaches the node; those the
+        // service's own list of system names does not hold (`postgres`, …) because the node
+        // has them: "reserved on this node".
+        let accounts = accounts_of(&data, &machine);
+        assert!(
+            accounts.iter().any(|a| a == "sshd" || a == "daemon"),
+            "{accounts:?}"
+        );
+        let mut by_the_node = Vec::new();
+        for name in &accounts {
+            let r = c
+                .req("POST", &format!("/pools/sb/nodes/{}/users", nodes[0].0))
+                .json(&serde_json::json!({"name": name, "password": "Api-pw-1234"}))
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, 400, "{name}: {}", text(&r));
+            assert_eq!(r.code(), "InvalidPropertyValue", "{name}: {}", text(&r));
+            let body = text(&r);
+            if body.contains("reserved on this node") {
+                by_the_node.push(name.clone());
+            } else {
+                assert!(
+                    body.contains("system account of the node"),
+                    "{name}: {body}"
+                );
+            }
+        }
+        assert!(
+            !by_the_node.is_empty(),
+            "no account of the node was refused as reserved on it: {accounts:?}"
+        );
+        eprintln!("reserved on the node: {by_the_node:?}");
+
+        // Windows, and Linux asking for embedded: embedded nodes, no machine of their own.
+        for (pool, os, meta) in [("win", "windows", None), ("emb", "linux", Some("embedded"))] {
+            let r = c
+                .req("POST", "/pools")
+                .json(&pool_of(pool, os, meta))
+                .send_within(T)
+                .await;
+            assert_eq!(r.status, 201, "{pool}: {}", text(&r));
+            let n = idle_nodes(&c, pool, 1, &data).await;
+            // An embedded node's own address is its pool's made-up one, not a veth's.
+            let ip: std::net::Ipv4Addr = n[0].1.parse().unwrap();
+            let [a, b, ..] = ip.octets();
+            assert!(!(a == 198 && b & 0xfe == 18), "{pool}: {n:?}");
+            assert_eq!(remote_login_ip(&c, pool, &n[0].0).await, "127.0.0.1");
+            let dirs = machine_dirs(&data);
+            assert_eq!(dirs, [machine.as_str()], "{pool} made no machine");
+        }
+
+        // A Windows pool asking for sandboxed nodes: refused, naming metadata.
+        let r = c
+            .req("POST", "/pools")
+            .json(&pool_of("winsb", "windows", Some("sandbox")))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 400, "{}", text(&r));
+        assert_eq!(r.code(), "InvalidPropertyValue", "{}", text(&r));
+        assert_eq!(r.value("PropertyName").as_deref(), Some("metadata"));
+        let r = c.req("GET", "/pools/winsb").send_within(T).await;
+        assert_eq!(r.status, 404, "nothing stored: {}", text(&r));
+        server.stop();
+
+        // Without --nodes sandbox, the value sandbox is refused.
+        let plain = Server::launch(&["--in-memory"]);
+        let c = plain.client();
+        let r = c
+            .req("POST", "/pools")
+            .json(&pool_of("sb", "linux", Some("sandbox")))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 400, "{}", text(&r));
+        assert_eq!(r.code(), "InvalidPropertyValue", "{}", text(&r));
+        assert_eq!(r.value("PropertyName").as_deref(), Some("metadata"));
+    })
+    .await
+}
