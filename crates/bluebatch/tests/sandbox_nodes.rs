@@ -298,31 +298,7 @@ fn ssh_command(
 /// One login attempt: accepted (the command's status and stdout), refused by sshd, or no SSH
 /// conversation at all (which a check of refusal must not take for one).
 async fn ssh_x(ip: &str, user: &str, auth: Auth<'_>, extra: &[&str], cmd: &str) -> SshOutcome {
-    let mut c = ssh_command(ip, user, &auth, extra, cmd);
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = match tokio::time::timeout(SSH_DEADLINE, c.output()).await {
-        Err(_) => return SshOutcome::Unreachable(format!("no outcome within {SSH_DEADLINE:?}")),
-        Ok(Err(e)) => return SshOutcome::Unreachable(format!("could not run ssh: {e}")),
-        Ok(Ok(out)) => out,
-    };
-    let code = out.status.code().unwrap_or(-1);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    // sshpass exits 5 when the password prompt comes back: sshd answered and refused. With
-    // PAM, an expired account is refused after authentication with "Your account has expired".
-    let expired = stderr.contains("Your account has expired");
-    if (code == 255 && (stderr.contains("Permission denied") || expired)) || code == 5 {
-        SshOutcome::Refused
-    } else if code == 255 || code == -1 {
-        SshOutcome::Unreachable(stderr)
-    } else {
-        SshOutcome::Accepted {
-            code,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        }
-    }
+    sandbox::outcome(ssh_command(ip, user, &auth, extra, cmd)).await
 }
 
 async fn ssh(ip: &str, user: &str, auth: Auth<'_>, cmd: &str) -> SshOutcome {

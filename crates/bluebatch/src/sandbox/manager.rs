@@ -1175,6 +1175,19 @@ mod machines {
         }
     }
 
+    /// Delete Pool `p`: no machine, no host, no files; then the manager and the service stop.
+    async fn delete_pool_leaves_nothing(svc: Service, data: &Path, manager: Manager) {
+        svc.delete_pool(DEV_ACCOUNT, "p", &|_| Ok(()))
+            .await
+            .unwrap();
+        eventually("nothing left after Delete Pool", || {
+            hosts(&svc).is_empty() && dirs(data).is_empty() && processes_of(data).is_empty()
+        })
+        .await;
+        manager.shutdown().await;
+        svc.shutdown().await;
+    }
+
     fn backed(svc: &Service, n: usize) -> bool {
         let h = hosts(svc);
         h.len() == n && h.iter().all(|h| h.nodes.len() == 1)
@@ -1260,15 +1273,7 @@ mod machines {
             backed(&svc, 1) && dirs(data).len() == 1
         })
         .await;
-        svc.delete_pool(DEV_ACCOUNT, "p", &|_| Ok(()))
-            .await
-            .unwrap();
-        eventually("nothing left after Delete Pool", || {
-            hosts(&svc).is_empty() && dirs(data).is_empty() && processes_of(data).is_empty()
-        })
-        .await;
-        manager.shutdown().await;
-        svc.shutdown().await;
+        delete_pool_leaves_nothing(svc, data, manager).await;
     }
 
     async fn add_pool(svc: &Service, nodes: u32) {
@@ -1383,14 +1388,6 @@ mod machines {
         .await;
 
         // Delete Pool: no machine, no host, no files.
-        svc.delete_pool(DEV_ACCOUNT, "p", &|_| Ok(()))
-            .await
-            .unwrap();
-        eventually("nothing left after Delete Pool", || {
-            hosts(&svc).is_empty() && dirs(data).is_empty() && processes_of(data).is_empty()
-        })
-        .await;
-        manager.shutdown().await;
-        svc.shutdown().await;
+        delete_pool_leaves_nothing(svc, data, manager).await;
     }
 }

@@ -603,7 +603,9 @@ pub fn entry(file: &str, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn outcome(mut cmd: tokio::process::Command) -> SshOutcome {
+/// Runs an ssh (or sshpass) command to its outcome: accepted (status and stdout), refused by
+/// sshd, or no SSH conversation at all (which a check of refusal must not take for one).
+pub async fn outcome(mut cmd: tokio::process::Command) -> SshOutcome {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
