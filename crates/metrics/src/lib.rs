@@ -1,0 +1,475 @@
+//! The figures an operator scrapes from `GET /_bluebatch/metrics`.
+//!
+//! One process-wide registry of fixed-shape atomics: recording is a couple of relaxed
+//! `fetch_add`s with no lock and no allocation, so it costs nothing measurable on the request
+//! path. Every layer records into [`global()`]; `wire` renders it with [`render`]. Names and
+//! labels are documented in `docs/performance.md` ("Metrics") and must not change lightly:
+//! dashboards depend on them.
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// The operations requests are counted by: the served Batch operations under their OpenAPI
+/// `operationId`, plus the non-Batch surfaces of the same listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Operation {
+    PoolAdd,
+    PoolList,
+    PoolGet,
+    PoolExists,
+    PoolDelete,
+    PoolResize,
+    PoolRemoveNodes,
+    ComputeNodeList,
+    ComputeNodeGet,
+    ComputeNodeAddUser,
+    ComputeNodeUpdateUser,
+    ComputeNodeDeleteUser,
+    ComputeNodeGetRemoteLoginSettings,
+    ComputeNodeReboot,
+    ComputeNodeReimage,
+    ComputeNodeDisableScheduling,
+    ComputeNodeEnableScheduling,
+    /// `/_bluebatch/...` control endpoints (health, ready, metrics, clock, ...).
+    Control,
+    /// The node protocol of `bluebatch agent` (join, poll, ack).
+    Agent,
+    /// Anything refused before it named an operation (bad path, verb, api-version, auth).
+    Unrouted,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 20] = [
+        Operation::PoolAdd,
+        Operation::PoolList,
+        Operation::PoolGet,
+        Operation::PoolExists,
+        Operation::PoolDelete,
+        Operation::PoolResize,
+        Operation::PoolRemoveNodes,
+        Operation::ComputeNodeList,
+        Operation::ComputeNodeGet,
+        Operation::ComputeNodeAddUser,
+        Operation::ComputeNodeUpdateUser,
+        Operation::ComputeNodeDeleteUser,
+        Operation::ComputeNodeGetRemoteLoginSettings,
+        Operation::ComputeNodeReboot,
+        Operation::ComputeNodeReimage,
+        Operation::ComputeNodeDisableScheduling,
+        Operation::ComputeNodeEnableScheduling,
+        Operation::Control,
+        Operation::Agent,
+        Operation::Unrouted,
+    ];
+
+    /// The label value: Azure's `operationId` for Batch operations.
+    pub fn label(self) -> &'static str {
+        match self {
+            Operation::PoolAdd => "Pool_Add",
+            Operation::PoolList => "Pool_List",
+            Operation::PoolGet => "Pool_Get",
+            Operation::PoolExists => "Pool_Exists",
+            Operation::PoolDelete => "Pool_Delete",
+            Operation::PoolResize => "Pool_Resize",
+            Operation::PoolRemoveNodes => "Pool_RemoveNodes",
+            Operation::ComputeNodeList => "ComputeNode_List",
+            Operation::ComputeNodeGet => "ComputeNode_Get",
+            Operation::ComputeNodeAddUser => "ComputeNode_AddUser",
+            Operation::ComputeNodeUpdateUser => "ComputeNode_UpdateUser",
+            Operation::ComputeNodeDeleteUser => "ComputeNode_DeleteUser",
+            Operation::ComputeNodeGetRemoteLoginSettings => "ComputeNode_GetRemoteLoginSettings",
+            Operation::ComputeNodeReboot => "ComputeNode_Reboot",
+            Operation::ComputeNodeReimage => "ComputeNode_Reimage",
+            Operation::ComputeNodeDisableScheduling => "ComputeNode_DisableScheduling",
+            Operation::ComputeNodeEnableScheduling => "ComputeNode_EnableScheduling",
+            Operation::Control => "control",
+            Operation::Agent => "agent",
+            Operation::Unrouted => "unrouted",
+        }
+    }
+}
+
+/// The statuses counted one by one; any other lands in the last slot, labelled `other`.
+const STATUSES: [u16; 19] = [
+    200, 201, 202, 204, 304, 400, 401, 403, 404, 405, 408, 409, 412, 413, 415, 429, 500, 501, 503,
+];
+const STATUS_SLOTS: usize = STATUSES.len() + 1;
+const OPS: usize = Operation::ALL.len();
+
+/// Upper bounds (seconds) of the latency buckets; `+Inf` is implied.
+const LATENCY_BOUNDS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+/// Upper bounds of the commit batch-size buckets (writes per commit).
+const BATCH_BOUNDS: [f64; 11] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+/// A histogram with fixed bounds: per-bucket counts (not cumulative until rendered), a sum and
+/// a count.
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Box<[AtomicU64]>,
+    /// Sum in millionths of the unit (µs for seconds), so it fits an integer atomic.
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation of `value` (seconds for durations, a count for sizes).
+    pub fn observe(&self, value: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add((value.max(0.0) * 1e6) as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(d.as_secs_f64());
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[self.bounds.len()].load(Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {cumulative}", braces(labels));
+    }
+}
+
+/// Where the node-apply lag was measured: an embedded node applies in the write itself; an
+/// agent (or sandboxed) node acknowledges over the node protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Embedded,
+    Agent,
+}
+
+/// Why the accept loop closed a connection it did not want (mirrors the wire's shed reasons).
+pub const SHED_REASONS: [&str; 5] = [
+    "head_timeout",
+    "idle_timeout",
+    "stalled",
+    "evicted",
+    "refused_per_source",
+];
+
+/// Every figure of the process.
+pub struct Metrics {
+    requests: Box<[AtomicU64]>,
+    latency: Box<[Histogram]>,
+    pub commit_batch: Histogram,
+    pub commit_duration: Histogram,
+    apply_lag: [Histogram; 2],
+    pub connections_open: AtomicI64,
+    pub connections_shed: [AtomicU64; 5],
+    pub ssh_sessions_open: AtomicI64,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            requests: (0..OPS * STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            latency: (0..OPS).map(|_| Histogram::new(&LATENCY_BOUNDS)).collect(),
+            commit_batch: Histogram::new(&BATCH_BOUNDS),
+            commit_duration: Histogram::new(&LATENCY_BOUNDS),
+            apply_lag: [
+                Histogram::new(&LATENCY_BOUNDS),
+                Histogram::new(&LATENCY_BOUNDS),
+            ],
+            connections_open: AtomicI64::new(0),
+            connections_shed: Default::default(),
+            ssh_sessions_open: AtomicI64::new(0),
+        }
+    }
+
+    /// One answered HTTP request: its operation, status and time from head read to answer.
+    pub fn request(&self, op: Operation, status: u16, elapsed: Duration) {
+        let slot = STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(STATUSES.len());
+        self.requests[op as usize * STATUS_SLOTS + slot].fetch_add(1, Relaxed);
+        self.latency[op as usize].observe_duration(elapsed);
+    }
+
+    /// Requests counted so far for `op` with `status` (tests and the bench read it).
+    pub fn requests_of(&self, op: Operation, status: u16) -> u64 {
+        let slot = STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(STATUSES.len());
+        self.requests[op as usize * STATUS_SLOTS + slot].load(Relaxed)
+    }
+
+    /// One durable commit of `writes` queued writes that took `elapsed` in the backend.
+    pub fn commit(&self, writes: usize, elapsed: Duration) {
+        self.commit_batch.observe(writes as f64);
+        self.commit_duration.observe_duration(elapsed);
+    }
+
+    /// Time from a write being committed to the change being in force on its node.
+    pub fn node_apply(&self, kind: NodeKind, lag: Duration) {
+        self.apply_lag[kind as usize].observe_duration(lag);
+    }
+
+    pub fn apply_lag(&self, kind: NodeKind) -> &Histogram {
+        &self.apply_lag[kind as usize]
+    }
+
+    pub fn shed(&self, reason: usize) {
+        if let Some(c) = self.connections_shed.get(reason) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// The process's registry.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Figures only the owner of some state knows at scrape time (e.g. agents connected), passed
+/// to [`render`] by whoever answers the scrape.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Snapshot {
+    pub agents_connected: u64,
+    pub agents_known: u64,
+}
+
+/// The whole registry in the Prometheus text exposition format, version 0.0.4.
+pub fn render(m: &Metrics, snap: Snapshot) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    };
+
+    head(
+        &mut out,
+        "bluebatch_http_requests_total",
+        "counter",
+        "HTTP requests answered, by operation and status code.",
+    );
+    for op in Operation::ALL {
+        for slot in 0..STATUS_SLOTS {
+            let n = m.requests[op as usize * STATUS_SLOTS + slot].load(Relaxed);
+            if n == 0 {
+                continue;
+            }
+            let status = STATUSES
+                .get(slot)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "other".into());
+            let _ = writeln!(
+                out,
+                "bluebatch_http_requests_total{{operation=\"{}\",status=\"{status}\"}} {n}",
+                op.label()
+            );
+        }
+    }
+
+    head(
+        &mut out,
+        "bluebatch_http_request_duration_seconds",
+        "histogram",
+        "Time from a request's head being read to its answer being written, by operation.",
+    );
+    for op in Operation::ALL {
+        let h = &m.latency[op as usize];
+        if h.count() == 0 {
+            continue;
+        }
+        h.render(
+            &mut out,
+            "bluebatch_http_request_duration_seconds",
+            &format!("operation=\"{}\"", op.label()),
+        );
+    }
+
+    head(
+        &mut out,
+        "bluebatch_http_connections_open",
+        "gauge",
+        "HTTP connections open now.",
+    );
+    let _ = writeln!(
+        out,
+        "bluebatch_http_connections_open {}",
+        m.connections_open.load(Relaxed).max(0)
+    );
+    head(
+        &mut out,
+        "bluebatch_http_connections_shed_total",
+        "counter",
+        "Connections the accept loop closed or refused, by reason.",
+    );
+    for (i, reason) in SHED_REASONS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "bluebatch_http_connections_shed_total{{reason=\"{reason}\"}} {}",
+            m.connections_shed[i].load(Relaxed)
+        );
+    }
+
+    head(
+        &mut out,
+        "bluebatch_store_commit_batch_size",
+        "histogram",
+        "Writes made durable by one store commit.",
+    );
+    m.commit_batch
+        .render(&mut out, "bluebatch_store_commit_batch_size", "");
+    head(
+        &mut out,
+        "bluebatch_store_commit_duration_seconds",
+        "histogram",
+        "Time one store commit took, its sync to disk included.",
+    );
+    m.commit_duration
+        .render(&mut out, "bluebatch_store_commit_duration_seconds", "");
+
+    head(
+        &mut out,
+        "bluebatch_node_apply_lag_seconds",
+        "histogram",
+        "Time from a user change being committed to it being in force on its node, by node kind.",
+    );
+    for (kind, label) in [(NodeKind::Embedded, "embedded"), (NodeKind::Agent, "agent")] {
+        m.apply_lag(kind).render(
+            &mut out,
+            "bluebatch_node_apply_lag_seconds",
+            &format!("kind=\"{label}\""),
+        );
+    }
+
+    head(
+        &mut out,
+        "bluebatch_ssh_sessions_open",
+        "gauge",
+        "SSH connections open now on this process's embedded nodes.",
+    );
+    let _ = writeln!(
+        out,
+        "bluebatch_ssh_sessions_open {}",
+        m.ssh_sessions_open.load(Relaxed).max(0)
+    );
+    head(
+        &mut out,
+        "bluebatch_agents_connected",
+        "gauge",
+        "Joined hosts (agents) that called within their grace period.",
+    );
+    let _ = writeln!(out, "bluebatch_agents_connected {}", snap.agents_connected);
+    head(
+        &mut out,
+        "bluebatch_agents_known",
+        "gauge",
+        "Joined hosts (agents) not revoked, connected or not.",
+    );
+    let _ = writeln!(out, "bluebatch_agents_known {}", snap.agents_known);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_count_everything() {
+        let h = Histogram::new(&LATENCY_BOUNDS);
+        h.observe(0.000_01);
+        h.observe(0.003);
+        h.observe(100.0);
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(
+            out.contains("x_bucket{a=\"b\",le=\"0.00005\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum{a=\"b\"} 100.00301\n"), "{out}");
+    }
+
+    #[test]
+    fn requests_render_by_operation_and_status_with_other_for_rare_codes() {
+        let m = Metrics::new();
+        m.request(
+            Operation::ComputeNodeUpdateUser,
+            200,
+            Duration::from_micros(300),
+        );
+        m.request(
+            Operation::ComputeNodeUpdateUser,
+            404,
+            Duration::from_millis(2),
+        );
+        m.request(Operation::PoolGet, 418, Duration::from_millis(2));
+        let text = render(&m, Snapshot::default());
+        assert!(text.contains(
+            "bluebatch_http_requests_total{operation=\"ComputeNode_UpdateUser\",status=\"200\"} 1\n"
+        ));
+        assert!(text.contains(
+            "bluebatch_http_requests_total{operation=\"ComputeNode_UpdateUser\",status=\"404\"} 1\n"
+        ));
+        assert!(text.contains(
+            "bluebatch_http_requests_total{operation=\"Pool_Get\",status=\"other\"} 1\n"
+        ));
+        assert!(text.contains(
+            "bluebatch_http_request_duration_seconds_count{operation=\"ComputeNode_UpdateUser\"} 2\n"
+        ));
+        assert!(!text.contains("operation=\"Pool_Add\""));
+        assert_eq!(m.requests_of(Operation::ComputeNodeUpdateUser, 404), 1);
+        // Every sample line is `name{labels} value` or `name value`; every family has HELP and TYPE.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').expect(line);
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+        assert_eq!(
+            text.matches("# HELP ").count(),
+            text.matches("# TYPE ").count()
+        );
+    }
+}
