@@ -2,9 +2,9 @@
 //!
 //! One process-wide registry of fixed-shape atomics: recording is a couple of relaxed
 //! `fetch_add`s with no lock and no allocation, so it costs nothing measurable on the request
-//! path. Every layer records into [`global()`]; `wire` renders it with [`render`]. Names and
-//! labels are documented in `docs/performance.md` ("Metrics") and must not change lightly:
-//! dashboards depend on them.
+//! path. Every layer records into [`global()`]; `wire` renders it with [`render`] for
+//! `GET /_bluebatch/metrics`. Every name, type, label and unit is documented in
+//! `docs/metrics.md` and must not change lightly: dashboards and alerts depend on them.
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;
@@ -201,7 +201,10 @@ pub struct Metrics {
     apply_lag: [Histogram; 2],
     pub connections_open: AtomicI64,
     pub connections_shed: [AtomicU64; 5],
+    /// SSH connections of this process's embedded nodes that are logged in (authenticated).
     pub ssh_sessions_open: AtomicI64,
+    /// Every SSH connection of this process's embedded nodes, logged in or not yet.
+    pub ssh_connections_open: AtomicI64,
 }
 
 impl Metrics {
@@ -218,6 +221,7 @@ impl Metrics {
             connections_open: AtomicI64::new(0),
             connections_shed: Default::default(),
             ssh_sessions_open: AtomicI64::new(0),
+            ssh_connections_open: AtomicI64::new(0),
         }
     }
 
@@ -386,12 +390,23 @@ pub fn render(m: &Metrics, snap: Snapshot) -> String {
         &mut out,
         "bluebatch_ssh_sessions_open",
         "gauge",
-        "SSH connections open now on this process's embedded nodes.",
+        "Logged-in SSH connections open now on this process's embedded nodes.",
     );
     let _ = writeln!(
         out,
         "bluebatch_ssh_sessions_open {}",
         m.ssh_sessions_open.load(Relaxed).max(0)
+    );
+    head(
+        &mut out,
+        "bluebatch_ssh_connections_open",
+        "gauge",
+        "SSH connections open now on this process's embedded nodes, logged in or not yet.",
+    );
+    let _ = writeln!(
+        out,
+        "bluebatch_ssh_connections_open {}",
+        m.ssh_connections_open.load(Relaxed).max(0)
     );
     head(
         &mut out,

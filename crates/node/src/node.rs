@@ -355,9 +355,15 @@ impl Drop for ConnSlot {
                 entry.pool.release(entry.source);
             } else {
                 conns.sessions = conns.sessions.saturating_sub(1);
+                bluebatch_metrics::global()
+                    .ssh_sessions_open
+                    .fetch_sub(1, Ordering::Relaxed);
             }
         }
         drop(conns);
+        bluebatch_metrics::global()
+            .ssh_connections_open
+            .fetch_sub(1, Ordering::Relaxed);
         if self.node.open_conns.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.node.conns_gone.notify_waiters();
         }
@@ -505,6 +511,9 @@ impl Node {
             },
         );
         self.open_conns.fetch_add(1, Ordering::SeqCst);
+        bluebatch_metrics::global()
+            .ssh_connections_open
+            .fetch_add(1, Ordering::Relaxed);
         Ok(ConnSlot {
             node: self.clone(),
             id,
@@ -585,6 +594,9 @@ impl Node {
         entry.pool.release(source);
         conns.end_startup(source);
         conns.sessions += 1;
+        bluebatch_metrics::global()
+            .ssh_sessions_open
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

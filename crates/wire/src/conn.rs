@@ -208,6 +208,8 @@ impl Registry {
 
     fn count(&self, why: Shed) {
         self.shed[why as usize].fetch_add(1, Ordering::Relaxed);
+        // The process-wide figure scraped from /_bluebatch/metrics (same reason order).
+        bluebatch_metrics::global().shed(why as usize);
     }
 
     /// Whether `source` may open one more connection.
@@ -416,6 +418,27 @@ impl Registry {
                 last_log = Instant::now();
             }
         }
+    }
+}
+
+/// Counts a connection in `bluebatch_http_connections_open` from its task's start to its end
+/// (however it ends: closed by either side, shed, its task aborted at shutdown).
+struct OpenGauge;
+
+impl OpenGauge {
+    fn new() -> Self {
+        bluebatch_metrics::global()
+            .connections_open
+            .fetch_add(1, Ordering::Relaxed);
+        OpenGauge
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        bluebatch_metrics::global()
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -728,6 +751,7 @@ struct Shared {
 }
 
 async fn connection(tcp: TcpStream, conn: Arc<Conn>, shared: Arc<Shared>) {
+    let _open = OpenGauge::new();
     let _registered = Registered {
         registry: shared.registry.clone(),
         conn: conn.clone(),
@@ -866,4 +890,24 @@ pub async fn serve(
     tasks.abort_all();
     reaper.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Shed;
+
+    #[test]
+    fn shed_reasons_are_counted_under_the_metrics_labels_of_the_same_order() {
+        let labels = bluebatch_metrics::SHED_REASONS;
+        for (why, label) in [
+            (Shed::HeadTimeout, "head_timeout"),
+            (Shed::IdleTimeout, "idle_timeout"),
+            (Shed::Stalled, "stalled"),
+            (Shed::Evicted, "evicted"),
+            (Shed::RefusedPerSource, "refused_per_source"),
+        ] {
+            assert_eq!(labels[why as usize], label);
+        }
+        assert_eq!(labels.len(), 5);
+    }
 }

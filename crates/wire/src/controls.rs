@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /_bluebatch/health` | liveness, no authentication |
 //! | `GET /_bluebatch/ready` | readiness, no authentication: 200 `{"status":"ready"}`, or 503 `ServerBusy` while the store (PostgreSQL) cannot be reached |
+//! | `GET /_bluebatch/metrics` | this process's figures in the Prometheus text format (0.0.4), no authentication (docs/metrics.md) |
 //! | `POST /_bluebatch/reset` | forget every pool, node and user of the calling account |
 //! | `GET /_bluebatch/clock` | the service clock |
 //! | `POST /_bluebatch/clock/advance` `{"by":"1d12h"}` | move the service clock forward (stored: survives a restart) |
@@ -17,7 +18,7 @@
 //! | `POST /_bluebatch/hosts/{id}/drain` | the host takes no new pools (its nodes stay until their pools release them): the host |
 //! | `POST /_bluebatch/hosts/{id}/revoke` | the host's credential dies, its nodes leave their pools: `{id, revoked: true}` |
 //!
-//! Everything but health and ready needs the same Shared Key (or bearer) authentication as the Batch API;
+//! Everything but health, ready and metrics needs the same Shared Key (or bearer) authentication as the Batch API;
 //! `api-version` is not required. The agents' own endpoints (`/_bluebatch/agent/…`) take a node
 //! credential instead: see [`crate::agents`].
 
@@ -51,6 +52,17 @@ pub(crate) async fn handle(
         return Ok(json_response(
             json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
         ));
+    }
+    if rest == "/metrics" {
+        // Unauthenticated like health, so a Prometheus server scrapes it without an account
+        // key: it holds counts only (no id, name, address or secret of any account, pool, node
+        // or user), and an operator who wants it private firewalls the port. Answered from
+        // this process's registry and hub, before any store round trip: a replica that cannot
+        // reach its store still reports why.
+        if m != Method::GET && m != Method::HEAD {
+            return Err(BatchError::new(Code::UnsupportedHttpVerb));
+        }
+        return Ok(metrics_response(app));
     }
     if rest == "/ready" {
         // Readiness: whether this replica can reach its store (always, on the embedded one).
@@ -308,6 +320,36 @@ fn host_json(h: &bluebatch_service::HostView) -> Value {
         "connected": h.connected,
         "lastSeen": h.last_seen.map(iso),
     })
+}
+
+/// The media type of the Prometheus text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `GET /_bluebatch/metrics`: the registry rendered with what only the service knows now
+/// (agents connected and known). `Content-Length` is set, so that HEAD tells it too.
+fn metrics_response(app: &App) -> Response<Body> {
+    let (agents_connected, agents_known) = app.service.agents_connected_and_known();
+    let text = bluebatch_metrics::render(
+        bluebatch_metrics::global(),
+        bluebatch_metrics::Snapshot {
+            agents_connected,
+            agents_known,
+        },
+    );
+    let len = text.len();
+    let mut r = Response::new(Body::from(text));
+    let h = r.headers_mut();
+    h.insert(
+        "content-type",
+        axum::http::HeaderValue::from_static(METRICS_CONTENT_TYPE),
+    );
+    h.insert("content-length", axum::http::HeaderValue::from(len));
+    // A scrape must see the figures of now, never a cache's.
+    h.insert(
+        "cache-control",
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 fn clock_json(app: &App) -> Response<Body> {

@@ -183,6 +183,27 @@ impl Service {
         }
     }
 
+    /// (connected, known) joined hosts of every account, as `GET /_bluebatch/hosts` counts
+    /// them (`connected` as there; known: joined and not revoked), for the metrics scrape.
+    pub fn agents_connected_and_known(&self) -> (u64, u64) {
+        let st = self.lock();
+        let grace = self.grace();
+        let now = OffsetDateTime::now_utc();
+        let connected = st
+            .hub
+            .hosts
+            .values()
+            .filter(|h| {
+                !h.away
+                    && (h.polls > 0
+                        || h.last_seen
+                            .max(h.seen_elsewhere)
+                            .is_some_and(|t| now - t <= grace))
+            })
+            .count();
+        (connected as u64, st.hub.hosts.len() as u64)
+    }
+
     pub fn list_hosts(&self, account: &str) -> Vec<HostView> {
         let st = self.lock();
         st.hub
