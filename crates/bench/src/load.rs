@@ -223,12 +223,23 @@ where
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Plan {
     pub conns: usize,
     pub duration: Duration,
     /// Operations per second over all connections; `None`: as fast as they go.
     pub rate: Option<f64>,
+    /// A scraper beside the load, on a connection of its own (as a monitoring system would be).
+    pub scrape: Option<Scrape>,
+}
+
+/// A request sent at a fixed rate beside the load (e.g. `GET /_bluebatch/metrics`), expected to
+/// answer 200. Its latencies go to [`Outcome::scrapes`], not to the operations' figures; a
+/// failed scrape counts as a failed operation of the run.
+#[derive(Clone, Debug)]
+pub struct Scrape {
+    pub spec: Spec,
+    pub per_sec: f64,
 }
 
 #[derive(Debug, Default)]
@@ -240,6 +251,10 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Latency of each successful operation, in microseconds, sorted.
     pub lat_us: Vec<u32>,
+    /// Latency of each successful scrape ([`Plan::scrape`]), in microseconds, sorted.
+    pub scrapes: Vec<u32>,
+    /// Bytes of the last scrape's answer.
+    pub scrape_bytes: usize,
 }
 
 impl Outcome {
@@ -253,9 +268,12 @@ impl Outcome {
         }
         self.elapsed += o.elapsed;
         self.lat_us.extend(o.lat_us);
+        self.scrapes.extend(o.scrapes);
+        self.scrape_bytes = self.scrape_bytes.max(o.scrape_bytes);
     }
     pub fn finish(&mut self) {
         self.lat_us.sort_unstable();
+        self.scrapes.sort_unstable();
     }
     pub fn ops_per_sec(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
@@ -288,8 +306,41 @@ pub async fn run(
     for _ in 0..plan.conns {
         conns.push(Conn::connect(addr, signer.clone()).await?);
     }
+    let scraper = match &plan.scrape {
+        Some(sc) => Some((
+            Conn::connect(addr, signer.clone()).await?,
+            sc.spec.clone(),
+            sc.per_sec,
+        )),
+        None => None,
+    };
     let start = Instant::now();
     let deadline = start + plan.duration;
+    let scraper = scraper.map(|(mut conn, spec, per_sec)| {
+        tokio::spawn(async move {
+            let mut out = Outcome::default();
+            for k in 0u64.. {
+                let at = start + Duration::from_secs_f64(k as f64 / per_sec.max(1e-3));
+                if at >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                let t = Instant::now();
+                match conn.expect(&spec, 200).await {
+                    Ok(a) => {
+                        out.scrapes
+                            .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                        out.scrape_bytes = a.body.len();
+                    }
+                    Err(e) => {
+                        out.errors += 1;
+                        out.first_error.get_or_insert(format!("scrape: {e}"));
+                    }
+                }
+            }
+            out
+        })
+    });
     let ticket = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::with_capacity(plan.conns);
@@ -360,7 +411,16 @@ pub async fn run(
         total.lat_us.extend(o.lat_us);
     }
     total.elapsed = start.elapsed();
-    total.lat_us.sort_unstable();
+    if let Some(t) = scraper {
+        let o = t.await.map_err(|e| format!("the scraper failed: {e}"))?;
+        total.errors += o.errors;
+        if total.first_error.is_none() {
+            total.first_error = o.first_error;
+        }
+        total.scrapes = o.scrapes;
+        total.scrape_bytes = o.scrape_bytes;
+    }
+    total.finish();
     Ok(total)
 }
 
