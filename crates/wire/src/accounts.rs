@@ -2,6 +2,8 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use hmac::{Hmac, KeyInit};
+use sha2::Sha256;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -18,7 +20,34 @@ pub struct Accounts {
 }
 
 /// Account name → its decoded keys (primary first).
-type KeyMap = HashMap<String, Arc<[Vec<u8>]>>;
+type KeyMap = HashMap<String, Arc<[AccountKey]>>;
+
+/// One decoded account key with its keyed HMAC-SHA256 state, computed once when the key is
+/// loaded: a signature check clones the state instead of deriving the inner and outer pads
+/// (two SHA-256 blocks) again for every request.
+#[derive(Clone)]
+pub struct AccountKey {
+    raw: Vec<u8>,
+    mac: Hmac<Sha256>,
+}
+
+impl AccountKey {
+    fn new(raw: Vec<u8>) -> Self {
+        let mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&raw).expect("HMAC takes any key length");
+        Self { raw, mac }
+    }
+
+    /// The decoded key.
+    pub fn bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// A fresh HMAC-SHA256 keyed with this key (nothing fed yet).
+    pub fn mac(&self) -> Hmac<Sha256> {
+        self.mac.clone()
+    }
+}
 
 /// Account names as Azure allows them: 3 to 24 lower-case letters and digits.
 pub fn valid_account_name(name: &str) -> bool {
@@ -54,7 +83,8 @@ impl Accounts {
         if decoded.is_empty() || decoded.iter().any(Vec::is_empty) {
             return Err(format!("account {name} needs at least one non-empty key"));
         }
-        self.write().insert(name.to_string(), decoded.into());
+        let keys: Vec<AccountKey> = decoded.into_iter().map(AccountKey::new).collect();
+        self.write().insert(name.to_string(), keys.into());
         Ok(())
     }
 
@@ -66,7 +96,7 @@ impl Accounts {
         self.keys.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn keys(&self, name: &str) -> Option<Arc<[Vec<u8>]>> {
+    pub fn keys(&self, name: &str) -> Option<Arc<[AccountKey]>> {
         self.read().get(name).cloned()
     }
 
@@ -90,7 +120,12 @@ impl Accounts {
         let mut out: Vec<(String, Vec<String>)> = self
             .read()
             .iter()
-            .map(|(n, ks)| (n.clone(), ks.iter().map(|k| STANDARD.encode(k)).collect()))
+            .map(|(n, ks)| {
+                (
+                    n.clone(),
+                    ks.iter().map(|k| STANDARD.encode(k.bytes())).collect(),
+                )
+            })
             .collect();
         out.sort();
         out

@@ -2,6 +2,7 @@
 //! account it acts for, or a Batch error. Handlers never see an unauthenticated request.
 //! Shared Key is checked in [`crate::sharedkey`], bearer tokens in [`crate::bearer`].
 
+use crate::query::Params;
 use crate::respond::{self, Ctx};
 use crate::server::WireConfig;
 use crate::sharedkey::{self, Signed};
@@ -25,6 +26,16 @@ pub fn authenticate(
     config: &WireConfig,
     now: OffsetDateTime,
 ) -> Result<String, BatchError> {
+    authenticate_with(req, &Params::lenient(req.raw_query), config, now)
+}
+
+/// [`authenticate`] with `req.raw_query` already decoded (`params`, once, by the caller).
+pub fn authenticate_with(
+    req: &Signed<'_>,
+    params: &Params<'_>,
+    config: &WireConfig,
+    now: OffsetDateTime,
+) -> Result<String, BatchError> {
     match bearer_token(req.headers) {
         // A refused token like any other: 401 with the invalid_token challenge.
         Some("") => Err(BatchError::new(Code::AuthenticationRequired).with(
@@ -39,7 +50,7 @@ pub fn authenticate(
                  accounts file); use Shared Key.",
             )),
         },
-        None => sharedkey::verify(req, &config.accounts, now),
+        None => sharedkey::verify_with(req, params, &config.accounts, now),
     }
 }
 

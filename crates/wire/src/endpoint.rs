@@ -4,6 +4,7 @@ use crate::percent::decode;
 use crate::unserved::{self, Lookup};
 use axum::http::Method;
 use bluebatch_core::error::{BatchError, Code};
+use bluebatch_metrics::Operation;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -69,6 +70,33 @@ pub enum Endpoint {
 
 /// Query parameters an operation knows besides `api-version` and `timeout`.
 impl Endpoint {
+    /// The operation, as the metrics name it.
+    pub fn operation(&self) -> Operation {
+        match self {
+            Endpoint::PoolAdd => Operation::PoolAdd,
+            Endpoint::PoolList => Operation::PoolList,
+            Endpoint::PoolGet { .. } => Operation::PoolGet,
+            Endpoint::PoolExists { .. } => Operation::PoolExists,
+            Endpoint::PoolDelete { .. } => Operation::PoolDelete,
+            Endpoint::PoolResize { .. } => Operation::PoolResize,
+            Endpoint::PoolRemoveNodes { .. } => Operation::PoolRemoveNodes,
+            Endpoint::ComputeNodeList { .. } => Operation::ComputeNodeList,
+            Endpoint::ComputeNodeGet { .. } => Operation::ComputeNodeGet,
+            Endpoint::ComputeNodeAddUser { .. } => Operation::ComputeNodeAddUser,
+            Endpoint::ComputeNodeUpdateUser { .. } => Operation::ComputeNodeUpdateUser,
+            Endpoint::ComputeNodeDeleteUser { .. } => Operation::ComputeNodeDeleteUser,
+            Endpoint::ComputeNodeGetRemoteLoginSettings { .. } => {
+                Operation::ComputeNodeGetRemoteLoginSettings
+            }
+            Endpoint::ComputeNodeReboot { .. } => Operation::ComputeNodeReboot,
+            Endpoint::ComputeNodeReimage { .. } => Operation::ComputeNodeReimage,
+            Endpoint::ComputeNodeDisableScheduling { .. } => {
+                Operation::ComputeNodeDisableScheduling
+            }
+            Endpoint::ComputeNodeEnableScheduling { .. } => Operation::ComputeNodeEnableScheduling,
+        }
+    }
+
     pub fn extra_query_params(&self) -> &'static [&'static str] {
         match self {
             Endpoint::PoolList => &["$filter", "$select", "$expand", "maxresults", "$skiptoken"],
@@ -121,95 +149,124 @@ pub fn route_segments(raw_path: &str) -> Result<Vec<String>, BatchError> {
 /// ([`crate::unserved`]), a path that names nothing in the published API `InvalidUri`, a known
 /// path with another method `UnsupportedHttpVerb`.
 pub fn route(method: &Method, raw_path: &str) -> Result<Endpoint, BatchError> {
-    let segs = route_segments(raw_path)?;
-    served(method, &segs).map_err(|e| match unserved::lookup(method, &segs) {
+    let mut segs = route_segments(raw_path)?;
+    served(method, &mut segs).map_err(|e| match unserved::lookup(method, &segs) {
         Lookup::Operation(op) => unserved::not_served(op),
         Lookup::OtherMethod => verb_not_allowed(),
         Lookup::Unknown => e,
     })
 }
 
-/// The operations bluebatch serves.
-fn served(method: &Method, segs: &[String]) -> Result<Endpoint, BatchError> {
-    let lit = |i: usize, name: &str| segs.get(i).is_some_and(|s| s.eq_ignore_ascii_case(name));
-    let m = method;
-    let pick = |allowed: &[(Method, Endpoint)]| {
-        allowed
-            .iter()
-            .find(|(am, _)| am == m)
-            .map(|(_, e)| e.clone())
-            .ok_or_else(verb_not_allowed)
+/// Moves segment `i` out (the segments are not read again once an endpoint is chosen).
+fn take(segs: &mut [String], i: usize) -> String {
+    std::mem::take(&mut segs[i])
+}
+
+/// The operations bluebatch serves. The segments are left as they were unless an endpoint is
+/// returned (the unserved lookup reads them after a refusal).
+fn served(method: &Method, segs: &mut [String]) -> Result<Endpoint, BatchError> {
+    let lit = |segs: &[String], i: usize, name: &str| {
+        segs.get(i).is_some_and(|s| s.eq_ignore_ascii_case(name))
     };
-    if !lit(0, "pools") {
+    let m = method;
+    if !lit(segs, 0, "pools") {
         return Err(invalid_uri());
     }
     match segs.len() {
-        1 => pick(&[
-            (Method::POST, Endpoint::PoolAdd),
-            (Method::GET, Endpoint::PoolList),
-        ]),
-        2 => {
-            let pool = segs[1].clone();
-            pick(&[
-                (Method::GET, Endpoint::PoolGet { pool: pool.clone() }),
-                (Method::HEAD, Endpoint::PoolExists { pool: pool.clone() }),
-                (Method::DELETE, Endpoint::PoolDelete { pool }),
-            ])
-        }
+        1 => match *m {
+            Method::POST => Ok(Endpoint::PoolAdd),
+            Method::GET => Ok(Endpoint::PoolList),
+            _ => Err(verb_not_allowed()),
+        },
+        2 => match *m {
+            Method::GET => Ok(Endpoint::PoolGet {
+                pool: take(segs, 1),
+            }),
+            Method::HEAD => Ok(Endpoint::PoolExists {
+                pool: take(segs, 1),
+            }),
+            Method::DELETE => Ok(Endpoint::PoolDelete {
+                pool: take(segs, 1),
+            }),
+            _ => Err(verb_not_allowed()),
+        },
         3 => {
-            let pool = segs[1].clone();
-            if lit(2, "resize") {
-                pick(&[(Method::POST, Endpoint::PoolResize { pool })])
-            } else if lit(2, "removenodes") {
-                pick(&[(Method::POST, Endpoint::PoolRemoveNodes { pool })])
-            } else if lit(2, "nodes") {
-                pick(&[(Method::GET, Endpoint::ComputeNodeList { pool })])
+            let make: fn(String) -> Endpoint = if lit(segs, 2, "resize") {
+                |pool| Endpoint::PoolResize { pool }
+            } else if lit(segs, 2, "removenodes") {
+                |pool| Endpoint::PoolRemoveNodes { pool }
+            } else if lit(segs, 2, "nodes") {
+                |pool| Endpoint::ComputeNodeList { pool }
             } else {
-                Err(invalid_uri())
+                return Err(invalid_uri());
+            };
+            let allowed = if lit(segs, 2, "nodes") {
+                Method::GET
+            } else {
+                Method::POST
+            };
+            if *m != allowed {
+                return Err(verb_not_allowed());
             }
+            Ok(make(take(segs, 1)))
         }
-        4 if lit(2, "nodes") => {
-            let (pool, node) = (segs[1].clone(), segs[3].clone());
-            pick(&[(Method::GET, Endpoint::ComputeNodeGet { pool, node })])
-        }
-        5 if lit(2, "nodes") => {
-            let (pool, node) = (segs[1].clone(), segs[3].clone());
-            let op = segs[4].to_ascii_lowercase();
-            match op.as_str() {
-                "users" => pick(&[(Method::POST, Endpoint::ComputeNodeAddUser { pool, node })]),
-                "remoteloginsettings" => pick(&[(
-                    Method::GET,
-                    Endpoint::ComputeNodeGetRemoteLoginSettings { pool, node },
-                )]),
-                "reboot" => pick(&[(Method::POST, Endpoint::ComputeNodeReboot { pool, node })]),
-                "reimage" => pick(&[(Method::POST, Endpoint::ComputeNodeReimage { pool, node })]),
-                "disablescheduling" => pick(&[(
-                    Method::POST,
-                    Endpoint::ComputeNodeDisableScheduling { pool, node },
-                )]),
-                "enablescheduling" => pick(&[(
-                    Method::POST,
-                    Endpoint::ComputeNodeEnableScheduling { pool, node },
-                )]),
-                _ => Err(invalid_uri()),
+        4 if lit(segs, 2, "nodes") => {
+            if *m != Method::GET {
+                return Err(verb_not_allowed());
             }
+            Ok(Endpoint::ComputeNodeGet {
+                pool: take(segs, 1),
+                node: take(segs, 3),
+            })
         }
-        6 if lit(2, "nodes") && lit(4, "users") => {
-            let (pool, node, user) = (segs[1].clone(), segs[3].clone(), segs[5].clone());
-            pick(&[
-                (
-                    Method::PUT,
-                    Endpoint::ComputeNodeUpdateUser {
-                        pool: pool.clone(),
-                        node: node.clone(),
-                        user: user.clone(),
-                    },
-                ),
-                (
-                    Method::DELETE,
-                    Endpoint::ComputeNodeDeleteUser { pool, node, user },
-                ),
-            ])
+        5 if lit(segs, 2, "nodes") => {
+            type Make = fn(String, String) -> Endpoint;
+            let (allowed, make): (Method, Make) = if lit(segs, 4, "users") {
+                (Method::POST, |pool, node| Endpoint::ComputeNodeAddUser {
+                    pool,
+                    node,
+                })
+            } else if lit(segs, 4, "remoteloginsettings") {
+                (Method::GET, |pool, node| {
+                    Endpoint::ComputeNodeGetRemoteLoginSettings { pool, node }
+                })
+            } else if lit(segs, 4, "reboot") {
+                (Method::POST, |pool, node| Endpoint::ComputeNodeReboot {
+                    pool,
+                    node,
+                })
+            } else if lit(segs, 4, "reimage") {
+                (Method::POST, |pool, node| Endpoint::ComputeNodeReimage {
+                    pool,
+                    node,
+                })
+            } else if lit(segs, 4, "disablescheduling") {
+                (Method::POST, |pool, node| {
+                    Endpoint::ComputeNodeDisableScheduling { pool, node }
+                })
+            } else if lit(segs, 4, "enablescheduling") {
+                (Method::POST, |pool, node| {
+                    Endpoint::ComputeNodeEnableScheduling { pool, node }
+                })
+            } else {
+                return Err(invalid_uri());
+            };
+            if *m != allowed {
+                return Err(verb_not_allowed());
+            }
+            Ok(make(take(segs, 1), take(segs, 3)))
+        }
+        6 if lit(segs, 2, "nodes") && lit(segs, 4, "users") => {
+            let make: fn(String, String, String) -> Endpoint = match *m {
+                Method::PUT => {
+                    |pool, node, user| Endpoint::ComputeNodeUpdateUser { pool, node, user }
+                }
+                Method::DELETE => {
+                    |pool, node, user| Endpoint::ComputeNodeDeleteUser { pool, node, user }
+                }
+                _ => return Err(verb_not_allowed()),
+            };
+            Ok(make(take(segs, 1), take(segs, 3), take(segs, 5)))
         }
         _ => Err(invalid_uri()),
     }

@@ -3,6 +3,7 @@
 use crate::endpoint::Endpoint;
 use crate::percent::decode;
 use bluebatch_core::error::{BatchError, Code};
+use std::borrow::Cow;
 
 /// Every published Batch data-plane version (the `stable/` folders of Azure's spec repository).
 /// They share the semantics of the operations in scope.
@@ -43,7 +44,8 @@ pub struct Query {
     pub expand: Option<String>,
     pub max_results: u32,
     pub skip_token: Option<String>,
-    /// Parameters as sent (decoded), minus `$skiptoken`, to build `odata.nextLink`.
+    /// Parameters as sent (decoded), minus `$skiptoken`, to build `odata.nextLink` (lists only:
+    /// no other answer links onwards).
     pub for_next_link: Vec<(String, String)>,
 }
 
@@ -54,36 +56,76 @@ impl Query {
     }
 }
 
-/// Decoded (name, value) pairs; a malformed escape is `InvalidQueryParameterValue`.
-fn pairs(raw: &str) -> Result<Vec<(String, String)>, BatchError> {
-    raw.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
+/// The query string decoded once: every (name, value) pair in order, borrowed from the request
+/// line where nothing needed decoding. The api-version check, Shared Key's canonical form and
+/// [`parse`] all read this one pass.
+#[derive(Debug, Default)]
+pub struct Params<'a> {
+    pairs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+}
+
+/// `+` as a space, then `%XX` escapes; borrowed when there is neither.
+fn decode_part(s: &str) -> Option<Cow<'_, str>> {
+    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+        return Some(Cow::Borrowed(s));
+    }
+    if s.contains('+') {
+        decode(&s.replace('+', " ")).map(Cow::Owned)
+    } else {
+        decode(s).map(Cow::Owned)
+    }
+}
+
+impl<'a> Params<'a> {
+    /// Decoded (name, value) pairs; a malformed escape is `InvalidQueryParameterValue`.
+    pub fn parse(raw: &'a str) -> Result<Self, BatchError> {
+        let mut pairs = Vec::new();
+        for p in raw.split('&').filter(|p| !p.is_empty()) {
             let (n, v) = p.split_once('=').unwrap_or((p, ""));
-            let n = decode(&n.replace('+', " "));
-            let v = decode(&v.replace('+', " "));
-            match (n, v) {
-                (Some(n), Some(v)) => Ok((n, v)),
-                (n, _) => Err(BatchError::new(Code::InvalidQueryParameterValue)
-                    .with("QueryParameterName", n.unwrap_or_default())
-                    .with("Reason", "the value is not correctly percent-encoded UTF-8")),
+            match (decode_part(n), decode_part(v)) {
+                (Some(n), Some(v)) => pairs.push((n, v)),
+                (n, _) => {
+                    return Err(BatchError::new(Code::InvalidQueryParameterValue)
+                        .with("QueryParameterName", n.unwrap_or_default().into_owned())
+                        .with("Reason", "the value is not correctly percent-encoded UTF-8"));
+                }
             }
-        })
-        .collect()
+        }
+        Ok(Self { pairs })
+    }
+
+    /// As [`Params::parse`], leaving out the pairs that do not decode (what Shared Key's
+    /// canonical form does with them).
+    pub fn lenient(raw: &'a str) -> Self {
+        let pairs = raw
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| {
+                let (n, v) = p.split_once('=').unwrap_or((p, ""));
+                Some((decode_part(n)?, decode_part(v)?))
+            })
+            .collect();
+        Self { pairs }
+    }
+
+    /// The decoded pairs, in request order.
+    pub fn pairs(&self) -> &[(Cow<'a, str>, Cow<'a, str>)] {
+        &self.pairs
+    }
 }
 
 /// The api-version check, which comes before authentication.
-pub fn api_version(raw: &str, accept_any: bool) -> Result<String, BatchError> {
-    let pairs = pairs(raw)?;
-    let v = pairs
+pub fn api_version<'p>(params: &'p Params<'_>, accept_any: bool) -> Result<&'p str, BatchError> {
+    let v = params
+        .pairs
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("api-version"))
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| v.as_ref())
         .ok_or_else(|| {
             BatchError::new(Code::MissingRequiredQueryParameter)
                 .with("QueryParameterName", "api-version")
         })?;
-    if !accept_any && !API_VERSIONS.contains(&v.as_str()) {
+    if !accept_any && !API_VERSIONS.contains(&v) {
         return Err(BatchError::new(Code::UnsupportedRequestVersion)
             .with("QueryParameterName", "api-version")
             .with(
@@ -95,47 +137,53 @@ pub fn api_version(raw: &str, accept_any: bool) -> Result<String, BatchError> {
 }
 
 /// Every query parameter of the request, checked against what the endpoint knows.
-pub fn parse(raw: &str, endpoint: &Endpoint, api_version: String) -> Result<Query, BatchError> {
+pub fn parse(
+    params: &Params<'_>,
+    endpoint: &Endpoint,
+    api_version: &str,
+) -> Result<Query, BatchError> {
     let mut q = Query {
-        api_version,
+        api_version: api_version.to_string(),
         timeout: DEFAULT_TIMEOUT,
         max_results: MAX_RESULTS,
         ..Query::default()
     };
     let extra = endpoint.extra_query_params();
-    for (name, value) in pairs(raw)? {
-        let lname = name.to_ascii_lowercase();
+    // Only a list's answer links to its next page.
+    let links = extra.contains(&"$skiptoken");
+    for (name, value) in &params.pairs {
+        let (name, value) = (name.as_ref(), value.as_ref());
         let bad = |code: Code, reason: &str| {
             BatchError::new(code)
-                .with("QueryParameterName", name.as_str())
+                .with("QueryParameterName", name)
                 .with(
                     "QueryParameterValue",
                     value.chars().take(64).collect::<String>(),
                 )
                 .with("Reason", reason)
         };
-        match lname.as_str() {
-            "api-version" => {}
-            "timeout" => {
-                let t: i64 = value.parse().map_err(|_| {
-                    bad(
-                        Code::InvalidQueryParameterValue,
-                        "timeout is a whole number of seconds",
-                    )
-                })?;
-                if t < 1 {
-                    return Err(bad(
-                        Code::OutOfRangeQueryParameterValue,
-                        "timeout must be at least 1",
-                    ));
-                }
-                q.timeout = t.min(i64::from(DEFAULT_TIMEOUT)) as u32;
+        let is = |known: &str| name.eq_ignore_ascii_case(known);
+        if is("api-version") {
+        } else if is("timeout") {
+            let t: i64 = value.parse().map_err(|_| {
+                bad(
+                    Code::InvalidQueryParameterValue,
+                    "timeout is a whole number of seconds",
+                )
+            })?;
+            if t < 1 {
+                return Err(bad(
+                    Code::OutOfRangeQueryParameterValue,
+                    "timeout must be at least 1",
+                ));
             }
-            n if extra.contains(&n) => match n {
-                "$filter" => q.filter = Some(value.clone()),
-                "$select" => q.select = Some(value.clone()),
-                "$expand" => q.expand = Some(value.clone()),
-                "$skiptoken" => q.skip_token = Some(value.clone()),
+            q.timeout = t.min(i64::from(DEFAULT_TIMEOUT)) as u32;
+        } else if let Some(n) = extra.iter().find(|n| is(n)) {
+            match *n {
+                "$filter" => q.filter = Some(value.to_string()),
+                "$select" => q.select = Some(value.to_string()),
+                "$expand" => q.expand = Some(value.to_string()),
+                "$skiptoken" => q.skip_token = Some(value.to_string()),
                 "maxresults" => {
                     let m: i64 = value.parse().map_err(|_| {
                         bad(
@@ -152,16 +200,15 @@ pub fn parse(raw: &str, endpoint: &Endpoint, api_version: String) -> Result<Quer
                     q.max_results = m as u32;
                 }
                 _ => unreachable!("every extra parameter is handled"),
-            },
-            _ => {
-                return Err(BatchError::new(Code::UnsupportedQueryParameter).with(
-                    "QueryParameterName",
-                    name.chars().take(64).collect::<String>(),
-                ));
             }
+        } else {
+            return Err(BatchError::new(Code::UnsupportedQueryParameter).with(
+                "QueryParameterName",
+                name.chars().take(64).collect::<String>(),
+            ));
         }
-        if lname != "$skiptoken" {
-            q.for_next_link.push((name, value));
+        if links && !is("$skiptoken") {
+            q.for_next_link.push((name.to_string(), value.to_string()));
         }
     }
     Ok(q)
@@ -170,6 +217,14 @@ pub fn parse(raw: &str, endpoint: &Endpoint, api_version: String) -> Result<Quer
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn api_version(raw: &str, accept_any: bool) -> Result<String, BatchError> {
+        super::api_version(&Params::parse(raw)?, accept_any).map(str::to_string)
+    }
+
+    fn parse(raw: &str, endpoint: &Endpoint, api_version: String) -> Result<Query, BatchError> {
+        super::parse(&Params::parse(raw)?, endpoint, &api_version)
+    }
 
     #[test]
     fn api_version_rules() {

@@ -15,6 +15,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, Response, request::Parts};
 use bluebatch_core::error::{BatchError, Code};
+use bluebatch_metrics::Operation;
 use bluebatch_service::Service;
 use http_body_util::BodyExt;
 use std::sync::Arc;
@@ -126,7 +127,8 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
     // What is left of the body once the answer is known: drained before answering, so a client
     // still writing it reads the answer instead of a reset.
     let mut body = Unread::Body(body);
-    let answer = match process(&app, &parts, &mut body, &mut ctx).await {
+    let mut op = Operation::Unrouted;
+    let answer = match process(&app, &parts, &mut body, &mut ctx, &mut op).await {
         Ok(r) => r,
         Err(e) => {
             if e.code == Code::InternalError {
@@ -148,7 +150,9 @@ async fn handle(State(app): State<Arc<App>>, req: Request) -> Response<Body> {
                 .insert("connection", axum::http::HeaderValue::from_static("close"));
         }
     }
-    log_request(&parts, &ctx, &answer, started.elapsed());
+    let elapsed = started.elapsed();
+    bluebatch_metrics::global().request(op, answer.status().as_u16(), elapsed);
+    log_request(&parts, &ctx, &answer, elapsed);
     answer
 }
 
@@ -198,6 +202,10 @@ async fn drain(headers: &HeaderMap, body: &mut Body) -> bool {
 /// out but for `api-version`), status, the Batch error code of an error, duration, request-id and
 /// the account once authenticated. Never headers or bodies.
 fn log_request(parts: &Parts, ctx: &Ctx, answer: &Response<Body>, elapsed: Duration) {
+    // Nothing is built for a line nobody reads (the level is off in benchmarks and most serves).
+    if !tracing::enabled!(target: "bluebatch::http", tracing::Level::INFO) {
+        return;
+    }
     let path: String = parts.uri.path().chars().take(512).collect();
     let api_version = parts
         .uri
@@ -238,11 +246,14 @@ fn log_request(parts: &Parts, ctx: &Ctx, answer: &Response<Body>, elapsed: Durat
     );
 }
 
+/// `op` is set to the operation the request is for once that is known (it stays
+/// [`Operation::Unrouted`] for a request refused before).
 async fn process(
     app: &App,
     parts: &Parts,
     body: &mut Unread,
     ctx: &mut Ctx,
+    op: &mut Operation,
 ) -> Result<Response<Body>, BatchError> {
     check_head(parts, &app.config.limits)?;
     let raw_path = parts.uri.path();
@@ -255,6 +266,7 @@ async fn process(
         ));
     }
     if agent_path {
+        *op = Operation::Agent;
         return match crate::agents::handle(app, parts, body, ctx).await {
             Err(e) if e.status() == 401 => {
                 let mut answer = respond::error(ctx, &e);
@@ -265,25 +277,33 @@ async fn process(
         };
     }
     if let Some(rest) = raw_path.strip_prefix(CONTROL_PREFIX) {
+        *op = Operation::Control;
         return crate::controls::handle(app, parts, rest, body, ctx).await;
     }
     let endpoint = route(&parts.method, raw_path)?;
-    let api_version = query::api_version(raw_query, app.config.accept_any_api_version)?;
-    let account = match auth::authenticate(
+    // The query string is decoded once, here, for the api-version check, Shared Key and `parse`.
+    let params = query::Params::parse(raw_query)?;
+    let api_version = query::api_version(&params, app.config.accept_any_api_version)?;
+    match auth::authenticate_with(
         &Signed {
             method: &parts.method,
             raw_path,
             raw_query,
             headers: &parts.headers,
         },
+        &params,
         &app.config,
         OffsetDateTime::now_utc(),
     ) {
-        Ok(account) => account,
+        Ok(account) => {
+            // Refused before this point (path, verb, api-version, credentials), it is `Unrouted`.
+            *op = endpoint.operation();
+            ctx.account = Some(account);
+        }
         Err(e) => return Ok(auth::refusal(ctx, &parts.headers, &app.config, &e)),
     };
-    ctx.account = Some(account.clone());
-    let query = query::parse(raw_query, &endpoint, api_version)?;
+    let query = query::parse(&params, &endpoint, api_version)?;
+    drop(params);
     ctx.echo_client_request_id = client_request_id(&parts.headers)?;
     let body = if endpoint.has_body() {
         read_body(&parts.headers, body, app.config.max_body_bytes).await?
@@ -292,7 +312,9 @@ async fn process(
     };
     // On a shared store (PostgreSQL), what every replica committed before this request.
     app.service.sync().await?;
-    handlers::dispatch(app, ctx, &account, endpoint, &query, &parts.headers, body).await
+    let ctx: &Ctx = ctx;
+    let account = ctx.account.as_deref().unwrap_or_default();
+    handlers::dispatch(app, ctx, account, endpoint, &query, &parts.headers, body).await
 }
 
 /// The request line and header fields against [`HttpLimits::max_headers`] and

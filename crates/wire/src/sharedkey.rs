@@ -1,8 +1,9 @@
 //! Shared Key authentication, as every captured real client computes it (docs/contract.md §4).
 //! [`verify`] is the one entry point: it yields the authenticated account or a Batch error.
 
-use crate::accounts::Accounts;
+use crate::accounts::{AccountKey, Accounts};
 use crate::percent::decode;
+use crate::query::Params;
 use axum::http::{HeaderMap, Method};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -53,6 +54,16 @@ fn auth_failed(detail: &str) -> BatchError {
 /// (against the wall clock `now`). Returns the account name.
 pub fn verify(
     req: &Signed<'_>,
+    accounts: &Accounts,
+    now: OffsetDateTime,
+) -> Result<String, BatchError> {
+    verify_with(req, &Params::lenient(req.raw_query), accounts, now)
+}
+
+/// [`verify`] with the request's query string already decoded (`params`, of `req.raw_query`).
+pub fn verify_with(
+    req: &Signed<'_>,
+    params: &Params<'_>,
     accounts: &Accounts,
     now: OffsetDateTime,
 ) -> Result<String, BatchError> {
@@ -109,19 +120,178 @@ pub fn verify(
     }
 
     // Every form a real client signs; each is compared in constant time.
-    for candidate in strings_to_sign(req, account) {
-        for key in keys.iter() {
-            let mut mac =
-                <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
-            mac.update(candidate.as_bytes());
-            if mac.verify_slice(&given).is_ok() {
-                return Ok(account.to_string());
-            }
-        }
+    if signature_matches(req, params, account, &keys, &given) {
+        return Ok(account.to_string());
     }
     Err(auth_failed(
         "The MAC signature found in the HTTP request is not the same as any computed signature.",
     ))
+}
+
+/// Whether `given` is the HMAC-SHA256, under one of `keys`, of one of the strings to sign real
+/// clients produce for this request (the forms [`strings_to_sign`] lists). Nothing is
+/// formatted: the parts are fed to each key's precomputed MAC state, and the state after a part
+/// common to several forms is cloned for each of them, so every byte is hashed once per key.
+fn signature_matches(
+    req: &Signed<'_>,
+    params: &Params<'_>,
+    account: &str,
+    keys: &[AccountKey],
+    given: &[u8],
+) -> bool {
+    let h = req.headers;
+    let content_length = header(h, "content-length");
+    let content_lengths: &[&str] = if !h.contains_key("content-length")
+        && (req.method == Method::POST || req.method == Method::PUT)
+    {
+        &[content_length, "0"]
+    } else {
+        &[content_length]
+    };
+    let date = header(h, "date");
+    let dates: &[&str] = if h.contains_key("date") && h.contains_key("ocp-date") {
+        &[date, ""]
+    } else {
+        &[date]
+    };
+    let ocp = ocp_headers(h);
+    let decoded_path = if req.raw_path.contains('%') {
+        decode(req.raw_path).filter(|d| d != req.raw_path)
+    } else {
+        None
+    };
+    let paths: &[&str] = match &decoded_path {
+        Some(d) => &[req.raw_path, d.as_str()],
+        None => &[req.raw_path],
+    };
+    let queries = CanonicalQuery::of(params);
+
+    let feed = |mac: &mut Hmac<Sha256>, parts: &[&str]| {
+        for part in parts {
+            mac.update(part.as_bytes());
+            mac.update(b"\n");
+        }
+    };
+    for key in keys {
+        let mut start = key.mac();
+        feed(
+            &mut start,
+            &[
+                req.method.as_str(),
+                header(h, "content-encoding"),
+                header(h, "content-language"),
+            ],
+        );
+        for cl in content_lengths {
+            let mut with_cl = start.clone();
+            feed(
+                &mut with_cl,
+                &[cl, header(h, "content-md5"), header(h, "content-type")],
+            );
+            for date in dates {
+                let mut with_date = with_cl.clone();
+                feed(
+                    &mut with_date,
+                    &[
+                        date,
+                        header(h, "if-modified-since"),
+                        header(h, "if-match"),
+                        header(h, "if-none-match"),
+                        header(h, "if-unmodified-since"),
+                        header(h, "range"),
+                    ],
+                );
+                for (name, value) in &ocp {
+                    with_date.update(name.as_bytes());
+                    with_date.update(b":");
+                    with_date.update(value.as_bytes());
+                    with_date.update(b"\n");
+                }
+                with_date.update(b"/");
+                with_date.update(account.as_bytes());
+                for path in paths {
+                    let mut with_path = with_date.clone();
+                    with_path.update(path.as_bytes());
+                    for lower in queries.forms() {
+                        let mut mac = with_path.clone();
+                        queries.feed(&mut mac, lower);
+                        if mac.verify_slice(given).is_ok() {
+                            return true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    false
+}
+
+/// The `ocp-*` headers that are signed, sorted by name (names are lower-case in a `HeaderMap`),
+/// empty values left out.
+fn ocp_headers(h: &HeaderMap) -> Vec<(&str, &str)> {
+    let mut ocp: Vec<(&str, &str)> = h
+        .iter()
+        .filter(|(name, _)| name.as_str().contains("ocp-"))
+        .filter_map(|(name, v)| Some((name.as_str(), v.to_str().ok()?)))
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+    ocp.sort_by(|a, b| a.0.cmp(b.0));
+    ocp
+}
+
+/// The canonical query of Shared Key: `\nname:value` for each parameter sorted by name, empty
+/// values skipped, first value of a repeated name; once with names as sent and, when a name has
+/// an upper-case letter, once lower-cased (older clients).
+struct CanonicalQuery<'p> {
+    sorted: Vec<(&'p str, &'p str)>,
+    /// The lower-cased form, when it differs.
+    lower: Option<Vec<(String, &'p str)>>,
+}
+
+impl<'p> CanonicalQuery<'p> {
+    fn of(params: &'p Params<'_>) -> Self {
+        let mut kept: Vec<(&str, &str)> = Vec::with_capacity(params.pairs().len());
+        for (n, v) in params.pairs() {
+            if v.is_empty() || kept.iter().any(|(seen, _)| *seen == n.as_ref()) {
+                continue;
+            }
+            kept.push((n.as_ref(), v.as_ref()));
+        }
+        let lower = kept
+            .iter()
+            .any(|(n, _)| n.bytes().any(|b| b.is_ascii_uppercase()))
+            .then(|| {
+                let mut l: Vec<(String, &str)> = kept
+                    .iter()
+                    .map(|(n, v)| (n.to_ascii_lowercase(), *v))
+                    .collect();
+                l.sort_by(|a, b| a.0.cmp(&b.0));
+                l
+            });
+        kept.sort_by(|a, b| a.0.cmp(b.0));
+        Self {
+            sorted: kept,
+            lower,
+        }
+    }
+
+    /// `false` (names as sent), then `true` (lower-cased) when that form differs.
+    fn forms(&self) -> impl Iterator<Item = bool> {
+        std::iter::once(false).chain(self.lower.is_some().then_some(true))
+    }
+
+    fn feed(&self, mac: &mut Hmac<Sha256>, lower: bool) {
+        let mut one = |n: &str, v: &str| {
+            mac.update(b"\n");
+            mac.update(n.as_bytes());
+            mac.update(b":");
+            mac.update(v.as_bytes());
+        };
+        match (&self.lower, lower) {
+            (Some(l), true) => l.iter().for_each(|(n, v)| one(n, v)),
+            _ => self.sorted.iter().for_each(|(n, v)| one(n, v)),
+        }
+    }
 }
 
 fn malformed() -> BatchError {
@@ -401,5 +571,113 @@ mod tests {
         assert!(all.iter().any(|s| s.ends_with(
             "/a/pools/p1\n$filter:state eq 'idle'\napi-version:2025-06-01\ntimeout:30"
         )));
+    }
+
+    /// The verifier feeds a precomputed MAC the parts of each form instead of formatting the
+    /// strings: every form `strings_to_sign` lists (content-length absent on a PUT, Date beside
+    /// ocp-date, an encoded path, upper-case and repeated query names, empty values, several
+    /// ocp- headers, a secondary key) verifies, and nothing else does.
+    #[test]
+    fn every_listed_form_verifies_and_nothing_else() {
+        const SECOND: &str = "c2Vjb25kYXJ5LWtleS1vZi10aGUtdGVzdC1hY2NvdW50";
+        let accounts = Accounts::default();
+        accounts
+            .add("testaccount", &[KEY.to_string(), SECOND.to_string()])
+            .unwrap();
+        let cases: [(Method, &str, &str, &[(&'static str, &str)]); 4] = [
+            (
+                Method::PUT,
+                "/pools/p%31/nodes/n1/users/a%20b",
+                "api-version=2025-06-01&timeOut=30&timeout=5&%24filter=a+b&empty=",
+                &[
+                    ("ocp-date", "Wed, 25 Nov 2026 12:00:00 GMT"),
+                    ("date", "Wed, 25 Nov 2026 12:00:00 GMT"),
+                    ("content-type", "application/json"),
+                    ("ocp-zeta", "z"),
+                    ("x-ocp-alpha", "a"),
+                    ("ocp-empty", ""),
+                ],
+            ),
+            (
+                Method::POST,
+                "/pools",
+                "api-version=2025-06-01",
+                &[("ocp-date", "Wed, 25 Nov 2026 12:00:00 GMT")],
+            ),
+            (
+                Method::GET,
+                "/pools/p1",
+                "",
+                &[
+                    ("date", "Wed, 25 Nov 2026 12:00:00 GMT"),
+                    ("if-match", "0x1"),
+                    ("range", "bytes=0-1"),
+                ],
+            ),
+            (
+                Method::DELETE,
+                "/pools/p1/nodes/n1/users/alice",
+                "API-Version=2025-06-01",
+                &[
+                    ("ocp-date", "Wed, 25 Nov 2026 12:00:00 GMT"),
+                    ("content-length", "0"),
+                ],
+            ),
+        ];
+        for (method, path, query, hs) in &cases {
+            let (path, query) = (*path, *query);
+            let base = headers(hs);
+            let unsigned = Signed {
+                method,
+                raw_path: path,
+                raw_query: query,
+                headers: &base,
+            };
+            let forms = strings_to_sign(&unsigned, "testaccount");
+            for key in [KEY, SECOND] {
+                let key = STANDARD.decode(key).unwrap();
+                for (i, sts) in forms
+                    .iter()
+                    .cloned()
+                    .chain(std::iter::once(format!("{}x", forms[0])))
+                    .enumerate()
+                {
+                    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).unwrap();
+                    mac.update(sts.as_bytes());
+                    let sig = STANDARD.encode(mac.finalize().into_bytes());
+                    let mut h = base.clone();
+                    h.insert(
+                        "authorization",
+                        HeaderValue::from_str(&format!("SharedKey testaccount:{sig}")).unwrap(),
+                    );
+                    let req = Signed {
+                        method,
+                        raw_path: path,
+                        raw_query: query,
+                        headers: &h,
+                    };
+                    let got = verify(&req, &accounts, vector_time());
+                    if i < forms.len() {
+                        assert_eq!(
+                            got.unwrap(),
+                            "testaccount",
+                            "{method} {path} form {i}: {sts:?}"
+                        );
+                    } else {
+                        assert_eq!(got.unwrap_err().code, Code::AuthenticationFailed, "{sts:?}");
+                    }
+                }
+            }
+            assert!(!forms.is_empty());
+        }
+        // The first case has every kind of variant: 2 dates × 2 paths × 2 query forms.
+        let h = headers(cases[0].3);
+        let req = Signed {
+            method: &Method::PUT,
+            raw_path: cases[0].1,
+            raw_query: cases[0].2,
+            headers: &h,
+        };
+        assert_eq!(strings_to_sign(&req, "testaccount").len(), 16);
     }
 }
