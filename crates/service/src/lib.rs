@@ -13,6 +13,7 @@ mod pools;
 mod sandbox;
 mod shared;
 mod state;
+mod precheck;
 mod users;
 
 pub use agents::{HostView, JoinTokenCreated, JoinTokenView, MAX_HOST_SLOTS, MAX_TOKEN_TTL};

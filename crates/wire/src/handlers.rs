@@ -229,19 +229,18 @@ pub async fn dispatch(
         }
         Endpoint::ComputeNodeAddUser { pool, node } => {
             let user = parse_add_user(&body)?;
+            let at = UserAddr {
+                account,
+                pool: &pool,
+                node: &node,
+                timeout: Some(q.ack_wait()),
+            };
+            // No hash for a request the write would refuse (it checks again).
+            if user.password.is_some() {
+                svc.check_user_target(&at, None, &user)?;
+            }
             let hash = hash(user.password.as_deref()).await?;
-            let w = svc
-                .add_user(
-                    UserAddr {
-                        account,
-                        pool: &pool,
-                        node: &node,
-                        timeout: Some(q.ack_wait()),
-                    },
-                    user,
-                    hash,
-                )
-                .await?;
+            let w = svc.add_user(at, user, hash).await?;
             let url = dto::user_url(&ctx.base, &w.pool_id, &node, &w.user_name);
             Ok(with_resource(
                 empty(StatusCode::CREATED),
@@ -252,20 +251,18 @@ pub async fn dispatch(
         }
         Endpoint::ComputeNodeUpdateUser { pool, node, user } => {
             let body = parse_update_user(&body)?;
+            let at = UserAddr {
+                account,
+                pool: &pool,
+                node: &node,
+                timeout: Some(q.ack_wait()),
+            };
+            // No hash for a request the write would refuse (it checks again).
+            if body.password.is_some() {
+                svc.check_user_target(&at, Some(&user), &body)?;
+            }
             let hash = hash(body.password.as_deref()).await?;
-            let w = svc
-                .update_user(
-                    UserAddr {
-                        account,
-                        pool: &pool,
-                        node: &node,
-                        timeout: Some(q.ack_wait()),
-                    },
-                    &user,
-                    body,
-                    hash,
-                )
-                .await?;
+            let w = svc.update_user(at, &user, body, hash).await?;
             let url = dto::user_url(&ctx.base, &w.pool_id, &node, &w.user_name);
             Ok(with_resource(
                 empty(StatusCode::OK),
