@@ -385,6 +385,13 @@ async fn the_endpoint_speaks_the_exposition_format_without_credentials_and_names
         (SSH_CONNS, "gauge"),
         (AGENTS_CONNECTED, "gauge"),
         (AGENTS_KNOWN, "gauge"),
+        ("bluebatch_build_info", "gauge"),
+        ("process_cpu_seconds_total", "counter"),
+        ("process_start_time_seconds", "gauge"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
     ] {
         assert_eq!(
             s.types.get(family).map(String::as_str),
@@ -392,6 +399,27 @@ async fn the_endpoint_speaks_the_exposition_format_without_credentials_and_names
             "{family}"
         );
     }
+    assert_eq!(
+        s.get(
+            "bluebatch_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    // The serve started moments ago, holds descriptors (its listener, a node's, the scrape's)
+    // and memory.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = s.n("process_start_time_seconds", &[]);
+    assert!(
+        started <= now + 1.0 && started > now - 600.0,
+        "started {started}, now {now}"
+    );
+    assert!(s.n("process_open_fds", &[]) >= 3.0);
+    assert!(s.n("process_max_fds", &[]) >= s.n("process_open_fds", &[]));
+    assert!(s.n("process_resident_memory_bytes", &[]) > 1e6);
     // Counts only: no account, pool, node or user name, no secret.
     for word in [
         ACCOUNT,

@@ -422,12 +422,184 @@ pub fn render(m: &Metrics, snap: Snapshot) -> String {
         "Joined hosts (agents) not revoked, connected or not.",
     );
     let _ = writeln!(out, "bluebatch_agents_known {}", snap.agents_known);
+
+    head(
+        &mut out,
+        "bluebatch_build_info",
+        "gauge",
+        "Always 1; the version of the running bluebatch as a label.",
+    );
+    let _ = writeln!(
+        out,
+        "bluebatch_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    render_process(&mut out, &head);
     out
+}
+
+/// The process figures Prometheus' own client libraries export under the same names, read
+/// from `/proc/self` at scrape time (Linux; left out where `/proc` cannot be read).
+fn render_process(out: &mut String, head: &dyn Fn(&mut String, &str, &str, &str)) {
+    // USER_HZ: the unit of /proc's CPU times, 100 on every Linux architecture bluebatch runs on.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let gauge = |out: &mut String, name: &str, kind: &str, help: &str, value: f64| {
+        head(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    };
+    if let Some(stat) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| parse_stat(&s))
+    {
+        gauge(
+            out,
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time this process used, in seconds.",
+            (stat.utime + stat.stime) as f64 / TICKS_PER_SECOND,
+        );
+        if let Some(boot) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| boot_time(&s))
+        {
+            gauge(
+                out,
+                "process_start_time_seconds",
+                "gauge",
+                "When this process started, in seconds since the Unix epoch.",
+                boot as f64 + stat.start_ticks as f64 / TICKS_PER_SECOND,
+            );
+        }
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(kb) = status_kb(&status, "VmRSS:") {
+            gauge(
+                out,
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory of this process, in bytes.",
+                (kb * 1024) as f64,
+            );
+        }
+        if let Some(kb) = status_kb(&status, "VmSize:") {
+            gauge(
+                out,
+                "process_virtual_memory_bytes",
+                "gauge",
+                "Virtual memory of this process, in bytes.",
+                (kb * 1024) as f64,
+            );
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        // The directory being read holds a descriptor of its own: not one of the process's.
+        let open = dir.count().saturating_sub(1);
+        gauge(
+            out,
+            "process_open_fds",
+            "gauge",
+            "File descriptors this process has open (sockets included).",
+            open as f64,
+        );
+    }
+    if let Some(max) = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| max_open_files(&s))
+    {
+        gauge(
+            out,
+            "process_max_fds",
+            "gauge",
+            "The most file descriptors this process may have open (its soft limit).",
+            max as f64,
+        );
+    }
+}
+
+struct Stat {
+    utime: u64,
+    stime: u64,
+    start_ticks: u64,
+}
+
+/// Fields 14, 15 and 22 of `/proc/self/stat` (after the command name, which may hold spaces).
+fn parse_stat(s: &str) -> Option<Stat> {
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] is field 3 (the state).
+    Some(Stat {
+        utime: f.get(11)?.parse().ok()?,
+        stime: f.get(12)?.parse().ok()?,
+        start_ticks: f.get(19)?.parse().ok()?,
+    })
+}
+
+fn boot_time(proc_stat: &str) -> Option<u64> {
+    proc_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn status_kb(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn max_open_files(limits: &str) -> Option<u64> {
+    limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_files_are_read_as_the_kernel_writes_them() {
+        let stat = "4242 (blue batch) S 1 4242 4242 0 -1 4194560 2841 0 0 0 150 75 0 0 20 0 \
+                    12 0 98765 1234567 890 18446744073709551615";
+        let s = parse_stat(stat).unwrap();
+        assert_eq!((s.utime, s.stime, s.start_ticks), (150, 75, 98765));
+        assert_eq!(
+            boot_time("cpu  1 2 3\nbtime 1764600000\nprocesses 9\n"),
+            Some(1764600000)
+        );
+        assert_eq!(
+            status_kb("Name:\tx\nVmRSS:\t   10240 kB\n", "VmRSS:"),
+            Some(10240)
+        );
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            1048576              1048576              files\n";
+        assert_eq!(max_open_files(limits), Some(1048576));
+    }
+
+    #[test]
+    fn this_process_reports_its_figures() {
+        let text = render(&Metrics::new(), Snapshot::default());
+        for name in [
+            "process_cpu_seconds_total",
+            "process_start_time_seconds",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+        ] {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} in\n{text}"));
+            let v: f64 = line.rsplit_once(' ').unwrap().1.parse().unwrap();
+            // A fresh test process may not have used a whole tick of CPU yet.
+            assert!(v > 0.0 || name == "process_cpu_seconds_total", "{line}");
+        }
+        assert!(text.contains("bluebatch_build_info{version=\""), "{text}");
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_count_everything() {
