@@ -11,7 +11,9 @@
 //!
 //! `--quick` is a smoke run of a few seconds (CI); the default full run takes a few minutes.
 
+mod lag;
 mod load;
+mod pg;
 mod sandbox;
 mod server;
 mod sign;
@@ -74,7 +76,8 @@ struct Args {
     /// Run only these scenarios (comma-separated; for profiling): startup, disk, health,
     /// update-key, update-key-paced, update-key-many, metrics-scrape, update-key-memory, hash,
     /// update-password, refused-before-hash, add-delete, get-node, list, get-pool,
-    /// startup-stored, ssh-memory, sandbox.
+    /// startup-stored, ssh-memory, sandbox, pg (PostgreSQL, one replica, against pgbench), pg2 (two
+    /// replicas), lag (node-protocol lag; pg, pg2 and lag run in --quick only when named here).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
 }
@@ -561,6 +564,9 @@ const SCENARIOS: &[&str] = &[
     "startup-stored",
     "ssh-memory",
     "sandbox",
+    "pg",
+    "pg2",
+    "lag",
 ];
 
 const BENCH_NODES: u32 = 4;
@@ -698,6 +704,22 @@ async fn run(s: Settings) -> Result<Report, String> {
                 d.pct_ms(1.0)
             ),
         );
+    }
+
+    // (g) The PostgreSQL store against pgbench of its own SQL, and (h) the node-protocol lag
+    // (crates/bench/src/pg.rs, lag.rs); in --quick only when named by --only.
+    let named = |x: &str| s.only.as_ref().is_some_and(|o| o.iter().any(|y| y == x));
+    if (s.want("pg") || s.want("pg2")) && (!s.quick || named("pg") || named("pg2"))
+        && let Err(e) = pg::measure(&s, &mut rep).await
+    {
+        println!("  !! PostgreSQL scenarios: {e}");
+        rep.errors.push(format!("PostgreSQL scenarios: {e}"));
+    }
+    if s.want("lag") && (!s.quick || named("lag"))
+        && let Err(e) = lag::measure(&s, &mut rep).await
+    {
+        println!("  !! node-protocol lag: {e}");
+        rep.errors.push(format!("node-protocol lag: {e}"));
     }
 
     let main_dir = s.work.join("main");
