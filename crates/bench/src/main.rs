@@ -709,13 +709,15 @@ async fn run(s: Settings) -> Result<Report, String> {
     // (g) The PostgreSQL store against pgbench of its own SQL, and (h) the node-protocol lag
     // (crates/bench/src/pg.rs, lag.rs); in --quick only when named by --only.
     let named = |x: &str| s.only.as_ref().is_some_and(|o| o.iter().any(|y| y == x));
-    if (s.want("pg") || s.want("pg2")) && (!s.quick || named("pg") || named("pg2"))
+    if (s.want("pg") || s.want("pg2"))
+        && (!s.quick || named("pg") || named("pg2"))
         && let Err(e) = pg::measure(&s, &mut rep).await
     {
         println!("  !! PostgreSQL scenarios: {e}");
         rep.errors.push(format!("PostgreSQL scenarios: {e}"));
     }
-    if s.want("lag") && (!s.quick || named("lag"))
+    if s.want("lag")
+        && (!s.quick || named("lag"))
         && let Err(e) = lag::measure(&s, &mut rep).await
     {
         println!("  !! node-protocol lag: {e}");
