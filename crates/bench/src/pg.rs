@@ -967,7 +967,7 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
         &format!("http://{}", a.addr),
         &work.join("agent"),
         NODES,
-        "47100-47199",
+        "9800-9899",
     )
     .await?;
     let body = crate::pool_body("bench", true, NODES);
