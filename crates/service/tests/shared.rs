@@ -483,3 +483,171 @@ async fn list_nodes_on_a_shared_store_is_a_paged_query_of_the_store() {
     })
     .await
 }
+
+/// [`MemShared`] whose commits take `delay`, as a database's round trip and WAL flush do.
+struct SlowCommits(MemShared, Duration);
+
+struct SlowLocked(Box<dyn bluebatch_store::Locked>, Duration);
+
+impl bluebatch_store::Locked for SlowLocked {
+    fn rev(&self) -> u64 {
+        self.0.rev()
+    }
+    fn changes_since(
+        &mut self,
+        after: u64,
+    ) -> bluebatch_store::BoxFuture<'_, bluebatch_store::Result<Option<Vec<bluebatch_store::Change>>>>
+    {
+        self.0.changes_since(after)
+    }
+    fn snapshot(
+        &mut self,
+    ) -> bluebatch_store::BoxFuture<'_, bluebatch_store::Result<bluebatch_store::Snapshot>> {
+        self.0.snapshot()
+    }
+    fn commit(
+        self: Box<Self>,
+        ops: Vec<bluebatch_store::Op>,
+    ) -> bluebatch_store::BoxFuture<'static, bluebatch_store::Result<u64>> {
+        let (inner, delay) = (self.0, self.1);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            inner.commit(ops).await
+        })
+    }
+}
+
+impl bluebatch_store::SharedBackend for SlowCommits {
+    fn snapshot(
+        &self,
+    ) -> bluebatch_store::BoxFuture<'_, bluebatch_store::Result<bluebatch_store::Snapshot>> {
+        self.0.snapshot()
+    }
+    fn head(&self) -> bluebatch_store::BoxFuture<'_, bluebatch_store::Result<u64>> {
+        self.0.head()
+    }
+    fn changes_since(
+        &self,
+        after: u64,
+    ) -> bluebatch_store::BoxFuture<'_, bluebatch_store::Result<Option<Vec<bluebatch_store::Change>>>>
+    {
+        self.0.changes_since(after)
+    }
+    fn lock(
+        &self,
+    ) -> bluebatch_store::BoxFuture<'_, bluebatch_store::Result<Box<dyn bluebatch_store::Locked>>>
+    {
+        Box::pin(async move {
+            let l = self.0.lock().await?;
+            Ok(Box::new(SlowLocked(l, self.1)) as Box<dyn bluebatch_store::Locked>)
+        })
+    }
+    fn claim_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        ttl: Duration,
+    ) -> bluebatch_store::BoxFuture<'a, bluebatch_store::Result<bool>> {
+        self.0.claim_lease(name, holder, ttl)
+    }
+    fn release_lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+    ) -> bluebatch_store::BoxFuture<'a, bluebatch_store::Result<()>> {
+        self.0.release_lease(name, holder)
+    }
+    fn changed(&self, max: Duration) -> bluebatch_store::BoxFuture<'_, ()> {
+        self.0.changed(max)
+    }
+    fn hosts_seen<'a>(
+        &'a self,
+        hosts: &'a [String],
+    ) -> bluebatch_store::BoxFuture<'a, bluebatch_store::Result<()>> {
+        self.0.hosts_seen(hosts)
+    }
+    fn host_ages(
+        &self,
+    ) -> bluebatch_store::BoxFuture<'_, bluebatch_store::Result<Vec<(String, Duration)>>> {
+        self.0.host_ages()
+    }
+    fn ping(&self) -> bluebatch_store::BoxFuture<'_, bluebatch_store::Result<()>> {
+        self.0.ping()
+    }
+    fn pool_nodes<'a>(
+        &'a self,
+        account: &'a str,
+        pool_key: &'a str,
+        after: Option<&'a str>,
+        state: Option<&'a str>,
+        limit: usize,
+    ) -> bluebatch_store::BoxFuture<'a, bluebatch_store::Result<Vec<Vec<u8>>>> {
+        self.0.pool_nodes(account, pool_key, after, state, limit)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_of_one_replica_commit_together_and_each_is_read_on_the_other() {
+    use bluebatch_store::SharedBackend;
+    deadline(async {
+        // Commits take 20 ms (a database's flush): writers that come meanwhile queue at the
+        // gate, and join one batch.
+        let store = MemShared::new();
+        let slow = Arc::new(SlowCommits(store.clone(), Duration::from_millis(20)));
+        let a = Service::start_shared(
+            slow,
+            "a".to_string(),
+            Arc::new(ServiceClock::new()),
+            TestNodes::new(AckMode::AtOnce),
+            shared_config(),
+        )
+        .await
+        .expect("replica starts");
+        let b = replica(&store, "b").await;
+        let _agent = agent(&a, &b, 1).await;
+        add_agents_pool(&a, "p", 1).await;
+        let node = idle_nodes(&a, "p", 1, Duration::from_secs(10))
+            .await
+            .remove(0);
+        let before = store.head().await.unwrap();
+        const N: usize = 32;
+        let writes: Vec<_> = (0..N)
+            .map(|i| {
+                let (a, node) = (a.clone(), node.clone());
+                tokio::spawn(async move {
+                    a.add_user(at("p", &node), user(&format!("g{i}")), None)
+                        .await
+                        .map(|w| w.etag)
+                })
+            })
+            .collect();
+        let mut etags = std::collections::HashSet::new();
+        for w in writes {
+            let etag = w
+                .await
+                .unwrap()
+                .expect("every write of the batch answers 201");
+            assert!(etags.insert(etag), "each write has its own ETag");
+        }
+        // Alone, each write would be a revision of its own (and each acknowledgement, on B,
+        // another): writers queued at the gate joined one transaction.
+        let revisions = store.head().await.unwrap() - before;
+        assert!(
+            revisions < N as u64 / 2,
+            "{N} concurrent writes took {revisions} revisions"
+        );
+        // Every one of them is in the store: the other replica reads them all.
+        b.sync().await.unwrap();
+        let users = b.node_users(ACCOUNT, "p", &node).unwrap();
+        for i in 0..N {
+            let name = format!("g{i}");
+            assert!(
+                users.stored.iter().any(|u| u.name == name),
+                "{name} missing on B"
+            );
+        }
+        let n = b.get_node(ACCOUNT, "p", &node).unwrap().node;
+        assert!(n.applied_revision >= Some(n.users_revision), "{n:?}");
+    })
+    .await
+}
