@@ -65,6 +65,8 @@ struct Inner {
     wake: watch::Sender<u64>,
     listener: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     retention: AtomicU64,
+    /// The wake-up count when [`SharedBackend::changed`] last returned (`u64::MAX`: never).
+    followed: AtomicU64,
     /// This replica's writers queue here (first come, first served) rather than each holding a
     /// pooled connection while waiting for the database's row lock: one waits there at a time,
     /// and reads always find a connection.
@@ -295,6 +297,7 @@ impl PgStore {
                 wake,
                 listener: std::sync::Mutex::new(None),
                 retention: AtomicU64::new(DEFAULT_CHANGE_RETENTION),
+                followed: AtomicU64::new(u64::MAX),
                 local_lock: Arc::new(tokio::sync::Mutex::new(())),
             }),
         };
@@ -778,10 +781,18 @@ impl SharedBackend for PgStore {
     }
 
     fn changed(&self, max: Duration) -> BoxFuture<'_, ()> {
+        // A wake-up that came after the previous call returned (while its caller was reading
+        // the changes it announced, say) ends this call at once: a follower calling this in a
+        // loop never sleeps through a commit it was not shown.
         let mut rx = self.inner.wake.subscribe();
-        rx.borrow_and_update();
+        let now = *rx.borrow_and_update();
+        let followed = self.inner.followed.load(Ordering::Acquire);
         Box::pin(async move {
-            let _ = tokio::time::timeout(max, rx.changed()).await;
+            if followed == u64::MAX || followed == now {
+                let _ = tokio::time::timeout(max, rx.changed()).await;
+            }
+            let seen = *rx.borrow();
+            self.inner.followed.store(seen, Ordering::Release);
         })
     }
 

@@ -721,6 +721,31 @@ async fn a_database_down_at_connect_fails_clearly_without_hanging() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_notified_between_two_waits_ends_the_next_wait_at_once() {
+    with_db(60, |db| async move {
+        let (a, b) = (db.store().await, db.store().await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A follower: it waits, then reads what changed (and meanwhile nobody waits).
+        b.changed(Duration::from_millis(100)).await;
+        commit(&a, vec![put("k", "v")]).await.unwrap();
+        // The NOTIFY reaches b while its follower is busy elsewhere.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t0 = Instant::now();
+        b.changed(Duration::from_secs(20)).await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "the wake-up that came between two waits was lost: {:?}",
+            t0.elapsed()
+        );
+        // And it is used up: the next wait waits.
+        let t0 = Instant::now();
+        b.changed(Duration::from_millis(300)).await;
+        assert!(t0.elapsed() >= Duration::from_millis(250));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_wakes_another_store_waiting_for_changes() {
     with_db(60, |db| async move {
         let (a, b) = (db.store().await, db.store().await);
