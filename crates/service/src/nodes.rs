@@ -38,6 +38,27 @@ fn view(entry: &PoolEntry, n: &NodeEntry) -> NodeView {
     }
 }
 
+/// What a node write reports for its answer (the pool's id as stored, the node's id, its new
+/// ETag and Last-Modified), so the answer needs no second lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeWritten {
+    pub pool_id: String,
+    pub node_id: String,
+    pub etag: String,
+    pub last_modified: time::OffsetDateTime,
+}
+
+impl NodeWritten {
+    fn of(pool_id: &str, node: &Node) -> Self {
+        Self {
+            pool_id: pool_id.to_string(),
+            node_id: node.id.clone(),
+            etag: node.etag.clone(),
+            last_modified: node.last_modified,
+        }
+    }
+}
+
 /// What Reboot and Reimage do besides the state change.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Restart {
@@ -191,17 +212,47 @@ impl Service {
     }
 
     pub async fn reboot_node(&self, account: &str, pool: &str, node: &str) -> Result<()> {
-        self.restart(account, pool, node, Restart::Reboot).await
+        self.reboot_node_written(account, pool, node)
+            .await
+            .map(|_| ())
     }
 
     pub async fn reimage_node(&self, account: &str, pool: &str, node: &str) -> Result<()> {
+        self.reimage_node_written(account, pool, node)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Service::reboot_node`], reporting what its answer shows.
+    pub async fn reboot_node_written(
+        &self,
+        account: &str,
+        pool: &str,
+        node: &str,
+    ) -> Result<NodeWritten> {
+        self.restart(account, pool, node, Restart::Reboot).await
+    }
+
+    /// [`Service::reimage_node`], reporting what its answer shows.
+    pub async fn reimage_node_written(
+        &self,
+        account: &str,
+        pool: &str,
+        node: &str,
+    ) -> Result<NodeWritten> {
         self.restart(account, pool, node, Restart::Reimage).await
     }
 
-    async fn restart(&self, account: &str, pool: &str, node: &str, how: Restart) -> Result<()> {
+    async fn restart(
+        &self,
+        account: &str,
+        pool: &str,
+        node: &str,
+        how: Restart,
+    ) -> Result<NodeWritten> {
         let _gate = self.gate().await?;
         let now = self.now();
-        let (pending, key, linux) = {
+        let (pending, key, linux, written) = {
             let mut st = self.lock();
             let (os, pool_id, n) = st.node_mut(account, pool, node)?;
             check_node_state_for_users(n.node.state)?;
@@ -248,7 +299,8 @@ impl Service {
             // Its step starts once this request has done the node's work (below).
             self.hold_step(&key, state);
             ops.push(put_json(node_record(account, &pool_id, node), &n.node));
-            (self.submit(ops), key, os == Os::Linux && !agent)
+            let written = NodeWritten::of(&pool_id, &n.node);
+            (self.submit(ops), key, os == Os::Linux && !agent, written)
         };
         let step = self.step_after(account, &pool_key(pool), node);
         pending.durable().await?;
@@ -269,26 +321,30 @@ impl Service {
             }
         }
         drop(step); // the node's step starts now
-        Ok(())
+        Ok(written)
     }
 
     pub async fn disable_scheduling(&self, account: &str, pool: &str, node: &str) -> Result<()> {
         self.set_scheduling(account, pool, node, SchedulingState::Disabled)
             .await
+            .map(|_| ())
     }
 
     pub async fn enable_scheduling(&self, account: &str, pool: &str, node: &str) -> Result<()> {
         self.set_scheduling(account, pool, node, SchedulingState::Enabled)
             .await
+            .map(|_| ())
     }
 
-    async fn set_scheduling(
+    /// [`Service::disable_scheduling`] or (`to` enabled) [`Service::enable_scheduling`],
+    /// reporting what its answer shows.
+    pub async fn set_scheduling(
         &self,
         account: &str,
         pool: &str,
         node: &str,
         to: SchedulingState,
-    ) -> Result<()> {
+    ) -> Result<NodeWritten> {
         let _gate = self.gate().await?;
         let now = self.now();
         let pending = {
@@ -317,12 +373,18 @@ impl Service {
                 &node_key(account, &pool_id, node),
                 n.node.state,
             );
-            self.submit(vec![put_json(
-                node_record(account, &pool_id, node),
-                &n.node,
-            )])
+            let written = NodeWritten::of(&pool_id, &n.node);
+            (
+                self.submit(vec![put_json(
+                    node_record(account, &pool_id, node),
+                    &n.node,
+                )]),
+                written,
+            )
         };
-        pending.durable().await
+        let (pending, written) = pending;
+        pending.durable().await?;
+        Ok(written)
     }
 
     /// Emulator control: puts a node into any state (it stays there until something moves it).

@@ -35,6 +35,25 @@ impl PoolEntry {
 }
 
 /// A precondition on the pool (If-Match and friends), checked under the same lock as the write.
+/// What a pool write reports for its answer (the pool's id as stored, its new ETag and
+/// Last-Modified), so the answer needs no second lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolWritten {
+    pub pool_id: String,
+    pub etag: String,
+    pub last_modified: OffsetDateTime,
+}
+
+impl PoolWritten {
+    fn of(pool: &Pool) -> Self {
+        Self {
+            pool_id: pool.id.clone(),
+            etag: pool.etag.clone(),
+            last_modified: pool.last_modified,
+        }
+    }
+}
+
 pub type Precondition<'a> = &'a (dyn Fn(&Pool) -> Result<()> + Sync);
 
 /// A fresh node in `creating`, with an id in Azure's current form.
@@ -327,6 +346,11 @@ impl Service {
     }
 
     pub async fn add_pool(&self, account: &str, new: NewPool) -> Result<()> {
+        self.add_pool_written(account, new).await.map(|_| ())
+    }
+
+    /// [`Service::add_pool`], reporting what its answer shows.
+    pub async fn add_pool_written(&self, account: &str, new: NewPool) -> Result<PoolWritten> {
         let _gate = self.gate().await?;
         let now = self.now();
         let pkey = pool_key(&new.id);
@@ -388,10 +412,13 @@ impl Service {
                 0,
                 put_json(pool_record(account, &entry.pool.id), &entry.pool),
             );
+            let written = PoolWritten::of(&entry.pool);
             acct.pools.insert(pkey.clone(), entry);
-            self.submit(ops)
+            (self.submit(ops), written)
         };
-        self.durable_then_step(pending, account, &pkey).await
+        let (pending, written) = pending;
+        self.durable_then_step(pending, account, &pkey).await?;
+        Ok(written)
     }
 
     pub fn get_pool(&self, account: &str, pool: &str) -> Result<PoolView> {
@@ -477,6 +504,19 @@ impl Service {
         resize: Resize,
         pre: Precondition<'_>,
     ) -> Result<()> {
+        self.resize_pool_written(account, pool, resize, pre)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Service::resize_pool`], reporting what its answer shows.
+    pub async fn resize_pool_written(
+        &self,
+        account: &str,
+        pool: &str,
+        resize: Resize,
+        pre: Precondition<'_>,
+    ) -> Result<PoolWritten> {
         let _gate = self.gate().await?;
         let now = self.now();
         let pending = {
@@ -512,10 +552,12 @@ impl Service {
                 set_allocation(&mut entry.pool, AllocationState::Resizing, now);
             }
             ops.push(put_json(pool_record(account, &entry.pool.id), &entry.pool));
-            self.submit(ops)
+            (self.submit(ops), PoolWritten::of(&entry.pool))
         };
+        let (pending, written) = pending;
         self.durable_then_step(pending, account, &pool_key(pool))
-            .await
+            .await?;
+        Ok(written)
     }
 
     pub async fn remove_nodes(
@@ -525,6 +567,19 @@ impl Service {
         node_ids: &[String],
         pre: Precondition<'_>,
     ) -> Result<()> {
+        self.remove_nodes_written(account, pool, node_ids, pre)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Service::remove_nodes`], reporting what its answer shows.
+    pub async fn remove_nodes_written(
+        &self,
+        account: &str,
+        pool: &str,
+        node_ids: &[String],
+        pre: Precondition<'_>,
+    ) -> Result<PoolWritten> {
         let _gate = self.gate().await?;
         let now = self.now();
         let pending = {
@@ -557,10 +612,12 @@ impl Service {
             }
             touch_pool(&mut entry.pool, now);
             ops.push(put_json(pool_record(account, &pool_id), &entry.pool));
-            self.submit(ops)
+            (self.submit(ops), PoolWritten::of(&entry.pool))
         };
+        let (pending, written) = pending;
         self.durable_then_step(pending, account, &pool_key(pool))
-            .await
+            .await?;
+        Ok(written)
     }
 }
 

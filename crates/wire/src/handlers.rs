@@ -13,13 +13,13 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Response, StatusCode};
 use bluebatch_core::crypt::hash_password;
 use bluebatch_core::error::{BatchError, Code};
-use bluebatch_core::model::Pool;
+use bluebatch_core::model::{Pool, SchedulingState};
 use bluebatch_core::pools::{
     DISABLE_SCHEDULING_OPTIONS, NODE_DEALLOCATION_OPTIONS, parse_add_pool, parse_node_option,
     parse_remove_nodes, parse_resize,
 };
 use bluebatch_core::users::{parse_add_user, parse_update_user};
-use bluebatch_service::{NodeView, PoolView, UserAddr};
+use bluebatch_service::{NodeView, NodeWritten, PoolView, PoolWritten, UserAddr};
 use serde_json::{Value, json};
 
 type Answer = Result<Response<Body>, BatchError>;
@@ -62,14 +62,12 @@ pub async fn dispatch(
     match endpoint {
         Endpoint::PoolAdd => {
             let new = parse_add_pool(&body, max_nodes)?;
-            let id = new.id.clone();
-            svc.add_pool(account, new).await?;
-            let v = svc.get_pool(account, &id)?;
-            let url = dto::pool_url(&ctx.base, &v.pool.id);
+            let w = svc.add_pool_written(account, new).await?;
+            let url = dto::pool_url(&ctx.base, &w.pool_id);
             Ok(with_resource(
                 empty(StatusCode::CREATED),
-                &v.pool.etag,
-                v.pool.last_modified,
+                &w.etag,
+                w.last_modified,
                 Some(&url),
             ))
         }
@@ -153,15 +151,20 @@ pub async fn dispatch(
             let conds = Conditions::parse(headers)?;
             let resize = parse_resize(&body, max_nodes)?;
             let pre = |p: &Pool| conds.check_write(&p.etag, p.last_modified);
-            svc.resize_pool(account, &pool, resize, &pre).await?;
-            pool_write_answer(ctx, svc.get_pool(account, &pool)?)
+            pool_write_answer(
+                ctx,
+                svc.resize_pool_written(account, &pool, resize, &pre)
+                    .await?,
+            )
         }
         Endpoint::PoolRemoveNodes { pool } => {
             let conds = Conditions::parse(headers)?;
             let ids = parse_remove_nodes(&body)?;
             let pre = |p: &Pool| conds.check_write(&p.etag, p.last_modified);
-            svc.remove_nodes(account, &pool, &ids, &pre).await?;
-            pool_write_answer(ctx, svc.get_pool(account, &pool)?)
+            pool_write_answer(
+                ctx,
+                svc.remove_nodes_written(account, &pool, &ids, &pre).await?,
+            )
         }
         Endpoint::ComputeNodeList { pool } => {
             let filter = q
@@ -291,13 +294,13 @@ pub async fn dispatch(
         }
         Endpoint::ComputeNodeReboot { pool, node } => {
             parse_node_option(&body, "nodeRebootOption", NODE_DEALLOCATION_OPTIONS, false)?;
-            svc.reboot_node(account, &pool, &node).await?;
-            node_write_answer(svc, ctx, account, &pool, &node, StatusCode::ACCEPTED)
+            let w = svc.reboot_node_written(account, &pool, &node).await?;
+            node_write_answer(ctx, w, StatusCode::ACCEPTED)
         }
         Endpoint::ComputeNodeReimage { pool, node } => {
             parse_node_option(&body, "nodeReimageOption", NODE_DEALLOCATION_OPTIONS, false)?;
-            svc.reimage_node(account, &pool, &node).await?;
-            node_write_answer(svc, ctx, account, &pool, &node, StatusCode::ACCEPTED)
+            let w = svc.reimage_node_written(account, &pool, &node).await?;
+            node_write_answer(ctx, w, StatusCode::ACCEPTED)
         }
         Endpoint::ComputeNodeDisableScheduling { pool, node } => {
             // azure-batch 15.0.0b1 (the az CLI's) wraps this option once: accept that.
@@ -307,40 +310,36 @@ pub async fn dispatch(
                 DISABLE_SCHEDULING_OPTIONS,
                 true,
             )?;
-            svc.disable_scheduling(account, &pool, &node).await?;
-            node_write_answer(svc, ctx, account, &pool, &node, StatusCode::OK)
+            let w = svc
+                .set_scheduling(account, &pool, &node, SchedulingState::Disabled)
+                .await?;
+            node_write_answer(ctx, w, StatusCode::OK)
         }
         Endpoint::ComputeNodeEnableScheduling { pool, node } => {
-            svc.enable_scheduling(account, &pool, &node).await?;
-            node_write_answer(svc, ctx, account, &pool, &node, StatusCode::OK)
+            let w = svc
+                .set_scheduling(account, &pool, &node, SchedulingState::Enabled)
+                .await?;
+            node_write_answer(ctx, w, StatusCode::OK)
         }
     }
 }
 
-fn pool_write_answer(ctx: &Ctx, v: PoolView) -> Answer {
-    let url = dto::pool_url(&ctx.base, &v.pool.id);
+fn pool_write_answer(ctx: &Ctx, w: PoolWritten) -> Answer {
+    let url = dto::pool_url(&ctx.base, &w.pool_id);
     Ok(with_resource(
         empty(StatusCode::ACCEPTED),
-        &v.pool.etag,
-        v.pool.last_modified,
+        &w.etag,
+        w.last_modified,
         Some(&url),
     ))
 }
 
-fn node_write_answer(
-    svc: &bluebatch_service::Service,
-    ctx: &Ctx,
-    account: &str,
-    pool: &str,
-    node: &str,
-    status: StatusCode,
-) -> Answer {
-    let v = svc.get_node(account, pool, node)?;
-    let url = dto::node_url(&ctx.base, &v.pool_id, &v.node.id);
+fn node_write_answer(ctx: &Ctx, w: NodeWritten, status: StatusCode) -> Answer {
+    let url = dto::node_url(&ctx.base, &w.pool_id, &w.node_id);
     Ok(with_resource(
         empty(status),
-        &v.node.etag,
-        v.node.last_modified,
+        &w.etag,
+        w.last_modified,
         Some(&url),
     ))
 }

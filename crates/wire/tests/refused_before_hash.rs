@@ -4,122 +4,16 @@
 //! status, same Batch code) without hashing: the process's count of hashed passwords does not
 //! move. Real HTTP over loopback, Shared Key signed, a real service on an in-memory SQLite store.
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use bluebatch_core::ServiceClock;
+mod common;
+
 use bluebatch_core::crypt::passwords_hashed;
+use bluebatch_core::error::Code;
 use bluebatch_core::model::NodeState;
-use bluebatch_core::{NodeAccount, error::Code};
-use bluebatch_service::{BoxFuture, Config, NodeFabric, Service};
-use bluebatch_wire::http::{HeaderMap, HeaderValue, Method};
-use bluebatch_wire::sharedkey::{Signed, authorization};
-use bluebatch_wire::{App, DEV_ACCOUNT, DEV_KEY, WireConfig};
+use bluebatch_wire::DEV_ACCOUNT;
+use bluebatch_wire::http::Method;
+use common::{call, pool_body, serve, wait_nodes};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Every operation of the test is bounded by this.
-const DEADLINE: Duration = Duration::from_secs(20);
-const API: &str = "api-version=2023-11-01.18.0";
-
-/// Nodes that come up at once and apply whatever they are told (no SSH endpoint is needed
-/// here: nobody logs in).
-struct InstantNodes;
-
-impl NodeFabric for InstantNodes {
-    fn start_node<'a>(
-        &'a self,
-        _key: &'a str,
-        _port: Option<u16>,
-    ) -> BoxFuture<'a, std::io::Result<SocketAddr>> {
-        Box::pin(async { Ok(SocketAddr::from(([127, 0, 0, 1], 9))) })
-    }
-    fn stop_node<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, ()> {
-        Box::pin(async {})
-    }
-    fn remove_node<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, ()> {
-        Box::pin(async {})
-    }
-    fn reimage_node<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, std::io::Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn apply(&self, _key: &str, revision: u64, _accounts: Arc<[NodeAccount]>) -> u64 {
-        revision
-    }
-    fn acknowledged<'a>(&'a self, _key: &'a str, _revision: u64) -> BoxFuture<'a, ()> {
-        Box::pin(async {})
-    }
-    fn applied_revision(&self, _key: &str) -> Option<u64> {
-        None
-    }
-    fn accounts(&self, _key: &str) -> Vec<NodeAccount> {
-        Vec::new()
-    }
-    fn set_state(&self, _key: &str, _state: NodeState) {}
-}
-
-/// One Shared Key signed HTTP/1.1 request on its own connection: (status, body as JSON, or
-/// Null when empty).
-async fn call(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    body: &str,
-) -> (u16, serde_json::Value) {
-    let date = bluebatch_core::timefmt::rfc1123(time::OffsetDateTime::now_utc());
-    let mut h = HeaderMap::new();
-    h.insert("ocp-date", HeaderValue::from_str(&date).unwrap());
-    h.insert(
-        "content-length",
-        HeaderValue::from_str(&body.len().to_string()).unwrap(),
-    );
-    if !body.is_empty() {
-        h.insert(
-            "content-type",
-            HeaderValue::from_static("application/json; odata=minimalmetadata"),
-        );
-    }
-    let key = STANDARD.decode(DEV_KEY).unwrap();
-    let auth = authorization(
-        &Signed {
-            method: &method,
-            raw_path: path,
-            raw_query: API,
-            headers: &h,
-        },
-        DEV_ACCOUNT,
-        &key,
-    );
-    tokio::time::timeout(DEADLINE, async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut req = format!(
-            "{method} {path}?{API} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: {auth}\r\n"
-        );
-        for (k, v) in &h {
-            req.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap()));
-        }
-        req.push_str(&format!("\r\n{body}"));
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.unwrap();
-        let text = String::from_utf8(raw).expect("a UTF-8 answer");
-        let (head, rest) = text.split_once("\r\n\r\n").expect("a head and a body");
-        let status: u16 = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("a status line");
-        let json = if rest.is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_str(rest).unwrap_or_else(|e| panic!("not JSON ({e}): {rest}"))
-        };
-        (status, json)
-    })
-    .await
-    .expect("the request answered in time")
-}
+use std::time::Duration;
 
 /// `what` answered `status` with Batch error `code`, and hashed no password.
 async fn refused_unhashed(
@@ -138,52 +32,10 @@ async fn refused_unhashed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_write_the_service_would_refuse_is_answered_without_hashing() {
-    let backend = bluebatch_store::SqliteBackend::in_memory().expect("an in-memory store");
-    let svc = Service::start(
-        backend,
-        Arc::new(ServiceClock::new()),
-        Arc::new(InstantNodes),
-        Config {
-            node_step: Duration::from_millis(5),
-            ..Config::default()
-        },
-    )
-    .await
-    .expect("the service starts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = Arc::new(App {
-        service: svc.clone(),
-        config: WireConfig::default(),
-    });
-    tokio::spawn(bluebatch_wire::serve(
-        listener,
-        app,
-        std::future::pending::<()>(),
-    ));
-
-    let pool = serde_json::json!({
-        "id": "p1", "vmSize": "standard_d2s_v3",
-        "virtualMachineConfiguration": {
-            "imageReference": {"publisher": "Canonical",
-                "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
-            "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
-        "targetDedicatedNodes": 1,
-    })
-    .to_string();
-    let (status, body) = call(addr, Method::POST, "/pools", &pool).await;
+    let (svc, addr) = serve(Duration::from_millis(5)).await;
+    let (status, body) = call(addr, Method::POST, "/pools", &pool_body("p1", 1)).await;
     assert_eq!(status, 201, "{body}");
-    let until = Instant::now() + DEADLINE;
-    let node = loop {
-        let (nodes, _) = svc
-            .list_nodes(DEV_ACCOUNT, "p1", &|_| true, None, 10)
-            .expect("List Nodes");
-        if let Some(n) = nodes.iter().find(|n| n.node.state == NodeState::Idle) {
-            break n.node.id.clone();
-        }
-        assert!(Instant::now() < until, "no idle node in {DEADLINE:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let node = wait_nodes(&svc, "p1", 1, true).await.remove(0);
     let users = format!("/pools/p1/nodes/{node}/users");
     let (status, body) = call(
         addr,
