@@ -1,10 +1,10 @@
 //! `GET /_bluebatch/metrics` of a real `bluebatch serve`, scraped as Prometheus does (plain
 //! HTTP, no credentials): every answer is valid text exposition format 0.0.4 (each family with
-//! HELP and TYPE, samples that parse, cumulative buckets ending in `+Inf` = `_count`); connection
-//! and SSH gauges following held connections and a real
-//! OpenSSH session; shed connections counted by reason; agents connected and known following
-//! `bluebatch agent --simulate 2` processes started, killed and revoked; HEAD, 405 for other
-//! verbs, no id or account name in the text.
+//! HELP and TYPE, samples that parse, cumulative buckets ending in `+Inf` = `_count`); requests
+//! counted exactly by operation and status, each with one latency observation; connection and
+//! SSH gauges following held connections and a real OpenSSH session; shed connections counted
+//! by reason; agents connected and known following `bluebatch agent --simulate 2` processes
+//! started, killed and revoked; HEAD, 405 for other verbs, no id or account name in the text.
 //!
 //! The figures are per process: each test starts its own serve (never the replicas fleet of
 //! `BLUEBATCH_TEST_REPLICAS`), so the deltas asserted are exact.
@@ -22,6 +22,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The deadline of every request and wait of these tests.
 const T: Duration = Duration::from_secs(20);
+
+const KEY_LINE: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH9wS+tM/r/10YNGJiHozDKRUN3jv3vxfhXUlqoufUKB metrics";
 
 /// `bluebatch serve` with `args`, on its own (figures are per process).
 fn serve(args: &[&str]) -> Server {
@@ -313,6 +316,19 @@ impl Scrape {
     fn n(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.get(name, labels).unwrap_or(0.0)
     }
+    /// Every `(operation, status)` of `bluebatch_http_requests_total` with its count.
+    fn requests(&self) -> BTreeMap<(String, String), f64> {
+        let prefix = "bluebatch_http_requests_total{";
+        self.samples
+            .iter()
+            .filter_map(|(k, v)| {
+                let inner = k.strip_prefix(prefix)?.strip_suffix('}')?;
+                let l = parse_labels(inner, k);
+                let get = |n: &str| l.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+                Some(((get("operation")?, get("status")?), *v))
+            })
+            .collect()
+    }
 }
 
 /// GET /_bluebatch/metrics, checked: 200, the exposition media type, a valid text.
@@ -457,6 +473,129 @@ async fn the_endpoint_speaks_the_exposition_format_without_credentials_and_names
         assert_eq!(r.status, 405, "{verb}: {}", r.body);
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["code"], "UnsupportedHttpVerb", "{verb}");
+    }
+    let after = scrape(&server.url).await;
+    assert_eq!(
+        after.n(REQS, &[("operation", "control"), ("status", "405")])
+            - s.n(REQS, &[("operation", "control"), ("status", "405")]),
+        4.0
+    );
+}
+
+/// The exact expected deltas of `bluebatch_http_requests_total` between two scrapes.
+type Expected = BTreeMap<(String, String), f64>;
+
+fn expect(e: &mut Expected, op: &str, status: u16, n: f64) {
+    *e.entry((op.to_string(), status.to_string())).or_default() += n;
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_operation_and_status_each_with_its_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(&["--data-dir", dir.path().to_str().unwrap()]);
+    let c = server.client();
+    let nodes = c.ready_pool("p1", "linux", 1).await;
+    let node = nodes[0].as_str();
+    let before = scrape(&server.url).await;
+
+    let mut e = Expected::new();
+    // The scrape above is counted once it is answered.
+    expect(&mut e, "control", 200, 1.0);
+    for _ in 0..3 {
+        let r = c.req("GET", "/pools/p1").send_within(T).await;
+        assert_eq!(r.status, 200);
+    }
+    expect(&mut e, "Pool_Get", 200, 3.0);
+    for _ in 0..2 {
+        let r = c.req("GET", "/pools/nopool").send_within(T).await;
+        assert_eq!(r.status, 404);
+    }
+    expect(&mut e, "Pool_Get", 404, 2.0);
+    let r = c.req("HEAD", "/pools/p1").send_within(T).await;
+    assert_eq!(r.status, 200);
+    expect(&mut e, "Pool_Exists", 200, 1.0);
+    let r = c.req("HEAD", "/pools/nopool").send_within(T).await;
+    assert_eq!(r.status, 404);
+    expect(&mut e, "Pool_Exists", 404, 1.0);
+    let r = c
+        .req("GET", &format!("/pools/p1/nodes/{node}"))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 200);
+    expect(&mut e, "ComputeNode_Get", 200, 1.0);
+    add_user(
+        &c,
+        "p1",
+        node,
+        json!({"name": "alice", "sshPublicKey": KEY_LINE}),
+    )
+    .await;
+    expect(&mut e, "ComputeNode_AddUser", 201, 1.0);
+    let user = Client::user_path("p1", node, "alice");
+    for _ in 0..2 {
+        let r = c
+            .req("PUT", &user)
+            .json(&json!({"sshPublicKey": KEY_LINE}))
+            .send_within(T)
+            .await;
+        assert_eq!(r.status, 200, "{}", text(&r));
+    }
+    expect(&mut e, "ComputeNode_UpdateUser", 200, 2.0);
+    let r = c
+        .req("PUT", &Client::user_path("p1", node, "ghost"))
+        .json(&json!({"sshPublicKey": KEY_LINE}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 404, "{}", text(&r));
+    expect(&mut e, "ComputeNode_UpdateUser", 404, 1.0);
+    let r = c.req("DELETE", &user).send_within(T).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    expect(&mut e, "ComputeNode_DeleteUser", 200, 1.0);
+    // Refused before an operation is known: no credentials, a path no operation has.
+    let r = c.req("GET", "/pools").unsigned().send_within(T).await;
+    assert_eq!(r.status, 401);
+    expect(&mut e, "unrouted", 401, 1.0);
+    let r = c.req("GET", "/no/such/thing").send_within(T).await;
+    expect(&mut e, "unrouted", r.status, 1.0);
+    // The emulator's own endpoints.
+    for _ in 0..2 {
+        assert_eq!(
+            raw(&server.url, "GET", "/_bluebatch/health").await.status,
+            200
+        );
+    }
+    expect(&mut e, "control", 200, 2.0);
+    assert_eq!(
+        raw(&server.url, "POST", "/_bluebatch/health").await.status,
+        405
+    );
+    expect(&mut e, "control", 405, 1.0);
+
+    let after = scrape(&server.url).await;
+    let (b, a) = (before.requests(), after.requests());
+    let keys: BTreeSet<&(String, String)> = b.keys().chain(a.keys()).collect();
+    let mut got = Expected::new();
+    for k in keys {
+        let d = a.get(k).unwrap_or(&0.0) - b.get(k).unwrap_or(&0.0);
+        if d != 0.0 {
+            got.insert(k.clone(), d);
+        }
+    }
+    assert_eq!(got, e, "request counts moved by exactly the requests made");
+    // One latency observation per request, under the same operation label.
+    let mut per_op: BTreeMap<&str, f64> = BTreeMap::new();
+    for ((op, _), n) in &e {
+        *per_op.entry(op).or_default() += n;
+    }
+    for (op, n) in per_op {
+        let l = [("operation", op)];
+        let count = |s: &Scrape| s.n(&format!("{LATENCY}_count"), &l);
+        assert_eq!(count(&after) - count(&before), n, "{op}: latency count");
+        let sum = |s: &Scrape| s.n(&format!("{LATENCY}_sum"), &l);
+        assert!(sum(&after) > sum(&before), "{op}: latency sum grew");
+        // A request of this test took well under 10 s: it is under the le="10" bucket.
+        let under = |s: &Scrape| s.n(&format!("{LATENCY}_bucket"), &[l[0], ("le", "10")]);
+        assert_eq!(under(&after) - under(&before), n, "{op}: bucket le=10");
     }
 }
 
@@ -745,7 +884,12 @@ async fn agents_connected_and_known_follow_simulated_agents_joining_dying_and_re
     let tb = token_file(&url, dir.path(), "token-b").await;
     let _a = Agent::start(&url, &sa, &ta, "25410-25419");
     let mut b = Agent::start(&url, &sb, &tb, "25420-25429");
-    scrape_until(&url, "two agents connected", agents_are(2.0, 2.0)).await;
+    let joined = scrape_until(&url, "two agents connected", agents_are(2.0, 2.0)).await;
+    assert!(
+        joined.n(REQS, &[("operation", "agent"), ("status", "200")]) >= 2.0,
+        "the agents' join and polls are counted under agent:\n{}",
+        joined.text
+    );
 
     // One agent killed: still known, no longer connected once its grace is over.
     b.kill();
