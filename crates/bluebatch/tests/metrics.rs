@@ -912,3 +912,27 @@ async fn agents_connected_and_known_follow_simulated_agents_joining_dying_and_re
     assert_eq!(r.status, 200, "{}", text(&r));
     scrape_until(&url, "the revoked agent forgotten", agents_are(1.0, 1.0)).await;
 }
+
+#[tokio::test]
+async fn the_https_listener_serves_the_same_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = Server::start_tls(&["--data-dir", dir.path().to_str().unwrap()]);
+    let ca = tls.ca.clone().expect("the generated CA");
+    let c = Client::with_ca(&tls.https, ACCOUNT, KEY, &ca);
+    let r = c.control("GET", "/metrics").unsigned().send_within(T).await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let s = parse_exposition(&text(&r));
+    // The first request of this serve: nothing counted yet, this very connection open.
+    assert_eq!(s.requests(), BTreeMap::new(), "{}", s.text);
+    assert_eq!(s.n(OPEN, &[]), 1.0, "{}", s.text);
+    // The HTTPS scrape is counted like any: the next one (over plain HTTP) shows it, and the
+    // HTTPS connection the client keeps alive beside its own.
+    let next = scrape(&tls.server.url).await;
+    let one = BTreeMap::from([(("control".to_string(), "200".to_string()), 1.0)]);
+    assert_eq!(next.requests(), one, "{}", next.text);
+    assert_eq!(next.n(OPEN, &[]), 2.0, "{}", next.text);
+}
