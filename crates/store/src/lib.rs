@@ -1,9 +1,9 @@
 //! bluebatch-store: durable state as ordered key/value records.
 //!
 //! The service owns the state in memory and writes every change through a [`Backend`] before it
-//! answers. [`GroupCommit`] gives the backends group commit: one writer thread takes every change
-//! queued while the previous transaction was syncing and commits them in one transaction, so the
-//! throughput is not bounded by the disk's fsync rate.
+//! answers. [`GroupCommit`] gives the backends group commit: a lone change is committed on the
+//! caller's thread, and every change queued while a transaction was syncing is committed in the
+//! next one, so the throughput is not bounded by the disk's fsync rate.
 
 pub mod conformance;
 mod group;
@@ -11,7 +11,7 @@ mod memshared;
 mod shared;
 mod sqlite;
 
-pub use group::{Done, GroupCommit};
+pub use group::{Done, GroupCommit, Ticket};
 pub use memshared::MemShared;
 pub use shared::{BoxFuture, Change, Locked, SharedBackend, Snapshot};
 pub use sqlite::SqliteBackend;
@@ -53,4 +53,22 @@ pub trait Backend: Send + 'static {
     fn load_all(&mut self) -> Result<Vec<(String, Vec<u8>)>>;
     /// Applies `ops` in order as one durable transaction: all or nothing, synced before return.
     fn commit(&mut self, ops: &[Op]) -> Result<()>;
+    /// Whether a commit waits for a disk (decides whether a caller commits inline under load).
+    fn syncs(&self) -> bool {
+        true
+    }
+    /// Whether [`Backend::maintain`] should run now that the writer is idle.
+    fn maintenance_due(&self) -> bool {
+        false
+    }
+    /// Whether maintenance is so overdue it should run between two batches of a load that
+    /// never leaves the writer idle.
+    fn maintenance_overdue(&self) -> bool {
+        false
+    }
+    /// Work kept out of the commits (SQLite: the checkpoint). An error stops the store like a
+    /// failed commit.
+    fn maintain(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -1,11 +1,12 @@
 //! The embedded backend: one SQLite file in WAL mode with `synchronous=FULL`, so a commit is on
 //! disk when it returns.
 //!
-//! Checkpoints (copying the WAL into the database file) are run here after every
-//! [`CHECKPOINT_COMMITS`] commits (or [`CHECKPOINT_OPS`] changes), not by SQLite's automatic
-//! checkpoint, whose errors SQLite ignores: a failed checkpoint fails the commit that ran it, so
-//! any failed write or sync of the store's files stops the server (the commit itself was durable;
-//! its callers just get no answer).
+//! Checkpoints (copying the WAL into the database file) are due after every
+//! [`CHECKPOINT_COMMITS`] commits (or [`CHECKPOINT_OPS`] changes) and run by the group commit's
+//! writer thread once it is idle ([`Backend::maintain`]), never inside a change's commit; not by
+//! SQLite's automatic checkpoint, whose errors SQLite ignores: a failed checkpoint stops the
+//! store like a failed commit, so any failed write or sync of the store's files stops the server
+//! (every commit answered before it was durable; what queued behind it gets no success).
 
 use crate::{Backend, Op, Result, StoreError};
 use rusqlite::{Connection, params};
@@ -15,9 +16,14 @@ use std::path::Path;
 const CHECKPOINT_COMMITS: u32 = 256;
 /// Changes between two checkpoints (whichever comes first).
 const CHECKPOINT_OPS: usize = 4096;
+/// Past this many times the thresholds, a checkpoint runs even between two batches of a load
+/// that never leaves the writer idle (the WAL must not grow without bound).
+const OVERDUE: u32 = 4;
 
 pub struct SqliteBackend {
     conn: Connection,
+    /// A file (not `in_memory`): commits sync.
+    file: bool,
     /// Commits and changes since the last checkpoint.
     since_checkpoint: (u32, usize),
 }
@@ -29,15 +35,15 @@ fn err(e: rusqlite::Error) -> StoreError {
 impl SqliteBackend {
     /// Opens (creating if needed) the database file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::init(Connection::open(path).map_err(err)?)
+        Self::init(Connection::open(path).map_err(err)?, true)
     }
 
     /// A throwaway database that lives only in this process (`--in-memory`).
     pub fn in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory().map_err(err)?)
+        Self::init(Connection::open_in_memory().map_err(err)?, false)
     }
 
-    fn init(conn: Connection) -> Result<Self> {
+    fn init(conn: Connection, file: bool) -> Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -50,6 +56,7 @@ impl SqliteBackend {
         .map_err(err)?;
         Ok(Self {
             conn,
+            file,
             since_checkpoint: (0, 0),
         })
     }
@@ -117,10 +124,25 @@ impl Backend for SqliteBackend {
         let (commits, changes) = &mut self.since_checkpoint;
         *commits += 1;
         *changes += ops.len();
-        if *commits >= CHECKPOINT_COMMITS || *changes >= CHECKPOINT_OPS {
-            self.checkpoint()?;
-        }
         Ok(())
+    }
+
+    fn syncs(&self) -> bool {
+        self.file
+    }
+
+    fn maintenance_due(&self) -> bool {
+        let (commits, changes) = self.since_checkpoint;
+        commits >= CHECKPOINT_COMMITS || changes >= CHECKPOINT_OPS
+    }
+
+    fn maintenance_overdue(&self) -> bool {
+        let (commits, changes) = self.since_checkpoint;
+        commits >= OVERDUE * CHECKPOINT_COMMITS || changes >= OVERDUE as usize * CHECKPOINT_OPS
+    }
+
+    fn maintain(&mut self) -> Result<()> {
+        self.checkpoint()
     }
 }
 
@@ -136,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_are_run_by_the_backend_every_so_many_commits() {
+    fn checkpoints_are_due_every_so_many_commits_and_never_run_inside_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let mut b = SqliteBackend::open(&path).unwrap();
@@ -150,7 +172,15 @@ mod tests {
             size() <= 4096,
             "no checkpoint before {CHECKPOINT_COMMITS} commits"
         );
+        assert!(!b.maintenance_due());
         b.commit(&put("last")).unwrap();
+        assert!(size() <= 4096, "the commit itself never checkpoints");
+        assert!(
+            b.maintenance_due(),
+            "due after {CHECKPOINT_COMMITS} commits"
+        );
+        b.maintain().unwrap();
+        assert!(!b.maintenance_due());
         assert!(
             size() > 4096,
             "the checkpoint after {CHECKPOINT_COMMITS} commits"
