@@ -35,6 +35,16 @@ impl NodeFabric for SshFabric {
             bluebatch_node::AccountChange::Snapshot(accounts),
         )
     }
+    fn apply_deferred(&self, key: &str, revision: u64, accounts: Arc<[NodeAccount]>) -> u64 {
+        self.0.apply_deferred(
+            key,
+            revision,
+            bluebatch_node::AccountChange::Snapshot(accounts),
+        )
+    }
+    fn enforce(&self, key: &str) {
+        self.0.enforce(key)
+    }
     fn acknowledged<'a>(&'a self, key: &'a str, revision: u64) -> BoxFuture<'a, ()> {
         // The embedded nodes apply a change within `apply` itself: an acknowledgement not given
         // then never comes.

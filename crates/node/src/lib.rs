@@ -431,6 +431,22 @@ impl SshNodes {
         node.apply(revision, change, self.inner.clock.now())
     }
 
+    /// [`SshNodes::apply`] without ending sessions: new logins follow the change at once, and
+    /// the sessions it ends end in [`SshNodes::enforce`] (called by the service once out of its
+    /// lock).
+    pub fn apply_deferred(&self, node_key: &str, revision: u64, change: AccountChange) -> u64 {
+        let node = self.inner.node_or_create(node_key);
+        node.apply_only(revision, change)
+    }
+
+    /// Ends the node's sessions of accounts it no longer has or that are expired at the service
+    /// clock's now. In memory only; never blocks on I/O.
+    pub fn enforce(&self, node_key: &str) {
+        if let Some(node) = self.inner.node(node_key) {
+            node.enforce(self.inner.clock.now());
+        }
+    }
+
     /// Tells the node its Batch state. In a state that takes no logins (see [`accepts_logins`])
     /// the node closes every new connection before the SSH banner and refuses every
     /// authentication, and entering such a state ends every connection it has. A node never

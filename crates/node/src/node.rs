@@ -390,6 +390,15 @@ impl Node {
     // ---- accounts -------------------------------------------------------------------------
 
     pub fn apply(&self, revision: u64, change: AccountChange, now: OffsetDateTime) -> u64 {
+        let applied = self.apply_only(revision, change);
+        if applied == revision {
+            self.enforce(now);
+        }
+        applied
+    }
+
+    /// [`Node::apply`] without [`Node::enforce`]: the caller ends the sessions afterwards.
+    pub fn apply_only(&self, revision: u64, change: AccountChange) -> u64 {
         let mut state = self.accounts.write().unwrap_or_else(|e| e.into_inner());
         if let Some(current) = state.revision
             && revision < current
@@ -429,8 +438,6 @@ impl Node {
             }
         }
         state.revision = Some(revision);
-        drop(state);
-        self.enforce(now);
         revision
     }
 

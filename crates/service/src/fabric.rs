@@ -57,6 +57,16 @@ pub trait NodeFabric: Send + Sync + 'static {
     /// when the acknowledgement comes later (see [`NodeFabric::acknowledged`]). Called under the
     /// state lock, in revision order; must not block.
     fn apply(&self, key: &str, revision: u64, accounts: Arc<[NodeAccount]>) -> u64;
+    /// [`NodeFabric::apply`], except that the sessions of accounts removed or expired end only
+    /// in the [`NodeFabric::enforce`] that the caller makes once out of the state lock (ending
+    /// sessions is no work for under it). The node refuses new logins of a removed account as
+    /// soon as this returns.
+    fn apply_deferred(&self, key: &str, revision: u64, accounts: Arc<[NodeAccount]>) -> u64 {
+        self.apply(key, revision, accounts)
+    }
+    /// Ends the node's sessions of accounts it no longer has or that are expired now (after
+    /// [`NodeFabric::apply_deferred`]; never blocks).
+    fn enforce(&self, _key: &str) {}
     /// Resolves once the node has applied `revision` or a later one: the acknowledgement of a
     /// change that [`NodeFabric::apply`] did not acknowledge at once. The service bounds the
     /// wait (it may drop the future at any point); a node that never acknowledges never resolves.

@@ -69,6 +69,15 @@ pub fn pool_key(id: &str) -> String {
     id.to_ascii_lowercase()
 }
 
+/// [`pool_key`] without an allocation when `id` is lowercase already (a lookup's usual case).
+fn pool_key_ref(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(id.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(id)
+    }
+}
+
 // Store keys. '/' never occurs in account names, pool ids, node ids or user names.
 pub fn pool_record(account: &str, pool: &str) -> String {
     format!("pool/{account}/{}", pool_key(pool))
@@ -204,14 +213,14 @@ impl State {
     }
 
     pub fn pool(&self, account: &str, pool: &str) -> Option<&PoolEntry> {
-        self.accounts.get(account)?.pools.get(&pool_key(pool))
+        self.accounts.get(account)?.pools.get(&*pool_key_ref(pool))
     }
 
     pub fn pool_mut(&mut self, account: &str, pool: &str) -> Option<&mut PoolEntry> {
         self.accounts
             .get_mut(account)?
             .pools
-            .get_mut(&pool_key(pool))
+            .get_mut(&*pool_key_ref(pool))
     }
 
     /// The node an operation addresses, with its pool's OS and id (as stored); the 404s in the

@@ -62,20 +62,24 @@ impl Service {
     ) -> Result<Written> {
         let _gate = self.gate().await?;
         let now = self.now();
-        let pending = {
+        // Built before the lock: nothing else under it depends on them.
+        let etag = new_etag(now);
+        let expiry = body.expiry_time.unwrap_or_else(|| default_expiry(now));
+        let (pending, written, acked, applied) = {
             let mut st = self.lock();
-            let (os, _, entry) = st.node_mut(at.account, at.pool, at.node)?;
+            let mut found = st.node_mut(at.account, at.pool, at.node)?;
+            let os = found.0;
             let name = match update {
                 Some(n) => n.to_string(),
                 None => body.name.clone().unwrap_or_default(),
             };
             let ukey = user_key(os, &name);
-            if update.is_some() && !entry.users.contains_key(&ukey) {
+            if update.is_some() && !found.2.users.contains_key(&ukey) {
                 return Err(BatchError::new(Code::NodeUserNotFound));
             }
             check_os_rules(os, &body)?;
-            if update.is_none() && entry.node.host.is_some() {
-                let host = entry.node.host.clone();
+            if update.is_none() && found.2.node.host.is_some() {
+                let host = found.2.node.host.clone();
                 if Service::reserved_on(&st, host.as_deref(), &name, os == Os::Windows) {
                     let why = format!(
                         "The user name {name} is reserved on this node: the host has an account of that name that bluebatch does not manage."
@@ -87,15 +91,18 @@ impl Service {
                     )
                     .message(why));
                 }
+                // Only an Add on a joined host's node looks it up twice (`reserved_on` reads
+                // the whole state).
+                found = st.node_mut(at.account, at.pool, at.node)?;
             }
-            let (os, pool_id, entry) = st.node_mut(at.account, at.pool, at.node)?;
+            let (_, pool_id, entry) = found;
             check_node_state_for_users(entry.node.state)?;
-            let is_admin = match update {
-                Some(_) => entry.users[&ukey].is_admin,
-                None => {
-                    if entry.users.contains_key(&ukey) {
-                        return Err(BatchError::new(Code::NodeUserExists));
-                    }
+            let existing = entry.users.get(&ukey);
+            let is_admin = match (update, existing) {
+                (Some(_), Some(u)) => u.is_admin,
+                (Some(_), None) => return Err(BatchError::new(Code::NodeUserNotFound)),
+                (None, Some(_)) => return Err(BatchError::new(Code::NodeUserExists)),
+                (None, None) => {
                     if entry.users.len() >= self.inner.config.max_users_per_node {
                         return Err(BatchError::new(Code::OperationNotValidOnNode).message(
                             format!(
@@ -107,40 +114,33 @@ impl Service {
                     body.is_admin
                 }
             };
-            let expiry = body.expiry_time.unwrap_or_else(|| default_expiry(now));
             let revision = entry.node.users_revision + 1;
             let user = NodeUser {
                 // An update keeps the name as it was created (Windows names match any case).
-                name: entry.users.get(&ukey).map_or(name, |u| u.name.clone()),
+                name: existing.map_or(name, |u| u.name.clone()),
                 is_admin,
                 password_hash,
                 ssh_public_key: body.ssh_public_key,
                 expiry_time: expiry,
                 login_refused_from: login_refused_from(os, expiry),
                 revision,
-                etag: new_etag(now),
+                etag: etag.clone(),
                 last_modified: now,
-            };
-            let key = node_key(at.account, &pool_id, at.node);
-            let written = Written {
-                etag: user.etag.clone(),
-                last_modified: now,
-                pool_id: pool_id.clone(),
-                user_name: user.name.clone(),
             };
             let user_op = put_json(user_record(at.account, &pool_id, at.node, &ukey), &user);
             let user_name = user.name.clone();
             entry.users.insert(ukey, user);
-            let acked = self
-                .apply_to_node(
-                    os,
-                    entry.node.host.as_deref(),
-                    entry.node.applied_revision,
-                    &key,
-                    revision,
-                    &entry.users,
-                )
-                .for_user(&user_name);
+            let key = node_key(at.account, &pool_id, at.node);
+            let embedded = entry.node.host.is_none() && os == Os::Linux;
+            let started = std::time::Instant::now();
+            let acked = self.apply_to_node(
+                os,
+                entry.node.host.as_deref(),
+                entry.node.applied_revision,
+                &key,
+                revision,
+                &entry.users,
+            );
             entry.node.users_revision = revision;
             if matches!(acked, crate::Ack::Given) {
                 entry.node.applied_revision = Some(revision);
@@ -149,17 +149,32 @@ impl Service {
                 user_op,
                 put_json(node_record(at.account, &pool_id, at.node), &entry.node),
             ];
-            (self.submit(ops), written, acked)
+            // A user write moves no pool's or host's capacity.
+            let pending = self.submit_quiet(ops);
+            (
+                pending,
+                (pool_id, user_name),
+                acked,
+                embedded.then_some((key, started)),
+            )
         };
-        let (pending, written, acked) = pending;
+        // Out of the lock: the sessions of an account gone or expired end before the answer.
+        self.enforced(applied);
+        let (pool_id, user_name) = written;
+        let acked = acked.for_user(&user_name);
         pending.durable().await?;
         self.acknowledged(acked, at.timeout).await?;
-        Ok(written)
+        Ok(Written {
+            etag,
+            last_modified: now,
+            pool_id,
+            user_name,
+        })
     }
 
     pub async fn delete_user(&self, at: UserAddr<'_>, name: &str) -> Result<()> {
         let _gate = self.gate().await?;
-        let pending = {
+        let (pending, acked, applied) = {
             let mut st = self.lock();
             let (os, pool_id, entry) = st.node_mut(at.account, at.pool, at.node)?;
             let ukey = user_key(os, name);
@@ -174,6 +189,8 @@ impl Service {
                 .remove(&ukey)
                 .map(|u| u.name)
                 .unwrap_or_default();
+            let embedded = entry.node.host.is_none() && os == Os::Linux;
+            let started = std::time::Instant::now();
             let acked = self
                 .apply_to_node(
                     os,
@@ -188,15 +205,16 @@ impl Service {
             if matches!(acked, crate::Ack::Given) {
                 entry.node.applied_revision = Some(revision);
             }
-            let pending = self.submit(vec![
+            let pending = self.submit_quiet(vec![
                 Op::Delete {
                     key: user_record(at.account, &pool_id, at.node, &ukey),
                 },
                 put_json(node_record(at.account, &pool_id, at.node), &entry.node),
             ]);
-            (pending, acked)
+            (pending, acked, embedded.then_some((key, started)))
         };
-        let (pending, acked) = pending;
+        // Out of the lock: the removed account's sessions end before the answer.
+        self.enforced(applied);
         pending.durable().await?;
         self.acknowledged(acked, at.timeout).await
     }
