@@ -936,3 +936,55 @@ async fn the_https_listener_serves_the_same_figures() {
     assert_eq!(next.requests(), one, "{}", next.text);
     assert_eq!(next.n(OPEN, &[]), 2.0, "{}", next.text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_each_count_their_own_requests_and_commits_and_both_know_the_agent() {
+    let Some(rs) = replicas::Replicas::start(2) else {
+        return;
+    };
+    let (a, b) = (rs.url(0).to_string(), rs.url(1).to_string());
+    // The agent joins through A and polls B.
+    let (_dir, _agent) = rs.agent(0, 1, 2, "25440-25449").await;
+    for url in [&a, &b] {
+        scrape_until(url, "the agent known and connected", |s| {
+            s.n(AGENTS_KNOWN, &[]) == 1.0 && s.n(AGENTS_CONNECTED, &[]) == 1.0
+        })
+        .await;
+    }
+    replicas::add_pool(rs.at(0), "pgm", 2).await;
+    let nodes = replicas::steady_nodes(rs.at(0), "pgm", 2, Duration::from_secs(40)).await;
+    let (a0, b0) = (scrape(&a).await, scrape(&b).await);
+    let r = rs
+        .at(0)
+        .req("POST", &format!("/pools/pgm/nodes/{}/users", nodes[0]))
+        .json(&json!({"name": "pguser", "sshPublicKey": KEY_LINE}))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let (a1, b1) = (scrape(&a).await, scrape(&b).await);
+    let add = [("operation", "ComputeNode_AddUser"), ("status", "201")];
+    assert_eq!(a1.n(REQS, &add) - a0.n(REQS, &add), 1.0, "{}", a1.text);
+    assert_eq!(b1.n(REQS, &add) - b0.n(REQS, &add), 0.0, "{}", b1.text);
+    // A committed the user; B committed the agent's acknowledgement (the agent polls B).
+    let commits = |s: &Scrape| s.n(&format!("{BATCH}_count"), &[]);
+    let writes = |s: &Scrape| s.n(&format!("{BATCH}_sum"), &[]);
+    for (name, before, after) in [("A", &a0, &a1), ("B", &b0, &b1)] {
+        assert!(
+            commits(after) - commits(before) >= 1.0,
+            "{name} committed:\n{}",
+            after.text
+        );
+        assert!(writes(after) - writes(before) >= 1.0, "{name}");
+        let durations = |s: &Scrape| s.n(&format!("{COMMIT}_count"), &[]);
+        assert_eq!(
+            durations(after) - durations(before),
+            commits(after) - commits(before),
+            "{name}: one duration per commit"
+        );
+    }
+    // Both still know the one agent, connected.
+    for s in [&a1, &b1] {
+        assert_eq!(s.n(AGENTS_KNOWN, &[]), 1.0, "{}", s.text);
+        assert_eq!(s.n(AGENTS_CONNECTED, &[]), 1.0, "{}", s.text);
+    }
+}
