@@ -496,6 +496,8 @@ async fn requests_are_counted_by_operation_and_status_each_with_its_latency() {
     let c = server.client();
     let nodes = c.ready_pool("p1", "linux", 1).await;
     let node = nodes[0].as_str();
+    // Steady: no lifecycle write of the pool is left to land between the two scrapes.
+    wait_steady(&c, "p1").await;
     let before = scrape(&server.url).await;
 
     let mut e = Expected::new();
@@ -597,6 +599,23 @@ async fn requests_are_counted_by_operation_and_status_each_with_its_latency() {
         let under = |s: &Scrape| s.n(&format!("{LATENCY}_bucket"), &[l[0], ("le", "10")]);
         assert_eq!(under(&after) - under(&before), n, "{op}: bucket le=10");
     }
+
+    // The durable writes (Add, Update ×2, Delete User), made one after the other, were each
+    // committed on their own: four commits of one write, each with its duration.
+    let d = |name: &str, l: &[(&str, &str)]| after.n(name, l) - before.n(name, l);
+    let commits = d(&format!("{BATCH}_count"), &[]);
+    assert_eq!(commits, 4.0, "commits:\n{}", after.text);
+    assert_eq!(d(&format!("{BATCH}_sum"), &[]), 4.0, "writes committed");
+    assert_eq!(
+        d(&format!("{BATCH}_bucket"), &[("le", "1")]),
+        4.0,
+        "batches of 1"
+    );
+    assert_eq!(d(&format!("{COMMIT}_count"), &[]), commits);
+    // Each of the four user writes was applied on the embedded node.
+    let lag = d(&format!("{LAG}_count"), &[("kind", "embedded")]);
+    assert_eq!(lag, 4.0, "embedded applies: {lag}\n{}", after.text);
+    assert_eq!(d(&format!("{LAG}_count"), &[("kind", "agent")]), 0.0);
 }
 
 /// A connection opened and held: one request answered on it, then kept idle (keep-alive).
