@@ -1006,4 +1006,36 @@ async fn postgres_replicas_each_count_their_own_requests_and_commits_and_both_kn
         assert_eq!(s.n(AGENTS_KNOWN, &[]), 1.0, "{}", s.text);
         assert_eq!(s.n(AGENTS_CONNECTED, &[]), 1.0, "{}", s.text);
     }
+
+    // The database refusing every connection: readiness says 503, the scrape still answers
+    // (it never waits on the store).
+    let db = &rs.db;
+    replicas::psql(
+        &db.base,
+        &format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false", db.name),
+    );
+    replicas::psql(
+        &db.base,
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{}'",
+            db.name
+        ),
+    );
+    within(T, "A's readiness to say the store is gone", async {
+        while raw(&a, "GET", "/_bluebatch/ready").await.status != 503 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let down = scrape(&a).await;
+    assert_eq!(down.n(AGENTS_KNOWN, &[]), 1.0, "{}", down.text);
+    assert!(
+        down.n(REQS, &[("operation", "control"), ("status", "503")]) >= 1.0,
+        "the 503 readiness answers are counted:\n{}",
+        down.text
+    );
+    replicas::psql(
+        &db.base,
+        &format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true", db.name),
+    );
 }
