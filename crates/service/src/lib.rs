@@ -10,18 +10,18 @@ mod fabric;
 mod lifecycle;
 mod nodes;
 mod pools;
+mod precheck;
 mod sandbox;
 mod shared;
 mod state;
-mod precheck;
 mod users;
 
 pub use agents::{HostView, JoinTokenCreated, JoinTokenView, MAX_HOST_SLOTS, MAX_TOKEN_TTL};
 pub use bluebatch_protocol::NodeSource;
 pub use fabric::{BoxFuture, LoginLockout, NodeFabric};
 pub use nodes::{AppliedUsers, NodeView, NodeWritten};
-pub use pools::{PoolView, PoolWritten};
 pub use pools::Precondition;
+pub use pools::{PoolView, PoolWritten};
 pub use sandbox::SandboxDemand;
 pub use shared::LEASE_TTL;
 pub use users::{UserAddr, Written};
@@ -421,9 +421,16 @@ impl Service {
                         None => std::future::pending().await,
                     }
                 };
-                tokio::time::timeout(limit, wait)
+                // Called once the write is durable: from then to the agent's acknowledgement.
+                let committed = std::time::Instant::now();
+                let acked = tokio::time::timeout(limit, wait)
                     .await
-                    .map_err(|_| not_acknowledged())?
+                    .map_err(|_| not_acknowledged())?;
+                if acked.is_ok() {
+                    bluebatch_metrics::global()
+                        .node_apply(bluebatch_metrics::NodeKind::Agent, committed.elapsed());
+                }
+                acked
             }
         }
     }

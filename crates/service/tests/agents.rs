@@ -215,6 +215,11 @@ async fn an_acknowledged_write_answers_and_the_snapshot_is_the_whole_account_set
         assert_eq!(ip, "198.18.0.2");
         assert_eq!(port, 2200 + view.node.slot.unwrap() as u16);
 
+        // Each acknowledged write records its commit → acknowledgement time (process-wide:
+        // other tests only add to it).
+        let lags = bluebatch_metrics::global()
+            .apply_lag(bluebatch_metrics::NodeKind::Agent)
+            .count();
         h.add("p1", n, json!({"name": "ann", "password": "pw-1"}))
             .await
             .unwrap();
@@ -229,6 +234,12 @@ async fn an_acknowledged_write_answers_and_the_snapshot_is_the_whole_account_set
         )
         .await
         .unwrap();
+        assert!(
+            bluebatch_metrics::global()
+                .apply_lag(bluebatch_metrics::NodeKind::Agent)
+                .count()
+                >= lags + 4
+        );
         let d = a.poll(None, Duration::ZERO).await;
         let mine = d.nodes.iter().find(|x| x.node_id == *n).unwrap();
         assert_eq!(mine.revision, h.revision("p1", n));
