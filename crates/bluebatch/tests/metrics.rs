@@ -20,6 +20,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The tests of this file run one at a time: the PostgreSQL replicas harness picks a free port
+/// before the replica binds it, and the other tests' many short connections (each on an
+/// ephemeral port of 127.0.0.1) could take it in between.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The deadline of every request and wait of these tests.
 const T: Duration = Duration::from_secs(20);
 
@@ -377,6 +382,7 @@ const LAG: &str = "bluebatch_node_apply_lag_seconds";
 
 #[tokio::test]
 async fn the_endpoint_speaks_the_exposition_format_without_credentials_and_names_nothing() {
+    let _one_at_a_time = SERIAL.lock().await;
     let server = serve(&["--in-memory"]);
     let c = server.client();
     let nodes = c.ready_pool("quietpool", "linux", 1).await;
@@ -491,6 +497,7 @@ fn expect(e: &mut Expected, op: &str, status: u16, n: f64) {
 
 #[tokio::test]
 async fn requests_are_counted_by_operation_and_status_each_with_its_latency() {
+    let _one_at_a_time = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let server = serve(&["--data-dir", dir.path().to_str().unwrap()]);
     let c = server.client();
@@ -654,6 +661,7 @@ async fn read_one_answer(s: &mut tokio::net::TcpStream) -> Raw {
 
 #[tokio::test]
 async fn connection_and_ssh_gauges_follow_held_connections_and_a_real_openssh_session() {
+    let _one_at_a_time = SERIAL.lock().await;
     if !have_ssh_client() {
         return;
     }
@@ -766,6 +774,7 @@ async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
 
 #[tokio::test]
 async fn shed_connections_are_counted_by_reason() {
+    let _one_at_a_time = SERIAL.lock().await;
     let server = serve(&[
         "--in-memory",
         "--http-head-timeout",
@@ -879,6 +888,7 @@ impl Drop for Agent {
 
 #[tokio::test]
 async fn agents_connected_and_known_follow_simulated_agents_joining_dying_and_revoked() {
+    let _one_at_a_time = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = serve(&[
@@ -934,6 +944,7 @@ async fn agents_connected_and_known_follow_simulated_agents_joining_dying_and_re
 
 #[tokio::test]
 async fn the_https_listener_serves_the_same_figures() {
+    let _one_at_a_time = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let tls = Server::start_tls(&["--data-dir", dir.path().to_str().unwrap()]);
     let ca = tls.ca.clone().expect("the generated CA");
@@ -958,6 +969,7 @@ async fn the_https_listener_serves_the_same_figures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_each_count_their_own_requests_and_commits_and_both_know_the_agent() {
+    let _one_at_a_time = SERIAL.lock().await;
     let Some(rs) = replicas::Replicas::start(2) else {
         return;
     };
