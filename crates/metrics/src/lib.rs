@@ -99,10 +99,12 @@ const STATUSES: [u16; 19] = [
 const STATUS_SLOTS: usize = STATUSES.len() + 1;
 const OPS: usize = Operation::ALL.len();
 
-/// Upper bounds (seconds) of the latency buckets; `+Inf` is implied.
-const LATENCY_BOUNDS: [f64; 16] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 10.0,
+/// Upper bounds (seconds) of the latency buckets; `+Inf` is implied. From 50 µs (an embedded
+/// request takes well under a millisecond) to 60 s (past the 30 s an acknowledgement may be
+/// waited for), with 20 ms so that "within 20 ms" is read off a bucket exactly.
+const LATENCY_BOUNDS: [f64; 19] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.02, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 60.0,
 ];
 /// Upper bounds of the commit batch-size buckets (writes per commit).
 const BATCH_BOUNDS: [f64; 11] = [
