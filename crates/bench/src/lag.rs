@@ -452,11 +452,48 @@ async fn agent(s: &Settings, rep: &mut Report, work: &Path, n: u32) -> Result<()
         let slice = s.secs / s.rounds as u32;
         let (mut rt, mut other, mut same) =
             (Outcome::default(), Outcome::default(), Outcome::default());
-        for _ in 0..s.rounds {
+        // CPU time of each process during the Update User slices through A: where time goes.
+        let pids = [
+            ("replica A", Some(a.pid)),
+            ("replica B", Some(b.pid)),
+            ("agent", agent.pid()),
+        ];
+        let cpu_now = || -> Vec<f64> {
+            let mut v: Vec<f64> = pids
+                .iter()
+                .map(|(_, p)| p.map_or(0.0, pg::cpu_ms))
+                .collect();
+            v.push(cl.cpu_ms());
+            v
+        };
+        let mut spent = vec![0.0; pids.len() + 1];
+        // At least `s.rounds` rounds, and more (up to a minute in all) until the write through
+        // A has 30 samples: a p99 of a handful is no p99.
+        let began = Instant::now();
+        let mut round = 0;
+        while round < s.rounds
+            || (other.ops < 30 && !s.quick && began.elapsed() < Duration::from_secs(60))
+        {
+            round += 1;
             rt.merge(run1(a.addr, &get, slice).await?);
+            let c0 = cpu_now();
             other.merge(run1(a.addr, &upd, slice).await?);
+            for (x, (now, was)) in spent.iter_mut().zip(cpu_now().iter().zip(&c0)) {
+                *x += now - was;
+            }
             same.merge(run1(b.addr, &upd, slice).await?);
         }
+        let names: Vec<&str> = pids.iter().map(|(n, _)| *n).chain(["PostgreSQL"]).collect();
+        println!(
+            "  CPU per Update User via A ({} requests in {round} rounds; 10 ms ticks): {}",
+            other.ops,
+            names
+                .iter()
+                .zip(&spent)
+                .map(|(n, ms)| format!("{n} {:.2} ms", ms / other.ops.max(1) as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         rt.finish();
         other.finish();
         same.finish();

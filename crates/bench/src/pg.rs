@@ -149,6 +149,33 @@ impl Cluster {
         Ok(c)
     }
 
+    /// CPU time of the whole cluster (the postmaster and its children) so far.
+    pub fn cpu_ms(&self) -> f64 {
+        let Some(pm) = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+        else {
+            return 0.0;
+        };
+        let mut total = cpu_ms(pm);
+        if let Ok(d) = std::fs::read_dir("/proc") {
+            for e in d.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u32>().ok());
+                if ppid == Some(pm) {
+                    total += cpu_ms(pid);
+                }
+            }
+        }
+        total
+    }
+
     pub fn log(&self) -> PathBuf {
         self.dir.join("log")
     }
@@ -307,6 +334,23 @@ impl Agent {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from /proc (clock ticks of 10 ms).
+pub fn cpu_ms(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces, in parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) * 10.0
 }
 
 /// The extra arguments of a replica on `store`.
@@ -543,10 +587,10 @@ fn read_log(path: &Path, from: u64) -> Result<Vec<Logged>, String> {
                 params: Vec::new(),
             });
             open = true;
-        } else if let Some(p) = rest.strip_prefix("DETAIL:  parameters: ") {
-            if let Some(l) = out.iter_mut().rev().find(|l| l.pid == pid) {
-                l.params = parse_params(p);
-            }
+        } else if let Some(p) = rest.strip_prefix("DETAIL:  parameters: ")
+            && let Some(l) = out.iter_mut().rev().find(|l| l.pid == pid)
+        {
+            l.params = parse_params(p);
         }
     }
     Ok(out)
@@ -809,7 +853,7 @@ pub fn script(cap: &Capture) -> (String, usize) {
                     .split(';')
                     .map(str::trim)
                     .filter(|p| !p.is_empty())
-                    .map(|p| literal_colons(p))
+                    .map(literal_colons)
                     .collect();
                 if parts.len() > 1 {
                     lines.push((
