@@ -952,24 +952,35 @@ async fn run(s: Settings) -> Result<Report, String> {
         let mut extra = fast_nodes.clone();
         extra.push("--in-memory".into());
         let msrv = Server::spawn(&launch(&s, &mem_dir, &extra)).await?;
-        let msigner = Arc::new(Signer::new(&msrv.account, &msrv.key)?);
-        let mut mc = Conn::connect(msrv.addr, msigner.clone()).await?;
-        let mnodes = setup_bench_pool(&mut mc, s.conns).await?;
-        drop(mc);
-        let (base, upd) = measure_pair(
-            &s,
-            &msrv,
-            &msigner,
-            ceiling_of(s.conns),
-            Phase::load(update_key_op(mnodes), s.conns),
-        )
-        .await?;
-        rep.row(
-            "(b) Update User, key only, --in-memory store",
-            s.conns,
-            &upd,
-            vs(&upd, &base),
-        );
+        // A server of its own: its failure is this row's error, and the run goes on.
+        let measured = async {
+            let msigner = Arc::new(Signer::new(&msrv.account, &msrv.key)?);
+            let mut mc = Conn::connect(msrv.addr, msigner.clone()).await?;
+            let mnodes = setup_bench_pool(&mut mc, s.conns).await?;
+            drop(mc);
+            measure_pair(
+                &s,
+                &msrv,
+                &msigner,
+                ceiling_of(s.conns),
+                Phase::load(update_key_op(mnodes), s.conns),
+            )
+            .await
+        }
+        .await;
+        match measured {
+            Ok((base, upd)) => rep.row(
+                "(b) Update User, key only, --in-memory store",
+                s.conns,
+                &upd,
+                vs(&upd, &base),
+            ),
+            Err(e) => {
+                let e = format!("--in-memory server: {e}{}", log_tail(&msrv.log));
+                println!("  !! {e}");
+                rep.errors.push(e);
+            }
+        }
         msrv.stop().await;
     }
 
@@ -1318,6 +1329,20 @@ fn behind(o: &Outcome, rate: f64) -> String {
     } else {
         String::new()
     }
+}
+
+/// The last lines of a server's log (stderr), to say why it failed.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; its log ({}) ends: {}",
+        log.display(),
+        lines[lines.len().saturating_sub(2)..].join(" | ")
+    )
 }
 
 fn join_ms(v: &[f64]) -> String {
