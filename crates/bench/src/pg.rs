@@ -1043,6 +1043,11 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
     let op = crate::update_key_op(nodes.clone());
     let slice_secs = ((s.secs.as_secs_f64() / s.rounds as f64).round() as u64).max(1);
 
+    let mut procs: Vec<(&str, Option<u32>)> = vec![("replica A", Some(a.pid))];
+    if let Some(b) = &b {
+        procs.push(("replica B", Some(b.pid)));
+    }
+    procs.push(("agent", agent.pid()));
     let result = async {
         let warm = s.warmup.max(Duration::from_millis(500));
         let mut one_rate = None;
@@ -1060,6 +1065,7 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
                 &signer,
                 &op,
                 slice_secs,
+                &procs,
             )
             .await?;
             let (bench, one) = (&v[0], &v[1]);
@@ -1097,6 +1103,7 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
                 &signer,
                 &op,
                 slice_secs,
+                &procs,
             )
             .await?;
             let (bench, two, one) = (&v[0], &v[1], &v[2]);
@@ -1174,6 +1181,7 @@ async fn versus(
     signer: &Arc<Signer>,
     op: &Arc<dyn Op>,
     slice_secs: u64,
+    procs: &[(&str, Option<u32>)],
 ) -> Result<Vec<Outcome>, String> {
     let mut scripts = Vec::new();
     for (i, cap) in caps.iter().enumerate() {
@@ -1198,16 +1206,53 @@ async fn versus(
     // Warm-up of pgbench (its prepared statements, the copy's caches).
     pgbench(cl, &replay, &scripts, s.conns, 1, &logdir).await?;
     let mut out: Vec<Outcome> = (0..=loads.len()).map(|_| Outcome::default()).collect();
+    // CPU time of each process (and of PostgreSQL) per phase: where the time goes.
+    let cpu_now = || -> Vec<f64> {
+        let mut v: Vec<f64> = procs.iter().map(|(_, p)| p.map_or(0.0, cpu_ms)).collect();
+        v.push(cl.cpu_ms());
+        v
+    };
+    let mut spent = vec![vec![0.0; procs.len() + 1]; out.len()];
     for _ in 0..s.rounds {
+        let c0 = cpu_now();
         out[0].merge(pgbench(cl, &replay, &scripts, s.conns, slice_secs, &logdir).await?);
+        for (x, (now, was)) in spent[0].iter_mut().zip(cpu_now().iter().zip(&c0)) {
+            *x += now - was;
+        }
         for (i, addrs) in loads.iter().enumerate() {
+            let c0 = cpu_now();
             out[i + 1].merge(
                 run_split(addrs, signer, op, s.conns, Duration::from_secs(slice_secs)).await?,
             );
+            for (x, (now, was)) in spent[i + 1].iter_mut().zip(cpu_now().iter().zip(&c0)) {
+                *x += now - was;
+            }
         }
     }
     for o in &mut out {
         o.finish();
+    }
+    let names: Vec<&str> = procs
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(["PostgreSQL"])
+        .collect();
+    for (i, (o, sp)) in out.iter().zip(&spent).enumerate() {
+        let what = if i == 0 {
+            "pgbench transaction".to_string()
+        } else {
+            format!("Update User through {} replica(s)", loads[i - 1].len())
+        };
+        println!(
+            "  CPU per {what} ({} done; 10 ms ticks): {}",
+            o.ops,
+            names
+                .iter()
+                .zip(sp)
+                .map(|(n, ms)| format!("{n} {:.2} ms", ms / o.ops.max(1) as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let _ = cl.psql(
         "postgres",
