@@ -3,7 +3,8 @@
 //! HELP and TYPE, samples that parse, cumulative buckets ending in `+Inf` = `_count`); requests
 //! counted exactly by operation and status, each with one latency observation; connection and
 //! SSH gauges following held connections and a real OpenSSH session; shed connections counted
-//! by reason; agents connected and known following `bluebatch agent --simulate 2` processes
+//! by reason; node applies and commits observed (embedded nodes, agents, PostgreSQL replicas);
+//! agents connected and known following `bluebatch agent --simulate 2` processes
 //! started, killed and revoked; HEAD, 405 for other verbs, no id or account name in the text.
 //!
 //! The figures are per process: each test starts its own serve (never the replicas fleet of
@@ -920,6 +921,35 @@ async fn agents_connected_and_known_follow_simulated_agents_joining_dying_and_re
         joined.text
     );
 
+    // A user change on an agent node is acknowledged by its agent: one agent apply observed.
+    let r = c
+        .req("POST", "/pools")
+        .json(&pool_body("ap", 2))
+        .send_within(T)
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let nodes = agents::wait_nodes(&c, "ap", 2).await;
+    let node = nodes[0]["id"].as_str().unwrap().to_string();
+    wait_steady(&c, "ap").await;
+    let before = scrape(&url).await;
+    add_user(
+        &c,
+        "ap",
+        &node,
+        json!({"name": "viaagent", "sshPublicKey": KEY_LINE}),
+    )
+    .await;
+    let after = scrape(&url).await;
+    let lag = |s: &Scrape| s.n(&format!("{LAG}_count"), &[("kind", "agent")]);
+    assert_eq!(
+        lag(&after) - lag(&before),
+        1.0,
+        "one agent apply observed:\n{}",
+        after.text
+    );
+    let embedded = |s: &Scrape| s.n(&format!("{LAG}_count"), &[("kind", "embedded")]);
+    assert_eq!(embedded(&after), 0.0, "no embedded node here");
+
     // One agent killed: still known, no longer connected once its grace is over.
     b.kill();
     scrape_until(&url, "one agent gone silent", agents_are(1.0, 2.0)).await;
@@ -1013,6 +1043,10 @@ async fn postgres_replicas_each_count_their_own_requests_and_commits_and_both_kn
             "{name}: one duration per commit"
         );
     }
+    // The wait for the agent's acknowledgement is observed where the write was taken.
+    let lag = |s: &Scrape| s.n(&format!("{LAG}_count"), &[("kind", "agent")]);
+    assert_eq!(lag(&a1) - lag(&a0), 1.0, "{}", a1.text);
+    assert_eq!(lag(&b1) - lag(&b0), 0.0, "{}", b1.text);
     // Both still know the one agent, connected.
     for s in [&a1, &b1] {
         assert_eq!(s.n(AGENTS_KNOWN, &[]), 1.0, "{}", s.text);
