@@ -528,7 +528,10 @@ impl Setup {
                         NodeState::Starting | NodeState::Rebooting | NodeState::Reimaging
                     )
                 });
-                waited || acked.get(&a.key) != Some(&(a.clone(), boot_of(&a.key)))
+                waited
+                    || acked
+                        .get(&a.key)
+                        .is_none_or(|(was, boot)| was != a || *boot != boot_of(&a.key))
             })
             .collect();
         for chunk in fresh.chunks(ACKS_PER_REQUEST) {
@@ -547,7 +550,7 @@ impl Setup {
                 }
             }
         }
-        acked.retain(|k, _| ds.nodes.iter().any(|n| &n.key == k));
+        acked.retain(|k, _| desired.contains_key(k.as_str()));
         Ok(())
     }
 
