@@ -1,26 +1,44 @@
 //! JSON as Batch writes it: CloudPool, ComputeNode, remote login settings. Domain types stay in
 //! bluebatch-core; these functions are the only place their wire shape is decided.
 
-use crate::percent::encode;
+use crate::percent::encode_into;
 use bluebatch_core::model::{AllocationState, Os, PoolState};
 use bluebatch_core::timefmt::iso;
 use bluebatch_service::{NodeView, PoolView};
 use serde_json::{Map, Value, json};
 
 pub fn pool_url(base: &str, pool_id: &str) -> String {
-    format!("{base}/pools/{}", encode(pool_id))
+    url(base, &[("/pools/", pool_id)])
 }
 
 pub fn node_url(base: &str, pool_id: &str, node_id: &str) -> String {
-    format!("{}/nodes/{}", pool_url(base, pool_id), encode(node_id))
+    url(base, &[("/pools/", pool_id), ("/nodes/", node_id)])
 }
 
 pub fn user_url(base: &str, pool_id: &str, node_id: &str, user: &str) -> String {
-    format!(
-        "{}/users/{}",
-        node_url(base, pool_id, node_id),
-        encode(user)
+    url(
+        base,
+        &[
+            ("/pools/", pool_id),
+            ("/nodes/", node_id),
+            ("/users/", user),
+        ],
     )
+}
+
+/// `base`, then each literal followed by its id percent-encoded, in one allocation.
+fn url(base: &str, parts: &[(&str, &str)]) -> String {
+    let len = parts
+        .iter()
+        .map(|(l, id)| l.len() + id.len())
+        .sum::<usize>();
+    let mut out = String::with_capacity(base.len() + len + 8);
+    out.push_str(base);
+    for (literal, id) in parts {
+        out.push_str(literal);
+        encode_into(&mut out, id);
+    }
+    out
 }
 
 fn pool_state(s: PoolState) -> &'static str {

@@ -25,14 +25,22 @@ pub fn decode(s: &str) -> Option<String> {
 /// Encodes a query value for a URL the server writes (`odata.nextLink`).
 pub fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
+    encode_into(&mut out, s);
+    out
+}
+
+/// [`encode`], appended to `out`.
+pub fn encode_into(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -49,5 +57,6 @@ mod tests {
         assert_eq!(decode("%-f"), None);
         let s = "state eq 'idle' & é";
         assert_eq!(decode(&encode(s)).as_deref(), Some(s));
+        assert_eq!(encode("a b/é~"), "a%20b%2F%C3%A9~");
     }
 }

@@ -1,13 +1,19 @@
 //! Building answers: Batch error bodies, OData JSON bodies and the headers every answer carries.
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Response, StatusCode};
+use axum::http::header::{CONTENT_TYPE, ETAG, LAST_MODIFIED, SERVER};
+use axum::http::{HeaderName, HeaderValue, Response, StatusCode};
 use bluebatch_core::error::BatchError;
 use bluebatch_core::timefmt::{iso, rfc1123};
 use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 
 pub const JSON: &str = "application/json; odata=minimalmetadata";
+
+// Header names known at compile time: no parse of the name per answer.
+const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+const CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("client-request-id");
+const DATA_SERVICE_ID: HeaderName = HeaderName::from_static("dataserviceid");
 
 /// Per-request facts every answer needs.
 pub struct Ctx {
@@ -69,7 +75,7 @@ pub fn json_response(v: Value) -> Response<Body> {
     let bytes = serde_json::to_vec(&v).expect("JSON values always serialize");
     let mut r = Response::new(Body::from(bytes));
     r.headers_mut()
-        .insert("content-type", HeaderValue::from_static(JSON));
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
     r
 }
 
@@ -88,15 +94,15 @@ pub fn with_resource(
 ) -> Response<Body> {
     let h = r.headers_mut();
     if let Ok(v) = HeaderValue::from_str(etag) {
-        h.insert("etag", v);
+        h.insert(ETAG, v);
     }
     if let Ok(v) = HeaderValue::from_str(&rfc1123(last_modified)) {
-        h.insert("last-modified", v);
+        h.insert(LAST_MODIFIED, v);
     }
     if let Some(id) = data_service_id
         && let Ok(v) = HeaderValue::from_str(id)
     {
-        h.insert("dataserviceid", v);
+        h.insert(DATA_SERVICE_ID, v);
     }
     r
 }
@@ -104,15 +110,16 @@ pub fn with_resource(
 /// The headers of every answer, success or error.
 pub fn finish(ctx: &Ctx, mut r: Response<Body>) -> Response<Body> {
     let h = r.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&ctx.request_id.to_string()) {
-        h.insert("request-id", v);
+    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    if let Ok(v) = HeaderValue::from_str(ctx.request_id.hyphenated().encode_lower(&mut id)) {
+        h.insert(REQUEST_ID, v);
     }
     if let Some(c) = &ctx.echo_client_request_id
         && let Ok(v) = HeaderValue::from_str(c)
     {
-        h.insert("client-request-id", v);
+        h.insert(CLIENT_REQUEST_ID, v);
     }
-    h.insert("server", HeaderValue::from_static("bluebatch"));
+    h.insert(SERVER, HeaderValue::from_static("bluebatch"));
     if ctx.head {
         *r.body_mut() = Body::empty();
     }

@@ -4,7 +4,11 @@
 use crate::accounts::{AccountKey, Accounts};
 use crate::percent::decode;
 use crate::query::Params;
-use axum::http::{HeaderMap, Method};
+use axum::http::header::{
+    AsHeaderName, CONTENT_ENCODING, CONTENT_LANGUAGE, CONTENT_LENGTH, CONTENT_TYPE, DATE, IF_MATCH,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_UNMODIFIED_SINCE, RANGE,
+};
+use axum::http::{HeaderMap, HeaderName, Method};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bluebatch_core::error::{BatchError, Code};
@@ -14,6 +18,10 @@ use sha2::Sha256;
 use time::{Duration, OffsetDateTime};
 
 pub const MAX_SKEW: Duration = Duration::minutes(15);
+
+// The signed headers' names, known at compile time (no parse of a name per lookup).
+const CONTENT_MD5: HeaderName = HeaderName::from_static("content-md5");
+const OCP_DATE: HeaderName = HeaderName::from_static("ocp-date");
 
 const STANDARD_HEADERS: [&str; 11] = [
     "content-encoding",
@@ -39,7 +47,7 @@ pub struct Signed<'a> {
     pub headers: &'a HeaderMap,
 }
 
-fn header<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
+fn header<'h>(headers: &'h HeaderMap, name: impl AsHeaderName) -> &'h str {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -140,16 +148,16 @@ fn signature_matches(
     given: &[u8],
 ) -> bool {
     let h = req.headers;
-    let content_length = header(h, "content-length");
-    let content_lengths: &[&str] = if !h.contains_key("content-length")
+    let content_length = header(h, &CONTENT_LENGTH);
+    let content_lengths: &[&str] = if !h.contains_key(&CONTENT_LENGTH)
         && (req.method == Method::POST || req.method == Method::PUT)
     {
         &[content_length, "0"]
     } else {
         &[content_length]
     };
-    let date = header(h, "date");
-    let dates: &[&str] = if h.contains_key("date") && h.contains_key("ocp-date") {
+    let date = header(h, &DATE);
+    let dates: &[&str] = if h.contains_key(&DATE) && h.contains_key(&OCP_DATE) {
         &[date, ""]
     } else {
         &[date]
@@ -178,15 +186,15 @@ fn signature_matches(
             &mut start,
             &[
                 req.method.as_str(),
-                header(h, "content-encoding"),
-                header(h, "content-language"),
+                header(h, &CONTENT_ENCODING),
+                header(h, &CONTENT_LANGUAGE),
             ],
         );
         for cl in content_lengths {
             let mut with_cl = start.clone();
             feed(
                 &mut with_cl,
-                &[cl, header(h, "content-md5"), header(h, "content-type")],
+                &[cl, header(h, &CONTENT_MD5), header(h, &CONTENT_TYPE)],
             );
             for date in dates {
                 let mut with_date = with_cl.clone();
@@ -194,11 +202,11 @@ fn signature_matches(
                     &mut with_date,
                     &[
                         date,
-                        header(h, "if-modified-since"),
-                        header(h, "if-match"),
-                        header(h, "if-none-match"),
-                        header(h, "if-unmodified-since"),
-                        header(h, "range"),
+                        header(h, &IF_MODIFIED_SINCE),
+                        header(h, &IF_MATCH),
+                        header(h, &IF_NONE_MATCH),
+                        header(h, &IF_UNMODIFIED_SINCE),
+                        header(h, &RANGE),
                     ],
                 );
                 for (name, value) in &ocp {
