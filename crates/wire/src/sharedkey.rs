@@ -47,7 +47,7 @@ pub struct Signed<'a> {
     pub headers: &'a HeaderMap,
 }
 
-fn header<'h>(headers: &'h HeaderMap, name: impl AsHeaderName) -> &'h str {
+fn header(headers: &HeaderMap, name: impl AsHeaderName) -> &str {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -592,7 +592,8 @@ mod tests {
         accounts
             .add("testaccount", &[KEY.to_string(), SECOND.to_string()])
             .unwrap();
-        let cases: [(Method, &str, &str, &[(&'static str, &str)]); 4] = [
+        type Case<'a> = (Method, &'a str, &'a str, &'a [(&'static str, &'a str)]);
+        let cases: [Case; 4] = [
             (
                 Method::PUT,
                 "/pools/p%31/nodes/n1/users/a%20b",
