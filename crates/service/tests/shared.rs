@@ -440,6 +440,9 @@ async fn list_nodes_on_a_shared_store_is_a_paged_query_of_the_store() {
         add_agents_pool(&a, "p", 5).await;
         let mut all = idle_nodes(&a, "p", 5, Duration::from_secs(10)).await;
         all.sort();
+        // Idle in the store too (A's cache shows a change as soon as it is decided, before the
+        // batch that holds it commits): what B reads.
+        idle_nodes(&b, "p", 5, Duration::from_secs(10)).await;
         // Pages of 2 through B, each continuing after the last id of the one before.
         let mut seen = Vec::new();
         let mut after: Option<String> = None;
@@ -610,6 +613,7 @@ async fn concurrent_writes_of_one_replica_commit_together_and_each_is_read_on_th
             .await
             .remove(0);
         let before = store.head().await.unwrap();
+        let commits_before = bluebatch_metrics::global().commit_batch.count();
         const N: usize = 32;
         let writes: Vec<_> = (0..N)
             .map(|i| {
@@ -636,6 +640,8 @@ async fn concurrent_writes_of_one_replica_commit_together_and_each_is_read_on_th
             revisions < N as u64 / 2,
             "{N} concurrent writes took {revisions} revisions"
         );
+        // The replica's commits are in the process's metrics (batch sizes and durations).
+        assert!(bluebatch_metrics::global().commit_batch.count() > commits_before);
         // Every one of them is in the store: the other replica reads them all.
         b.sync().await.unwrap();
         let users = b.node_users(ACCOUNT, "p", &node).unwrap();
