@@ -154,14 +154,20 @@ impl Shared {
             }
             std::mem::take(&mut q.items)
         };
-        for _ in 0..INLINE_BATCHES {
+        let mut rounds = 0;
+        loop {
             if !self.commit_batch(batch) {
                 return;
             }
-            let mut q = self.lock();
-            if self.syncs || q.items.is_empty() {
+            rounds += 1;
+            if self.syncs || rounds == INLINE_BATCHES {
                 break;
             }
+            let mut q = self.lock();
+            if q.items.is_empty() {
+                break;
+            }
+            // Taken only to be committed at once: every change taken is answered.
             batch = std::mem::take(&mut q.items);
         }
         let due = self.backend().maintenance_due();
@@ -389,6 +395,8 @@ mod tests {
         due: Arc<std::sync::atomic::AtomicBool>,
         fail_maintain: bool,
         slow: Option<Duration>,
+        /// Commits in memory (no sync): its leaders commit several batches inline.
+        memory: bool,
     }
 
     impl Backend for Recorder {
@@ -407,6 +415,9 @@ mod tests {
             }
             self.batches.lock().unwrap().push(ops.len());
             Ok(())
+        }
+        fn syncs(&self) -> bool {
+            !self.memory
         }
         fn maintenance_due(&self) -> bool {
             self.due.load(Ordering::SeqCst)
@@ -464,10 +475,25 @@ mod tests {
 
     #[test]
     fn concurrent_changes_are_committed_in_queue_order_and_batched() {
-        let rec = Recorder {
+        concurrent_changes(Recorder {
             slow: Some(Duration::from_millis(2)),
             ..Recorder::default()
-        };
+        });
+    }
+
+    #[test]
+    fn concurrent_changes_in_memory_are_all_answered_in_queue_order() {
+        // Leaders commit up to INLINE_BATCHES batches each: none taken may go unanswered.
+        for _ in 0..20 {
+            concurrent_changes(Recorder {
+                slow: Some(Duration::from_micros(200)),
+                memory: true,
+                ..Recorder::default()
+            });
+        }
+    }
+
+    fn concurrent_changes(rec: Recorder) {
         let g = GroupCommit::start(rec.clone());
         // The queue order, taken under one lock with the enqueue itself.
         let order = Arc::new(Mutex::new(Vec::new()));
