@@ -94,7 +94,7 @@ bench_pid=$!
 pid=''
 for _ in $(seq 1 1200); do
     for p in /proc/[0-9]*; do
-        cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
+        cmd=$( { tr "\0" " " <"$p/cmdline"; } 2>/dev/null) || continue
         case "$cmd" in
         *" serve "*"--data-dir $work/bench/main "*) pid=${p#/proc/}; break ;;
         esac
