@@ -8,6 +8,10 @@
 //! ```
 //! - Desired state is always the **whole** account set of every node a host backs, with each
 //!   node's revision; a provider reconciles it, never applies deltas.
+//! - An agent that polls with `delta=1` may get a **delta** instead ([`DesiredState::delta`]):
+//!   the nodes that changed since `after` and the keys of those removed, when `after` is the
+//!   cursor this very server process answered last for the host (another replica, a restart or
+//!   any other cursor gets the whole state). The agent merges it into the whole state it holds.
 //! - `after` is the `cursor` of the last answer the agent applied: the service answers at once
 //!   when the host's desired state differs from it, else at the end of `wait` with
 //!   `changed: false` (a long poll, like GCE metadata's `wait_for_change`). Any replica answers
@@ -21,6 +25,7 @@
 
 use bluebatch_core::model::{NodeState, Os};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 /// `POST`: [`JoinRequest`] → [`JoinResponse`]. No other authentication: the token is it.
@@ -28,8 +33,12 @@ pub const JOIN_PATH: &str = "/_bluebatch/agent/join";
 /// `POST` with the node credential: [`HostReport`] → [`HostReportAnswer`]. Sent at every agent
 /// start (and whenever the host's address, sshd port or reserved names change).
 pub const HELLO_PATH: &str = "/_bluebatch/agent/hello";
-/// `GET ?after=CURSOR&wait=SECONDS` with the node credential → [`DesiredState`].
+/// `GET ?after=CURSOR&wait=SECONDS[&delta=1]` with the node credential → [`DesiredState`].
 pub const DESIRED_PATH: &str = "/_bluebatch/agent/desired";
+/// The poll's query parameter by which an agent says it takes a delta answer
+/// ([`DesiredState::delta`]): `delta=1`. A server that does not know it refuses the poll (400
+/// `UnsupportedQueryParameter`); the agent then polls without it.
+pub const DELTA_PARAM: &str = "delta";
 /// `POST` with the node credential: [`AckRequest`] → [`AckAnswer`].
 pub const ACK_PATH: &str = "/_bluebatch/agent/ack";
 /// The `Authorization` scheme of a node credential.
@@ -130,6 +139,20 @@ pub struct DesiredState {
     /// expires).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// `true` (only to a poll that sent [`DELTA_PARAM`], and only when its `after` is the cursor
+    /// this server answered last for the host): `nodes` holds only the nodes that differ from
+    /// the state `after` names (new or changed, each whole), and `removed` the keys of the nodes
+    /// no longer in it. `cursor` is still the digest of the whole state. `false`: `nodes` is the
+    /// whole state.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delta: bool,
+    /// With `delta`: the keys of the nodes of the state `after` names that are gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One node a host backs.
@@ -154,6 +177,93 @@ pub struct NodeDesired {
     pub image: u64,
     /// The whole account set, sorted by name.
     pub accounts: Vec<DesiredAccount>,
+}
+
+/// The fields of one node that name its desired state in the cursor (its accounts are named by
+/// its revision: every change of them takes the next one, a reimage too).
+#[derive(Debug, Clone, Copy)]
+pub struct NodeFields<'a> {
+    pub key: &'a str,
+    pub pool_id: &'a str,
+    pub node_id: &'a str,
+    pub state: NodeState,
+    pub os: Os,
+    pub slot: u32,
+    pub revision: u64,
+    pub boot: u64,
+    pub image: u64,
+}
+
+impl NodeFields<'_> {
+    fn feed(&self, h: &mut Sha256) {
+        for part in [self.key, self.pool_id, self.node_id, self.state.as_str()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update([(self.os == Os::Linux) as u8]);
+        for v in [u64::from(self.slot), self.revision, self.boot, self.image] {
+            h.update(v.to_le_bytes());
+        }
+    }
+
+    /// A digest of this node alone (what a delta compares).
+    pub fn digest(&self) -> [u8; 16] {
+        let mut h = Sha256::new();
+        self.feed(&mut h);
+        let mut d = [0u8; 16];
+        d.copy_from_slice(&h.finalize()[..16]);
+        d
+    }
+}
+
+impl NodeDesired {
+    pub fn fields(&self) -> NodeFields<'_> {
+        NodeFields {
+            key: &self.key,
+            pool_id: &self.pool_id,
+            node_id: &self.node_id,
+            state: self.state,
+            os: self.os,
+            slot: self.slot,
+            revision: self.revision,
+            boot: self.boot,
+            image: self.image,
+        }
+    }
+}
+
+/// The cursor of a whole desired state, built node by node in slot order: what the service
+/// answers as [`DesiredState::cursor`], and what an agent checks a merged delta against.
+pub struct Cursor(Sha256);
+
+impl Default for Cursor {
+    fn default() -> Self {
+        Cursor(Sha256::new())
+    }
+}
+
+impl Cursor {
+    pub fn node(&mut self, f: &NodeFields<'_>) {
+        f.feed(&mut self.0);
+    }
+    pub fn finish(mut self, clock_offset_seconds: i64, drained: bool) -> String {
+        self.0.update(clock_offset_seconds.to_le_bytes());
+        self.0.update([drained as u8]);
+        let mut s = String::with_capacity(32);
+        for b in &self.0.finalize()[..16] {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+/// The cursor of `nodes` (in the order given: the service's is slot order).
+pub fn cursor_of(nodes: &[NodeDesired], clock_offset_seconds: i64, drained: bool) -> String {
+    let mut c = Cursor::default();
+    for n in nodes {
+        c.node(&n.fields());
+    }
+    c.finish(clock_offset_seconds, drained)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `POST /_bluebatch/agent/join` | the join token in the body | `JoinRequest` → `JoinResponse` |
 //! | `POST /_bluebatch/agent/hello` | `Authorization: BluebatchNode CREDENTIAL` | `HostReport` → `HostReportAnswer` |
-//! | `GET /_bluebatch/agent/desired?after=CURSOR&wait=SECONDS` | node credential | → `DesiredState` |
+//! | `GET /_bluebatch/agent/desired?after=CURSOR&wait=SECONDS[&delta=1]` | node credential | → `DesiredState` |
 //! | `POST /_bluebatch/agent/ack` | node credential | `AckRequest` → `AckAnswer` |
 //!
 //! No `api-version`. Bodies are parsed strictly (unknown properties are refused: 400
@@ -25,8 +25,8 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Method, Response, request::Parts};
 use bluebatch_core::error::{BatchError, Code};
 use bluebatch_protocol::{
-    ACK_PATH, AckRequest, CREDENTIAL_SCHEME, DESIRED_PATH, HELLO_PATH, HostReport, JOIN_PATH,
-    JoinRequest, MAX_WAIT_SECONDS,
+    ACK_PATH, AckRequest, CREDENTIAL_SCHEME, DELTA_PARAM, DESIRED_PATH, HELLO_PATH, HostReport,
+    JOIN_PATH, JoinRequest, MAX_WAIT_SECONDS,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -97,8 +97,8 @@ pub(crate) async fn handle(
             answer(&svc.ack(&host, ack).await?)
         }
         _ => {
-            let (after, wait) = desired_query(parts.uri.query().unwrap_or(""))?;
-            let poll = svc.desired(&host, after.as_deref(), wait);
+            let (after, wait, delta) = desired_query(parts.uri.query().unwrap_or(""))?;
+            let poll = svc.desired_delta(&host, after.as_deref(), wait, delta);
             let state = match parts.extensions.get::<ConnHandle>() {
                 Some(conn) if !wait.is_zero() => {
                     tokio::select! {
@@ -106,7 +106,8 @@ pub(crate) async fn handle(
                         // Shutting down: answer now with what there is, so that the agent
                         // reconnects (to this server once it is back, or another replica).
                         _ = conn.shutting_down() => {
-                            svc.desired(&host, after.as_deref(), Duration::ZERO).await?
+                            svc.desired_delta(&host, after.as_deref(), Duration::ZERO, delta)
+                                .await?
                         }
                     }
                 }
@@ -150,8 +151,9 @@ fn authenticate(app: &App, parts: &Parts) -> Result<String, BatchError> {
 }
 
 /// `after` (opaque, percent-decoded; empty = none) and `wait` (whole seconds, `30` or `30s`, cut
-/// to [`MAX_WAIT_SECONDS`]; absent = 0). Any other parameter is refused.
-pub fn desired_query(raw: &str) -> Result<(Option<String>, Duration), BatchError> {
+/// to [`MAX_WAIT_SECONDS`]; absent = 0) and whether the agent takes a delta answer
+/// ([`DELTA_PARAM`]`=1`; `0` or absent: no). Any other parameter is refused.
+pub fn desired_query(raw: &str) -> Result<(Option<String>, Duration, bool), BatchError> {
     let bad = |name: &str, value: &str, reason: &str| {
         BatchError::new(Code::InvalidQueryParameterValue)
             .with("QueryParameterName", name)
@@ -161,7 +163,7 @@ pub fn desired_query(raw: &str) -> Result<(Option<String>, Duration), BatchError
             )
             .with("Reason", reason)
     };
-    let (mut after, mut wait) = (None, None);
+    let (mut after, mut wait, mut delta) = (None, None, None);
     for kv in raw.split('&').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         let value = crate::percent::decode(&v.replace('+', " "))
@@ -188,19 +190,33 @@ pub fn desired_query(raw: &str) -> Result<(Option<String>, Duration), BatchError
                 let secs = digits.parse::<u64>().unwrap_or(u64::MAX);
                 wait = Some(Duration::from_secs(secs.min(MAX_WAIT_SECONDS)));
             }
+            DELTA_PARAM => {
+                if delta.is_some() {
+                    return Err(bad(k, v, "given more than once"));
+                }
+                delta = Some(match value.as_str() {
+                    "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => return Err(bad(k, v, "1 (a delta is taken) or 0")),
+                });
+            }
             _ => {
                 return Err(BatchError::new(Code::UnsupportedQueryParameter)
                     .with(
                         "QueryParameterName",
                         k.chars().take(100).collect::<String>(),
                     )
-                    .with("Reason", "the desired-state poll takes after and wait only"));
+                    .with(
+                        "Reason",
+                        "the desired-state poll takes after, wait and delta only",
+                    ));
             }
         }
     }
     Ok((
         after.filter(|a| !a.is_empty()),
         wait.unwrap_or(Duration::ZERO),
+        delta.unwrap_or(false),
     ))
 }
 
@@ -237,15 +253,20 @@ mod tests {
 
     #[test]
     fn the_poll_query() {
-        assert_eq!(desired_query("").unwrap(), (None, Duration::ZERO));
+        assert_eq!(desired_query("").unwrap(), (None, Duration::ZERO, false));
         assert_eq!(
             desired_query("after=7.3&wait=30").unwrap(),
-            (Some("7.3".into()), Duration::from_secs(30))
+            (Some("7.3".into()), Duration::from_secs(30), false)
         );
         assert_eq!(
             desired_query("wait=30s&after=").unwrap(),
-            (None, Duration::from_secs(30))
+            (None, Duration::from_secs(30), false)
         );
+        assert_eq!(
+            desired_query("after=7.3&wait=30&delta=1").unwrap(),
+            (Some("7.3".into()), Duration::from_secs(30), true)
+        );
+        assert!(!desired_query("delta=0").unwrap().2);
         assert_eq!(
             desired_query("wait=3600").unwrap().1,
             Duration::from_secs(bluebatch_protocol::MAX_WAIT_SECONDS)
@@ -260,6 +281,8 @@ mod tests {
             "wait=",
             "wait=s",
             "wait=1&wait=2",
+            "delta=2",
+            "delta=1&delta=1",
             "x=1",
         ] {
             assert!(desired_query(bad).is_err(), "{bad}");

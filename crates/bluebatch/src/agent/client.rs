@@ -1,8 +1,8 @@
 //! The agent's HTTP(S) client for the node protocol (`bluebatch_protocol`'s paths and bodies).
 
 use bluebatch_protocol::{
-    ACK_PATH, AckAnswer, AckRequest, CREDENTIAL_SCHEME, DESIRED_PATH, DesiredState, HELLO_PATH,
-    HostReport, HostReportAnswer, JOIN_PATH, JoinRequest, JoinResponse,
+    ACK_PATH, AckAnswer, AckRequest, CREDENTIAL_SCHEME, DELTA_PARAM, DESIRED_PATH, DesiredState,
+    HELLO_PATH, HostReport, HostReportAnswer, JOIN_PATH, JoinRequest, JoinResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -142,10 +142,12 @@ impl Client {
     }
 
     /// The long poll: answers when the state differs from `after`, or after about `wait`.
+    /// `delta`: a delta answer is taken ([`DesiredState::delta`]).
     pub async fn desired(
         &self,
         after: Option<&str>,
         wait: Duration,
+        delta: bool,
     ) -> Result<DesiredState, CallError> {
         let mut url = self.url(DESIRED_PATH);
         {
@@ -154,6 +156,9 @@ impl Client {
                 q.append_pair("after", after);
             }
             q.append_pair("wait", &wait.as_secs().max(1).to_string());
+            if delta {
+                q.append_pair(DELTA_PARAM, "1");
+            }
         }
         let req = self
             .authorized(self.http.get(url))

@@ -438,6 +438,10 @@ impl Setup {
         last_report: &mut HostReport,
     ) -> Result<(), String> {
         let mut cursor: Option<String> = None;
+        // The whole state of the last answer (deltas are merged into it), and whether the
+        // service takes `delta=1` (an older one refuses the parameter).
+        let mut held: Option<DesiredState> = None;
+        let mut take_delta = true;
         let mut acked: HashMap<String, (NodeAck, u64)> = HashMap::new();
         let mut failing = Backoff(0);
         let mut retrying = false;
@@ -450,9 +454,20 @@ impl Setup {
                 jittered(POLL_WAIT)
             }
             .min(Duration::from_secs(MAX_WAIT_SECONDS));
-            let ds = match self.client.desired(cursor.as_deref(), wait).await {
+            let ds = match self
+                .client
+                .desired(cursor.as_deref(), wait, take_delta)
+                .await
+            {
                 Ok(ds) => ds,
                 Err(e) if e.is_auth() => return Err(refused_credential(id, &self.state, &e)),
+                Err(CallError::Refused {
+                    status: 400, code, ..
+                }) if take_delta && code == "UnsupportedQueryParameter" => {
+                    tracing::info!("the service answers whole states only (no delta polls)");
+                    take_delta = false;
+                    continue;
+                }
                 Err(e) => {
                     let pause = lost.next();
                     tracing::warn!(error = %e, retry_in = ?pause,
@@ -465,6 +480,30 @@ impl Setup {
                 }
             };
             lost.reset();
+            let ds = if ds.delta {
+                let (sent, removed) = (ds.nodes.len(), ds.removed.len());
+                match merge(held.take(), cursor.as_deref(), ds) {
+                    Ok(whole) => {
+                        tracing::debug!(
+                            nodes = sent,
+                            removed,
+                            held = whole.nodes.len(),
+                            "merged a delta answer"
+                        );
+                        whole
+                    }
+                    Err(why) => {
+                        // Never guess: ask for the whole state at once.
+                        tracing::warn!(reason = %why,
+                            "a delta answer did not fit the state held; asking for the whole state");
+                        cursor = None;
+                        continue;
+                    }
+                }
+            } else {
+                ds
+            };
+            let ds = &*held.insert(ds);
             if let Some(cred) = &ds.credential {
                 self.renew(id, cred);
             }
@@ -477,7 +516,7 @@ impl Setup {
             if !must_apply {
                 continue;
             }
-            let acks = provider.apply(&ds).await;
+            let acks = provider.apply(ds).await;
             let failed: Vec<&NodeAck> = acks.iter().filter(|a| !a.failures.is_empty()).collect();
             for a in &failed {
                 let users: Vec<&str> = a.failures.iter().map(|f| f.name.as_str()).collect();
@@ -488,7 +527,7 @@ impl Setup {
             if !retrying {
                 failing.reset();
             }
-            match self.send_acks(&ds, acks, &mut acked).await {
+            match self.send_acks(ds, acks, &mut acked).await {
                 Ok(()) => cursor = Some(ds.cursor.clone()),
                 Err(e) if e.is_auth() => return Err(refused_credential(id, &self.state, &e)),
                 Err(e) => {
@@ -590,6 +629,48 @@ impl Setup {
     }
 }
 
+/// The whole state a delta answer names: `held` (the state of the cursor `after` the poll sent)
+/// with the delta's nodes put in and its removed keys taken out, in slot order. Refused — and
+/// nothing guessed — when the delta is not of `held`, removes a node `held` does not have, puts
+/// two nodes in one slot, or the result's digest is not the answer's cursor.
+fn merge(
+    held: Option<DesiredState>,
+    after: Option<&str>,
+    delta: DesiredState,
+) -> Result<DesiredState, String> {
+    let Some(held) = held else {
+        return Err("no whole state is held".into());
+    };
+    if after != Some(held.cursor.as_str()) {
+        return Err("the delta is not of the state held".into());
+    }
+    let mut by_key: HashMap<String, bluebatch_protocol::NodeDesired> =
+        held.nodes.into_iter().map(|n| (n.key.clone(), n)).collect();
+    for key in &delta.removed {
+        if by_key.remove(key).is_none() {
+            return Err(format!("node {key} is removed but was not held"));
+        }
+    }
+    for n in delta.nodes {
+        by_key.insert(n.key.clone(), n);
+    }
+    let mut nodes: Vec<bluebatch_protocol::NodeDesired> = by_key.into_values().collect();
+    nodes.sort_by_key(|n| n.slot);
+    if nodes.windows(2).any(|w| w[0].slot == w[1].slot) {
+        return Err("two nodes in one slot".into());
+    }
+    let cursor = bluebatch_protocol::cursor_of(&nodes, delta.clock_offset_seconds, delta.drained);
+    if cursor != delta.cursor {
+        return Err("the merged state's digest is not the answer's cursor".into());
+    }
+    Ok(DesiredState {
+        nodes,
+        delta: false,
+        removed: Vec::new(),
+        ..delta
+    })
+}
+
 /// Whether the host's nodes are logged in by one sshd of the host (whose port is reported).
 fn has_sshd(p: ProviderKind) -> bool {
     matches!(p, ProviderKind::Linux | ProviderKind::Sandbox)
@@ -671,6 +752,78 @@ mod tests {
         assert!(parse_join_secret("no-dot-here\n").is_err());
         assert!(parse_join_secret("abc.def ghi\n").is_err());
         assert!(parse_join_secret("abcdef.secret\nnot-a-fingerprint\n").is_err());
+    }
+
+    fn node(slot: u32, key: &str, revision: u64) -> bluebatch_protocol::NodeDesired {
+        bluebatch_protocol::NodeDesired {
+            slot,
+            key: key.into(),
+            pool_id: "p".into(),
+            node_id: key.into(),
+            os: bluebatch_core::model::Os::Linux,
+            state: NodeState::Idle,
+            revision,
+            boot: 0,
+            image: 0,
+            accounts: vec![],
+        }
+    }
+
+    fn state(nodes: Vec<bluebatch_protocol::NodeDesired>, delta: bool) -> DesiredState {
+        DesiredState {
+            cursor: bluebatch_protocol::cursor_of(&nodes, 0, false),
+            changed: true,
+            nodes,
+            clock_offset_seconds: 0,
+            drained: false,
+            credential: None,
+            delta,
+            removed: vec![],
+        }
+    }
+
+    #[test]
+    fn a_delta_merges_into_the_held_state_or_is_refused() {
+        let held = state(
+            vec![node(0, "a", 1), node(1, "b", 1), node(2, "c", 1)],
+            false,
+        );
+        let c0 = held.cursor.clone();
+        // b changed, c removed, d added.
+        let whole = state(
+            vec![node(0, "a", 1), node(1, "b", 2), node(3, "d", 0)],
+            false,
+        );
+        let mut delta = state(vec![node(1, "b", 2), node(3, "d", 0)], true);
+        delta.cursor = whole.cursor.clone();
+        delta.removed = vec!["c".into()];
+        let merged = merge(Some(held.clone()), Some(&c0), delta.clone()).unwrap();
+        assert_eq!(merged, whole);
+        // Not of the state held, nothing held, a removed node not held, a wrong digest.
+        assert!(merge(Some(held.clone()), Some("other"), delta.clone()).is_err());
+        assert!(merge(Some(held.clone()), None, delta.clone()).is_err());
+        assert!(merge(None, Some(&c0), delta.clone()).is_err());
+        let mut bad = delta.clone();
+        bad.removed.push("zz".into());
+        assert!(merge(Some(held.clone()), Some(&c0), bad).is_err());
+        let mut bad = delta.clone();
+        bad.removed.clear();
+        assert!(
+            merge(Some(held.clone()), Some(&c0), bad).is_err(),
+            "c would be invented"
+        );
+        let mut bad = delta.clone();
+        bad.nodes.pop();
+        assert!(
+            merge(Some(held.clone()), Some(&c0), bad).is_err(),
+            "d would be lost"
+        );
+        let mut bad = delta;
+        bad.nodes.push(node(0, "e", 0));
+        assert!(
+            merge(Some(held), Some(&c0), bad).is_err(),
+            "two nodes in slot 0"
+        );
     }
 
     #[test]

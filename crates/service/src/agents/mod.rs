@@ -170,6 +170,8 @@ pub(crate) struct HubState {
 pub(crate) struct Hub {
     notify: Mutex<HashMap<String, watch::Sender<u64>>>,
     acks: Mutex<HashMap<String, watch::Sender<AckSeen>>>,
+    /// Per host: what this process answered last to a poll that takes deltas.
+    answered: Mutex<HashMap<String, poll::Answered>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
