@@ -2,6 +2,8 @@
 # Profile of the server on the Update User (key only) path, the way docs/performance.md shows it.
 #
 #   scripts/profile.sh OUT            # writes OUT.txt, OUT.folded and (with inferno) OUT.svg
+#   scripts/profile.sh --compare A B  # where one request's CPU goes in profile A and in B
+#                                     # (A.txt + A.folded or A.folded.gz), as a Markdown table
 #
 # What it does:
 #   1. runs `bluebatch-bench --only update-key` (a release `bluebatch serve` with a durable
@@ -33,6 +35,8 @@
 #   CONNS        bench --conns                              [16]
 #   SCENARIO     bench --only                               [update-key]
 #   ROW          the bench output line that ends the load   ["(b) Update User, sshPublicKey only"]
+#   SERVE_DIR    which of the bench's servers is profiled, by its data directory's name under
+#                the bench's work dir: main, or memory for SCENARIO=update-key-memory  [main]
 #   MARK         regex: a frame only the measured requests have
 #                [bluebatch_wire::sharedkey|write_user|bluebatch_store|sqlite3|^store-writer]
 #   HEALTH       regex: a frame only the ceiling's requests have  [bluebatch_wire::controls]
@@ -47,7 +51,74 @@
 #   KEEP=1       keep the work directory (perf.data, bench output) and print where it is
 set -euo pipefail
 
-out=${1:?usage: scripts/profile.sh OUT_PREFIX   (see the comment at the top)}
+if [ "${1:-}" = --compare ]; then
+    [ $# -eq 3 ] || { echo "usage: scripts/profile.sh --compare BEFORE_PREFIX AFTER_PREFIX" >&2; exit 1; }
+    exec python3 - "$2" "$3" <<'PY'
+# Where the CPU of one request goes, before and after: the inclusive share of samples whose stack
+# has a frame matching each group's pattern (a sample counts once per group; groups overlap),
+# and that share of the profile's CPU per request.
+import gzip, os, re, sys
+groups = [
+    ("Shared Key (wire auth + sharedkey)", r"bluebatch_wire::(sharedkey|auth)::"),
+    ("routing (wire endpoint)", r"bluebatch_wire::endpoint::"),
+    ("query string (wire query)", r"bluebatch_wire::query::"),
+    ("body parse + key validation (core)", r"bluebatch_core::users::parse|bluebatch_core::sshkey::"),
+    ("write_user (service; with any inline commit)", r"bluebatch_service::users::.*write_user"),
+    ("  records serialized (put_json)", r"bluebatch_service::put_json"),
+    ("  applied on the node (apply_to_node)", r"bluebatch_service::Service::apply_to_node"),
+    ("  account snapshot (NodeUser::to_account)", r"NodeUser::to_account"),
+    ("store commit (Backend::commit, any thread)", r"as bluebatch_store::Backend>::commit"),
+    ("the store-writer thread", r"^store-writer$"),
+    ("answer building (wire respond + dto)", r"bluebatch_wire::(respond|dto)::"),
+    ("request log (wire server::log_request)", r"bluebatch_wire::server::log_request"),
+    ("metrics (bluebatch_metrics)", r"bluebatch_metrics::"),
+    ("hyper: request head parse", r"Http1Transaction>::parse"),
+    ("kernel: fdatasync", r"__x64_sys_fdatasync"),
+    ("kernel: pwrite64 (WAL append)", r"__x64_sys_pwrite64"),
+    ("kernel: writev (the answer)", r"do_writev|__x64_sys_writev"),
+    ("kernel: recvfrom (the request)", r"__x64_sys_recvfrom"),
+    ("kernel: futex (thread wake-ups)", r"__x64_sys_futex"),
+    ("kernel: epoll_wait", r"__x64_sys_epoll_wait"),
+    ("on CPU in the scheduler (self)", "SELF:^finish_task_switch"),
+    ("on CPU in malloc/free (self)", "SELF:^(malloc|_int_malloc|_int_free|cfree@.*|free|realloc|_int_realloc"
+     "|malloc_consolidate|unlink_chunk.*|calloc|__libc_calloc|tcache_get|__rustc::__rust_[a-z_]*)$"),
+]
+def load(prefix):
+    path = prefix + ".folded"
+    f = open(path) if os.path.exists(path) else gzip.open(path + ".gz", "rt")
+    rows = [(st.split(";"), int(n)) for st, n in (l.rstrip("\n").rsplit(" ", 1) for l in f)]
+    us = None
+    for l in open(prefix + ".txt"):
+        m = re.match(r"CPU per request: ≈ ([0-9.]+) µs", l)
+        if m:
+            us = float(m.group(1))
+    return rows, us
+def shares(rows):
+    tot = sum(n for _, n in rows)
+    out = []
+    for _, rx in groups:
+        if rx.startswith("SELF:"):
+            r = re.compile(rx[5:])
+            c = sum(n for st, n in rows if r.search(st[-1]))
+        else:
+            r = re.compile(rx)
+            c = sum(n for st, n in rows if any(r.search(f) for f in st))
+        out.append(c / tot)
+    return tot, out
+(ra, ua), (rb, ub) = load(sys.argv[1]), load(sys.argv[2])
+(ta, sa), (tb, sb) = shares(ra), shares(rb)
+name = lambda p: os.path.basename(p)
+print(f"| share of the server's CPU (µs per request) | {name(sys.argv[1])} | {name(sys.argv[2])} |")
+print("|---|---:|---:|")
+fmt = lambda u: f"{u:.1f} µs" if u else "?"
+print(f"| CPU per request, all of it | {fmt(ua)} ({ta} samples) | {fmt(ub)} ({tb} samples) |")
+for (g, _), x, y in zip(groups, sa, sb):
+    cell = lambda s, u: f"{100*s:.1f} %" + (f" ({u*s:.1f} µs)" if u else "")
+    print(f"| {g} | {cell(x, ua)} | {cell(y, ub)} |")
+PY
+fi
+
+out=${1:?usage: scripts/profile.sh OUT_PREFIX | --compare BEFORE_PREFIX AFTER_PREFIX (see the comment at the top)}
 root=$(cd "$(dirname "$0")/.." && pwd)
 server=${SERVER_BIN:-$root/target/release/bluebatch}
 bench=${BENCH_BIN:-$root/target/release/bluebatch-bench}
@@ -55,6 +126,7 @@ secs=${SECONDS_RUN:-20}
 conns=${CONNS:-16}
 scenario=${SCENARIO:-update-key}
 row=${ROW:-(b) Update User, sshPublicKey only}
+serve_dir=${SERVE_DIR:-main}
 mark=${MARK:-bluebatch_wire::sharedkey|write_user|bluebatch_store|sqlite3|^store-writer}
 health=${HEALTH:-bluebatch_wire::controls}
 freq=${FREQ:-499}
@@ -96,7 +168,7 @@ for _ in $(seq 1 1200); do
     for p in /proc/[0-9]*; do
         cmd=$( { tr "\0" " " <"$p/cmdline"; } 2>/dev/null) || continue
         case "$cmd" in
-        *" serve "*"--data-dir $work/bench/main "*) pid=${p#/proc/}; break ;;
+        *" serve "*"--data-dir $work/bench/$serve_dir "*) pid=${p#/proc/}; break ;;
         esac
     done
     [ -n "$pid" ] && break
@@ -123,7 +195,7 @@ mkdir -p "$(dirname "$out")"
 perf script $inline -i "$work/perf.data" -F comm,tid,time,ip,sym,dso 2>"$work/script.err" >"$work/script.txt"
 
 {
-    echo "# bluebatch profile: Update User (key only), durable SQLite store"
+    echo "# bluebatch profile: bench scenario $scenario (the serve of its '$serve_dir' data directory)"
     echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     [ -n "${LABEL:-}" ] && echo "binaries: $LABEL"
     echo "server: $(basename "$server") (sha256 $(sha256sum "$server" | cut -c1-12), built $(stat -c %y "$server" | cut -d. -f1) UTC)"
@@ -136,13 +208,15 @@ perf script $inline -i "$work/perf.data" -F comm,tid,time,ip,sym,dso 2>"$work/sc
     grep -E '^\(' "$work/bench.out" | sed 's/^/    /'
 } >"$out.txt"
 
-python3 - "$work/script.txt" "$out" "$mark" "$health" "$bin_ms" "$top" >>"$out.txt" <<'PY'
+python3 - "$work/script.txt" "$out" "$mark" "$health" "$bin_ms" "$top" "$work/bench.out" "$row" "$freq" \
+    >>"$out.txt" <<'PY'
 import re, sys
 from collections import Counter, defaultdict
 
 path, out = sys.argv[1], sys.argv[2]
 mark, health = re.compile(sys.argv[3]), re.compile(sys.argv[4])
 bin_ms, top = float(sys.argv[5]), int(sys.argv[6])
+bench_out, row, freq = sys.argv[7], sys.argv[8], float(sys.argv[9])
 head = re.compile(r"^(.*?)\s+(\d+)\s+(\d+\.\d+):\s*$")
 frame = re.compile(r"^\s*[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")
 hashsfx = re.compile(r"::h[0-9a-f]{16}$")
@@ -207,6 +281,15 @@ for st in kept:
 print(f"samples: {len(samples)} recorded; {n} kept = {len(keep)} bins of {bin_ms:.0f} ms inside "
       f"the measured slices (a bin is kept when it and both neighbours have a frame matching "
       f"/{mark.pattern}/ and none matching /{health.pattern}/, the ceiling's handler)")
+rate = None
+for line in open(bench_out, errors="replace"):
+    if line.startswith(row):
+        rate = float(line[len(row):].split()[1])  # conns, ops/s, …
+        break
+if rate:
+    secs = len(keep) * bin_ms / 1000
+    print(f"CPU per request: ≈ {1e6 * n / freq / (rate * secs):.1f} µs = {n} samples / {freq:.0f} Hz "
+          f"/ ({rate:.0f} ops/s of the bench row × {secs:.2f} s kept)")
 def short(s, w=160):
     return s if len(s) <= w else s[: w - 1] + "…"
 def table(title, items):
