@@ -50,6 +50,25 @@ pub struct Simulate {
     slots: u32,
     state: StateDir,
     memos: Memos,
+    /// The memos to save next, written by a background task (latest wins): a change of
+    /// revisions only (a user written) is saved off the acknowledgement's path.
+    saver: tokio::sync::watch::Sender<Option<(u64, Arc<Memos>)>>,
+    /// The generation of the last memos given to save, and that of the last written (a save
+    /// never overwrites a newer one).
+    generation: u64,
+    written: Arc<std::sync::Mutex<u64>>,
+}
+
+/// Writes `memos` of generation `g` unless a newer generation is written already.
+fn save_generation(dir: &StateDir, written: &std::sync::Mutex<u64>, g: u64, memos: &Memos) {
+    let mut w = written.lock().unwrap_or_else(|e| e.into_inner());
+    if *w >= g {
+        return;
+    }
+    match dir.save_memos(memos) {
+        Ok(()) => *w = g,
+        Err(e) => tracing::warn!(error = %e, "could not save what was applied"),
+    }
 }
 
 /// Raises the soft descriptor limit to the hard one when `nodes` listeners (and their
@@ -91,12 +110,28 @@ impl Simulate {
             },
             clock.clone(),
         );
+        let (saver, mut rx) = tokio::sync::watch::channel::<Option<(u64, Arc<Memos>)>>(None);
+        let written = Arc::new(std::sync::Mutex::new(0u64));
+        let (dir, w) = (state.clone(), written.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some((g, memos)) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                let (dir, w) = (dir.clone(), w.clone());
+                let _ =
+                    tokio::task::spawn_blocking(move || save_generation(&dir, &w, g, &memos)).await;
+            }
+        });
         Simulate {
             nodes,
             clock,
             slots,
             state: state.clone(),
             memos: state.memos(),
+            saver,
+            generation: 0,
+            written,
         }
     }
 }
@@ -157,6 +192,13 @@ impl Provider for Simulate {
             }
         }
         let changed = !work.is_empty();
+        // A reboot, a reimage or a new node is saved before it is acknowledged (so that a
+        // restart never does it twice); a new revision alone may be saved just after.
+        let at_once = work.iter().any(|n| {
+            self.memos
+                .get(&n.key)
+                .is_none_or(|m| m.boot != n.boot || m.image != n.image || m.slot != n.slot)
+        });
         let mut tasks = tokio::task::JoinSet::new();
         let mut pending = work.into_iter();
         loop {
@@ -174,15 +216,22 @@ impl Provider for Simulate {
                 None => break,
             }
         }
-        if (changed || gone_any)
-            && let Err(e) = self.state.save_memos(&self.memos)
-        {
-            tracing::warn!(error = %e, "could not save what was applied");
+        if at_once || gone_any || changed {
+            self.generation += 1;
+        }
+        if at_once || gone_any {
+            save_generation(&self.state, &self.written, self.generation, &self.memos);
+        } else if changed {
+            self.saver
+                .send_replace(Some((self.generation, Arc::new(self.memos.clone()))));
         }
         acks
     }
 
     async fn shutdown(&mut self) {
+        // What a background save may not have written yet.
+        self.generation += 1;
+        save_generation(&self.state, &self.written, self.generation, &self.memos);
         self.nodes.shutdown().await;
     }
 }
