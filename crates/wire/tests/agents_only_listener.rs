@@ -2,7 +2,8 @@
 //! sandboxed node's veth), over real HTTP: it serves the node protocol (join, desired state)
 //! over plain HTTP even when the service has HTTPS, and answers every other path 404
 //! `ResourceNotFound` with a Batch error body. The same service's ordinary listener keeps its
-//! rules (the Batch API served, agents refused over plain HTTP when HTTPS exists).
+//! rules (the Batch API served, agents refused over plain HTTP when HTTPS exists), and only it
+//! serves `GET /_bluebatch/metrics`.
 
 use bluebatch_core::ServiceClock;
 use bluebatch_core::model::NodeState;
@@ -270,4 +271,66 @@ async fn the_ordinary_listener_keeps_its_rules() {
     let (status, body) = call(only, "POST", bluebatch_protocol::JOIN_PATH, &[], &join).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(svc.list_hosts(bluebatch_wire::DEV_ACCOUNT).len(), 1);
+}
+
+/// `GET target` on a connection of its own: (status, content-type, body).
+async fn get_text(addr: SocketAddr, target: &str) -> (u16, String, String) {
+    tokio::time::timeout(DEADLINE, async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8(raw).expect("a UTF-8 answer");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status line");
+        let content_type = head
+            .split("\r\n")
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        (status, content_type, body.to_string())
+    })
+    .await
+    .expect("answered in time")
+}
+
+#[tokio::test]
+async fn metrics_are_served_on_the_ordinary_listener_and_refused_on_an_agents_only_one() {
+    let svc = service().await;
+    let ordinary = listen(&svc, WireConfig::default()).await;
+    let agents_only = listen(
+        &svc,
+        WireConfig {
+            agent_paths_only: true,
+            ..WireConfig::default()
+        },
+    )
+    .await;
+
+    let (status, content_type, body) = get_text(ordinary, "/_bluebatch/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(
+        body.contains("# TYPE bluebatch_http_requests_total counter\n"),
+        "{body}"
+    );
+    assert!(body.contains("\nbluebatch_agents_known 0\n"), "{body}");
+
+    let (status, content_type, body) = get_text(agents_only, "/_bluebatch/metrics").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).expect("a Batch error body");
+    assert_eq!(v["code"], Code::ResourceNotFound.as_str(), "{body}");
+    assert!(!body.contains("bluebatch_"), "{body}");
 }
