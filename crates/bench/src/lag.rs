@@ -388,19 +388,8 @@ async fn agent(s: &Settings, rep: &mut Report, work: &Path, n: u32) -> Result<()
     )
     .await?;
     let result = async {
-        let body = crate::pool_body("lag", true, n);
-        let mut v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-        v["metadata"] = serde_json::json!([{"name": "bluebatch.nodes", "value": "agents"}]);
         let t = Instant::now();
-        ca.expect(
-            &Spec::with(
-                Method::POST,
-                format!("/pools?api-version={V}"),
-                v.to_string(),
-            ),
-            201,
-        )
-        .await?;
+        pg::add_agents_pool(&mut ca, "lag", n).await?;
         let ids = pg::wait_idle(&mut ca, "lag", n, Duration::from_secs(900)).await?;
         println!(
             "  {n} simulated nodes on one agent (polling replica B), pool idle in {:.1} s",

@@ -435,6 +435,24 @@ pub async fn run_split(
     Ok(total)
 }
 
+/// Add Pool of a Linux pool `pool` of `n` dedicated nodes backed by joined hosts
+/// (`bluebatch.nodes=agents`).
+pub async fn add_agents_pool(c: &mut Conn, pool: &str, n: u32) -> Result<(), String> {
+    let body = crate::pool_body(pool, true, n);
+    let mut v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    v["metadata"] = serde_json::json!([{"name": "bluebatch.nodes", "value": "agents"}]);
+    c.expect(
+        &Spec::with(
+            Method::POST,
+            format!("/pools?api-version={V}"),
+            v.to_string(),
+        ),
+        201,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Waits until `pool` is steady with `n` nodes, every one idle; their ids.
 pub async fn wait_idle(
     c: &mut Conn,
@@ -1014,18 +1032,7 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
         "9800-9899",
     )
     .await?;
-    let body = crate::pool_body("bench", true, NODES);
-    let mut v: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
-    v["metadata"] = serde_json::json!([{"name": "bluebatch.nodes", "value": "agents"}]);
-    ca.expect(
-        &Spec::with(
-            Method::POST,
-            format!("/pools?api-version={V}"),
-            v.to_string(),
-        ),
-        201,
-    )
-    .await?;
+    add_agents_pool(&mut ca, "bench", NODES).await?;
     let nodes = Arc::new(wait_idle(&mut ca, "bench", NODES, Duration::from_secs(120)).await?);
     for w in 0..s.conns {
         let n = &nodes[w % nodes.len()];
