@@ -26,6 +26,14 @@ start=$SECONDS
 stage "setup (scripts/setup.sh)" scripts/setup.sh
 stage "cargo fmt --check" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+# The fuzz crate (its own workspace, on nightly) calls the wire and protocol crates' parsers: a
+# changed signature breaks it without breaking the workspace, so it is linted here too when the
+# nightly toolchain is present (.ci/run requires it and fuzzes each target).
+if cargo +nightly --version >/dev/null 2>&1; then
+    stage "fuzz crate: cargo +nightly clippy" cargo +nightly clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
+else
+    echo "SKIPPED CHECKS: the fuzz crate's lint (no nightly toolchain; .ci/run requires it)"
+fi
 # The PostgreSQL store's suites run against a throwaway cluster (scripts/pg.sh), stopped at the
 # end however the run ends.
 stage "PostgreSQL test cluster (scripts/pg.sh start)" scripts/pg.sh start

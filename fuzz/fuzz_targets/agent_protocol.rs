@@ -1,4 +1,4 @@
-//! The agent endpoints' input: the desired-state poll query (`after`, `wait`) and the node
+//! The agent endpoints' input: the desired-state poll query (`after`, `wait`, `delta`) and the node
 //! protocol's JSON bodies as the service parses them (`bluebatch_wire::agents::parse`). The
 //! first byte picks what the rest is. Never panics; an accepted query has a `wait` of at most
 //! `MAX_WAIT_SECONDS` and a non-empty `after` of at most 512 bytes; an accepted body serializes
@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
                 return;
             };
             let a = desired_query(query);
-            if let Ok((after, wait)) = &a {
+            if let Ok((after, wait, _delta)) = &a {
                 assert!(*wait <= Duration::from_secs(MAX_WAIT_SECONDS), "{query:?}");
                 if let Some(after) = after {
                     assert!(!after.is_empty() && after.len() <= 512, "{query:?}");
