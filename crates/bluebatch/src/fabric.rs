@@ -42,6 +42,18 @@ impl NodeFabric for SshFabric {
             bluebatch_node::AccountChange::Snapshot(accounts),
         )
     }
+    fn apply_one_deferred(
+        &self,
+        key: &str,
+        base: u64,
+        revision: u64,
+        name: &str,
+        account: Option<NodeAccount>,
+    ) -> Option<u64> {
+        // One account changed in place on a node at `base`; the whole set otherwise.
+        self.0
+            .apply_one_deferred(key, base, revision, name, account)
+    }
     fn enforce(&self, key: &str) {
         self.0.enforce(key)
     }

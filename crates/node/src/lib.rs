@@ -276,8 +276,9 @@ pub enum AccountChange {
     Remove(String),
     /// Replace every account of the node (reconciliation).
     ReplaceAll(Vec<NodeAccount>),
-    /// The node's whole account set as the service holds it, sorted by name: taken as it is
-    /// (no copy), what the service hands its embedded nodes on every change.
+    /// The node's whole account set as the service holds it, sorted by name: what the service
+    /// hands its embedded nodes when a change of one account does not fit (see
+    /// [`SshNodes::apply_one_deferred`]).
     Snapshot(Arc<[NodeAccount]>),
 }
 
@@ -437,6 +438,24 @@ impl SshNodes {
     pub fn apply_deferred(&self, node_key: &str, revision: u64, change: AccountChange) -> u64 {
         let node = self.inner.node_or_create(node_key);
         node.apply_only(revision, change)
+    }
+
+    /// [`SshNodes::apply_deferred`] of a change of one account at `revision` (`Some`: add or
+    /// replace the account `name`; `None`: remove it), for a node that has applied exactly
+    /// revision `base`: the node changes that account in place (no copy of the others) and
+    /// answers `Some(revision)`. A node at a later revision than `revision` answers it (the change
+    /// was superseded); at any other revision, or none, `None`, and nothing changed: the caller
+    /// hands it the whole set instead. In memory only; never blocks on I/O.
+    pub fn apply_one_deferred(
+        &self,
+        node_key: &str,
+        base: u64,
+        revision: u64,
+        name: &str,
+        account: Option<NodeAccount>,
+    ) -> Option<u64> {
+        let node = self.inner.node(node_key)?;
+        node.apply_one_only(base, revision, name, account)
     }
 
     /// Ends the node's sessions of accounts it no longer has or that are expired at the service

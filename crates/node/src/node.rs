@@ -53,37 +53,46 @@ pub(crate) struct Node {
     conns_gone: Notify,
 }
 
-/// The node's whole account set, sorted by name (names unique): a snapshot from the service is
-/// taken as it is, without copying.
+/// The node's whole account set, sorted by name (names unique), owned by the node: a change of
+/// one account ([`AccountChange::Upsert`], [`AccountChange::Remove`], [`Node::apply_one_only`])
+/// replaces, inserts or removes that account in place, copying none of the others.
+#[derive(Default)]
 struct AccountState {
     revision: Option<u64>,
-    accounts: Arc<[NodeAccount]>,
+    accounts: Vec<NodeAccount>,
 }
 
-impl Default for AccountState {
-    fn default() -> Self {
-        AccountState {
-            revision: None,
-            accounts: Arc::from(Vec::new()),
+impl AccountState {
+    fn position(&self, name: &str) -> Result<usize, usize> {
+        self.accounts
+            .binary_search_by(|a| a.name.as_str().cmp(name))
+    }
+
+    fn find(&self, name: &str) -> Option<&NodeAccount> {
+        self.position(name).ok().map(|i| &self.accounts[i])
+    }
+
+    /// Adds `account`, or replaces the account of its name.
+    fn upsert(&mut self, account: NodeAccount) {
+        match self.position(&account.name) {
+            Ok(i) => self.accounts[i] = account,
+            Err(i) => self.accounts.insert(i, account),
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Ok(i) = self.position(name) {
+            self.accounts.remove(i);
         }
     }
 }
 
-impl AccountState {
-    fn find(&self, name: &str) -> Option<&NodeAccount> {
-        self.accounts
-            .binary_search_by(|a| a.name.as_str().cmp(name))
-            .ok()
-            .map(|i| &self.accounts[i])
-    }
-}
-
 /// `accounts` sorted by name with unique names (the last of equal names wins).
-fn sorted_set(mut accounts: Vec<NodeAccount>) -> Arc<[NodeAccount]> {
+fn sorted_set(mut accounts: Vec<NodeAccount>) -> Vec<NodeAccount> {
     accounts.reverse();
     accounts.sort_by(|a, b| a.name.cmp(&b.name));
     accounts.dedup_by(|a, b| a.name == b.name);
-    Arc::from(accounts)
+    accounts
 }
 
 /// The node's connections, and how many of them are startups (not logged in yet: counted
@@ -406,32 +415,15 @@ impl Node {
             return current;
         }
         match change {
-            AccountChange::Upsert(account) => {
-                let mut list = state.accounts.to_vec();
-                match list.binary_search_by(|a| a.name.cmp(&account.name)) {
-                    Ok(i) => list[i] = account,
-                    Err(i) => list.insert(i, account),
-                }
-                state.accounts = Arc::from(list);
-            }
-            AccountChange::Remove(name) => {
-                if state.find(&name).is_some() {
-                    let list: Vec<NodeAccount> = state
-                        .accounts
-                        .iter()
-                        .filter(|a| a.name != name)
-                        .cloned()
-                        .collect();
-                    state.accounts = Arc::from(list);
-                }
-            }
+            AccountChange::Upsert(account) => state.upsert(account),
+            AccountChange::Remove(name) => state.remove(&name),
             AccountChange::ReplaceAll(accounts) => {
                 state.accounts = sorted_set(accounts);
             }
             AccountChange::Snapshot(accounts) => {
                 let ordered = accounts.windows(2).all(|w| w[0].name < w[1].name);
                 state.accounts = if ordered {
-                    accounts
+                    accounts.to_vec()
                 } else {
                     sorted_set(accounts.to_vec())
                 };
@@ -439,6 +431,34 @@ impl Node {
         }
         state.revision = Some(revision);
         revision
+    }
+
+    /// The change of one account at `revision` (`Some`: add or replace `name`'s account;
+    /// `None`: remove it), taken only by a node whose accounts are exactly those of revision
+    /// `base`: it is then applied in place and `Some(revision)` returned. A node at a later
+    /// revision than `revision` answers that one (the change was superseded); a node at any other
+    /// revision (or none) answers `None` and takes nothing: the caller hands it the whole set.
+    /// Sessions are not ended (see [`Node::enforce`]).
+    pub fn apply_one_only(
+        &self,
+        base: u64,
+        revision: u64,
+        name: &str,
+        account: Option<NodeAccount>,
+    ) -> Option<u64> {
+        let mut state = self.accounts.write().unwrap_or_else(|e| e.into_inner());
+        match state.revision {
+            Some(current) if current > revision => return Some(current),
+            Some(current) if current == base && base < revision => {}
+            _ => return None,
+        }
+        match account {
+            Some(account) if account.name == name => state.upsert(account),
+            Some(_) => return None,
+            None => state.remove(name),
+        }
+        state.revision = Some(revision);
+        Some(revision)
     }
 
     pub fn applied_revision(&self) -> Option<u64> {
@@ -450,7 +470,7 @@ impl Node {
 
     pub fn accounts(&self) -> Vec<NodeAccount> {
         let state = self.accounts.read().unwrap_or_else(|e| e.into_inner());
-        state.accounts.to_vec()
+        state.accounts.clone()
     }
 
     pub fn account(&self, name: &str) -> Option<NodeAccount> {

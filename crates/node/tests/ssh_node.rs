@@ -646,3 +646,104 @@ async fn a_uid_range_holding_root_is_refused() {
     });
     assert!(f.nodes.start_node("acct.pool1.tvm-r1", None).await.is_err());
 }
+
+/// A change of one account is taken only by a node at exactly the revision before it (in place,
+/// the other accounts untouched); a node at another revision takes nothing and says so (the
+/// service then hands it the whole set); logins follow every change taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_account_changes_apply_only_on_their_base_revision_and_logins_follow() {
+    let f = Fixture::new();
+    let node = "acct.pool1.tvm-one";
+    let nodes = &f.nodes;
+    let alice = account("alice", Some("alice-Pw1"), None, false, DAY);
+    let bob = account("bob", Some("bob-Pw1"), None, false, DAY);
+    // Not started yet: no node, no change taken.
+    assert_eq!(
+        nodes.apply_one_deferred(node, 2, 3, "bob", Some(bob.clone())),
+        None
+    );
+    let addr = f.start(node).await;
+    // A node that has applied nothing takes no change of one account either.
+    assert_eq!(
+        nodes.apply_one_deferred(node, 2, 3, "bob", Some(bob.clone())),
+        None
+    );
+    assert!(nodes.accounts(node).is_empty());
+    let whole: std::sync::Arc<[bluebatch_core::NodeAccount]> =
+        std::sync::Arc::from(vec![alice.clone(), bob.clone()]);
+    assert_eq!(nodes.apply(node, 3, AccountChange::Snapshot(whole)), 3);
+
+    // At its base: bob's password replaced in place, alice untouched.
+    let bob2 = account("bob", Some("bob-Pw2"), None, false, DAY);
+    assert_eq!(
+        nodes.apply_one_deferred(node, 3, 4, "bob", Some(bob2.clone())),
+        Some(4)
+    );
+    assert_eq!(nodes.accounts(node), vec![alice.clone(), bob2.clone()]);
+    assert_eq!(nodes.applied_revision(node), Some(4));
+    assert!(
+        Ssh::new(addr, "bob", Login::Password("bob-Pw2"))
+            .logs_in()
+            .await
+    );
+    assert!(
+        !Ssh::new(addr, "bob", Login::Password("bob-Pw1"))
+            .logs_in()
+            .await
+    );
+    assert!(
+        Ssh::new(addr, "alice", Login::Password("alice-Pw1"))
+            .logs_in()
+            .await
+    );
+
+    // Not at its base (the node is at 4): nothing taken, the caller sends the whole set.
+    assert_eq!(nodes.apply_one_deferred(node, 3, 5, "alice", None), None);
+    assert_eq!(nodes.apply_one_deferred(node, 5, 6, "alice", None), None);
+    assert_eq!(nodes.accounts(node), vec![alice.clone(), bob2.clone()]);
+    assert_eq!(nodes.applied_revision(node), Some(4));
+    // An account whose name is not the one named is not taken.
+    assert_eq!(
+        nodes.apply_one_deferred(node, 4, 5, "carol", Some(bob.clone())),
+        None
+    );
+    assert_eq!(nodes.applied_revision(node), Some(4));
+
+    // A new account goes in its place by name; a removal takes the account out.
+    let carl = account("carl", Some("carl-Pw1"), None, false, DAY);
+    let aaron = account("aaron", Some("aaron-Pw1"), None, false, DAY);
+    assert_eq!(
+        nodes.apply_one_deferred(node, 4, 5, "carl", Some(carl.clone())),
+        Some(5)
+    );
+    assert_eq!(
+        nodes.apply_one_deferred(node, 5, 6, "aaron", Some(aaron.clone())),
+        Some(6)
+    );
+    assert_eq!(nodes.apply_one_deferred(node, 6, 7, "alice", None), Some(7));
+    assert_eq!(nodes.accounts(node), vec![aaron, bob2, carl]);
+    assert!(
+        !Ssh::new(addr, "alice", Login::Password("alice-Pw1"))
+            .logs_in()
+            .await
+    );
+    assert!(
+        Ssh::new(addr, "carl", Login::Password("carl-Pw1"))
+            .logs_in()
+            .await
+    );
+    assert!(
+        Ssh::new(addr, "aaron", Login::Password("aaron-Pw1"))
+            .logs_in()
+            .await
+    );
+
+    // A superseded change is acknowledged with the revision in force and changes nothing.
+    assert_eq!(nodes.apply_one_deferred(node, 2, 3, "bob", None), Some(7));
+    assert!(
+        Ssh::new(addr, "bob", Login::Password("bob-Pw2"))
+            .logs_in()
+            .await
+    );
+    f.nodes.shutdown().await;
+}

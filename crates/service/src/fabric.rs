@@ -5,9 +5,11 @@
 //! tells a provider, and when:
 //! - **accounts**: after every user change of a node, the node's **whole** account set with its
 //!   users revision, in revision order ([`NodeFabric::apply`]); after a restart the whole set at
-//!   the stored revision. A provider reconciles the snapshot (never deltas) and acknowledges a
+//!   the stored revision. A provider reconciles the snapshot and acknowledges a
 //!   revision once the node enforces it (at once, as `apply`'s answer, or later through
-//!   [`NodeFabric::acknowledged`]). A user write answers only
+//!   [`NodeFabric::acknowledged`]). A provider may instead take the change of the one account a
+//!   write changed, when its node is exactly at the revision before
+//!   ([`NodeFabric::apply_one_deferred`]; any doubt and it gets the whole set). A user write answers only
 //!   after the acknowledgement; past the service's `ack_timeout` it answers `OperationTimedOut`
 //!   and the change stays recorded, so a node that acknowledges later has converged.
 //! - **state**: every Batch state a node takes, as it takes it ([`NodeFabric::set_state`]), which
@@ -63,6 +65,22 @@ pub trait NodeFabric: Send + Sync + 'static {
     /// soon as this returns.
     fn apply_deferred(&self, key: &str, revision: u64, accounts: Arc<[NodeAccount]>) -> u64 {
         self.apply(key, revision, accounts)
+    }
+    /// [`NodeFabric::apply_deferred`] of a change of one account at `revision` (`Some`: add or
+    /// replace the account `name`; `None`: remove it), for a node that has applied exactly
+    /// revision `base` (so it has the whole set of `base`; the change makes it `revision`'s).
+    /// Returns what `apply_deferred` would, or `None` when the provider does not take it (the
+    /// node is at another revision, or the provider takes whole sets only: the default): the
+    /// caller then hands the node the whole set. Called under the state lock; must not block.
+    fn apply_one_deferred(
+        &self,
+        _key: &str,
+        _base: u64,
+        _revision: u64,
+        _name: &str,
+        _account: Option<NodeAccount>,
+    ) -> Option<u64> {
+        None
     }
     /// Ends the node's sessions of accounts it no longer has or that are expired now (after
     /// [`NodeFabric::apply_deferred`]; never blocks).

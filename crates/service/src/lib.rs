@@ -325,6 +325,9 @@ impl Service {
     /// lock. Windows nodes have no endpoint: the store is their whole truth.
     /// A node backed by a joined host (`host`) reads its whole account set from the store on its
     /// host's next poll: the poll is woken and the write waits for the node's acknowledgement.
+    /// `changed` is the one account the write changed, for an embedded Linux node (its name, and
+    /// its account now or `None` when removed): a node at the revision before takes that change
+    /// alone, without a snapshot of every account.
     fn apply_to_node(
         &self,
         os: Os,
@@ -333,6 +336,7 @@ impl Service {
         key: &str,
         revision: u64,
         users: &std::collections::BTreeMap<String, NodeUser>,
+        changed: (&str, Option<bluebatch_core::NodeAccount>),
     ) -> Ack {
         if let Some(host) = host {
             self.inner.hub.notify(host);
@@ -346,13 +350,16 @@ impl Service {
                 Ack::Given
             };
         }
-        if os != Os::Linux
-            || self
-                .inner
-                .nodes
-                .apply_deferred(key, revision, snapshot_of(users))
-                >= revision
-        {
+        if os != Os::Linux {
+            return Ack::Given;
+        }
+        let (name, account) = changed;
+        let fabric = &self.inner.nodes;
+        let one = revision
+            .checked_sub(1)
+            .and_then(|base| fabric.apply_one_deferred(key, base, revision, name, account));
+        let now = one.unwrap_or_else(|| fabric.apply_deferred(key, revision, snapshot_of(users)));
+        if now >= revision {
             Ack::Given
         } else {
             Ack::Awaited {

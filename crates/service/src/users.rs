@@ -129,9 +129,11 @@ impl Service {
             };
             let user_op = put_json(user_record(at.account, &pool_id, at.node, &ukey), &user);
             let user_name = user.name.clone();
+            let embedded = entry.node.host.is_none() && os == Os::Linux;
+            // The one account an embedded node changes (it takes it alone when it can).
+            let account = embedded.then(|| user.to_account());
             entry.users.insert(ukey, user);
             let key = node_key(at.account, &pool_id, at.node);
-            let embedded = entry.node.host.is_none() && os == Os::Linux;
             let started = std::time::Instant::now();
             let acked = self.apply_to_node(
                 os,
@@ -140,6 +142,7 @@ impl Service {
                 &key,
                 revision,
                 &entry.users,
+                (&user_name, account),
             );
             entry.node.users_revision = revision;
             if matches!(acked, crate::Ack::Given) {
@@ -199,6 +202,7 @@ impl Service {
                     &key,
                     revision,
                     &entry.users,
+                    (&removed, None),
                 )
                 .for_user(&removed);
             entry.node.users_revision = revision;
