@@ -6,12 +6,13 @@
 //! agent ──GET  /_bluebatch/agent/desired?after=CURSOR&wait=30s──▶ the host's whole desired state
 //! agent ──POST /_bluebatch/agent/ack {nodes:[{key, revision, results}]}──▶ applied revision
 //! ```
-//! - Desired state is always the **whole** account set of every node a host backs, with each
-//!   node's revision; a provider reconciles it, never applies deltas.
+//! - Desired state is the **whole** account set of every node a host backs, with each node's
+//!   revision; the cursor is a digest of the set of the nodes' digests ([`Cursor`]).
 //! - An agent that polls with `delta=1` may get a **delta** instead ([`DesiredState::delta`]):
 //!   the nodes that changed since `after` and the keys of those removed, when `after` is the
 //!   cursor this very server process answered last for the host (another replica, a restart or
-//!   any other cursor gets the whole state). The agent merges it into the whole state it holds.
+//!   any other cursor gets the whole state). The agent merges it into the whole state it holds,
+//!   checks the merged state against the cursor, and enforces only what changed.
 //! - `after` is the `cursor` of the last answer the agent applied: the service answers at once
 //!   when the host's desired state differs from it, else at the end of `wait` with
 //!   `changed: false` (a long poll, like GCE metadata's `wait_for_change`). Any replica answers
@@ -194,6 +195,9 @@ pub struct NodeFields<'a> {
     pub image: u64,
 }
 
+/// The digest of one node's fields (SHA-256): what a delta compares, and what the cursor sums.
+pub type NodeDigest = [u8; 32];
+
 impl NodeFields<'_> {
     fn feed(&self, h: &mut Sha256) {
         for part in [self.key, self.pool_id, self.node_id, self.state.as_str()] {
@@ -206,13 +210,11 @@ impl NodeFields<'_> {
         }
     }
 
-    /// A digest of this node alone (what a delta compares).
-    pub fn digest(&self) -> [u8; 16] {
+    /// A digest of this node alone (what a delta compares and the cursor sums).
+    pub fn digest(&self) -> NodeDigest {
         let mut h = Sha256::new();
         self.feed(&mut h);
-        let mut d = [0u8; 16];
-        d.copy_from_slice(&h.finalize()[..16]);
-        d
+        h.finalize().into()
     }
 }
 
@@ -232,32 +234,62 @@ impl NodeDesired {
     }
 }
 
-/// The cursor of a whole desired state, built node by node in slot order: what the service
-/// answers as [`DesiredState::cursor`], and what an agent checks a merged delta against.
-pub struct Cursor(Sha256);
+/// The cursor of a whole desired state: a digest of the set of its nodes' digests (their sum,
+/// as two 128-bit lanes, and their count), the clock offset and the drained flag. What the
+/// service answers as [`DesiredState::cursor`], and what an agent checks a merged delta
+/// against. The order of the nodes does not matter (each node's digest names its slot), and a
+/// node's digest can be taken out again ([`Cursor::remove`]): a change of one node costs one
+/// node's digest, on the service and on the agent, whatever the host's size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    low: u128,
+    high: u128,
+    count: u64,
+}
 
-impl Default for Cursor {
-    fn default() -> Self {
-        Cursor(Sha256::new())
-    }
+fn lanes(d: &NodeDigest) -> (u128, u128) {
+    let mut low = [0u8; 16];
+    let mut high = [0u8; 16];
+    low.copy_from_slice(&d[..16]);
+    high.copy_from_slice(&d[16..]);
+    (u128::from_le_bytes(low), u128::from_le_bytes(high))
 }
 
 impl Cursor {
     pub fn node(&mut self, f: &NodeFields<'_>) {
-        f.feed(&mut self.0);
+        self.add(&f.digest());
     }
-    pub fn finish(mut self, clock_offset_seconds: i64, drained: bool) -> String {
-        self.0.update(clock_offset_seconds.to_le_bytes());
-        self.0.update([drained as u8]);
+    /// Puts a node's digest in.
+    pub fn add(&mut self, d: &NodeDigest) {
+        let (l, h) = lanes(d);
+        self.low = self.low.wrapping_add(l);
+        self.high = self.high.wrapping_add(h);
+        self.count = self.count.wrapping_add(1);
+    }
+    /// Takes a node's digest (put in before) out.
+    pub fn remove(&mut self, d: &NodeDigest) {
+        let (l, h) = lanes(d);
+        self.low = self.low.wrapping_sub(l);
+        self.high = self.high.wrapping_sub(h);
+        self.count = self.count.wrapping_sub(1);
+    }
+    pub fn finish(&self, clock_offset_seconds: i64, drained: bool) -> String {
+        let mut h = Sha256::new();
+        h.update(b"bluebatch cursor 2");
+        h.update(self.low.to_le_bytes());
+        h.update(self.high.to_le_bytes());
+        h.update(self.count.to_le_bytes());
+        h.update(clock_offset_seconds.to_le_bytes());
+        h.update([drained as u8]);
         let mut s = String::with_capacity(32);
-        for b in &self.0.finalize()[..16] {
+        for b in &h.finalize()[..16] {
             s.push_str(&format!("{b:02x}"));
         }
         s
     }
 }
 
-/// The cursor of `nodes` (in the order given: the service's is slot order).
+/// The cursor of `nodes` (in any order).
 pub fn cursor_of(nodes: &[NodeDesired], clock_offset_seconds: i64, drained: bool) -> String {
     let mut c = Cursor::default();
     for n in nodes {
@@ -349,6 +381,65 @@ pub struct AckAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(slot: u32, key: &str, revision: u64) -> NodeDesired {
+        NodeDesired {
+            slot,
+            key: key.into(),
+            pool_id: "p".into(),
+            node_id: key.into(),
+            os: Os::Linux,
+            state: NodeState::Idle,
+            revision,
+            boot: 0,
+            image: 0,
+            accounts: vec![],
+        }
+    }
+
+    #[test]
+    fn the_cursor_names_the_set_of_nodes_and_takes_a_node_out_again() {
+        let (a, b, c) = (node(0, "a", 1), node(1, "b", 1), node(2, "c", 1));
+        let whole = cursor_of(&[a.clone(), b.clone(), c.clone()], 0, false);
+        assert_eq!(
+            whole,
+            cursor_of(&[c.clone(), a.clone(), b.clone()], 0, false)
+        );
+        assert_ne!(whole, cursor_of(&[a.clone(), b.clone()], 0, false));
+        assert_ne!(
+            whole,
+            cursor_of(&[a.clone(), b.clone(), c.clone()], 1, false)
+        );
+        assert_ne!(
+            whole,
+            cursor_of(&[a.clone(), b.clone(), c.clone()], 0, true)
+        );
+        // Any field of a node moves it: revision, slot.
+        assert_ne!(
+            whole,
+            cursor_of(&[a.clone(), b.clone(), node(2, "c", 2)], 0, false)
+        );
+        assert_ne!(
+            whole,
+            cursor_of(&[a.clone(), b.clone(), node(3, "c", 1)], 0, false)
+        );
+        // The same node twice is not the node once.
+        assert_ne!(
+            cursor_of(&[a.clone()], 0, false),
+            cursor_of(&[a.clone(), a.clone()], 0, false)
+        );
+        // Taking b out and putting its change in is the changed state's cursor.
+        let mut sum = Cursor::default();
+        for n in [&a, &b, &c] {
+            sum.node(&n.fields());
+        }
+        assert_eq!(sum.finish(0, false), whole);
+        sum.remove(&b.fields().digest());
+        let b2 = node(1, "b", 2);
+        sum.add(&b2.fields().digest());
+        assert_eq!(sum.finish(0, false), cursor_of(&[a, b2, c], 0, false));
+        assert_eq!(Cursor::default().finish(0, false).len(), 32);
+    }
 
     #[test]
     fn names_are_camel_case_and_unknown_fields_refused() {

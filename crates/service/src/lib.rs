@@ -339,7 +339,7 @@ impl Service {
         changed: (&str, Option<bluebatch_core::NodeAccount>),
     ) -> Ack {
         if let Some(host) = host {
-            self.inner.hub.notify(host);
+            self.inner.hub.notify_node(host, key);
             return if os == Os::Linux {
                 Ack::Agent {
                     rx: self.inner.hub.ack_watch(key, applied),

@@ -574,7 +574,7 @@ impl Service {
             hub.acked(&key, None, Some((revision, failures)));
         }
         for (key, host, applied) in applied {
-            hub.notify(&host);
+            hub.notify_node(&host, &key);
             if applied.is_some() {
                 hub.acked(&key, applied, None);
             }

@@ -137,15 +137,39 @@ impl Service {
                 .hosts
                 .get(host)
                 .ok_or_else(|| auth_failed("The node credential is not valid."))?;
-            // (The fabric key lower-cases the pool id, as the slot's pool key is.)
-            let by_key: HashMap<String, NodeRef> = h
-                .slots
-                .values()
-                .map(|r| (node_key(&r.account, &r.pool, &r.node), r.clone()))
+            // Each key is found through the slot the poll's view names (one lookup); a key the
+            // view does not know (an ack to a replica that did not answer the poll) through a
+            // map of the host's every node, built once. (The fabric key lower-cases the pool
+            // id, as the slot's pool key is.)
+            let mut by_key: Option<HashMap<String, NodeRef>> = None;
+            let found: Vec<(bluebatch_protocol::NodeAck, Option<NodeRef>)> = ack
+                .nodes
+                .into_iter()
+                .map(|a| {
+                    let viewed = self
+                        .inner
+                        .hub
+                        .slot_of(host, &a.key)
+                        .and_then(|slot| h.slots.get(&slot))
+                        .filter(|r| node_key(&r.account, &r.pool, &r.node) == a.key)
+                        .cloned();
+                    let r = viewed.or_else(|| {
+                        by_key
+                            .get_or_insert_with(|| {
+                                h.slots
+                                    .values()
+                                    .map(|r| (node_key(&r.account, &r.pool, &r.node), r.clone()))
+                                    .collect()
+                            })
+                            .get(&a.key)
+                            .cloned()
+                    });
+                    (a, r)
+                })
                 .collect();
             let mut ops = Vec::new();
-            for a in ack.nodes {
-                let Some(r) = by_key.get(&a.key) else {
+            for (a, r) in found {
+                let Some(r) = &r else {
                     refused.push(a.key);
                     continue;
                 };
