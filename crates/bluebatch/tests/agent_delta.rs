@@ -408,3 +408,194 @@ async fn a_simulating_agent_converges_through_deltas() {
     assert!(!text.contains("whole states only"), "{text}");
     assert!(text.contains("merged a delta answer"), "{text}");
 }
+
+/// A user written on one node of a host's many: the delta carries that node and no other, at
+/// every write (also once the server has looked at one node only since its last answer), the
+/// acknowledgement of it is taken, and the write it answers is 200.
+#[tokio::test]
+async fn a_write_to_one_node_of_many_is_a_delta_of_that_node_alone() {
+    let s = Server::launch(&["--in-memory", "--nodes", "agents"]);
+    let c = s.client();
+    let a = Agent::join(&s.url, &token(&c, None).await, 12).await;
+    let r = c.create_pool("many", "linux", 12).await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    // Acknowledge every poll's nodes until all twelve are idle (whole states).
+    let mut v = a.delta_poll(None).await;
+    let v = within(T, "twelve idle nodes", async {
+        loop {
+            a.ack(nodes(&v)).await;
+            let whole = a.desired("wait=0").await;
+            if nodes(&whole).len() == 12 && nodes(&whole).iter().all(|n| n["state"] == "idle") {
+                return whole;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            v = a.delta_poll(None).await;
+        }
+    })
+    .await;
+    let ids: Vec<String> = nodes(&v)
+        .iter()
+        .map(|n| n["nodeId"].as_str().unwrap().to_string())
+        .collect();
+    // A delta-taking poll without a cursor: the whole state, and the base of the deltas.
+    let base = a.delta_poll(None).await;
+    assert_eq!(nodes(&base).len(), 12, "{base}");
+    let mut cursor = base["cursor"].as_str().unwrap().to_string();
+    let mut has_user = std::collections::HashSet::new();
+    for (round, i) in [3usize, 3, 8, 0, 11].into_iter().enumerate() {
+        let node = ids[i].clone();
+        let (method, path, body) = if has_user.insert(i) {
+            (
+                "POST",
+                format!("/pools/many/nodes/{node}/users"),
+                json!({"name": "u", "password": format!("pw-{round}")}),
+            )
+        } else {
+            (
+                "PUT",
+                Client::user_path("many", &node, "u"),
+                json!({"password": format!("pw-{round}")}),
+            )
+        };
+        let write = c
+            .req(method, &path)
+            .json(&body)
+            .send_within(Duration::from_secs(20));
+        let poll = async {
+            let d = within(T, "the write's delta", async {
+                loop {
+                    let d = a.delta_poll(Some(&cursor)).await;
+                    if d["changed"] == true {
+                        return d;
+                    }
+                }
+            })
+            .await;
+            // The whole state agrees with the delta's cursor.
+            let whole = a.desired("wait=0").await;
+            assert_eq!(whole["cursor"], d["cursor"], "round {round}");
+            a.ack(nodes(&d)).await;
+            d
+        };
+        let (r, d) = tokio::join!(write, poll);
+        assert_eq!(d["delta"], true, "round {round}: {d}");
+        assert!(d.get("removed").is_none(), "round {round}: {d}");
+        let sent: Vec<&str> = nodes(&d)
+            .iter()
+            .map(|n| n["nodeId"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            sent,
+            [node.as_str()],
+            "round {round}: only the written node: {d}"
+        );
+        assert_eq!(
+            nodes(&d)[0]["accounts"][0]["name"],
+            "u",
+            "round {round}: {d}"
+        );
+        assert!(
+            r.status == 200 || r.status == 201,
+            "round {round}: {}",
+            text(&r)
+        );
+        cursor = d["cursor"].as_str().unwrap().to_string();
+        // Nothing else changed: the next poll (no wait) carries nothing.
+        let quiet = a.delta_poll_wait(Some(&cursor), 0).await;
+        assert_eq!(quiet["changed"], false, "round {round}: {quiet}");
+        assert!(nodes(&quiet).is_empty(), "round {round}: {quiet}");
+    }
+}
+
+/// `bluebatch agent --simulate 20`: a user written on one node is merged as a delta of that
+/// node alone and enforced as that change, without the provider being handed (or applying
+/// again) the other nineteen.
+#[tokio::test]
+async fn a_simulating_agent_enforces_a_write_as_the_change_of_one_node() {
+    let s = Server::launch(&["--in-memory", "--nodes", "agents"]);
+    let c = s.client();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{}\n-\n", token(&c, None).await)).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
+        .args(["agent", "--server", &s.url, "--simulate", "20"])
+        .args(["--ssh-ports", "26700-26719"])
+        .arg("--state-dir")
+        .arg(dir.path().join("agent"))
+        .arg("--join-token-file")
+        .arg(&token_file)
+        .env("BLUEBATCH_LOG", "info,bluebatch::agent=debug,russh=warn")
+        .env_remove("BLUEBATCH_JOIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting bluebatch agent");
+    let log = agent_log(&mut child);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    let r = c.create_pool("s", "linux", 20).await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    let ids = idle_nodes(&c, "s", 20, Duration::from_secs(60)).await;
+    let node = ids[13].clone();
+    let r = c
+        .req("POST", &format!("/pools/s/nodes/{node}/users"))
+        .json(&json!({"name": "carol", "password": "pw-0"}))
+        .send_within(Duration::from_secs(40))
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
+    for i in 1..=3 {
+        let from = log.lock().unwrap().len();
+        let r = c
+            .req("PUT", &Client::user_path("s", &node, "carol"))
+            .json(&json!({"password": format!("pw-{i}")}))
+            .send_within(Duration::from_secs(40))
+            .await;
+        assert_eq!(r.status, 200, "{}", text(&r));
+        let lines: Vec<String> = log.lock().unwrap()[from..].to_vec();
+        let text = lines.join("\n");
+        let merged: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("merged a delta answer"))
+            .collect();
+        assert!(!merged.is_empty(), "write {i}: no delta merged:\n{text}");
+        for l in &merged {
+            assert!(
+                l.contains("nodes=1 ") && l.contains("removed=0"),
+                "write {i}: the delta carried other nodes: {l}\n{text}"
+            );
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("enforced a change") && l.contains("changed=1")),
+            "write {i}: not enforced as a change of one node:\n{text}"
+        );
+        assert!(
+            !text.contains("enforced the whole state"),
+            "write {i}: the whole state was handed to the provider:\n{text}"
+        );
+        let applied: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains(" applied ") || l.ends_with(" applied"))
+            .collect();
+        assert!(
+            applied.iter().all(|l| l.contains(&node)),
+            "write {i}: another node was applied again:\n{text}"
+        );
+    }
+    if have_ssh_client() {
+        let port = c.ssh_port("s", &node).await;
+        assert!(ssh_password_login(port, "carol", "pw-3", &loopback_source(1)).await);
+    }
+}

@@ -440,7 +440,7 @@ impl Setup {
         let mut cursor: Option<String> = None;
         // The whole state of the last answer (deltas are merged into it), and whether the
         // service takes `delta=1` (an older one refuses the parameter).
-        let mut held: Option<DesiredState> = None;
+        let mut held: Option<Held> = None;
         let mut take_delta = true;
         let mut acked: HashMap<String, (NodeAck, u64)> = HashMap::new();
         let mut failing = Backoff(0);
@@ -480,30 +480,6 @@ impl Setup {
                 }
             };
             lost.reset();
-            let ds = if ds.delta {
-                let (sent, removed) = (ds.nodes.len(), ds.removed.len());
-                match merge(held.take(), cursor.as_deref(), ds) {
-                    Ok(whole) => {
-                        tracing::debug!(
-                            nodes = sent,
-                            removed,
-                            held = whole.nodes.len(),
-                            "merged a delta answer"
-                        );
-                        whole
-                    }
-                    Err(why) => {
-                        // Never guess: ask for the whole state at once.
-                        tracing::warn!(reason = %why,
-                            "a delta answer did not fit the state held; asking for the whole state");
-                        cursor = None;
-                        continue;
-                    }
-                }
-            } else {
-                ds
-            };
-            let ds = &*held.insert(ds);
             if let Some(cred) = &ds.credential {
                 self.renew(id, cred);
             }
@@ -513,10 +489,67 @@ impl Setup {
                 self.hello_if_changed(provider, last_report).await;
             }
             let must_apply = ds.changed || cursor.is_none() || retrying;
-            if !must_apply {
-                continue;
-            }
-            let acks = provider.apply(ds).await;
+            // What to enforce: a whole answer as it is; a delta merged into the state held,
+            // enforced as the change it is when the provider takes changes (and nothing else of
+            // the host moved: same clock offset, nothing to retry), else as the merged state.
+            let (acks, removed) = if ds.delta {
+                let (sent, gone) = (ds.nodes.len(), ds.removed.len());
+                let step = match merge(&mut held, cursor.as_deref(), ds) {
+                    Ok(step) => step,
+                    Err(why) => {
+                        // Never guess: ask for the whole state at once.
+                        tracing::warn!(reason = %why,
+                            "a delta answer did not fit the state held; asking for the whole state");
+                        held = None;
+                        cursor = None;
+                        continue;
+                    }
+                };
+                let h = held.as_ref().expect("merged");
+                tracing::debug!(
+                    nodes = sent,
+                    removed = gone,
+                    held = h.nodes.len(),
+                    "merged a delta answer"
+                );
+                if !must_apply {
+                    continue;
+                }
+                let changes = if step.offset_moved || retrying || cursor.is_none() {
+                    None
+                } else {
+                    provider
+                        .apply_changes(h.offset, &step.nodes, &step.removed)
+                        .await
+                };
+                match changes {
+                    Some(acks) => {
+                        tracing::debug!(
+                            changed = step.nodes.len(),
+                            removed = step.removed.len(),
+                            "enforced a change"
+                        );
+                        (acks, Some(step.removed))
+                    }
+                    None => {
+                        tracing::debug!(nodes = h.nodes.len(), "enforced the whole state");
+                        (provider.apply(&h.whole()).await, None)
+                    }
+                }
+            } else {
+                let acks = if must_apply {
+                    tracing::debug!(nodes = ds.nodes.len(), "enforced the whole state");
+                    Some(provider.apply(&ds).await)
+                } else {
+                    None
+                };
+                held = Some(Held::from(ds));
+                match acks {
+                    Some(acks) => (acks, None),
+                    None => continue,
+                }
+            };
+            let h = held.as_ref().expect("held");
             let failed: Vec<&NodeAck> = acks.iter().filter(|a| !a.failures.is_empty()).collect();
             for a in &failed {
                 let users: Vec<&str> = a.failures.iter().map(|f| f.name.as_str()).collect();
@@ -527,8 +560,11 @@ impl Setup {
             if !retrying {
                 failing.reset();
             }
-            match self.send_acks(ds, acks, &mut acked).await {
-                Ok(()) => cursor = Some(ds.cursor.clone()),
+            match self
+                .send_acks(h, acks, removed.as_deref(), &mut acked)
+                .await
+            {
+                Ok(()) => cursor = Some(h.cursor.clone()),
                 Err(e) if e.is_auth() => return Err(refused_credential(id, &self.state, &e)),
                 Err(e) => {
                     let pause = lost.next();
@@ -549,19 +585,20 @@ impl Setup {
 
     /// Acknowledges what changed since the last delivered acknowledgement (with the boot it
     /// was given for), and every node the service waits for (starting, rebooting, reimaging).
+    /// `removed`: the acknowledgements are of a change only, which removed these nodes (`None`:
+    /// of the whole state `held`).
     async fn send_acks(
         &self,
-        ds: &DesiredState,
+        held: &Held,
         acks: Vec<NodeAck>,
+        removed: Option<&[String]>,
         acked: &mut HashMap<String, (NodeAck, u64)>,
     ) -> Result<(), CallError> {
-        let desired: HashMap<&str, &bluebatch_protocol::NodeDesired> =
-            ds.nodes.iter().map(|n| (n.key.as_str(), n)).collect();
-        let boot_of = |key: &str| desired.get(key).map_or(0, |n| n.boot);
+        let boot_of = |key: &str| held.nodes.get(key).map_or(0, |n| n.boot);
         let fresh: Vec<NodeAck> = acks
             .into_iter()
             .filter(|a| {
-                let waited = desired.get(a.key.as_str()).is_some_and(|n| {
+                let waited = held.nodes.get(a.key.as_str()).is_some_and(|n| {
                     matches!(
                         n.state,
                         NodeState::Starting | NodeState::Rebooting | NodeState::Reimaging
@@ -589,7 +626,14 @@ impl Setup {
                 }
             }
         }
-        acked.retain(|k, _| desired.contains_key(k.as_str()));
+        match removed {
+            Some(keys) => {
+                for k in keys {
+                    acked.remove(k);
+                }
+            }
+            None => acked.retain(|k, _| held.nodes.contains_key(k.as_str())),
+        }
         Ok(())
     }
 
@@ -629,45 +673,122 @@ impl Setup {
     }
 }
 
-/// The whole state a delta answer names: `held` (the state of the cursor `after` the poll sent)
-/// with the delta's nodes put in and its removed keys taken out, in slot order. Refused — and
-/// nothing guessed — when the delta is not of `held`, removes a node `held` does not have, puts
-/// two nodes in one slot, or the result's digest is not the answer's cursor.
-fn merge(
-    held: Option<DesiredState>,
-    after: Option<&str>,
-    delta: DesiredState,
-) -> Result<DesiredState, String> {
-    let Some(held) = held else {
-        return Err("no whole state is held".into());
-    };
-    if after != Some(held.cursor.as_str()) {
-        return Err("the delta is not of the state held".into());
+/// The whole state the agent holds: the last whole answer with every delta since merged in,
+/// by node key, with the sum of its nodes' digests (so a delta is checked against the answer's
+/// cursor at the cost of the nodes it carries, not of the host's).
+struct Held {
+    cursor: String,
+    offset: i64,
+    drained: bool,
+    changed: bool,
+    sum: bluebatch_protocol::Cursor,
+    nodes: HashMap<String, bluebatch_protocol::NodeDesired>,
+    /// The key of the node in each slot.
+    slots: HashMap<u32, String>,
+}
+
+impl From<DesiredState> for Held {
+    fn from(ds: DesiredState) -> Self {
+        let mut h = Held {
+            cursor: ds.cursor,
+            offset: ds.clock_offset_seconds,
+            drained: ds.drained,
+            changed: ds.changed,
+            sum: Default::default(),
+            nodes: HashMap::with_capacity(ds.nodes.len()),
+            slots: HashMap::with_capacity(ds.nodes.len()),
+        };
+        for n in ds.nodes {
+            h.sum.node(&n.fields());
+            h.slots.insert(n.slot, n.key.clone());
+            h.nodes.insert(n.key.clone(), n);
+        }
+        h
     }
-    let mut by_key: HashMap<String, bluebatch_protocol::NodeDesired> =
-        held.nodes.into_iter().map(|n| (n.key.clone(), n)).collect();
-    for key in &delta.removed {
-        if by_key.remove(key).is_none() {
-            return Err(format!("node {key} is removed but was not held"));
+}
+
+impl Held {
+    /// The whole state, in slot order.
+    fn whole(&self) -> DesiredState {
+        let mut nodes: Vec<bluebatch_protocol::NodeDesired> =
+            self.nodes.values().cloned().collect();
+        nodes.sort_by_key(|n| n.slot);
+        DesiredState {
+            cursor: self.cursor.clone(),
+            changed: self.changed,
+            nodes,
+            clock_offset_seconds: self.offset,
+            drained: self.drained,
+            credential: None,
+            delta: false,
+            removed: Vec::new(),
         }
     }
-    for n in delta.nodes {
-        by_key.insert(n.key.clone(), n);
+}
+
+/// What a merged delta changed.
+#[derive(Debug)]
+struct Merged {
+    /// The nodes the delta carried (each whole), and the keys it removed.
+    nodes: Vec<bluebatch_protocol::NodeDesired>,
+    removed: Vec<String>,
+    /// The service clock's offset differs from the state held before: every node's expiry
+    /// moved, not only those carried.
+    offset_moved: bool,
+}
+
+/// Merges a delta answer into `held` (the state of the cursor `after` the poll sent): the
+/// delta's nodes put in, its removed keys taken out. Refused — and nothing guessed; `held` is
+/// then not to be used again — when the delta is not of `held`, removes a node `held` does not
+/// have, puts two nodes in one slot, or the result's digest is not the answer's cursor.
+fn merge(
+    held: &mut Option<Held>,
+    after: Option<&str>,
+    delta: DesiredState,
+) -> Result<Merged, String> {
+    let Some(h) = held.as_mut() else {
+        return Err("no whole state is held".into());
+    };
+    if after != Some(h.cursor.as_str()) {
+        return Err("the delta is not of the state held".into());
     }
-    let mut nodes: Vec<bluebatch_protocol::NodeDesired> = by_key.into_values().collect();
-    nodes.sort_by_key(|n| n.slot);
-    if nodes.windows(2).any(|w| w[0].slot == w[1].slot) {
-        return Err("two nodes in one slot".into());
+    for key in &delta.removed {
+        let Some(n) = h.nodes.remove(key) else {
+            return Err(format!("node {key} is removed but was not held"));
+        };
+        h.sum.remove(&n.fields().digest());
+        if h.slots.get(&n.slot) == Some(key) {
+            h.slots.remove(&n.slot);
+        }
     }
-    let cursor = bluebatch_protocol::cursor_of(&nodes, delta.clock_offset_seconds, delta.drained);
+    for n in &delta.nodes {
+        if let Some(was) = h.nodes.remove(&n.key) {
+            h.sum.remove(&was.fields().digest());
+            if h.slots.get(&was.slot) == Some(&was.key) {
+                h.slots.remove(&was.slot);
+            }
+        }
+    }
+    for n in &delta.nodes {
+        if h.slots.insert(n.slot, n.key.clone()).is_some() {
+            return Err("two nodes in one slot".into());
+        }
+        h.sum.node(&n.fields());
+        h.nodes.insert(n.key.clone(), n.clone());
+    }
+    let cursor = h.sum.finish(delta.clock_offset_seconds, delta.drained);
     if cursor != delta.cursor {
         return Err("the merged state's digest is not the answer's cursor".into());
     }
-    Ok(DesiredState {
-        nodes,
-        delta: false,
-        removed: Vec::new(),
-        ..delta
+    let offset_moved = h.offset != delta.clock_offset_seconds;
+    h.cursor = delta.cursor;
+    h.offset = delta.clock_offset_seconds;
+    h.drained = delta.drained;
+    h.changed = delta.changed;
+    Ok(Merged {
+        nodes: delta.nodes,
+        removed: delta.removed,
+        offset_moved,
     })
 }
 
@@ -782,6 +903,17 @@ mod tests {
         }
     }
 
+    /// `merge` into a copy of `held`: the merged whole state (in slot order) or the refusal.
+    fn merged(
+        held: &DesiredState,
+        after: Option<&str>,
+        delta: DesiredState,
+    ) -> Result<(DesiredState, Merged), String> {
+        let mut h = Some(Held::from(held.clone()));
+        let m = merge(&mut h, after, delta)?;
+        Ok((h.unwrap().whole(), m))
+    }
+
     #[test]
     fn a_delta_merges_into_the_held_state_or_is_refused() {
         let held = state(
@@ -797,31 +929,38 @@ mod tests {
         let mut delta = state(vec![node(1, "b", 2), node(3, "d", 0)], true);
         delta.cursor = whole.cursor.clone();
         delta.removed = vec!["c".into()];
-        let merged = merge(Some(held.clone()), Some(&c0), delta.clone()).unwrap();
-        assert_eq!(merged, whole);
+        let (got, m) = merged(&held, Some(&c0), delta.clone()).unwrap();
+        assert_eq!(got, whole);
+        // The change is what the delta carried, nothing more.
+        assert_eq!(m.nodes, delta.nodes);
+        assert_eq!(m.removed, vec!["c".to_string()]);
+        assert!(!m.offset_moved);
+        // A node moved to the slot another one left, in the same delta.
+        let moved = state(vec![node(0, "a", 1), node(2, "b", 2)], false);
+        let mut d2 = state(vec![node(2, "b", 2)], true);
+        d2.cursor = moved.cursor.clone();
+        d2.removed = vec!["c".into()];
+        assert_eq!(merged(&held, Some(&c0), d2).unwrap().0, moved);
         // Not of the state held, nothing held, a removed node not held, a wrong digest.
-        assert!(merge(Some(held.clone()), Some("other"), delta.clone()).is_err());
-        assert!(merge(Some(held.clone()), None, delta.clone()).is_err());
-        assert!(merge(None, Some(&c0), delta.clone()).is_err());
+        assert!(merged(&held, Some("other"), delta.clone()).is_err());
+        assert!(merged(&held, None, delta.clone()).is_err());
+        assert!(merge(&mut None, Some(&c0), delta.clone()).is_err());
         let mut bad = delta.clone();
         bad.removed.push("zz".into());
-        assert!(merge(Some(held.clone()), Some(&c0), bad).is_err());
+        assert!(merged(&held, Some(&c0), bad).is_err());
         let mut bad = delta.clone();
         bad.removed.clear();
         assert!(
-            merge(Some(held.clone()), Some(&c0), bad).is_err(),
+            merged(&held, Some(&c0), bad).is_err(),
             "c would be invented"
         );
         let mut bad = delta.clone();
         bad.nodes.pop();
-        assert!(
-            merge(Some(held.clone()), Some(&c0), bad).is_err(),
-            "d would be lost"
-        );
+        assert!(merged(&held, Some(&c0), bad).is_err(), "d would be lost");
         let mut bad = delta;
         bad.nodes.push(node(0, "e", 0));
         assert!(
-            merge(Some(held), Some(&c0), bad).is_err(),
+            merged(&held, Some(&c0), bad).is_err(),
             "two nodes in slot 0"
         );
     }

@@ -49,15 +49,19 @@ pub struct Simulate {
     clock: Arc<OffsetClock>,
     slots: u32,
     state: StateDir,
-    memos: Memos,
-    /// The memos to save next, written by a background task (latest wins): a change of
-    /// revisions only (a user written) is saved off the acknowledgement's path.
-    saver: tokio::sync::watch::Sender<Option<(u64, Arc<Memos>)>>,
-    /// The generation of the last memos given to save, and that of the last written (a save
-    /// never overwrites a newer one).
-    generation: u64,
+    /// What each node enforces, with its generation (one more at each change); shared with
+    /// the background task that saves a change of revisions only (a user written) off the
+    /// acknowledgement's path, latest wins.
+    memos: Arc<std::sync::Mutex<(Memos, u64)>>,
+    /// Wakes that task.
+    saver: tokio::sync::watch::Sender<u64>,
+    /// The generation last written (a save never overwrites a newer one).
     written: Arc<std::sync::Mutex<u64>>,
 }
+
+/// How long the background save waits after a change for more changes to save with it: a
+/// host of 10 000 nodes is saved at most this often, whatever the rate of writes.
+const SAVE_COALESCE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Writes `memos` of generation `g` unless a newer generation is written already.
 fn save_generation(dir: &StateDir, written: &std::sync::Mutex<u64>, g: u64, memos: &Memos) {
@@ -110,14 +114,19 @@ impl Simulate {
             },
             clock.clone(),
         );
-        let (saver, mut rx) = tokio::sync::watch::channel::<Option<(u64, Arc<Memos>)>>(None);
+        let (saver, mut rx) = tokio::sync::watch::channel(0u64);
         let written = Arc::new(std::sync::Mutex::new(0u64));
-        let (dir, w) = (state.clone(), written.clone());
+        let memos = Arc::new(std::sync::Mutex::new((state.memos(), 0u64)));
+        let (dir, w, shared) = (state.clone(), written.clone(), Arc::downgrade(&memos));
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                let Some((g, memos)) = rx.borrow_and_update().clone() else {
-                    continue;
+                tokio::time::sleep(SAVE_COALESCE).await;
+                rx.borrow_and_update();
+                let Some(shared) = shared.upgrade() else {
+                    return;
                 };
+                // One copy per save, not per change.
+                let (memos, g) = lock(&shared).clone();
                 let (dir, w) = (dir.clone(), w.clone());
                 let _ =
                     tokio::task::spawn_blocking(move || save_generation(&dir, &w, g, &memos)).await;
@@ -128,9 +137,8 @@ impl Simulate {
             clock,
             slots,
             state: state.clone(),
-            memos: state.memos(),
+            memos,
             saver,
-            generation: 0,
             written,
         }
     }
@@ -155,84 +163,132 @@ impl Provider for Simulate {
         // Released slots first: their ports are free for the nodes that come.
         let wanted: std::collections::HashSet<&str> =
             state.nodes.iter().map(|n| n.key.as_str()).collect();
-        let gone: Vec<String> = self
-            .memos
+        let gone: Vec<String> = lock(&self.memos)
+            .0
             .keys()
             .filter(|k| !wanted.contains(k.as_str()))
             .cloned()
             .collect();
-        let gone_any = !gone.is_empty();
-        for key in gone {
-            self.nodes.remove_node(&key).await;
-            self.memos.remove(&key);
-            tracing::info!(node = %key, "released: node removed with its accounts and files");
-        }
+        let gone_any = self.remove(&gone).await;
 
         let mut acks = Vec::with_capacity(state.nodes.len());
-        // The poll carries every node of the host, but a change concerns few: a node that
+        // A whole state carries every node of the host, but a change concerns few: a node that
         // already enforces this revision, boot and image, in this state, with its endpoint up,
         // is acknowledged as it was without being applied again (its sessions are still held
         // to the clock, as an apply would).
         let mut work = Vec::new();
-        for n in &state.nodes {
-            match self.memos.get(&n.key) {
-                Some(m) if already_in_force(&self.nodes, n, m) => {
-                    if n.os != Os::Windows {
-                        self.nodes.enforce(&n.key);
+        {
+            let memos = lock(&self.memos);
+            for n in &state.nodes {
+                match memos.0.get(&n.key) {
+                    Some(m) if already_in_force(&self.nodes, n, m) => {
+                        if n.os != Os::Windows {
+                            self.nodes.enforce(&n.key);
+                        }
+                        acks.push(NodeAck {
+                            key: n.key.clone(),
+                            revision: n.revision,
+                            image: n.image,
+                            ssh_port: if n.os == Os::Windows { None } else { m.port },
+                            failures: Vec::new(),
+                        });
                     }
-                    acks.push(NodeAck {
-                        key: n.key.clone(),
-                        revision: n.revision,
-                        image: n.image,
-                        ssh_port: if n.os == Os::Windows { None } else { m.port },
-                        failures: Vec::new(),
-                    });
+                    _ => work.push(n),
                 }
-                _ => work.push(n),
             }
         }
+        self.apply_nodes(work, gone_any, &mut acks).await;
+        acks
+    }
+
+    async fn apply_changes(
+        &mut self,
+        clock_offset_seconds: i64,
+        changed: &[NodeDesired],
+        removed: &[String],
+    ) -> Option<Vec<NodeAck>> {
+        self.clock.set(clock_offset_seconds);
+        let gone_any = self.remove(removed).await;
+        let mut acks = Vec::with_capacity(changed.len());
+        self.apply_nodes(changed.iter().collect(), gone_any, &mut acks)
+            .await;
+        Some(acks)
+    }
+
+    async fn shutdown(&mut self) {
+        // What a background save may not have written yet.
+        {
+            let mut m = lock(&self.memos);
+            m.1 += 1;
+            save_generation(&self.state, &self.written, m.1, &m.0);
+        }
+        self.nodes.shutdown().await;
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Simulate {
+    /// Removes the nodes of released slots (keys, accounts and files); whether there were any.
+    async fn remove(&mut self, gone: &[String]) -> bool {
+        for key in gone {
+            self.nodes.remove_node(key).await;
+            lock(&self.memos).0.remove(key);
+            tracing::info!(node = %key, "released: node removed with its accounts and files");
+        }
+        !gone.is_empty()
+    }
+
+    /// Applies the nodes of `work` (at most [`PARALLEL`] at once), pushing their
+    /// acknowledgements, and saves what changed: a reboot, a reimage, a new node or a removal
+    /// (`gone_any`) before the acknowledgement (so that a restart never does it twice), a new
+    /// revision alone in the background just after.
+    async fn apply_nodes(
+        &mut self,
+        work: Vec<&NodeDesired>,
+        gone_any: bool,
+        acks: &mut Vec<NodeAck>,
+    ) {
         let changed = !work.is_empty();
-        // A reboot, a reimage or a new node is saved before it is acknowledged (so that a
-        // restart never does it twice); a new revision alone may be saved just after.
-        let at_once = work.iter().any(|n| {
-            self.memos
-                .get(&n.key)
-                .is_none_or(|m| m.boot != n.boot || m.image != n.image || m.slot != n.slot)
-        });
+        let at_once = {
+            let memos = lock(&self.memos);
+            work.iter().any(|n| {
+                memos
+                    .0
+                    .get(&n.key)
+                    .is_none_or(|m| m.boot != n.boot || m.image != n.image || m.slot != n.slot)
+            })
+        };
         let mut tasks = tokio::task::JoinSet::new();
         let mut pending = work.into_iter();
         loop {
             while tasks.len() < PARALLEL {
                 let Some(n) = pending.next() else { break };
-                let memo = self.memos.get(&n.key).cloned();
+                let memo = lock(&self.memos).0.get(&n.key).cloned();
                 tasks.spawn(apply_node(self.nodes.clone(), n.clone(), memo));
             }
             match tasks.join_next().await {
                 Some(Ok((ack, memo))) => {
-                    self.memos.insert(ack.key.clone(), memo);
+                    lock(&self.memos).0.insert(ack.key.clone(), memo);
                     acks.push(ack);
                 }
                 Some(Err(e)) => tracing::error!(error = %e, "applying a node failed"),
                 None => break,
             }
         }
+        let mut m = lock(&self.memos);
         if at_once || gone_any || changed {
-            self.generation += 1;
+            m.1 += 1;
         }
         if at_once || gone_any {
-            save_generation(&self.state, &self.written, self.generation, &self.memos);
+            save_generation(&self.state, &self.written, m.1, &m.0);
         } else if changed {
-            self.saver
-                .send_replace(Some((self.generation, Arc::new(self.memos.clone()))));
+            let g = m.1;
+            drop(m);
+            self.saver.send_replace(g);
         }
-        acks
-    }
-
-    async fn shutdown(&mut self) {
-        // What a background save may not have written yet.
-        self.generation += 1;
-        save_generation(&self.state, &self.written, self.generation, &self.memos);
-        self.nodes.shutdown().await;
     }
 }
 
