@@ -42,15 +42,86 @@ const RFC1123: &[time::format_description::BorrowedFormatItem<'static>] = format
 
 /// `Wed, 25 Nov 2026 12:00:00 GMT`.
 pub fn rfc1123(t: OffsetDateTime) -> String {
-    t.to_offset(UtcOffset::UTC)
-        .format(RFC1123)
-        .expect("formatting a UTC date cannot fail")
+    let t = t.to_offset(UtcOffset::UTC);
+    match rfc1123_bytes(t) {
+        // Only ASCII was written.
+        Some(b) => b.iter().map(|&c| c as char).collect(),
+        None => t
+            .format(RFC1123)
+            .expect("formatting a UTC date cannot fail"),
+    }
+}
+
+const WEEKDAYS: [&[u8; 3]; 7] = [b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun"];
+const MONTHS: [&[u8; 3]; 12] = [
+    b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
+];
+
+/// [`rfc1123`] of a UTC instant of years 0–9999, written by hand (a header of every write's
+/// answer; the format-description machinery costs more than the rest of it).
+fn rfc1123_bytes(t: OffsetDateTime) -> Option<[u8; 29]> {
+    let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+    let mut b = *b"Www, DD Mmm YYYY HH:MM:SS GMT";
+    b[..3].copy_from_slice(WEEKDAYS[t.weekday().number_days_from_monday() as usize]);
+    two_digits(&mut b[5..7], t.day());
+    b[8..11].copy_from_slice(MONTHS[u8::from(t.month()) as usize - 1]);
+    two_digits(&mut b[12..14], (year / 100) as u8);
+    two_digits(&mut b[14..16], (year % 100) as u8);
+    two_digits(&mut b[17..19], t.hour());
+    two_digits(&mut b[20..22], t.minute());
+    two_digits(&mut b[23..25], t.second());
+    Some(b)
+}
+
+fn two_digits(out: &mut [u8], v: u8) {
+    out[0] = b'0' + v / 10;
+    out[1] = b'0' + v % 10;
 }
 
 pub fn parse_rfc1123(s: &str) -> Option<OffsetDateTime> {
-    PrimitiveDateTime::parse(s.trim(), RFC1123)
-        .ok()
-        .map(PrimitiveDateTime::assume_utc)
+    let s = s.trim();
+    parse_rfc1123_canonical(s.as_bytes()).or_else(|| {
+        PrimitiveDateTime::parse(s, RFC1123)
+            .ok()
+            .map(PrimitiveDateTime::assume_utc)
+    })
+}
+
+/// The date of a header exactly as [`rfc1123`] writes it (the usual case: every signed request
+/// carries one), read by hand; `None` for anything else (then the general parser decides, so
+/// the answer is always the general parser's).
+fn parse_rfc1123_canonical(b: &[u8]) -> Option<OffsetDateTime> {
+    let b: &[u8; 29] = b.try_into().ok()?;
+    if &b[3..5] != b", "
+        || b[7] != b' '
+        || b[11] != b' '
+        || b[16] != b' '
+        || b[19] != b':'
+        || b[22] != b':'
+        || &b[25..] != b" GMT"
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u16> {
+        b[r].iter().try_fold(0u16, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u16::from(c - b'0'))
+        })
+    };
+    let weekday = WEEKDAYS.iter().position(|w| w[..] == b[..3])?;
+    let month = MONTHS.iter().position(|m| m[..] == b[8..11])? as u8 + 1;
+    let date = time::Date::from_calendar_date(
+        i32::from(num(12..16)?),
+        time::Month::try_from(month).ok()?,
+        num(5..7)? as u8,
+    )
+    .ok()?;
+    // A weekday that is not the date's: the general parser's answer, whatever it is.
+    if date.weekday().number_days_from_monday() as usize != weekday {
+        return None;
+    }
+    let clock =
+        time::Time::from_hms(num(17..19)? as u8, num(20..22)? as u8, num(23..25)? as u8).ok()?;
+    Some(PrimitiveDateTime::new(date, clock).assume_utc())
 }
 
 #[cfg(test)]
@@ -80,6 +151,56 @@ mod tests {
         assert!(parse_iso("2017-08-01T00:00:00.123456789Z").is_none());
         assert!(parse_iso("garbage").is_none());
         assert!(parse_iso("2017-02-30T00:00:00Z").is_none());
+    }
+
+    #[test]
+    fn rfc1123_by_hand_is_the_format_descriptions() {
+        let general = |t: OffsetDateTime| t.format(RFC1123).unwrap();
+        let parse_general = |s: &str| {
+            PrimitiveDateTime::parse(s, RFC1123)
+                .ok()
+                .map(PrimitiveDateTime::assume_utc)
+        };
+        // Every day of years around now and the ends of the range, at varied times of day.
+        let mut t = time::macros::datetime!(1999-12-25 23:59:59.999 UTC);
+        let mut instants = vec![
+            time::macros::datetime!(0000-01-01 00:00:00 UTC),
+            time::macros::datetime!(9999-12-31 23:59:59 UTC),
+            time::macros::datetime!(2024-02-29 12:34:56 UTC),
+            time::macros::datetime!(2100-02-28 01:02:03 UTC),
+        ];
+        for i in 0..(366 * 40) {
+            instants.push(t);
+            t += time::Duration::seconds(86_400 + 3_607 * (i % 7) - 11_000);
+        }
+        for t in instants {
+            let s = rfc1123(t);
+            assert_eq!(s, general(t), "{t}");
+            let back = parse_rfc1123(&s).unwrap();
+            assert_eq!(Some(back), parse_general(&s), "{s}");
+            assert_eq!(back, t.replace_nanosecond(0).unwrap(), "{s}");
+        }
+        // Other offsets are written in UTC, years past 9999 by the general formatter.
+        let far = time::macros::datetime!(2026-11-25 12:00:00 +02:00);
+        assert_eq!(rfc1123(far), "Wed, 25 Nov 2026 10:00:00 GMT");
+        // Not the canonical shape, or a weekday that is not the date's: the general parser's
+        // answer.
+        for s in [
+            "Thu, 25 Nov 2026 12:00:00 GMT",
+            "Wed, 25 Nov 2026 12:00:60 GMT",
+            "Wed, 31 Nov 2026 12:00:00 GMT",
+            "wed, 25 Nov 2026 12:00:00 GMT",
+            "Wed, 25 nov 2026 12:00:00 GMT",
+            "Wed, 25 Nov 2026 12:00:00 UTC",
+            "Wed, 25 Nov 2026 12:00:0x GMT",
+            "Wed, 25 Nov 2026 24:00:00 GMT",
+            "Wed, 5 Nov 2026 12:00:00 GMT",
+            "Wed, 25 Nov 2026 12:00:00 GMT ",
+            "Wed,25 Nov 2026 12:00:00 GMT",
+            "",
+        ] {
+            assert_eq!(parse_rfc1123(s), parse_general(s.trim()), "{s:?}");
+        }
     }
 
     #[test]

@@ -83,10 +83,21 @@ pub fn pool_record(account: &str, pool: &str) -> String {
     format!("pool/{account}/{}", pool_key(pool))
 }
 pub fn node_record(account: &str, pool: &str, node: &str) -> String {
-    format!("node/{account}/{}/{node}", pool_key(pool))
+    joined("node/", &[account, "/", &pool_key_ref(pool), "/", node])
 }
 pub fn user_record(account: &str, pool: &str, node: &str, ukey: &str) -> String {
-    format!("user/{account}/{}/{node}/{ukey}", pool_key(pool))
+    joined(
+        "user/",
+        &[account, "/", &pool_key_ref(pool), "/", node, "/", ukey],
+    )
+}
+
+/// `first` and `parts` in one allocation of the right size (the keys of every write).
+fn joined(first: &str, parts: &[&str]) -> String {
+    let mut s = String::with_capacity(first.len() + parts.iter().map(|p| p.len()).sum::<usize>());
+    s.push_str(first);
+    parts.iter().for_each(|p| s.push_str(p));
+    s
 }
 pub fn pool_nodes_prefix(account: &str, pool: &str) -> String {
     format!("node/{account}/{}/", pool_key(pool))
@@ -100,7 +111,7 @@ pub fn node_users_prefix(account: &str, pool: &str, node: &str) -> String {
 
 /// The fabric's name for a node: filesystem-safe and unique across accounts.
 pub fn node_key(account: &str, pool: &str, node: &str) -> String {
-    format!("{account}.{}.{node}", pool_key(pool))
+    joined(account, &[".", &pool_key_ref(pool), ".", node])
 }
 
 impl State {
@@ -542,5 +553,29 @@ impl State {
                 .push((node_key(account, pkey, &node.id), host.clone()));
             touched.hosts.insert(host.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_keys_and_node_keys_name_the_pool_in_lowercase() {
+        assert_eq!(
+            node_record("acct", "Pool-1", "tvm-1"),
+            "node/acct/pool-1/tvm-1"
+        );
+        assert_eq!(node_record("acct", "p", "n"), "node/acct/p/n");
+        assert_eq!(
+            user_record("acct", "Pool-1", "tvm-1", "alice"),
+            "user/acct/pool-1/tvm-1/alice"
+        );
+        assert_eq!(node_key("acct", "Pool-1", "tvm-1"), "acct.pool-1.tvm-1");
+        assert_eq!(node_key("acct", "p", "n"), "acct.p.n");
+        assert_eq!(
+            node_users_prefix("acct", "Pool-1", "tvm-1"),
+            "user/acct/pool-1/tvm-1/"
+        );
     }
 }

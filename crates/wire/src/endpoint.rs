@@ -5,6 +5,7 @@ use crate::unserved::{self, Lookup};
 use axum::http::Method;
 use bluebatch_core::error::{BatchError, Code};
 use bluebatch_metrics::Operation;
+use std::borrow::Cow;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -149,23 +150,52 @@ pub fn route_segments(raw_path: &str) -> Result<Vec<String>, BatchError> {
 /// ([`crate::unserved`]), a path that names nothing in the published API `InvalidUri`, a known
 /// path with another method `UnsupportedHttpVerb`.
 pub fn route(method: &Method, raw_path: &str) -> Result<Endpoint, BatchError> {
-    let mut segs = route_segments(raw_path)?;
-    served(method, &mut segs).map_err(|e| match unserved::lookup(method, &segs) {
-        Lookup::Operation(op) => unserved::not_served(op),
-        Lookup::OtherMethod => verb_not_allowed(),
-        Lookup::Unknown => e,
+    let mut segs = borrowed_segments(raw_path)?;
+    served(method, &mut segs).map_err(|e| {
+        let owned: Vec<String> = segs.iter().map(|s| s.to_string()).collect();
+        match unserved::lookup(method, &owned) {
+            Lookup::Operation(op) => unserved::not_served(op),
+            Lookup::OtherMethod => verb_not_allowed(),
+            Lookup::Unknown => e,
+        }
     })
 }
 
+/// [`route_segments`], each segment borrowed from the path unless it has an escape to decode
+/// (only the ids an endpoint keeps are copied, once chosen).
+fn borrowed_segments(raw_path: &str) -> Result<Vec<Cow<'_, str>>, BatchError> {
+    let trimmed = raw_path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(raw_path);
+    trimmed
+        .strip_prefix('/')
+        .ok_or_else(invalid_uri)?
+        .split('/')
+        .map(|s| {
+            let d = if s.contains('%') {
+                Cow::Owned(decode(s).ok_or_else(invalid_uri)?)
+            } else {
+                Cow::Borrowed(s)
+            };
+            if d.is_empty() {
+                Err(invalid_uri())
+            } else {
+                Ok(d)
+            }
+        })
+        .collect()
+}
+
 /// Moves segment `i` out (the segments are not read again once an endpoint is chosen).
-fn take(segs: &mut [String], i: usize) -> String {
-    std::mem::take(&mut segs[i])
+fn take(segs: &mut [Cow<'_, str>], i: usize) -> String {
+    std::mem::take(&mut segs[i]).into_owned()
 }
 
 /// The operations bluebatch serves. The segments are left as they were unless an endpoint is
 /// returned (the unserved lookup reads them after a refusal).
-fn served(method: &Method, segs: &mut [String]) -> Result<Endpoint, BatchError> {
-    let lit = |segs: &[String], i: usize, name: &str| {
+fn served(method: &Method, segs: &mut [Cow<'_, str>]) -> Result<Endpoint, BatchError> {
+    let lit = |segs: &[Cow<'_, str>], i: usize, name: &str| {
         segs.get(i).is_some_and(|s| s.eq_ignore_ascii_case(name))
     };
     let m = method;
@@ -300,6 +330,29 @@ mod tests {
                 node: "n1".into()
             }
         );
+    }
+
+    #[test]
+    fn borrowed_segments_are_the_decoded_segments() {
+        for p in [
+            "/pools",
+            "/pools/",
+            "/pools/p1/nodes/n1/users/alice%20b",
+            "/pools/P%41ol/nodes/n1",
+            "/pools/..%2f..%2fetc/nodes",
+            "/pools//nodes",
+            "/pools/%zz",
+            "/pools/%e9",
+            "/pools/%C3%A9t%C3%A9/",
+            "pools",
+            "/",
+            "",
+        ] {
+            let borrowed = borrowed_segments(p)
+                .map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .map_err(|e| e.code);
+            assert_eq!(borrowed, route_segments(p).map_err(|e| e.code), "{p:?}");
+        }
     }
 
     #[test]

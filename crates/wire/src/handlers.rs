@@ -7,7 +7,7 @@ use crate::endpoint::Endpoint;
 use crate::odata::{parse_filter, select};
 use crate::percent::encode;
 use crate::query::Query;
-use crate::respond::{self, Ctx, empty, json_response, with_resource};
+use crate::respond::{self, Ctx, empty, json_response, with_resource, with_written};
 use crate::server::App;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Response, StatusCode};
@@ -245,11 +245,11 @@ pub async fn dispatch(
             let hash = hash(user.password.as_deref()).await?;
             let w = svc.add_user(at, user, hash).await?;
             let url = dto::user_url(&ctx.base, &w.pool_id, &node, &w.user_name);
-            Ok(with_resource(
+            Ok(with_written(
                 empty(StatusCode::CREATED),
-                &w.etag,
+                w.etag,
                 w.last_modified,
-                Some(&url),
+                Some(url),
             ))
         }
         Endpoint::ComputeNodeUpdateUser { pool, node, user } => {
@@ -267,11 +267,11 @@ pub async fn dispatch(
             let hash = hash(body.password.as_deref()).await?;
             let w = svc.update_user(at, &user, body, hash).await?;
             let url = dto::user_url(&ctx.base, &w.pool_id, &node, &w.user_name);
-            Ok(with_resource(
+            Ok(with_written(
                 empty(StatusCode::OK),
-                &w.etag,
+                w.etag,
                 w.last_modified,
-                Some(&url),
+                Some(url),
             ))
         }
         Endpoint::ComputeNodeDeleteUser { pool, node, user } => {

@@ -96,11 +96,33 @@ pub fn with_resource(
     if let Ok(v) = HeaderValue::from_str(etag) {
         h.insert(ETAG, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&rfc1123(last_modified)) {
+    if let Ok(v) = HeaderValue::try_from(rfc1123(last_modified)) {
         h.insert(LAST_MODIFIED, v);
     }
     if let Some(id) = data_service_id
         && let Ok(v) = HeaderValue::from_str(id)
+    {
+        h.insert(DATA_SERVICE_ID, v);
+    }
+    r
+}
+
+/// [`with_resource`] of a write's own strings, moved into the headers (no copy of each).
+pub fn with_written(
+    mut r: Response<Body>,
+    etag: String,
+    last_modified: OffsetDateTime,
+    data_service_id: Option<String>,
+) -> Response<Body> {
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::try_from(etag) {
+        h.insert(ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::try_from(rfc1123(last_modified)) {
+        h.insert(LAST_MODIFIED, v);
+    }
+    if let Some(id) = data_service_id
+        && let Ok(v) = HeaderValue::try_from(id)
     {
         h.insert(DATA_SERVICE_ID, v);
     }
