@@ -85,7 +85,7 @@ impl Service {
     /// backed by a joined host reads it on its host's next poll, which is woken.
     pub(crate) fn push_state(&self, os: Os, host: Option<&str>, key: &str, state: NodeState) {
         if let Some(host) = host {
-            self.inner.hub.notify(host);
+            self.inner.hub.notify_node(host, key);
         } else if os == Os::Linux {
             self.inner.nodes.set_state(key, state);
         }
@@ -98,10 +98,10 @@ impl Service {
             return;
         };
         for n in entry.nodes.values() {
+            let key = node_key(account, &entry.pool.id, &n.node.id);
             if let Some(host) = &n.node.host {
-                self.inner.hub.notify(host);
+                self.inner.hub.notify_node(host, &key);
             } else if entry.pool.os == Os::Linux {
-                let key = node_key(account, &entry.pool.id, &n.node.id);
                 self.inner.nodes.set_state(&key, n.node.state);
             }
         }
@@ -345,7 +345,7 @@ impl Service {
                 due.remove(&key);
                 set_node_state(&mut n.node, next, now);
                 if let Some(host) = &n.node.host {
-                    self.inner.hub.notify(host);
+                    self.inner.hub.notify_node(host, &key);
                 } else if linux {
                     self.inner.nodes.set_state(&key, next);
                 }
