@@ -451,6 +451,59 @@ impl PgStore {
         Ok(())
     }
 
+    /// Takes the write lock; with `after`, the changes after it are read in the same round
+    /// trip (the query pipelined right behind the lock's, so its snapshot is taken once the
+    /// lock is granted: it sees every commit before).
+    async fn lock_reading(&self, after: Option<u64>) -> Result<Box<dyn Locked>> {
+        let local = self.inner.local_lock.clone().lock_owned().await;
+        let mut attempt = 0;
+        loop {
+            let conn = TxConn(Some(self.conn().await?));
+            let lock = conn.simple_query(LOCK_SQL);
+            let r = match after {
+                None => lock.await.map(|m| (m, None)),
+                Some(after) => {
+                    let (m, changes) =
+                        futures_util::future::join(lock, read_changes(&conn, after)).await;
+                    // The read's error is the lock's when the lock failed (an aborted
+                    // transaction); a read that fails alone is read again on demand.
+                    m.map(|m| (m, changes.ok().map(|c| (after, c))))
+                }
+            };
+            match r {
+                Ok((msgs, prefetched)) => {
+                    let row = msgs.iter().find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                            r.get(0).and_then(|v| v.parse::<u64>().ok()),
+                            r.get(1).and_then(|v| v.parse::<u64>().ok()),
+                        )),
+                        _ => None,
+                    });
+                    let Some((Some(rev), Some(low))) = row else {
+                        return Err(StoreError("PostgreSQL: bb_head has no row".into()));
+                    };
+                    return Ok(Box::new(PgLocked {
+                        conn: Some(conn),
+                        local: Some(local),
+                        rev,
+                        low,
+                        prefetched,
+                        store: self.clone(),
+                    }) as Box<dyn Locked>);
+                }
+                Err(e)
+                    if attempt < RETRIES
+                        && (retryable(&e) || (attempt < 2 && connection_lost(&e))) =>
+                {
+                    drop(conn);
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(store_err("taking the write lock", &e)),
+            }
+        }
+    }
+
     fn woke(&self) {
         self.inner.wake.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -611,8 +664,13 @@ async fn read_changes(
     Ok(Ok(Some(out)))
 }
 
+const LOCK_SQL: &str = "BEGIN; SELECT rev, low FROM bb_head WHERE id = 1 FOR UPDATE";
+
 struct PgLocked {
     conn: Option<TxConn>,
+    /// The changes after a revision, read right after the lock was granted
+    /// ([`SharedBackend::lock_after`]).
+    prefetched: Option<(u64, Result<Option<Vec<Change>>>)>,
     /// Released after the connection's ROLLBACK or COMMIT was sent.
     local: Option<tokio::sync::OwnedMutexGuard<()>>,
     rev: u64,
@@ -697,46 +755,11 @@ impl SharedBackend for PgStore {
     }
 
     fn lock(&self) -> BoxFuture<'_, Result<Box<dyn Locked>>> {
-        Box::pin(async move {
-            let local = self.inner.local_lock.clone().lock_owned().await;
-            let mut attempt = 0;
-            loop {
-                let conn = TxConn(Some(self.conn().await?));
-                let r = conn
-                    .simple_query("BEGIN; SELECT rev, low FROM bb_head WHERE id = 1 FOR UPDATE")
-                    .await;
-                match r {
-                    Ok(msgs) => {
-                        let row = msgs.iter().find_map(|m| match m {
-                            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
-                                r.get(0).and_then(|v| v.parse::<u64>().ok()),
-                                r.get(1).and_then(|v| v.parse::<u64>().ok()),
-                            )),
-                            _ => None,
-                        });
-                        let Some((Some(rev), Some(low))) = row else {
-                            return Err(StoreError("PostgreSQL: bb_head has no row".into()));
-                        };
-                        return Ok(Box::new(PgLocked {
-                            conn: Some(conn),
-                            local: Some(local),
-                            rev,
-                            low,
-                            store: self.clone(),
-                        }) as Box<dyn Locked>);
-                    }
-                    Err(e)
-                        if attempt < RETRIES
-                            && (retryable(&e) || (attempt < 2 && connection_lost(&e))) =>
-                    {
-                        drop(conn);
-                        tokio::time::sleep(backoff(attempt)).await;
-                        attempt += 1;
-                    }
-                    Err(e) => return Err(store_err("taking the write lock", &e)),
-                }
-            }
-        })
+        Box::pin(self.lock_reading(None))
+    }
+
+    fn lock_after(&self, after: u64) -> BoxFuture<'_, Result<Box<dyn Locked>>> {
+        Box::pin(self.lock_reading(Some(after)))
     }
 
     fn claim_lease<'a>(
@@ -1080,6 +1103,16 @@ impl Locked for PgLocked {
 
     fn changes_since(&mut self, after: u64) -> BoxFuture<'_, Result<Option<Vec<Change>>>> {
         Box::pin(async move {
+            // Read with the lock from `from` ≤ `after`: nothing can have committed since, so
+            // those after `after` are the answer.
+            if let Some((from, Ok(read))) = self.prefetched.take()
+                && from <= after
+            {
+                return Ok(read.map(|mut c| {
+                    c.retain(|c| c.rev > after);
+                    c
+                }));
+            }
             let conn = self.conn.as_ref().expect("locked connection");
             read_changes(conn, after)
                 .await

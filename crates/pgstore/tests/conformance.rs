@@ -528,6 +528,69 @@ async fn the_lock_excludes_a_second_locker_until_commit_or_drop() {
     .await
 }
 
+/// `lock_after` reads the changes along with the lock: a locker that waited while another store
+/// committed sees that commit in its catch-up (the read is not from before the lock was
+/// granted), from the revision it named or any later one, and its own commit follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_after_reads_the_commits_made_while_it_waited() {
+    with_db(60, |db| async move {
+        let (a, b) = (db.store().await, db.store().await);
+        assert_eq!(commit(&a, vec![put("k/0", "0")]).await.unwrap(), 1);
+        let la = a.lock().await.unwrap();
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move {
+            let mut l = b2.lock_after(1).await.unwrap();
+            let rev = l.rev();
+            let read = l.changes_since(1).await.unwrap();
+            (rev, read, l.commit(vec![put("k/b", "b")]).await.unwrap())
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!waiter.is_finished(), "the second locker waits");
+        assert_eq!(
+            la.commit(vec![put("k/1", "1"), put("k/2", "2")])
+                .await
+                .unwrap(),
+            2
+        );
+        let (rev, read, committed) = deadline(10, waiter).await.unwrap();
+        assert_eq!(rev, 2, "the lock is granted at the first's revision");
+        let read = read.expect("the log goes back to 1");
+        assert_eq!(
+            read,
+            vec![
+                Change {
+                    rev: 2,
+                    op: put("k/1", "1")
+                },
+                Change {
+                    rev: 2,
+                    op: put("k/2", "2")
+                },
+            ],
+            "the catch-up holds what was committed while the locker waited"
+        );
+        assert_eq!(committed, 3);
+        // Asked from a later revision than the one named: only what follows it.
+        let mut l = b.lock_after(0).await.unwrap();
+        assert_eq!(l.rev(), 3);
+        let read = l.changes_since(2).await.unwrap().unwrap();
+        assert_eq!(
+            read,
+            vec![Change {
+                rev: 3,
+                op: put("k/b", "b")
+            }]
+        );
+        // Up to date: nothing.
+        assert_eq!(l.changes_since(3).await.unwrap(), Some(vec![]));
+        drop(l);
+        let mut l = a.lock_after(3).await.unwrap();
+        assert_eq!(l.changes_since(3).await.unwrap(), Some(vec![]));
+        assert_eq!(l.commit(vec![put("k/a", "a")]).await.unwrap(), 4);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_stores_racing_200_commits_log_each_once() {
     with_db(120, |db| async move {

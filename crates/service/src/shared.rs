@@ -388,7 +388,8 @@ impl Service {
             // ops, so there is nothing to catch up.
             Some(c) => c,
             None => {
-                let mut locked = sh.backend.lock().await.map_err(unavailable)?;
+                let after = sh.rev.load(Ordering::Acquire);
+                let mut locked = sh.backend.lock_after(after).await.map_err(unavailable)?;
                 self.catch_up_locked(&mut *locked).await?;
                 Carry::new(locked)
             }
@@ -403,44 +404,43 @@ impl Service {
 
     /// Brings the cache up to the database's head before a read (a no-op on the embedded
     /// store). Errors are 503 `ServerBusy`.
+    ///
+    /// The changes read are applied without the gate: whatever this replica's writers hold in
+    /// the cache uncommitted, they decided it under the write lock after catching up, so every
+    /// change committed before is at or below the cache's revision and skipped (see
+    /// [`Service::apply_changes`]); a change above it was committed while no batch of this
+    /// replica held the write lock, so no uncommitted op of it can be overwritten. Readers thus
+    /// never wait for a batch's commit (nor force one early), and another replica's commit is
+    /// in the cache one round trip after its NOTIFY.
     pub async fn sync(&self) -> Result<(), BatchError> {
         let Some(sh) = self.shared() else {
             return Ok(());
         };
-        // One round trip: the changes after the cache's revision, read with the head (none:
-        // the cache is up to date).
-        let rev = sh.rev.load(Ordering::Acquire);
-        let read = if sh.stale.load(Ordering::Acquire) {
-            None
-        } else {
+        if !sh.stale.load(Ordering::Acquire) {
+            // One round trip: the changes after the cache's revision, read with the head (none:
+            // the cache is up to date).
+            let rev = sh.rev.load(Ordering::Acquire);
             match sh.backend.changes_since(rev).await.map_err(unavailable)? {
-                Some(c) if c.is_empty() && !sh.stale.load(Ordering::Acquire) => return Ok(()),
-                Some(c) => Some(c),
-                None => None,
+                Some(c) => {
+                    if !c.is_empty() {
+                        self.apply_changes(c);
+                    }
+                    if !sh.stale.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                }
+                // The log no longer goes back that far: the whole snapshot, below.
+                None => {}
             }
-        };
+        }
         let me = tokio::task::try_id();
         if lock(&sh.held).as_ref().is_some_and(|h| h.task == me) {
             return Ok(()); // the gate caught up already
         }
         let mut gate = sh.gate.clone().lock_owned().await;
-        // A batch being gathered goes first: what is applied below comes after it.
+        // A batch being gathered goes first: the snapshot below comes after it.
         settle(sh, &mut gate).await;
-        let now = sh.rev.load(Ordering::Acquire);
-        match read {
-            Some(changes) if !sh.stale.load(Ordering::Acquire) => {
-                // Those another sync applied meanwhile are skipped (a revision's changes never
-                // change); the rest follow the cache's revision without a gap.
-                let fresh: Vec<Change> = changes.into_iter().filter(|c| c.rev > now).collect();
-                if !fresh.is_empty() {
-                    self.apply_changes(fresh);
-                }
-            }
-            _ => {
-                let snap = sh.backend.snapshot().await.map_err(unavailable)?;
-                self.reload(snap.rev, snap.records);
-            }
-        }
+        self.reload_unlocked().await?;
         drop(gate);
         Ok(())
     }
@@ -471,19 +471,26 @@ impl Service {
         Ok(())
     }
 
-    /// Applies other replicas' changes to the cache (the caller holds the gate), then wakes
-    /// what waits on them.
+    /// Applies the changes above the cache's revision to the cache, then wakes what waits on
+    /// them. Those at or below it are skipped: already applied by another sync or by the gate's
+    /// catch-up, or this replica's own commit (its ops are in the cache since they were
+    /// decided). The revision moves under the state lock with the records, so two syncs (or a
+    /// sync and the gate) applying overlapping reads apply each change once, in order.
     fn apply_changes(&self, changes: Vec<Change>) {
         let sh = self.shared().expect("shared");
         let mut touched = Touched::default();
-        let mut last = sh.rev.load(Ordering::Acquire);
         {
             let mut st = self.lock();
-            for c in &changes {
+            let base = sh.rev.load(Ordering::Acquire);
+            let mut last = base;
+            for c in changes.iter().filter(|c| c.rev > base) {
                 if let Err(e) = st.apply(&c.op, &mut touched) {
                     tracing::warn!("{e}");
                 }
                 last = last.max(c.rev);
+            }
+            if last == base {
+                return;
             }
             if touched.clock {
                 let nanos = st.clock_offset_nanos.unwrap_or(0);
@@ -491,25 +498,61 @@ impl Service {
                     .clock
                     .set_offset(time::Duration::nanoseconds(nanos));
             }
+            sh.rev.fetch_max(last, Ordering::AcqRel);
         }
-        sh.rev.store(last, Ordering::Release);
         self.after_changes(touched);
     }
 
     /// Replaces the whole cache with a snapshot, keeping what only this replica knows of its
     /// hosts (polls in flight, last sight).
     fn reload(&self, rev: u64, records: Vec<(String, Vec<u8>)>) {
+        if let Some(fresh) = load_state(records) {
+            // Read under the write lock: at the head, never behind the cache.
+            let _ = self.install(fresh, rev, true);
+        }
+    }
+
+    /// The whole cache again, read outside the write lock (the gate held, the cache stale or
+    /// the change log too short): a snapshot, then the changes committed since, until what is
+    /// installed is not behind what a concurrent sync applied meanwhile (the cache never goes
+    /// back in time for a request that saw a newer revision).
+    async fn reload_unlocked(&self) -> Result<(), BatchError> {
         let sh = self.shared().expect("shared");
-        let fresh = match State::load(records) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("the database holds a record this replica cannot read: {e}");
-                return;
+        'snapshot: loop {
+            let snap = sh.backend.snapshot().await.map_err(unavailable)?;
+            let Some(mut fresh) = load_state(snap.records) else {
+                return Ok(());
+            };
+            let mut at = snap.rev;
+            loop {
+                fresh = match self.install(fresh, at, false) {
+                    Ok(()) => return Ok(()),
+                    Err(f) => f,
+                };
+                let Some(changes) = sh.backend.changes_since(at).await.map_err(unavailable)? else {
+                    continue 'snapshot;
+                };
+                let mut ignored = Touched::default();
+                for c in changes {
+                    if let Err(e) = fresh.apply(&c.op, &mut ignored) {
+                        tracing::warn!("{e}");
+                    }
+                    at = at.max(c.rev);
+                }
             }
-        };
+        }
+    }
+
+    /// Installs `fresh` (at revision `rev`) as the cache; unless `force`, refused (and given
+    /// back) when the cache's revision is above `rev`.
+    fn install(&self, fresh: State, rev: u64, force: bool) -> Result<(), State> {
+        let sh = self.shared().expect("shared");
         let mut touched = Touched::default();
         {
             let mut st = self.lock();
+            if !force && sh.rev.load(Ordering::Acquire) > rev {
+                return Err(fresh);
+            }
             let old = std::mem::replace(&mut *st, fresh);
             for (id, h) in old.hub.hosts {
                 if let Some(n) = st.hub.hosts.get_mut(&id) {
@@ -538,10 +581,12 @@ impl Service {
             touched.clock = true;
             // The accounts may have changed too (the wire's live accounts follow this).
             touched.accounts = true;
+            // With the records, under the state lock (see `apply_changes`).
+            sh.rev.store(rev, Ordering::Release);
+            sh.stale.store(false, Ordering::Release);
         }
-        sh.rev.store(rev, Ordering::Release);
-        sh.stale.store(false, Ordering::Release);
         self.after_changes(touched);
+        Ok(())
     }
 
     /// Wakes the long polls and the writes waiting for acknowledgements that the changes
@@ -717,6 +762,17 @@ impl Service {
                 .backend
                 .release_lease(BACKGROUND_LEASE, &sh.replica)
                 .await;
+        }
+    }
+}
+
+/// A snapshot's records as a state (`None`, logged, when one cannot be read).
+fn load_state(records: Vec<(String, Vec<u8>)>) -> Option<State> {
+    match State::load(records) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!("the database holds a record this replica cannot read: {e}");
+            None
         }
     }
 }

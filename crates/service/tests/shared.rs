@@ -488,7 +488,9 @@ async fn list_nodes_on_a_shared_store_is_a_paged_query_of_the_store() {
 }
 
 /// [`MemShared`] whose commits take `delay`, as a database's round trip and WAL flush do.
-struct SlowCommits(MemShared, Duration);
+/// The store with commits that take a while (a database's flush) and a lock taken only while
+/// the third field is true (another replica holding it, as far as this one can tell).
+struct SlowCommits(MemShared, Duration, tokio::sync::watch::Receiver<bool>);
 
 struct SlowLocked(Box<dyn bluebatch_store::Locked>, Duration);
 
@@ -541,6 +543,7 @@ impl bluebatch_store::SharedBackend for SlowCommits {
     ) -> bluebatch_store::BoxFuture<'_, bluebatch_store::Result<Box<dyn bluebatch_store::Locked>>>
     {
         Box::pin(async move {
+            let _ = self.2.clone().wait_for(|open| *open).await;
             let l = self.0.lock().await?;
             Ok(Box::new(SlowLocked(l, self.1)) as Box<dyn bluebatch_store::Locked>)
         })
@@ -596,7 +599,11 @@ async fn concurrent_writes_of_one_replica_commit_together_and_each_is_read_on_th
         // Commits take 20 ms (a database's flush): writers that come meanwhile queue at the
         // gate, and join one batch.
         let store = MemShared::new();
-        let slow = Arc::new(SlowCommits(store.clone(), Duration::from_millis(20)));
+        let slow = Arc::new(SlowCommits(
+            store.clone(),
+            Duration::from_millis(20),
+            tokio::sync::watch::channel(true).1,
+        ));
         let a = Service::start_shared(
             slow,
             "a".to_string(),
@@ -654,6 +661,65 @@ async fn concurrent_writes_of_one_replica_commit_together_and_each_is_read_on_th
         }
         let n = b.get_node(ACCOUNT, "p", &node).unwrap().node;
         assert!(n.applied_revision >= Some(n.users_revision), "{n:?}");
+    })
+    .await
+}
+
+/// A read on a replica whose writer waits for the store-wide lock (held, say, by the other
+/// replica's batch during its flush) does not wait for that writer: it applies what the other
+/// replica committed and answers at once; the writer then commits after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_does_not_wait_for_a_writer_of_its_replica_queued_for_the_lock() {
+    deadline(async {
+        let store = MemShared::new();
+        let (open, rx) = tokio::sync::watch::channel(true);
+        let a = Service::start_shared(
+            Arc::new(SlowCommits(store.clone(), Duration::ZERO, rx)),
+            "a".to_string(),
+            Arc::new(ServiceClock::new()),
+            TestNodes::new(AckMode::AtOnce),
+            shared_config(),
+        )
+        .await
+        .expect("replica starts");
+        let b = replica(&store, "b").await;
+        // A's writers cannot take the lock from now on: one queues for it, holding A's gate.
+        open.send_replace(false);
+        let writer = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let body = json!({
+                    "id": "from-a", "vmSize": "standard_d2s_v3",
+                    "virtualMachineConfiguration": {"imageReference": {"publisher": "Canonical",
+                        "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts"},
+                        "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
+                    "targetDedicatedNodes": 0,
+                    "metadata": [{"name": "bluebatch.nodes", "value": "agents"}],
+                });
+                let new = parse_add_pool(body.to_string().as_bytes(), 10_000).unwrap();
+                a.add_pool(ACCOUNT, new).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!writer.is_finished(), "A's writer waits for the lock");
+        // B commits meanwhile; a read through A sees it without waiting for A's writer.
+        add_agents_pool(&b, "from-b", 0).await;
+        tokio::time::timeout(Duration::from_secs(2), a.sync())
+            .await
+            .expect("A's read answers while its writer waits for the lock")
+            .expect("sync");
+        a.get_pool(ACCOUNT, "from-b")
+            .expect("B's pool read through A");
+        assert!(!writer.is_finished(), "A's writer still waits");
+        // The lock free again: A's writer commits after B's write, and both replicas read both.
+        open.send_replace(true);
+        writer.await.unwrap().expect("A's Add Pool");
+        b.sync().await.unwrap();
+        a.sync().await.unwrap();
+        for svc in [&a, &b] {
+            svc.get_pool(ACCOUNT, "from-a").expect("A's pool");
+            svc.get_pool(ACCOUNT, "from-b").expect("B's pool");
+        }
     })
     .await
 }

@@ -42,6 +42,13 @@ pub trait SharedBackend: Send + Sync + 'static {
     /// Takes the store-wide write lock, waiting for the replica that holds it. Dropping the
     /// [`Locked`] without committing releases it and writes nothing.
     fn lock(&self) -> BoxFuture<'_, Result<Box<dyn Locked>>>;
+    /// [`SharedBackend::lock`] for a caller that will catch up from revision `after` next: a
+    /// backend may read those changes along with taking the lock (one round trip instead of
+    /// two), answering [`Locked::changes_since`] of `after` (or later) from what it read.
+    fn lock_after(&self, after: u64) -> BoxFuture<'_, Result<Box<dyn Locked>>> {
+        let _ = after;
+        self.lock()
+    }
     /// Claims lease `name` for `holder` until `ttl` from now (the database's clock), or renews
     /// it if `holder` has it: whether `holder` holds it now. A lease whose expiry passed is
     /// anyone's.
