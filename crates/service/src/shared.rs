@@ -58,6 +58,12 @@ pub(crate) struct Shared {
     stopped: AtomicBool,
     /// Bumped when the accounts in the store change.
     accounts: tokio::sync::watch::Sender<u64>,
+    /// Catch-up reads of [`Service::sync`], one at a time: the number started, the number of
+    /// the last one applied, and the turn (a sync is served by any read started after it
+    /// was called, so concurrent requests share one read instead of one each).
+    reads_started: AtomicU64,
+    reads_done: AtomicU64,
+    reading: tokio::sync::Mutex<()>,
 }
 
 /// The most writes and ops one batch gathers before it commits anyway.
@@ -209,6 +215,9 @@ impl Shared {
             background: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             accounts: tokio::sync::watch::channel(0).0,
+            reads_started: AtomicU64::new(0),
+            reads_done: AtomicU64::new(0),
+            reading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -417,20 +426,29 @@ impl Service {
             return Ok(());
         };
         if !sh.stale.load(Ordering::Acquire) {
-            // One round trip: the changes after the cache's revision, read with the head (none:
-            // the cache is up to date).
-            let rev = sh.rev.load(Ordering::Acquire);
-            match sh.backend.changes_since(rev).await.map_err(unavailable)? {
-                Some(c) => {
-                    if !c.is_empty() {
-                        self.apply_changes(c);
+            // A read started from now on holds every commit answered before this request.
+            let need = sh.reads_started.load(Ordering::Acquire) + 1;
+            let turn = sh.reading.lock().await;
+            let mut whole = false;
+            if sh.reads_done.load(Ordering::Acquire) < need {
+                let ticket = sh.reads_started.fetch_add(1, Ordering::AcqRel) + 1;
+                // One round trip: the changes after the cache's revision, read with the head
+                // (none: the cache is up to date).
+                let rev = sh.rev.load(Ordering::Acquire);
+                match sh.backend.changes_since(rev).await.map_err(unavailable)? {
+                    Some(c) => {
+                        if !c.is_empty() {
+                            self.apply_changes(c);
+                        }
+                        sh.reads_done.fetch_max(ticket, Ordering::AcqRel);
                     }
-                    if !sh.stale.load(Ordering::Acquire) {
-                        return Ok(());
-                    }
+                    // The log no longer goes back that far: the whole snapshot, below.
+                    None => whole = true,
                 }
-                // The log no longer goes back that far: the whole snapshot, below.
-                None => {}
+            }
+            drop(turn);
+            if !whole && !sh.stale.load(Ordering::Acquire) {
+                return Ok(());
             }
         }
         let me = tokio::task::try_id();
