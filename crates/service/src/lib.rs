@@ -328,6 +328,7 @@ impl Service {
     /// `changed` is the one account the write changed, for an embedded Linux node (its name, and
     /// its account now or `None` when removed): a node at the revision before takes that change
     /// alone, without a snapshot of every account.
+    #[allow(clippy::too_many_arguments)] // the node's facts, read under the lock by the caller
     fn apply_to_node(
         &self,
         os: Os,
