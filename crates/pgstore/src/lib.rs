@@ -67,6 +67,8 @@ struct Inner {
     retention: AtomicU64,
     /// The wake-up count when [`SharedBackend::changed`] last returned (`u64::MAX`: never).
     followed: AtomicU64,
+    /// What NOTIFY brought since the follower last looked.
+    pushed: std::sync::Mutex<Pushed>,
     /// This replica's writers queue here (first come, first served) rather than each holding a
     /// pooled connection while waiting for the database's row lock: one waits there at a time,
     /// and reads always find a connection.
@@ -299,6 +301,7 @@ impl PgStore {
                 retention: AtomicU64::new(DEFAULT_CHANGE_RETENTION),
                 followed: AtomicU64::new(u64::MAX),
                 local_lock: Arc::new(tokio::sync::Mutex::new(())),
+                pushed: std::sync::Mutex::new(Pushed::default()),
             }),
         };
         store.migrate().await?;
@@ -531,10 +534,26 @@ async fn listen(inner: std::sync::Weak<Inner>) {
     }
 }
 
-/// Wakes the waiters; false once the store is gone.
+/// Wakes the waiters; false once the store is gone. Without a notification's payload
+/// (`None`: a connection lost or made, when notifications may have been missed, or one that
+/// carried no changes), what was pushed is incomplete: the follower reads the log.
 fn wake(inner: &std::sync::Weak<Inner>) -> bool {
+    wake_with(inner, None)
+}
+
+fn wake_with(inner: &std::sync::Weak<Inner>, changes: Option<Vec<Change>>) -> bool {
     match inner.upgrade() {
         Some(i) => {
+            {
+                let mut p = i.pushed.lock().unwrap_or_else(|e| e.into_inner());
+                match changes {
+                    Some(c) if p.changes.len() + c.len() <= MAX_PUSHED => p.changes.extend(c),
+                    _ => {
+                        p.changes.clear();
+                        p.incomplete = true;
+                    }
+                }
+            }
             i.wake.send_modify(|n| *n = n.wrapping_add(1));
             true
         }
@@ -573,8 +592,8 @@ where
                 }
             }
             m = messages.next() => match m {
-                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                    if !wake(inner) {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if !wake_with(inner, parse_payload(n.payload())) {
                         return true;
                     }
                 }
@@ -819,6 +838,12 @@ impl SharedBackend for PgStore {
         })
     }
 
+    fn take_pushed(&self) -> Option<Vec<Change>> {
+        let mut p = self.inner.pushed.lock().unwrap_or_else(|e| e.into_inner());
+        let p = std::mem::take(&mut *p);
+        (!p.incomplete).then_some(p.changes)
+    }
+
     fn hosts_seen<'a>(&'a self, hosts: &'a [String]) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let mut hosts: Vec<String> = hosts.to_vec();
@@ -1025,6 +1050,75 @@ const RECORD_UPSERT: &str = "INSERT INTO bb_records (key, value, version) VALUES
      ON CONFLICT (key) DO UPDATE SET value = excluded.value, version = bb_records.version + 1";
 const RECORD_DELETE: &str = "DELETE FROM bb_records WHERE key = $1";
 const RECORD_DELETE_PREFIX: &str = "DELETE FROM bb_records WHERE substr(key, 1, length($1)) = $1";
+/// The wake-up of other replicas, carrying the commit's changes when they fit (see
+/// [`notify_payload`]).
+const NOTIFY_SQL: &str = "SELECT pg_notify('bb_changes', $1)";
+
+/// Largest payload sent with a change (PostgreSQL's limit is 8000 bytes).
+const MAX_PAYLOAD: usize = 7900;
+
+/// A commit's NOTIFY payload: `[rev, [[kind, key, value?], …]]` (JSON; values as text), or the
+/// revision alone when a value is not UTF-8 or the whole does not fit.
+fn notify_payload(rev: u64, ops: &[Op]) -> String {
+    let mut list = Vec::with_capacity(ops.len());
+    for op in ops {
+        list.push(match op {
+            Op::Put { key, value } => match std::str::from_utf8(value) {
+                Ok(v) => serde_json::json!([KIND_PUT, key, v]),
+                Err(_) => return rev.to_string(),
+            },
+            Op::Delete { key } => serde_json::json!([KIND_DELETE, key]),
+            Op::DeletePrefix { prefix } => serde_json::json!([KIND_DELETE_PREFIX, prefix]),
+        });
+    }
+    let s = serde_json::json!([rev, list]).to_string();
+    if s.len() > MAX_PAYLOAD {
+        rev.to_string()
+    } else {
+        s
+    }
+}
+
+/// The changes a payload of [`notify_payload`] carries (`None`: the revision alone, or not
+/// ours to read).
+fn parse_payload(payload: &str) -> Option<Vec<Change>> {
+    let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+    let [rev, ops] = v.as_array()?.as_slice() else {
+        return None;
+    };
+    let rev = rev.as_u64()?;
+    let mut out = Vec::new();
+    for op in ops.as_array()? {
+        let op = op.as_array()?;
+        let kind = op.first()?.as_i64()?;
+        let key = op.get(1)?.as_str()?.to_string();
+        out.push(Change {
+            rev,
+            op: match kind as i16 {
+                KIND_PUT => Op::Put {
+                    key,
+                    value: op.get(2)?.as_str()?.as_bytes().to_vec(),
+                },
+                KIND_DELETE => Op::Delete { key },
+                KIND_DELETE_PREFIX => Op::DeletePrefix { prefix: key },
+                _ => return None,
+            },
+        });
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Changes received with NOTIFY since [`SharedBackend::take_pushed`] last took them, and
+/// whether they are every commit notified meanwhile.
+#[derive(Default)]
+struct Pushed {
+    changes: Vec<Change>,
+    incomplete: bool,
+}
+
+/// Most changes kept for the follower; beyond, they are dropped (it reads the log instead).
+const MAX_PUSHED: usize = 4096;
+
 const CHANGE_INSERT: &str =
     "INSERT INTO bb_changes (rev, seq, kind, key, value) VALUES ($1, $2, $3, $4, $5)";
 
@@ -1257,6 +1351,12 @@ async fn commit_on(
         });
     }
 
+    let payload = Redacted(notify_payload(new_rev, ops));
+    let notify_stmt = if notify {
+        Some(conn.prepare_cached(NOTIFY_SQL).await?)
+    } else {
+        None
+    };
     let mut futs: Vec<PgFuture<'_>> = Vec::new();
     let client: &tokio_postgres::Client = conn;
     let mut typed = typed_params.iter();
@@ -1335,9 +1435,10 @@ async fn commit_on(
             client.execute(&prune, &[new_low_ref]).await.map(|_| ())
         }));
     }
-    if notify {
+    if let Some(st) = &notify_stmt {
+        let payload = &payload;
         futs.push(Box::pin(async move {
-            client.batch_execute("NOTIFY bb_changes").await
+            client.query(st, &[payload]).await.map(|_| ())
         }));
     }
     futs.push(Box::pin(

@@ -591,6 +591,84 @@ async fn lock_after_reads_the_commits_made_while_it_waited() {
     .await
 }
 
+/// A commit's NOTIFY carries its changes: another store's follower gets them in commit order
+/// without reading the log; a commit too large to carry (or a lost notification) makes what
+/// was pushed incomplete (`None`: read the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_carry_the_changes_or_say_they_do_not() {
+    with_db(60, |db| async move {
+        let (a, b) = (db.store().await, db.store().await);
+        // b's listener settles; what it was pushed until now is dropped.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = b.take_pushed();
+        commit(
+            &a,
+            vec![put("n/1", "one"), Op::Delete { key: "n/0".into() }],
+        )
+        .await
+        .unwrap();
+        commit(
+            &a,
+            vec![Op::DeletePrefix {
+                prefix: "n/x/".into(),
+            }],
+        )
+        .await
+        .unwrap();
+        let want = vec![
+            Change {
+                rev: 1,
+                op: put("n/1", "one"),
+            },
+            Change {
+                rev: 1,
+                op: Op::Delete { key: "n/0".into() },
+            },
+            Change {
+                rev: 2,
+                op: Op::DeletePrefix {
+                    prefix: "n/x/".into(),
+                },
+            },
+        ];
+        let deadline_at = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.len() < want.len() && Instant::now() < deadline_at {
+            b.changed(Duration::from_millis(200)).await;
+            got.extend(
+                b.take_pushed()
+                    .expect("every notification carried its changes"),
+            );
+        }
+        assert_eq!(got, want);
+        // A value of 10 kB does not fit a notification: the follower is told to read.
+        let big = "x".repeat(10_000);
+        commit(&a, vec![put("n/big", &big)]).await.unwrap();
+        let deadline_at = Instant::now() + Duration::from_secs(10);
+        loop {
+            b.changed(Duration::from_millis(200)).await;
+            match b.take_pushed() {
+                None => break,
+                Some(c) => assert!(c.is_empty(), "{c:?}"),
+            }
+            assert!(
+                Instant::now() < deadline_at,
+                "the large commit's wake-up came"
+            );
+        }
+        // And the log holds it.
+        let c = b.changes_since(2).await.unwrap().unwrap();
+        assert_eq!(
+            c,
+            vec![Change {
+                rev: 3,
+                op: put("n/big", &big)
+            }]
+        );
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_stores_racing_200_commits_log_each_once() {
     with_db(120, |db| async move {

@@ -521,6 +521,47 @@ impl Service {
         self.after_changes(touched);
     }
 
+    /// Applies changes that came with a wake-up, if those above the cache's revision follow
+    /// it without a gap (every revision after it, each whole, in order) and the cache is not
+    /// stale: whether the cache is now at least at their last revision.
+    fn apply_pushed(&self, changes: Vec<Change>) -> bool {
+        let sh = self.shared().expect("shared");
+        if sh.stale.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut touched = Touched::default();
+        {
+            let mut st = self.lock();
+            let base = sh.rev.load(Ordering::Acquire);
+            let mut cur = base;
+            for c in changes.iter().filter(|c| c.rev > base) {
+                if c.rev == cur + 1 {
+                    cur = c.rev;
+                } else if c.rev != cur || cur == base {
+                    return false;
+                }
+            }
+            if cur == base {
+                // All at or below the cache's revision (this replica's own commits).
+                return true;
+            }
+            for c in changes.iter().filter(|c| c.rev > base) {
+                if let Err(e) = st.apply(&c.op, &mut touched) {
+                    tracing::warn!("{e}");
+                }
+            }
+            if touched.clock {
+                let nanos = st.clock_offset_nanos.unwrap_or(0);
+                self.inner
+                    .clock
+                    .set_offset(time::Duration::nanoseconds(nanos));
+            }
+            sh.rev.fetch_max(cur, Ordering::AcqRel);
+        }
+        self.after_changes(touched);
+        true
+    }
+
     /// Replaces the whole cache with a snapshot, keeping what only this replica knows of its
     /// hosts (polls in flight, last sight).
     fn reload(&self, rev: u64, records: Vec<(String, Vec<u8>)>) {
@@ -663,7 +704,16 @@ impl Service {
                 let Some(backend) = backend else { return };
                 backend.changed(FOLLOW_EVERY).await;
                 let Some(inner) = weak.upgrade() else { return };
-                let _ = Service { inner }.sync().await;
+                let svc = Service { inner };
+                // Changes that came with the wake-ups and follow the cache's revision without
+                // a gap need no read of the log (a request's own sync still reads the head).
+                if let Some(pushed) = backend.take_pushed()
+                    && !pushed.is_empty()
+                    && svc.apply_pushed(pushed)
+                {
+                    continue;
+                }
+                let _ = svc.sync().await;
             }
         });
         let weak = Arc::downgrade(&self.inner);

@@ -63,6 +63,13 @@ pub trait SharedBackend: Send + Sync + 'static {
     /// Resolves when a commit may have happened on another replica (a wake-up only, it decides
     /// nothing: callers read [`SharedBackend::head`]) or after `max`, whichever is first.
     fn changed(&self, max: Duration) -> BoxFuture<'_, ()>;
+    /// The changes that came with the wake-ups since the last call (a backend whose
+    /// notifications carry the commits' changes), in commit order; `None` when some wake-up
+    /// came without them (notifications lost, a commit too large to carry): read the log.
+    /// Another replica's commits only; the caller checks that they follow its revision.
+    fn take_pushed(&self) -> Option<Vec<Change>> {
+        None
+    }
     /// Records that these hosts (agents) were seen just now by some replica.
     fn hosts_seen<'a>(&'a self, hosts: &'a [String]) -> BoxFuture<'a, Result<()>>;
     /// How long ago each host was last seen by any replica (the database's clock).
