@@ -60,8 +60,9 @@ pub struct Simulate {
 }
 
 /// How long the background save waits after a change for more changes to save with it: a
-/// host of 10 000 nodes is saved at most this often, whatever the rate of writes.
-const SAVE_COALESCE: std::time::Duration = std::time::Duration::from_millis(200);
+/// host of 10 000 nodes is saved at most about once a second, whatever the rate of writes (a
+/// revision lost to a crash meanwhile is only applied once more at the restart).
+const SAVE_COALESCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Writes `memos` of generation `g` unless a newer generation is written already.
 fn save_generation(dir: &StateDir, written: &std::sync::Mutex<u64>, g: u64, memos: &Memos) {
