@@ -604,7 +604,7 @@ impl Service {
 
     /// Installs `fresh` (at revision `rev`) as the cache; unless `force`, refused (and given
     /// back) when the cache's revision is above `rev`.
-    fn install(&self, fresh: State, rev: u64, force: bool) -> Result<(), State> {
+    fn install(&self, fresh: Box<State>, rev: u64, force: bool) -> Result<(), Box<State>> {
         let sh = self.shared().expect("shared");
         let mut touched = Touched::default();
         {
@@ -612,7 +612,7 @@ impl Service {
             if !force && sh.rev.load(Ordering::Acquire) > rev {
                 return Err(fresh);
             }
-            let old = std::mem::replace(&mut *st, fresh);
+            let old = std::mem::replace(&mut *st, *fresh);
             for (id, h) in old.hub.hosts {
                 if let Some(n) = st.hub.hosts.get_mut(&id) {
                     n.polls = h.polls;
@@ -835,9 +835,9 @@ impl Service {
 }
 
 /// A snapshot's records as a state (`None`, logged, when one cannot be read).
-fn load_state(records: Vec<(String, Vec<u8>)>) -> Option<State> {
+fn load_state(records: Vec<(String, Vec<u8>)>) -> Option<Box<State>> {
     match State::load(records) {
-        Ok(s) => Some(s),
+        Ok(s) => Some(Box::new(s)),
         Err(e) => {
             tracing::error!("the database holds a record this replica cannot read: {e}");
             None
