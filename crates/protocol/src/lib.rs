@@ -425,7 +425,7 @@ mod tests {
         );
         // The same node twice is not the node once.
         assert_ne!(
-            cursor_of(&[a.clone()], 0, false),
+            cursor_of(std::slice::from_ref(&a), 0, false),
             cursor_of(&[a.clone(), a.clone()], 0, false)
         );
         // Taking b out and putting its change in is the changed state's cursor.
