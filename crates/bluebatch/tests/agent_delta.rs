@@ -12,6 +12,7 @@ use common::{
 };
 use serde_json::{Value, json};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
@@ -292,20 +293,24 @@ async fn idle_nodes(c: &Client, pool: &str, n: usize, limit: Duration) -> Vec<St
     .await
 }
 
-#[tokio::test]
-async fn a_simulating_agent_converges_through_deltas() {
-    let s = Server::launch(&["--in-memory", "--nodes", "agents"]);
-    let c = s.client();
+/// A `bluebatch agent --simulate N` joined to `s` with a fresh token, its debug log collected;
+/// it is killed when the returned guard drops (the guard also keeps its state directory).
+async fn simulating_agent(
+    s: &Server,
+    c: &Client,
+    nodes: &str,
+    ports: &str,
+) -> (SimulatingAgent, Arc<Mutex<Vec<String>>>) {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
-    std::fs::write(&token_file, format!("{}\n-\n", token(&c, None).await)).unwrap();
+    std::fs::write(&token_file, format!("{}\n-\n", token(c, None).await)).unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
-        .args(["agent", "--server", &s.url, "--simulate", "50"])
-        .args(["--ssh-ports", "26600-26699"])
+        .args(["agent", "--server", &s.url, "--simulate", nodes])
+        .args(["--ssh-ports", ports])
         .arg("--state-dir")
         .arg(dir.path().join("agent"))
         .arg("--join-token-file")
@@ -318,14 +323,26 @@ async fn a_simulating_agent_converges_through_deltas() {
         .spawn()
         .expect("starting bluebatch agent");
     let log = agent_log(&mut child);
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+    (SimulatingAgent { child, _state: dir }, log)
+}
+
+struct SimulatingAgent {
+    child: std::process::Child,
+    _state: tempfile::TempDir,
+}
+
+impl Drop for SimulatingAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    let _child = Kill(child);
+}
+
+#[tokio::test]
+async fn a_simulating_agent_converges_through_deltas() {
+    let s = Server::launch(&["--in-memory", "--nodes", "agents"]);
+    let c = s.client();
+    let (_agent, log) = simulating_agent(&s, &c, "50", "26600-26699").await;
     let long = Duration::from_secs(60);
 
     let r = c.create_pool("a", "linux", 20).await;
@@ -514,36 +531,7 @@ async fn a_write_to_one_node_of_many_is_a_delta_of_that_node_alone() {
 async fn a_simulating_agent_enforces_a_write_as_the_change_of_one_node() {
     let s = Server::launch(&["--in-memory", "--nodes", "agents"]);
     let c = s.client();
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, format!("{}\n-\n", token(&c, None).await)).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bluebatch"))
-        .args(["agent", "--server", &s.url, "--simulate", "20"])
-        .args(["--ssh-ports", "26700-26719"])
-        .arg("--state-dir")
-        .arg(dir.path().join("agent"))
-        .arg("--join-token-file")
-        .arg(&token_file)
-        .env("BLUEBATCH_LOG", "info,bluebatch::agent=debug,russh=warn")
-        .env_remove("BLUEBATCH_JOIN_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting bluebatch agent");
-    let log = agent_log(&mut child);
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(child);
+    let (_agent, log) = simulating_agent(&s, &c, "20", "26700-26719").await;
     let r = c.create_pool("s", "linux", 20).await;
     assert_eq!(r.status, 201, "{}", text(&r));
     let ids = idle_nodes(&c, "s", 20, Duration::from_secs(60)).await;
