@@ -3,7 +3,7 @@
 use bluebatch_core::NodeAccount;
 use bluebatch_core::model::NodeState;
 use bluebatch_node::SshNodes;
-use bluebatch_service::{BoxFuture, LoginLockout, NodeFabric};
+use bluebatch_service::{BoxFuture, LoginLockout, LoginRecord, NodeFabric};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,6 +89,21 @@ impl NodeFabric for SshFabric {
                 source: l.source,
                 failures: l.failures,
                 refused_until: l.refused_until,
+            })
+            .collect()
+    }
+    fn login_activity(&self, key: &str) -> Vec<LoginRecord> {
+        self.0
+            .login_activity(key)
+            .into_iter()
+            .map(|r| LoginRecord {
+                time: r.time,
+                user: r.user,
+                source: r.source,
+                method: r.method.to_string(),
+                accepted: r.accepted,
+                reason: r.reason,
+                key_fingerprint: r.key_fingerprint,
             })
             .collect()
     }

@@ -14,6 +14,7 @@ use russh::keys::PublicKey;
 use time::OffsetDateTime;
 
 use crate::Inner;
+use crate::logins::LoginRecord;
 use crate::node::{ConnCtl, Node, TARGET};
 
 /// A `$6$` hash of nothing anyone knows, verified when the account is unknown or has no
@@ -68,6 +69,23 @@ impl Refusal {
             Refusal::MethodNotOffered => "method not offered".into(),
             Refusal::Closing => "connection closing".into(),
             Refusal::SessionsFull => "too many sessions on this node".into(),
+        }
+    }
+
+    /// The reason as the node's login activity gives it ([`crate::logins`]): short, stable
+    /// words a person or a script reads (the log line keeps [`Refusal::reason`]).
+    pub fn activity_reason(self) -> String {
+        match self {
+            Refusal::UnknownUser => "unknown user".into(),
+            Refusal::Expired => "expired".into(),
+            Refusal::WrongPassword => "wrong password".into(),
+            Refusal::NoPassword => "no password".into(),
+            Refusal::NoSuchKey => "key not accepted".into(),
+            Refusal::LockedOut => "source held back".into(),
+            Refusal::NodeState(s) => format!("node state {}", s.as_str()),
+            Refusal::MethodNotOffered => "method not offered".into(),
+            Refusal::Closing => "connection closing".into(),
+            Refusal::SessionsFull => "sessions full".into(),
         }
     }
 
@@ -193,6 +211,15 @@ pub(crate) fn settle(
     match verdict {
         Ok(()) => {
             ctl.set_logged_in();
+            node.logins.record(LoginRecord {
+                time: inner.clock.now(),
+                user: Some(user.to_string()),
+                source: peer,
+                method: method.as_str(),
+                accepted: true,
+                reason: None,
+                key_fingerprint: fp.clone(),
+            });
             tracing::info!(
                 target: TARGET,
                 node = %node.key,
@@ -205,7 +232,7 @@ pub(crate) fn settle(
             true
         }
         Err(refusal) => {
-            refused(node, peer, user, method, fp.as_deref(), refusal);
+            refused(inner, node, peer, user, method, fp.as_deref(), refusal);
             if refusal.counts() {
                 node.record_failure(
                     peer,
@@ -222,8 +249,10 @@ pub(crate) fn settle(
     }
 }
 
-/// Logs a refusal that is not counted (a key offered without a signature, a method not offered).
+/// Logs a refusal and records it in the node's login activity (also for one that is not
+/// counted: a key offered without a signature, a method not offered).
 pub(crate) fn refused(
+    inner: &Inner,
     node: &Node,
     peer: IpAddr,
     user: &str,
@@ -241,6 +270,15 @@ pub(crate) fn refused(
         reason = %refusal.reason(),
         "ssh login refused"
     );
+    node.logins.record(LoginRecord {
+        time: inner.clock.now(),
+        user: Some(user.to_string()),
+        source: peer,
+        method: method.as_str(),
+        accepted: false,
+        reason: Some(refusal.activity_reason()),
+        key_fingerprint: key_fingerprint.map(str::to_string),
+    });
 }
 
 /// `SHA256:…` of a key, as `ssh-keygen -l` shows it.

@@ -213,7 +213,8 @@ impl russh::server::Handler for ConnHandler {
             Err(refusal) => {
                 let fp = crate::auth::key_fingerprint(offer.public_key);
                 let method = Method::PublicKey;
-                crate::auth::refused(&self.node, self.peer, user, method, fp.as_deref(), refusal);
+                let (inner, node) = (&self.inner, &self.node);
+                crate::auth::refused(inner, node, self.peer, user, method, fp.as_deref(), refusal);
                 Ok(reject())
             }
         }
@@ -236,6 +237,7 @@ impl russh::server::Handler for ConnHandler {
     ) -> Result<Auth, Self::Error> {
         let refusal = crate::auth::Refusal::MethodNotOffered;
         crate::auth::refused(
+            &self.inner,
             &self.node,
             self.peer,
             user,

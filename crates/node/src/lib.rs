@@ -78,6 +78,7 @@
 mod auth;
 mod handler;
 mod hostkey;
+mod logins;
 mod node;
 mod server;
 mod session;
@@ -94,6 +95,7 @@ use std::time::Duration;
 
 use bluebatch_core::{Clock, NodeAccount};
 
+pub use crate::logins::{KEPT as LOGINS_KEPT, LoginRecord};
 pub use crate::node::accepts_logins;
 use crate::node::{Endpoint, Node};
 use crate::sysuser::HostIdentity;
@@ -493,6 +495,15 @@ impl SshNodes {
                 refused_until: wall + l.until.saturating_duration_since(now),
             })
             .collect()
+    }
+
+    /// The node's login activity: its last [`LOGINS_KEPT`] authentication outcomes, newest
+    /// first (empty for a node this provider does not have). In memory only.
+    pub fn login_activity(&self, node_key: &str) -> Vec<LoginRecord> {
+        self.inner
+            .node(node_key)
+            .map(|n| n.logins.newest_first())
+            .unwrap_or_default()
     }
 
     /// The revision last applied to the node, if any.

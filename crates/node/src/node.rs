@@ -51,6 +51,8 @@ pub(crate) struct Node {
     running: Mutex<Option<RunningInfo>>,
     open_conns: AtomicUsize,
     conns_gone: Notify,
+    /// The node's last authentication outcomes (login activity).
+    pub logins: crate::logins::LoginLog,
 }
 
 /// The node's whole account set, sorted by name (names unique), owned by the node: a change of
@@ -393,6 +395,7 @@ impl Node {
             running: Mutex::new(None),
             open_conns: AtomicUsize::new(0),
             conns_gone: Notify::new(),
+            logins: crate::logins::LoginLog::default(),
         }
     }
 

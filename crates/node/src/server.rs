@@ -199,7 +199,7 @@ async fn serve(
         socket.as_fd().try_clone_to_owned().ok()
     };
     if let Some(state) = node.login_refusal() {
-        refuse_before_banner(&node, socket, peer, state).await;
+        refuse_before_banner(&inner, &node, socket, peer, state).await;
         return;
     }
     let grace = tokio::time::sleep(inner.config.login_grace);
@@ -262,6 +262,7 @@ async fn serve(
 /// the SSH identification string, after one line saying why (RFC 4253 lets a server send lines
 /// before it; OpenSSH shows it with `-v` and reports "Connection closed by remote host").
 async fn refuse_before_banner(
+    inner: &Inner,
     node: &Node,
     mut socket: TcpStream,
     peer: SocketAddr,
@@ -275,6 +276,15 @@ async fn refuse_before_banner(
         reason = %format!("node state {}", state.as_str()),
         "ssh connection refused before the banner"
     );
+    node.logins.record(crate::logins::LoginRecord {
+        time: inner.clock.now(),
+        user: None,
+        source: peer.ip(),
+        method: "none",
+        accepted: false,
+        reason: Some(format!("node state {}", state.as_str())),
+        key_fingerprint: None,
+    });
     let line = format!("bluebatch: node is {}, no logins\r\n", state.as_str());
     // Say it, close our side, then drain what the client sent (its own identification) until
     // it closes too, so the connection ends with a FIN rather than a reset.

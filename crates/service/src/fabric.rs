@@ -38,6 +38,24 @@ pub struct LoginLockout {
     pub refused_until: OffsetDateTime,
 }
 
+/// One authentication outcome on a node's login endpoint (its login activity). Never a password
+/// or key material; a key as its SHA256 fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginRecord {
+    /// The service clock's time of the decision.
+    pub time: OffsetDateTime,
+    /// The user name the client gave (`None`: the connection ended before it gave one).
+    pub user: Option<String>,
+    pub source: IpAddr,
+    /// `password`, `publickey`, `keyboard-interactive` or `none`.
+    pub method: String,
+    pub accepted: bool,
+    /// Why it was refused (`None` when accepted).
+    pub reason: Option<String>,
+    /// `SHA256:…` of the key of a public-key login.
+    pub key_fingerprint: Option<String>,
+}
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 pub trait NodeFabric: Send + Sync + 'static {
@@ -103,6 +121,11 @@ pub trait NodeFabric: Send + Sync + 'static {
     }
     /// The sources the node refuses right now for too many failed logins.
     fn login_lockouts(&self, _key: &str) -> Vec<LoginLockout> {
+        Vec::new()
+    }
+    /// The node's last authentication outcomes, newest first (none by default: a provider that
+    /// keeps no login activity).
+    fn login_activity(&self, _key: &str) -> Vec<LoginRecord> {
         Vec::new()
     }
 }

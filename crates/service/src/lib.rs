@@ -8,6 +8,7 @@
 mod agents;
 mod fabric;
 mod lifecycle;
+mod logins;
 mod nodes;
 mod pools;
 mod precheck;
@@ -18,7 +19,7 @@ mod users;
 
 pub use agents::{HostView, JoinTokenCreated, JoinTokenView, MAX_HOST_SLOTS, MAX_TOKEN_TTL};
 pub use bluebatch_protocol::NodeSource;
-pub use fabric::{BoxFuture, LoginLockout, NodeFabric};
+pub use fabric::{BoxFuture, LoginLockout, LoginRecord, NodeFabric};
 pub use nodes::{AppliedUsers, NodeView, NodeWritten};
 pub use pools::Precondition;
 pub use pools::{PoolView, PoolWritten};

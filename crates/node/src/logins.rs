@@ -1,0 +1,119 @@
+//! A node's login activity: the last [`KEPT`] authentication outcomes of its SSH endpoint, kept
+//! in memory (forgotten when the node leaves its pool or the process ends), for the emulator's
+//! control endpoint and its console. An entry holds the service clock's time, the user name the
+//! client gave, its source address, the method, the outcome and, for a refusal, the reason; a
+//! key as its SHA256 fingerprint. Never a password or key material.
+//!
+//! What is recorded: every password or public-key authentication accepted or refused (a key a
+//! client offers and the account does not have included, since that is where a removed key is
+//! refused), a method not offered, and a connection closed before the SSH banner because the
+//! node's state takes no logins (method `none`, no user). What is not: the `none` probe every
+//! client sends first, and connections shed by the startup caps before any SSH conversation
+//! (a flood would push every real login out; they are counted in the log instead).
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use time::OffsetDateTime;
+
+/// Outcomes kept per node; the oldest goes first.
+pub const KEPT: usize = 256;
+
+/// User names longer than this (in bytes) are cut, at a character boundary: a client may send
+/// any name, and the log is bounded by its entries' size as well as their count.
+const MAX_USER_BYTES: usize = 128;
+
+/// One authentication outcome on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginRecord {
+    /// The service clock's time of the decision.
+    pub time: OffsetDateTime,
+    /// The user name the client gave; `None` when the connection ended before it could give one.
+    pub user: Option<String>,
+    /// The client's address.
+    pub source: IpAddr,
+    /// `password`, `publickey`, `keyboard-interactive` or `none`.
+    pub method: &'static str,
+    pub accepted: bool,
+    /// Why it was refused (see [`crate::auth`]): `unknown user`, `wrong password`, `no password`,
+    /// `expired`, `key not accepted`, `source held back`, `sessions full`, `node state …`,
+    /// `method not offered`, `connection closing`. `None` when accepted.
+    pub reason: Option<String>,
+    /// `SHA256:…` of the key, for a public-key login.
+    pub key_fingerprint: Option<String>,
+}
+
+/// The ring of a node's last [`KEPT`] outcomes.
+#[derive(Default)]
+pub(crate) struct LoginLog {
+    entries: Mutex<VecDeque<LoginRecord>>,
+}
+
+impl LoginLog {
+    pub fn record(&self, mut entry: LoginRecord) {
+        if let Some(user) = entry.user.as_mut() {
+            cut(user, MAX_USER_BYTES);
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= KEPT {
+            entries.pop_front();
+        }
+        entries.push_back(entry);
+    }
+
+    /// Every kept outcome, newest first.
+    pub fn newest_first(&self) -> Vec<LoginRecord> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.iter().rev().cloned().collect()
+    }
+}
+
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn entry(user: &str) -> LoginRecord {
+        LoginRecord {
+            time: OffsetDateTime::UNIX_EPOCH,
+            user: Some(user.into()),
+            source: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            method: "password",
+            accepted: false,
+            reason: Some("wrong password".into()),
+            key_fingerprint: None,
+        }
+    }
+
+    #[test]
+    fn keeps_the_last_256_newest_first() {
+        let log = LoginLog::default();
+        for i in 0..300 {
+            log.record(entry(&format!("u{i}")));
+        }
+        let all = log.newest_first();
+        assert_eq!(all.len(), KEPT);
+        assert_eq!(all[0].user.as_deref(), Some("u299"));
+        assert_eq!(all[KEPT - 1].user.as_deref(), Some("u44"));
+    }
+
+    #[test]
+    fn long_user_names_are_cut_at_a_character_boundary() {
+        let log = LoginLog::default();
+        log.record(entry(&"é".repeat(200)));
+        let user = log.newest_first()[0].user.clone().unwrap();
+        assert_eq!(user.len(), MAX_USER_BYTES);
+        assert!(user.chars().all(|c| c == 'é'));
+    }
+}
