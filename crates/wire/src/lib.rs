@@ -8,6 +8,7 @@ pub mod auth;
 pub mod bearer;
 pub mod conditions;
 pub mod conn;
+pub mod console;
 mod controls;
 pub mod dto;
 pub mod endpoint;

@@ -276,6 +276,10 @@ async fn process(
             answer => answer,
         };
     }
+    if crate::console::is_console_path(raw_path) {
+        *op = Operation::Control;
+        return crate::console::handle(app, parts, body, ctx).await;
+    }
     if let Some(rest) = raw_path.strip_prefix(CONTROL_PREFIX) {
         *op = Operation::Control;
         return crate::controls::handle(app, parts, rest, body, ctx).await;
