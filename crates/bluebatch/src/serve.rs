@@ -447,9 +447,15 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("listening on {}:{}: {e}", args.host, args.port))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("bluebatch listening on http://{addr}");
+    println!("console: http://{addr}{}/", bluebatch_wire::console::PREFIX);
     if !args.no_dev_account {
         println!("account name: {DEV_ACCOUNT}");
         println!("account key:  {DEV_KEY}");
+        // Signs the development account in once, within ten minutes, without typing the key.
+        println!(
+            "console sign-in (once, 10 min): http://{addr}{}",
+            bluebatch_wire::console::one_time_sign_in_path(DEV_ACCOUNT)
+        );
     }
     if let Some((_, shown)) = &shared {
         println!("store: {shown}");
