@@ -4,7 +4,7 @@
 
 mod common;
 
-use bluebatch_core::ServiceClock;
+use bluebatch_core::{Clock, ServiceClock};
 use bluebatch_core::pools::parse_add_pool;
 use bluebatch_service::{Config, Service};
 use bluebatch_wire::{Accounts, App, DEV_ACCOUNT, DEV_KEY, WireConfig};
@@ -526,4 +526,154 @@ async fn a_one_time_sign_in_link_works_once_and_sign_out_ends_the_session() {
     );
     let a = http(addr, "GET", &format!("{CONSOLE}/"), Some(&cookie), "").await;
     assert_eq!(a.status, 303, "the session is gone");
+}
+
+#[tokio::test]
+async fn update_with_empty_fields_removes_the_password_and_node_actions_act() {
+    let (svc, addr) = serve().await;
+    add_pool(&svc, DEV_ACCOUNT, "p1", 1).await;
+    let node = wait_nodes(&svc, "p1", 1, true).await.remove(0);
+    let cookie = sign_in(addr, DEV_ACCOUNT, DEV_KEY).await;
+    let path = format!("{CONSOLE}/pools/p1/nodes/{node}");
+    let token = csrf(&http(addr, "GET", &path, Some(&cookie), "").await.body);
+    let post = async |action: &str, form: String| {
+        http(
+            addr,
+            "POST",
+            &format!("{path}/{action}"),
+            Some(&cookie),
+            &form,
+        )
+        .await
+    };
+    let far = "2031-05-01T00:00:00Z";
+    let a = post(
+        "users",
+        format!("name=dave&password=pw1&expiryTime={far}&csrf={token}"),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let page = http(addr, "GET", &path, Some(&cookie), "").await;
+    for b in [
+        "Update user",
+        "Delete user",
+        "Reboot",
+        "Reimage",
+        "Disable scheduling",
+        "Set state",
+    ] {
+        assert!(
+            page.body
+                .contains(&format!("<button type=\"submit\">{b}</button>")),
+            "{b}: {}",
+            page.body
+        );
+    }
+    assert!(
+        page.body
+            .contains("a field left empty removes the password")
+    );
+    // Update user with every field empty: no password, no key, expiry back to one day.
+    let a = post(
+        "users/dave/update",
+        format!("password=&sshPublicKey=&expiryTime=&csrf={token}"),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let u = svc.node_users(DEV_ACCOUNT, "p1", &node).unwrap();
+    assert_eq!(u.stored.len(), 1);
+    assert!(u.stored[0].password_hash.is_none() && u.stored[0].ssh_public_key.is_none());
+    let left = u.stored[0].expiry_time - svc.clock().now();
+    assert!(
+        left > time::Duration::hours(23) && left <= time::Duration::days(1),
+        "{left}"
+    );
+    // A refused update shows the Batch error next to that user's field.
+    let a = post("users/dave/update", format!("expiryTime=soon&csrf={token}")).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(
+        a.body
+            .contains("role=\"alert\" id=\"dave-expiryTime-error\">InvalidPropertyValue:"),
+        "{}",
+        a.body
+    );
+    let a = post("users/dave/delete", format!("csrf={token}")).await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert!(
+        svc.node_users(DEV_ACCOUNT, "p1", &node)
+            .unwrap()
+            .stored
+            .is_empty()
+    );
+    let a = post("users/dave/delete", format!("csrf={token}")).await;
+    assert_eq!(a.status, 404, "{}", a.body);
+    assert!(
+        a.body
+            .contains("role=\"alert\" id=\"action-error\">NodeUserNotFound:"),
+        "{}",
+        a.body
+    );
+    // Scheduling and state, through the same service calls as the API.
+    let a = post("disable-scheduling", format!("csrf={token}")).await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let v = svc.get_node(DEV_ACCOUNT, "p1", &node).unwrap();
+    assert_eq!(
+        v.node.scheduling_state,
+        bluebatch_core::model::SchedulingState::Disabled
+    );
+    let a = post("state", format!("state=offline&csrf={token}")).await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let v = svc.get_node(DEV_ACCOUNT, "p1", &node).unwrap();
+    assert_eq!(v.node.state, bluebatch_core::model::NodeState::Offline);
+    let a = post("state", format!("state=sleepy&csrf={token}")).await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    // A write without the token changes nothing here either.
+    let a = post("enable-scheduling", String::new()).await;
+    assert_eq!(a.status, 403);
+    let v = svc.get_node(DEV_ACCOUNT, "p1", &node).unwrap();
+    assert_eq!(
+        v.node.scheduling_state,
+        bluebatch_core::model::SchedulingState::Disabled
+    );
+}
+
+#[tokio::test]
+async fn the_clock_moves_from_the_pools_page() {
+    let (svc, addr) = serve().await;
+    let cookie = sign_in(addr, DEV_ACCOUNT, DEV_KEY).await;
+    let page = http(addr, "GET", &format!("{CONSOLE}/"), Some(&cookie), "").await;
+    assert!(
+        page.body
+            .contains("<button type=\"submit\">Move clock</button>")
+    );
+    let token = csrf(&page.body);
+    let advance = format!("{CONSOLE}/clock/advance");
+    let a = http(
+        addr,
+        "POST",
+        &advance,
+        Some(&cookie),
+        &format!("by=soon&csrf={token}"),
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(
+        a.body
+            .contains("role=\"alert\" id=\"by-error\">InvalidPropertyValue:"),
+        "{}",
+        a.body
+    );
+    assert_eq!(svc.clock().offset(), time::Duration::ZERO);
+    let a = http(
+        addr,
+        "POST",
+        &advance,
+        Some(&cookie),
+        &format!("by=1d12h&csrf={token}"),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(svc.clock().offset(), time::Duration::hours(36));
+    let page = http(addr, "GET", &format!("{CONSOLE}/"), Some(&cookie), "").await;
+    assert!(page.body.contains("(wall clock + 1d 12h)"), "{}", page.body);
 }

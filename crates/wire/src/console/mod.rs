@@ -137,7 +137,7 @@ pub(crate) async fn handle(app: &App, parts: &Parts, body: &mut Unread, ctx: &mu
             let s = s.clone();
             app.service.sync().await?;
             match seg.as_slice() {
-                [] => Ok(pools_page(&r, &s)),
+                [] => Ok(pools_page(&r, &s, None)),
                 ["events"] => Ok(events::response(app.service.clone(), s.account.clone())),
                 ["pools", pool] => Ok(nodes_page(&r, &s, pool)),
                 ["pools", pool, "nodes", node] => Ok(node_page(
@@ -187,6 +187,37 @@ pub(crate) async fn handle(app: &App, parts: &Parts, body: &mut Unread, ctx: &mu
                 ["pools", pool, "resize"] => resize(&r, &s, pool, &form).await,
                 ["pools", pool, "nodes", node, "users"] => {
                     add_user(&r, &s, pool, node, &form).await
+                }
+                ["pools", pool, "nodes", node, "users", user, "update"] => {
+                    update_user(&r, &s, pool, node, user, &form).await
+                }
+                ["pools", pool, "nodes", node, action] => {
+                    node_action(&r, &s, pool, node, action, &form).await
+                }
+                ["pools", pool, "nodes", node, "users", user, "delete"] => {
+                    let svc = &app.service;
+                    let at = UserAddr {
+                        account: &s.account,
+                        pool,
+                        node,
+                        timeout: None,
+                    };
+                    node_outcome(&r, &s, pool, node, svc.delete_user(at, user).await)
+                }
+                ["clock", "advance"] => {
+                    let by = value(&form, "by");
+                    let outcome = match crate::controls::parse_duration(by) {
+                        Some(d) => app.service.advance_clock(d).await.map(|_| ()),
+                        None => Err(BatchError::property(
+                            Code::InvalidPropertyValue,
+                            "by",
+                            "a duration such as 2d, 36h, 1d12h30m or 90s",
+                        )),
+                    };
+                    match outcome {
+                        Ok(()) => Ok(redirect(&format!("{PREFIX}/"))),
+                        Err(e) => Ok(pools_page(&r, &s, Some(e))),
+                    }
                 }
                 _ => Ok(problem(
                     &r,
@@ -361,7 +392,7 @@ fn batch_problem(r: &Req<'_>, e: &BatchError) -> Response<Body> {
     problem(r, status, e.code.as_str(), &pages::error_text(e))
 }
 
-fn pools_page(r: &Req<'_>, s: &Session) -> Response<Body> {
+fn pools_page(r: &Req<'_>, s: &Session, clock_error: Option<BatchError>) -> Response<Body> {
     let svc = &r.app.service;
     let (pools, _) = svc.list_pools(&s.account, &|_| true, None, 10_000);
     let with_nodes: Vec<_> = pools
@@ -375,7 +406,11 @@ fn pools_page(r: &Req<'_>, s: &Session) -> Response<Body> {
         })
         .collect();
     let f = frame(r, "Pools", Some(s));
-    render(r, StatusCode::OK, &f, &pages::pools(&with_nodes))
+    let status = clock_error.as_ref().map_or(StatusCode::OK, |e| {
+        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    });
+    let clock = pages::clock_form(&s.csrf, clock_error.as_ref());
+    render(r, status, &f, &pages::pools(&with_nodes, &clock))
 }
 
 /// Where a node's SSH endpoint is reached (as Get Remote Login Settings answers).
@@ -490,11 +525,7 @@ async fn add_user(
     }
     .await;
     match outcome {
-        Ok(_) => Ok(redirect(&format!(
-            "{PREFIX}/pools/{}/nodes/{}",
-            crate::percent::encode(pool),
-            crate::percent::encode(node)
-        ))),
+        Ok(_) => Ok(redirect(&node_path(pool, node))),
         Err(e) => {
             let status =
                 StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -504,6 +535,7 @@ async fn add_user(
                 expiry_time: value(form, "expiryTime").to_string(),
                 is_admin: matches!(value(form, "isAdmin"), "true" | "on"),
                 error: Some(e),
+                ..UserForm::default()
             };
             Ok(node_page(r, s, pool, node, &again, status))
         }
@@ -533,5 +565,118 @@ async fn resize(r: &Req<'_>, s: &Session, pool: &str, form: &[(String, String)])
             crate::percent::encode(pool)
         ))),
         Err(e) => Ok(batch_problem(r, &e)),
+    }
+}
+
+/// After a node action: 303 back to the node's page, or the page with the refusal above the
+/// actions.
+fn node_outcome(
+    r: &Req<'_>,
+    s: &Session,
+    pool: &str,
+    node: &str,
+    outcome: Result<(), BatchError>,
+) -> Answer {
+    match outcome {
+        Ok(()) => Ok(redirect(&node_path(pool, node))),
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let form = UserForm {
+                action: Some(e),
+                ..UserForm::default()
+            };
+            Ok(node_page(r, s, pool, node, &form, status))
+        }
+    }
+}
+
+fn node_path(pool: &str, node: &str) -> String {
+    format!(
+        "{PREFIX}/pools/{}/nodes/{}",
+        crate::percent::encode(pool),
+        crate::percent::encode(node)
+    )
+}
+
+/// Reboot, Reimage, Disable or Enable scheduling, Set state (field `state`).
+async fn node_action(
+    r: &Req<'_>,
+    s: &Session,
+    pool: &str,
+    node: &str,
+    action: &str,
+    form: &[(String, String)],
+) -> Answer {
+    let svc = &r.app.service;
+    let a = s.account.as_str();
+    let outcome = match action {
+        "reboot" => svc.reboot_node(a, pool, node).await,
+        "reimage" => svc.reimage_node(a, pool, node).await,
+        "disable-scheduling" => svc.disable_scheduling(a, pool, node).await,
+        "enable-scheduling" => svc.enable_scheduling(a, pool, node).await,
+        "state" => match bluebatch_core::model::NodeState::parse(value(form, "state")) {
+            Some(st) => svc.set_node_state(a, pool, node, st).await,
+            None => Err(BatchError::property(
+                Code::InvalidPropertyValue,
+                "state",
+                "one of the ComputeNodeState values, e.g. idle, starting, rebooting",
+            )),
+        },
+        _ => {
+            return Ok(problem(
+                r,
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "The console has no such action.",
+            ));
+        }
+    };
+    node_outcome(r, s, pool, node, outcome)
+}
+
+/// Update user: the form's password, key and expiry replace the user's (empty: removed, or
+/// the default expiry), as the API's Update User does.
+async fn update_user(
+    r: &Req<'_>,
+    s: &Session,
+    pool: &str,
+    node: &str,
+    user: &str,
+    form: &[(String, String)],
+) -> Answer {
+    let svc = &r.app.service;
+    let outcome = async {
+        let mut o = user_body(form);
+        if let Value::Object(m) = &mut o {
+            m.remove("name");
+            m.remove("isAdmin");
+        }
+        let body = serde_json::to_vec(&o).map_err(|_| BatchError::new(Code::InternalError))?;
+        let body = bluebatch_core::users::parse_update_user(&body)?;
+        let at = UserAddr {
+            account: &s.account,
+            pool,
+            node,
+            timeout: None,
+        };
+        if body.password.is_some() {
+            svc.check_user_target(&at, Some(user), &body)?;
+        }
+        let hash = hash(body.password.as_deref()).await?;
+        svc.update_user(at, user, body, hash).await
+    }
+    .await;
+    match outcome {
+        Ok(_) => Ok(redirect(&node_path(pool, node))),
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let form = UserForm {
+                update: Some((user.to_string(), e)),
+                ..UserForm::default()
+            };
+            Ok(node_page(r, s, pool, node, &form, status))
+        }
     }
 }

@@ -4,7 +4,7 @@
 use super::PREFIX;
 use crate::percent::encode;
 use bluebatch_core::error::BatchError;
-use bluebatch_core::model::{NodeState, NodeUser};
+use bluebatch_core::model::{NodeState, NodeUser, SchedulingState};
 use bluebatch_core::sshkey::fingerprint;
 use bluebatch_core::timefmt::iso;
 use bluebatch_service::{AppliedUsers, NodeView, PoolView};
@@ -153,10 +153,11 @@ fn node_href(pool: &str, node: &str) -> String {
 
 /// The pools page: each pool with its OS, VM size, allocation state, node counts by state and
 /// last change.
-pub fn pools(pools: &[(PoolView, Vec<NodeView>)]) -> String {
+pub fn pools(pools: &[(PoolView, Vec<NodeView>)], clock: &str) -> String {
     let mut h = String::from("<h1>Pools</h1>");
     if pools.is_empty() {
         h.push_str("<p>No pools in this account yet.</p>");
+        h.push_str(clock);
         return h;
     }
     h.push_str(
@@ -190,6 +191,7 @@ pub fn pools(pools: &[(PoolView, Vec<NodeView>)]) -> String {
         );
     }
     h.push_str("</tbody></table></div>");
+    h.push_str(clock);
     h
 }
 
@@ -288,6 +290,10 @@ pub struct UserForm {
     pub expiry_time: String,
     pub is_admin: bool,
     pub error: Option<BatchError>,
+    /// A refused Update user: the user and the error (shown in that user's form).
+    pub update: Option<(String, BatchError)>,
+    /// A refused node action (Reboot, Reimage, scheduling, state, Delete user).
+    pub action: Option<BatchError>,
 }
 
 /// The key type of an OpenSSH public key line (`ssh-ed25519`).
@@ -342,6 +348,7 @@ pub fn node(
         );
     }
     h.push_str("</dl>");
+    node_actions(&mut h, v, form, csrf);
     h.push_str("<h2>Users</h2>");
     if users.stored.is_empty() {
         h.push_str("<p>No users on this node.</p>");
@@ -357,6 +364,9 @@ pub fn node(
             user_row(&mut h, u, users);
         }
         h.push_str("</tbody></table></div>");
+        for u in &users.stored {
+            user_forms(&mut h, v, u, form, csrf);
+        }
     }
     if !users.login_lockouts.is_empty() {
         h.push_str(
@@ -413,23 +423,36 @@ fn user_row(h: &mut String, u: &NodeUser, users: &AppliedUsers) {
 
 /// One labelled input of the user form, with its error (if the refusal names it) next to it.
 fn field(h: &mut String, name: &str, label: &str, input: &str, form: &UserForm) {
-    let err = form
-        .error
-        .as_ref()
-        .filter(|e| error_property(e) == Some(name));
+    field_in(h, name, name, label, input, form.error.as_ref());
+}
+
+/// [`field`] for an input whose id is `id`, with the refusal `error` of its form.
+fn field_in(
+    h: &mut String,
+    name: &str,
+    id: &str,
+    label: &str,
+    input: &str,
+    error: Option<&BatchError>,
+) {
+    let err = error.filter(|e| error_property(e) == Some(name));
     let _ = write!(
         h,
-        "<div class=\"field\"><label for=\"{name}\">{label}</label>"
+        "<div class=\"field\"><label for=\"{}\">{label}</label>",
+        escape(id)
     );
     match err {
         Some(e) => {
-            let id = format!("{name}-error");
+            let id = format!("{id}-error");
             let _ = write!(
                 h,
                 "{}{}",
                 input.replacen(
                     "<input ",
-                    &format!("<input aria-invalid=\"true\" aria-describedby=\"{id}\" "),
+                    &format!(
+                        "<input aria-invalid=\"true\" aria-describedby=\"{}\" ",
+                        escape(&id)
+                    ),
                     1
                 ),
                 alert(&id, &error_text(e))
@@ -505,6 +528,147 @@ fn add_user_form(h: &mut String, v: &NodeView, form: &UserForm, csrf: &str) {
         form,
     );
     h.push_str("<button type=\"submit\">Add user</button></form>");
+}
+
+/// A form of one button posting to `action`.
+fn button_form(h: &mut String, action: &str, csrf: &str, text: &str) {
+    let _ = write!(
+        h,
+        "<form method=\"post\" action=\"{}\" class=\"inline\">{}\
+         <button type=\"submit\">{}</button></form>",
+        escape(action),
+        csrf_field(csrf),
+        escape(text)
+    );
+}
+
+/// Reboot, Reimage, scheduling and Set state, with a refused action's error above them.
+fn node_actions(h: &mut String, v: &NodeView, form: &UserForm, csrf: &str) {
+    let base = node_href(&v.pool_id, &v.node.id);
+    h.push_str("<h2>Actions</h2>");
+    if let Some(e) = &form.action {
+        h.push_str(&alert("action-error", &error_text(e)));
+    }
+    h.push_str("<div class=\"inline\">");
+    button_form(h, &format!("{base}/reboot"), csrf, "Reboot");
+    button_form(h, &format!("{base}/reimage"), csrf, "Reimage");
+    match v.node.scheduling_state {
+        SchedulingState::Enabled => button_form(
+            h,
+            &format!("{base}/disable-scheduling"),
+            csrf,
+            "Disable scheduling",
+        ),
+        SchedulingState::Disabled => button_form(
+            h,
+            &format!("{base}/enable-scheduling"),
+            csrf,
+            "Enable scheduling",
+        ),
+    }
+    h.push_str("</div>");
+    let _ = write!(
+        h,
+        "<form method=\"post\" action=\"{}\" class=\"inline\">{}\
+         <label for=\"state\">Node state</label><select id=\"state\" name=\"state\">",
+        escape(&format!("{base}/state")),
+        csrf_field(csrf)
+    );
+    for st in NodeState::ALL {
+        let _ = write!(
+            h,
+            "<option value=\"{s}\"{sel}>{s}</option>",
+            s = st.as_str(),
+            sel = if st == v.node.state { " selected" } else { "" }
+        );
+    }
+    h.push_str("</select><button type=\"submit\">Set state</button></form>");
+}
+
+/// A user's Update user form (stating the replace-all rule) and its Delete user button.
+fn user_forms(h: &mut String, v: &NodeView, u: &NodeUser, form: &UserForm, csrf: &str) {
+    let base = format!(
+        "{}/users/{}",
+        node_href(&v.pool_id, &v.node.id),
+        encode(&u.name)
+    );
+    let error = form
+        .update
+        .as_ref()
+        .filter(|(name, _)| *name == u.name)
+        .map(|(_, e)| e);
+    let _ = write!(
+        h,
+        "<h3>User {name}</h3><form method=\"post\" action=\"{action}\" class=\"card\">{csrf}\
+         <p class=\"hint\">Update user replaces every property: a field left empty removes the \
+         password or the SSH key, and an empty expiry resets it to one day from now.</p>",
+        name = escape(&u.name),
+        action = escape(&format!("{base}/update")),
+        csrf = csrf_field(csrf),
+    );
+    if let Some(e) = error
+        && !error_property(e).is_some_and(|p| FIELDS.contains(&p))
+    {
+        h.push_str(&alert(&format!("{}-update-error", u.name), &error_text(e)));
+    }
+    let id = |f: &str| format!("{}-{f}", u.name);
+    field_in(
+        h,
+        "password",
+        &id("password"),
+        "New password (empty: none)",
+        &format!(
+            "<input id=\"{}\" name=\"password\" type=\"password\" autocomplete=\"new-password\">",
+            escape(&id("password"))
+        ),
+        error,
+    );
+    field_in(
+        h,
+        "sshPublicKey",
+        &id("sshPublicKey"),
+        "SSH public key (empty: none)",
+        &format!(
+            "<input id=\"{}\" name=\"sshPublicKey\" autocomplete=\"off\" value=\"{}\">",
+            escape(&id("sshPublicKey")),
+            escape(u.ssh_public_key.as_deref().unwrap_or(""))
+        ),
+        error,
+    );
+    field_in(
+        h,
+        "expiryTime",
+        &id("expiryTime"),
+        "Expiry time (empty: one day from now)",
+        &format!(
+            "<input id=\"{}\" name=\"expiryTime\" autocomplete=\"off\" value=\"{}\">",
+            escape(&id("expiryTime")),
+            iso(u.expiry_time)
+        ),
+        error,
+    );
+    h.push_str("<button type=\"submit\">Update user</button></form>");
+    button_form(h, &format!("{base}/delete"), csrf, "Delete user");
+}
+
+/// The clock form of the pools page: move the service clock forward.
+pub fn clock_form(csrf: &str, error: Option<&BatchError>) -> String {
+    let mut h = String::from("<h2>Service clock</h2>");
+    let _ = write!(
+        h,
+        "<form method=\"post\" action=\"{PREFIX}/clock/advance\" class=\"inline\">{}",
+        csrf_field(csrf)
+    );
+    field_in(
+        &mut h,
+        "by",
+        "by",
+        "Move forward by (e.g. 1d12h, 90s)",
+        "<input id=\"by\" name=\"by\" size=\"8\" autocomplete=\"off\">",
+        error,
+    );
+    h.push_str("<button type=\"submit\">Move clock</button></form>");
+    h
 }
 
 /// A page that only says what went wrong (403, 404).
