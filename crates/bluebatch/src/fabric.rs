@@ -97,6 +97,7 @@ impl NodeFabric for SshFabric {
             .login_activity(key)
             .into_iter()
             .map(|r| LoginRecord {
+                seq: r.seq,
                 time: r.time,
                 user: r.user,
                 source: r.source,

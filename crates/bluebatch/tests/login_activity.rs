@@ -61,9 +61,11 @@ fn fingerprint_of(private: &Path) -> String {
         .to_string()
 }
 
-/// The entry's fields other than its time, for comparing whole entries.
+/// The entry's fields other than its time and number, for comparing whole entries.
 fn without_time(e: &Value) -> Value {
     let mut e = e.clone();
+    assert!(e["seq"].as_u64().is_some_and(|n| n >= 1), "numbered: {e}");
+    e.as_object_mut().unwrap().remove("seq");
     let time = e
         .as_object_mut()
         .unwrap()
@@ -129,6 +131,8 @@ async fn password_logins_are_listed_newest_first_with_their_reasons() {
             ],
             "newest first, one entry per attempt (the `none` probe is not one)"
         );
+        let seqs: Vec<u64> = list.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, [3, 2, 1], "numbered from the node's first outcome on");
         let times: Vec<&str> = list.iter().map(|e| e["time"].as_str().unwrap()).collect();
         assert!(
             times.windows(2).all(|w| w[0] >= w[1]),
@@ -293,6 +297,7 @@ async fn a_locked_out_source_is_listed_as_held_back_and_a_down_node_as_its_state
                    "reason": "node state unusable", "keyFingerprint": null})
         );
         assert_eq!(list.len(), 4);
+        assert_eq!(list[0]["seq"], 4);
     })
     .await;
 }

@@ -212,6 +212,7 @@ pub(crate) fn settle(
         Ok(()) => {
             ctl.set_logged_in();
             node.logins.record(LoginRecord {
+                seq: 0,
                 time: inner.clock.now(),
                 user: Some(user.to_string()),
                 source: peer,
@@ -271,6 +272,7 @@ pub(crate) fn refused(
         "ssh login refused"
     );
     node.logins.record(LoginRecord {
+        seq: 0,
         time: inner.clock.now(),
         user: Some(user.to_string()),
         source: peer,

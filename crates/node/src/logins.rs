@@ -27,6 +27,9 @@ const MAX_USER_BYTES: usize = 128;
 /// One authentication outcome on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginRecord {
+    /// The entry's number on its node: 1 for the node's first outcome, one more for each next
+    /// (kept when older entries go), so that a reader sees what is new since it last looked.
+    pub seq: u64,
     /// The service clock's time of the decision.
     pub time: OffsetDateTime,
     /// The user name the client gave; `None` when the connection ended before it could give one.
@@ -47,25 +50,34 @@ pub struct LoginRecord {
 /// The ring of a node's last [`KEPT`] outcomes.
 #[derive(Default)]
 pub(crate) struct LoginLog {
-    entries: Mutex<VecDeque<LoginRecord>>,
+    entries: Mutex<Ring>,
+}
+
+#[derive(Default)]
+struct Ring {
+    last_seq: u64,
+    entries: VecDeque<LoginRecord>,
 }
 
 impl LoginLog {
+    /// Keeps `entry`, numbered next (its `seq` is set here).
     pub fn record(&self, mut entry: LoginRecord) {
         if let Some(user) = entry.user.as_mut() {
             cut(user, MAX_USER_BYTES);
         }
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= KEPT {
-            entries.pop_front();
+        let mut ring = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        ring.last_seq += 1;
+        entry.seq = ring.last_seq;
+        if ring.entries.len() >= KEPT {
+            ring.entries.pop_front();
         }
-        entries.push_back(entry);
+        ring.entries.push_back(entry);
     }
 
     /// Every kept outcome, newest first.
     pub fn newest_first(&self) -> Vec<LoginRecord> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.iter().rev().cloned().collect()
+        let ring = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        ring.entries.iter().rev().cloned().collect()
     }
 }
 
@@ -86,6 +98,7 @@ mod tests {
 
     fn entry(user: &str) -> LoginRecord {
         LoginRecord {
+            seq: 0,
             time: OffsetDateTime::UNIX_EPOCH,
             user: Some(user.into()),
             source: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -105,7 +118,9 @@ mod tests {
         let all = log.newest_first();
         assert_eq!(all.len(), KEPT);
         assert_eq!(all[0].user.as_deref(), Some("u299"));
+        assert_eq!(all[0].seq, 300);
         assert_eq!(all[KEPT - 1].user.as_deref(), Some("u44"));
+        assert_eq!(all[KEPT - 1].seq, 45);
     }
 
     #[test]

@@ -277,6 +277,7 @@ async fn refuse_before_banner(
         "ssh connection refused before the banner"
     );
     node.logins.record(crate::logins::LoginRecord {
+        seq: 0,
         time: inner.clock.now(),
         user: None,
         source: peer.ip(),

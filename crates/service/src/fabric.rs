@@ -42,6 +42,9 @@ pub struct LoginLockout {
 /// or key material; a key as its SHA256 fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginRecord {
+    /// The entry's number on its node, one more for each next outcome: what is new since a
+    /// reader last looked.
+    pub seq: u64,
     /// The service clock's time of the decision.
     pub time: OffsetDateTime,
     /// The user name the client gave (`None`: the connection ended before it gave one).

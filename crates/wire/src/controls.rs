@@ -11,7 +11,7 @@
 //! | `POST /_bluebatch/clock/reset` | back to the wall clock (offset 0, stored) |
 //! | `PUT /_bluebatch/pools/{p}/nodes/{n}/state` `{"state":"rebooting"}` | put a node in any state |
 //! | `GET /_bluebatch/pools/{p}/nodes/{n}/users` | the node's users as stored and as applied, the state its SSH endpoint enforces, the sources it locks out, and what a joined host failed to apply (`applyFailures`) |
-//! | `GET /_bluebatch/pools/{p}/nodes/{n}/logins` | the node's login activity, newest first: its last 256 SSH authentication outcomes `{"value":[{time, user, source, method, outcome, reason, keyFingerprint}]}` (service-clock time; `outcome` `accepted` or `refused`; never a password or key material). Embedded nodes only: a node of a joined host answers an empty list |
+//! | `GET /_bluebatch/pools/{p}/nodes/{n}/logins` | the node's login activity, newest first: its last 256 SSH authentication outcomes `{"value":[{seq, time, user, source, method, outcome, reason, keyFingerprint}]}` (`seq` numbers a node's outcomes 1, 2, …; service-clock time; `outcome` `accepted` or `refused`; never a password or key material). Embedded nodes only: a node of a joined host answers an empty list |
 //! | `POST /_bluebatch/join-tokens` `{"pool":"p1","ttl":"1h"}` | a join token for `bluebatch agent` (both optional; default any pool, 24h; at most 366d; the pool need not exist yet): `{id, token, pool, expires, caFingerprint}` |
 //! | `GET /_bluebatch/join-tokens` | the account's tokens `{"value":[{id, pool, expires, used}]}` (never the secret) |
 //! | `DELETE /_bluebatch/join-tokens/{id}` | revoke a token: `{id, revoked: true}` |
@@ -212,6 +212,7 @@ pub(crate) async fn handle(
                 .iter()
                 .map(|l| {
                     json!({
+                        "seq": l.seq,
                         "time": iso(l.time),
                         "user": l.user,
                         "source": l.source.to_string(),
