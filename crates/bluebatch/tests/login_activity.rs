@@ -332,3 +332,27 @@ async fn logins_are_the_calling_accounts_and_need_its_key() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_node_of_a_joined_host_answers_an_empty_list() {
+    let srv = Server::launch(&["--in-memory", "--nodes", "agents"]);
+    let c = srv.client();
+    within(WHOLE, "the test", async {
+        let token = common::agents::token(&c, None).await;
+        let body = json!({"token": token, "host": common::agents::report("h", 1)});
+        let http = reqwest::Client::builder().timeout(T).build().unwrap();
+        let r = http
+            .post(format!("{}/_bluebatch/agent/join", srv.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("join: no answer");
+        assert_eq!(r.status(), 200);
+        assert_eq!(c.create_pool("p", "linux", 1).await.status, 201);
+        let nodes = common::agents::wait_nodes(&c, "p", 1).await;
+        let n = nodes[0]["id"].as_str().unwrap();
+        assert_eq!(logins(&c, "p", n).await, Vec::<Value>::new());
+    })
+    .await;
+}
