@@ -1,6 +1,9 @@
 //! The console as `bluebatch serve` announces it: the banner's `console: URL` line and the
 //! one-time sign-in URL for the development account, used over the real listener.
 
+mod common;
+
+use common::{ACCOUNT, KEY, Server, ssh_password};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -91,4 +94,111 @@ async fn the_banner_prints_the_console_url_and_a_one_time_sign_in() {
     assert!(r.text().await.unwrap().contains("bluebatchdev"));
     let r = http.get(&once).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 401, "the one-time URL works once");
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A POST of an HTML form (urlencoded) with the session cookie: (status, body).
+async fn post_form(http: &reqwest::Client, url: &str, cookie: &str, form: &str) -> (u16, String) {
+    let r = http
+        .post(url)
+        .header("cookie", cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn get_page(http: &reqwest::Client, url: &str, cookie: &str) -> String {
+    let r = http.get(url).header("cookie", cookie).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{url}");
+    r.text().await.unwrap()
+}
+
+/// Add a user in the console, log in over SSH, see the login; update it with an empty password
+/// and see password login refused, on the same node page.
+#[tokio::test]
+async fn a_user_added_in_the_console_logs_in_and_the_node_page_shows_the_logins() {
+    let server = Server::start();
+    let client = server.client();
+    let node = client.ready_pool("p1", "linux", 1).await.remove(0);
+    let port = client.ssh_port("p1", &node).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(DEADLINE)
+        .build()
+        .unwrap();
+    let console = format!("{}/_bluebatch/console", server.url);
+    let r = http
+        .post(format!("{console}/sign-in"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("account={ACCOUNT}&key={}", enc(KEY)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page_url = format!("{console}/pools/p1/nodes/{node}");
+    let page = get_page(&http, &page_url, &cookie).await;
+    let at = page.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
+    let csrf = page[at..at + page[at..].find('"').unwrap()].to_string();
+    let (status, body) = post_form(
+        &http,
+        &format!("{page_url}/users"),
+        &cookie,
+        &format!("name=erin&password=Pa55word&csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(status, 303, "{body}");
+    let page = get_page(&http, &page_url, &cookie).await;
+    assert!(page.contains("<td>erin</td><td>set</td>"), "{page}");
+    let (code, out) =
+        tokio::task::spawn_blocking(move || ssh_password(port, "erin", "Pa55word", "echo hi"))
+            .await
+            .unwrap();
+    assert_eq!((code, out.trim()), (0, "hi"));
+    let page = get_page(&http, &page_url, &cookie).await;
+    assert!(
+        page.contains("<td>erin</td><td>127.0.0.1</td><td>password</td><td>accepted</td>"),
+        "{page}"
+    );
+    // Update user with the password left empty: the password is gone, its login refused.
+    let (status, body) = post_form(
+        &http,
+        &format!("{page_url}/users/erin/update"),
+        &cookie,
+        &format!("password=&sshPublicKey=&expiryTime=&csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(status, 303, "{body}");
+    let page = get_page(&http, &page_url, &cookie).await;
+    assert!(page.contains("<td>erin</td><td>none</td>"), "{page}");
+    let (code, _) =
+        tokio::task::spawn_blocking(move || ssh_password(port, "erin", "Pa55word", "echo hi"))
+            .await
+            .unwrap();
+    assert_ne!(code, 0, "the password no longer logs in");
+    let page = get_page(&http, &page_url, &cookie).await;
+    assert!(
+        page.contains("<td>erin</td><td>127.0.0.1</td><td>password</td><td>refused</td>"),
+        "{page}"
+    );
 }

@@ -2,7 +2,7 @@
 //! of its account changed. The first event is `ready` with the account's current revision; then
 //! `changed` with the new one whenever it moves (looked at every [`POLL`]), and a comment every
 //! [`KEEP_ALIVE`] so proxies and the browser keep the stream open. The revision is a digest of
-//! what the pages show (pools, nodes, users and what the nodes applied, the clock's offset): it
+//! what the pages show (pools, nodes, users and what the nodes applied, their login activity, the clock's offset): it
 //! tells "different", not "newer".
 
 use axum::body::{Body, Bytes};
@@ -41,6 +41,13 @@ pub fn revision(svc: &Service, account: &str) -> u64 {
                 u.login_lockouts.len().hash(&mut h);
                 for l in &u.login_lockouts {
                     l.failures.hash(&mut h);
+                }
+            }
+            if let Ok(logins) = svc.node_logins(account, &p.pool.id, &n.node.id) {
+                logins.len().hash(&mut h);
+                if let Some(newest) = logins.first() {
+                    newest.time.hash(&mut h);
+                    newest.accepted.hash(&mut h);
                 }
             }
         }

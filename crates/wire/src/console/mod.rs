@@ -462,10 +462,16 @@ fn node_page(
         Ok(u) => u,
         Err(e) => return batch_problem(r, &e),
     };
+    let logins = svc.node_logins(&s.account, pool, node).unwrap_or_default();
     let ep = endpoint(svc, &s.account, &v);
     let title = format!("Node {}", v.node.id);
     let f = frame(r, &title, Some(s));
-    render(r, status, &f, &pages::node(&v, &ep, &users, form, &s.csrf))
+    render(
+        r,
+        status,
+        &f,
+        &pages::node(&v, &ep, &users, &logins, form, &s.csrf),
+    )
 }
 
 /// Hashes off the async workers (SHA-512-crypt costs milliseconds), as the API's handler does.

@@ -7,7 +7,7 @@ use bluebatch_core::error::BatchError;
 use bluebatch_core::model::{NodeState, NodeUser, SchedulingState};
 use bluebatch_core::sshkey::fingerprint;
 use bluebatch_core::timefmt::iso;
-use bluebatch_service::{AppliedUsers, NodeView, PoolView};
+use bluebatch_service::{AppliedUsers, LoginRecord, NodeView, PoolView};
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -306,6 +306,7 @@ pub fn node(
     v: &NodeView,
     ep: &Endpoint,
     users: &AppliedUsers,
+    logins: &[LoginRecord],
     form: &UserForm,
     csrf: &str,
 ) -> String {
@@ -386,7 +387,36 @@ pub fn node(
         h.push_str("</tbody></table></div>");
     }
     add_user_form(&mut h, v, form, csrf);
+    login_activity(&mut h, logins);
     h
+}
+
+/// The node's recorded SSH authentications, newest first (never a password or key).
+fn login_activity(h: &mut String, logins: &[LoginRecord]) {
+    h.push_str("<h2>Login activity</h2>");
+    if logins.is_empty() {
+        h.push_str("<p>No logins recorded on this node.</p>");
+        return;
+    }
+    h.push_str(
+        "<div class=\"scroll\"><table id=\"logins\"><caption>Accepted and refused logins, \
+         newest first</caption><thead><tr><th scope=\"col\">Time</th><th scope=\"col\">User</th>\
+         <th scope=\"col\">Source</th><th scope=\"col\">Method</th><th scope=\"col\">Outcome</th>\
+         <th scope=\"col\">Reason</th></tr></thead><tbody>",
+    );
+    for l in logins {
+        let _ = write!(
+            h,
+            "<tr><td><time>{}</time></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            iso(l.time),
+            escape(l.user.as_deref().unwrap_or("—")),
+            escape(&l.source.to_string()),
+            escape(&l.method),
+            if l.accepted { "accepted" } else { "refused" },
+            escape(l.reason.as_deref().unwrap_or("")),
+        );
+    }
+    h.push_str("</tbody></table></div>");
 }
 
 fn user_row(h: &mut String, u: &NodeUser, users: &AppliedUsers) {
