@@ -22,7 +22,7 @@ pub const KEPT: usize = 256;
 
 /// User names longer than this (in bytes) are cut, at a character boundary: a client may send
 /// any name, and the log is bounded by its entries' size as well as their count.
-const MAX_USER_BYTES: usize = 128;
+const MAX_USER_BYTES: usize = 64;
 
 /// One authentication outcome on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
