@@ -4,8 +4,8 @@
 
 mod common;
 
-use bluebatch_core::{Clock, ServiceClock};
 use bluebatch_core::pools::parse_add_pool;
+use bluebatch_core::{Clock, ServiceClock};
 use bluebatch_service::{Config, Service};
 use bluebatch_wire::{Accounts, App, DEV_ACCOUNT, DEV_KEY, WireConfig};
 use common::{DEADLINE, InstantNodes, pool_body, wait_nodes};
@@ -676,4 +676,58 @@ async fn the_clock_moves_from_the_pools_page() {
     assert_eq!(svc.clock().offset(), time::Duration::hours(36));
     let page = http(addr, "GET", &format!("{CONSOLE}/"), Some(&cookie), "").await;
     assert!(page.body.contains("(wall clock + 1d 12h)"), "{}", page.body);
+}
+
+#[tokio::test]
+async fn resize_pool_from_its_page_with_the_api_rules() {
+    let (svc, addr) = serve().await;
+    add_pool(&svc, DEV_ACCOUNT, "p1", 1).await;
+    wait_nodes(&svc, "p1", 1, true).await;
+    let cookie = sign_in(addr, DEV_ACCOUNT, DEV_KEY).await;
+    let path = format!("{CONSOLE}/pools/p1");
+    let page = http(addr, "GET", &path, Some(&cookie), "").await;
+    assert!(
+        page.body
+            .contains("<button type=\"submit\">Resize pool</button>")
+    );
+    assert!(page.body.contains("name=\"targetDedicatedNodes\""));
+    let token = csrf(&page.body);
+    let resize = format!("{path}/resize");
+    let a = http(
+        addr,
+        "POST",
+        &resize,
+        Some(&cookie),
+        &format!("targetDedicatedNodes=many&csrf={token}"),
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert!(a.body.contains("role=\"alert\""), "{}", a.body);
+    assert_eq!(
+        svc.get_pool(DEV_ACCOUNT, "p1")
+            .unwrap()
+            .pool
+            .target_dedicated,
+        1
+    );
+    let a = http(
+        addr,
+        "POST",
+        &resize,
+        Some(&cookie),
+        &format!("targetDedicatedNodes=3&csrf={token}"),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert_eq!(a.header("location"), Some(path.as_str()));
+    assert_eq!(
+        svc.get_pool(DEV_ACCOUNT, "p1")
+            .unwrap()
+            .pool
+            .target_dedicated,
+        3
+    );
+    wait_nodes(&svc, "p1", 3, true).await;
+    let page = http(addr, "GET", &format!("{CONSOLE}/"), Some(&cookie), "").await;
+    assert!(page.body.contains("3 idle"), "{}", page.body);
 }

@@ -2,8 +2,8 @@
 //! of its account changed. The first event is `ready` with the account's current revision; then
 //! `changed` with the new one whenever it moves (looked at every [`POLL`]), and a comment every
 //! [`KEEP_ALIVE`] so proxies and the browser keep the stream open. The revision is a digest of
-//! what the pages show (pools, nodes, users and what the nodes applied, their login activity, the clock's offset): it
-//! tells "different", not "newer".
+//! what the pages show (pools, nodes, users and what the nodes applied, their login activity,
+//! the clock's offset): it tells "different", not "newer".
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, Response, StatusCode};

@@ -77,9 +77,9 @@ pub fn page(f: &Frame<'_>, main: &str) -> String {
     } else {
         h.push_str("</nav>");
     }
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "</header><main id=\"main\" tabindex=\"-1\"{live}>{main}</main></body></html>\n",
+        "</header><main id=\"main\" tabindex=\"-1\"{live}>{main}</main></body></html>",
         live = if f.account.is_some() {
             format!(" data-events=\"{PREFIX}/events\"")
         } else {
