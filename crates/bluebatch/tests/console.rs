@@ -202,3 +202,42 @@ async fn a_user_added_in_the_console_logs_in_and_the_node_page_shows_the_logins(
         "{page}"
     );
 }
+
+/// Over HTTPS the session cookie is also `Secure`; the console is served on that listener too.
+#[tokio::test]
+async fn over_https_the_session_cookie_is_secure() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = Server::start_tls(&["--data-dir", dir.path().to_str().unwrap()]);
+    let pem = std::fs::read(tls.ca.as_ref().expect("a generated CA")).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(DEADLINE)
+        .build()
+        .unwrap();
+    let r = http
+        .post(format!("{}/_bluebatch/console/sign-in", tls.https))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("account={ACCOUNT}&key={}", enc(KEY)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let attrs: Vec<&str> = set.split(';').map(str::trim).collect();
+    for want in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Secure",
+        "Path=/_bluebatch/console",
+    ] {
+        assert!(attrs.contains(&want), "{want} in {set}");
+    }
+    let page = get_page(
+        &http,
+        &format!("{}/_bluebatch/console/", tls.https),
+        attrs[0],
+    )
+    .await;
+    assert!(page.contains("<h1>Pools</h1>"), "{page}");
+}
