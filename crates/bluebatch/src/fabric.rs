@@ -92,6 +92,9 @@ impl NodeFabric for SshFabric {
             })
             .collect()
     }
+    fn last_login_seq(&self, key: &str) -> u64 {
+        self.0.last_login_seq(key)
+    }
     fn login_activity(&self, key: &str) -> Vec<LoginRecord> {
         self.0
             .login_activity(key)

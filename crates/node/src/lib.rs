@@ -506,6 +506,12 @@ impl SshNodes {
             .unwrap_or_default()
     }
 
+    /// The `seq` of the node's newest login outcome (0: none, or a node this provider does not
+    /// have): what a poller compares to see whether anything is new, without copying the list.
+    pub fn last_login_seq(&self, node_key: &str) -> u64 {
+        self.inner.node(node_key).map_or(0, |n| n.logins.last_seq())
+    }
+
     /// The revision last applied to the node, if any.
     pub fn applied_revision(&self, node_key: &str) -> Option<u64> {
         self.inner.node(node_key).and_then(|n| n.applied_revision())

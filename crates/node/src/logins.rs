@@ -74,6 +74,15 @@ impl LoginLog {
         ring.entries.push_back(entry);
     }
 
+    /// The number of the node's newest outcome (0: none yet): whether anything is new, without
+    /// a copy of the entries.
+    pub fn last_seq(&self) -> u64 {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_seq
+    }
+
     /// Every kept outcome, newest first.
     pub fn newest_first(&self) -> Vec<LoginRecord> {
         let ring = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -121,6 +130,7 @@ mod tests {
         assert_eq!(all[0].seq, 300);
         assert_eq!(all[KEPT - 1].user.as_deref(), Some("u44"));
         assert_eq!(all[KEPT - 1].seq, 45);
+        assert_eq!(log.last_seq(), 300);
     }
 
     #[test]

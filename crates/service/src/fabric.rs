@@ -131,4 +131,8 @@ pub trait NodeFabric: Send + Sync + 'static {
     fn login_activity(&self, _key: &str) -> Vec<LoginRecord> {
         Vec::new()
     }
+    /// The `seq` of the node's newest login outcome (0: none): cheap, for pollers.
+    fn last_login_seq(&self, _key: &str) -> u64 {
+        0
+    }
 }
