@@ -54,7 +54,9 @@
 //! [`SshConfig::max_failed_logins`] failures within [`SshConfig::failed_login_window`]. Every
 //! login accepted or refused is one info line on the `bluebatch::ssh` target (node, user,
 //! source, method, reason; a key as its SHA256 fingerprint, never a password or key material),
-//! as are a lockout, its end, and a node's state starting or stopping logins.
+//! as are a lockout, its end, and a node's state starting or stopping logins. Each node also
+//! keeps its last 256 outcomes in memory, numbered, with the service clock's time
+//! ([`SshNodes::login_activity`], see [`LoginRecord`] for what is and is not recorded).
 //!
 //! # Idle and slow connections
 //!

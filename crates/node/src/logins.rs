@@ -24,7 +24,10 @@ pub const KEPT: usize = 256;
 /// any name, and the log is bounded by its entries' size as well as their count.
 const MAX_USER_BYTES: usize = 64;
 
-/// One authentication outcome on a node.
+/// One authentication outcome on a node. Recorded: every password or public-key attempt
+/// accepted or refused (also a key offered that the account does not have), a method not
+/// offered, a connection closed before the banner for the node's state (method `none`, no
+/// user). Not recorded: the `none` probe, connections shed by the startup caps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginRecord {
     /// The entry's number on its node: 1 for the node's first outcome, one more for each next
@@ -39,7 +42,7 @@ pub struct LoginRecord {
     /// `password`, `publickey`, `keyboard-interactive` or `none`.
     pub method: &'static str,
     pub accepted: bool,
-    /// Why it was refused (see [`crate::auth`]): `unknown user`, `wrong password`, `no password`,
+    /// Why it was refused: `unknown user`, `wrong password`, `no password`,
     /// `expired`, `key not accepted`, `source held back`, `sessions full`, `node state …`,
     /// `method not offered`, `connection closing`. `None` when accepted.
     pub reason: Option<String>,
