@@ -487,6 +487,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     bluebatch_wire::serve(listener, app, async move {
         shutdown_signal().await;
         drop(stop_https);
+        // Open console tabs' event streams end, so they do not hold the shutdown.
+        bluebatch_wire::console::events::close_all();
     })
     .await
     .map_err(|e| e.to_string())?;

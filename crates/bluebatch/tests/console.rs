@@ -241,3 +241,64 @@ async fn over_https_the_session_cookie_is_secure() {
     .await;
     assert!(page.contains("<h1>Pools</h1>"), "{page}");
 }
+
+/// An open console tab (its event stream) does not hold the service's shutdown: on SIGTERM the
+/// stream ends and the process exits well within the 30 s grace of requests in flight.
+#[tokio::test]
+async fn sigterm_ends_the_event_streams_and_the_service_stops_promptly() {
+    let mut server = Server::start();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(DEADLINE)
+        .build()
+        .unwrap();
+    let console = format!("{}/_bluebatch/console", server.url);
+    let r = http
+        .post(format!("{console}/sign-in"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("account={ACCOUNT}&key={}", enc(KEY)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut events = http
+        .get(format!("{console}/events"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status().as_u16(), 200);
+    assert_eq!(
+        events.headers()["content-type"],
+        "text/event-stream; charset=utf-8"
+    );
+    let first = events.chunk().await.unwrap().expect("the first event");
+    assert!(String::from_utf8_lossy(&first).contains("event: ready"));
+    let started = std::time::Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || {
+        server.stop();
+        server
+    });
+    // The stream ends (cleanly or by the connection closing) rather than staying open.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = events.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the event stream stayed open after SIGTERM");
+    let _server = tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("the service stopped in time")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+}

@@ -9,6 +9,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, Response, StatusCode};
 use bluebatch_service::Service;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -16,6 +17,16 @@ pub const POLL: Duration = Duration::from_millis(500);
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Nodes looked at per pool for the digest (a console page shows no more).
 pub const MAX_NODES: usize = 1000;
+
+/// Set once the service stops: every stream ends, so an open console tab does not hold the
+/// shutdown for its grace period (the browser reconnects to the next process).
+static CLOSING: LazyLock<tokio::sync::watch::Sender<bool>> =
+    LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+
+/// Ends every event stream of this process (called when the service begins to stop).
+pub fn close_all() {
+    CLOSING.send_replace(true);
+}
 
 /// A digest of what `account`'s pages show.
 pub fn revision(svc: &Service, account: &str) -> u64 {
@@ -60,6 +71,7 @@ struct Stream {
     account: String,
     last: Option<u64>,
     next_keep_alive: Instant,
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The event stream for `account`; it ends when the client goes away (the body is dropped).
@@ -69,9 +81,13 @@ pub fn response(svc: Service, account: String) -> Response<Body> {
         account,
         last: None,
         next_keep_alive: Instant::now() + KEEP_ALIVE,
+        closing: CLOSING.subscribe(),
     };
     let events = futures_util::stream::unfold(start, |mut s| async move {
         loop {
+            if *s.closing.borrow_and_update() {
+                return None;
+            }
             let rev = revision(&s.svc, &s.account);
             let chunk = match s.last {
                 None => Some(format!("retry: 2000\nevent: ready\ndata: {rev}\n\n")),
@@ -84,7 +100,10 @@ pub fn response(svc: Service, account: String) -> Response<Body> {
                 s.next_keep_alive = Instant::now() + KEEP_ALIVE;
                 return Some((Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), s));
             }
-            tokio::time::sleep(POLL).await;
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = s.closing.changed() => {}
+            }
         }
     });
     let mut r = Response::new(Body::from_stream(events));
