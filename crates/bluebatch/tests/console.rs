@@ -170,11 +170,34 @@ async fn a_user_added_in_the_console_logs_in_and_the_node_page_shows_the_logins(
     assert_eq!(status, 303, "{body}");
     let page = get_page(&http, &page_url, &cookie).await;
     assert!(page.contains("<td>erin</td><td>set</td>"), "{page}");
+    // The page's event stream tells of the login (the node's activity moved).
+    let mut events = http
+        .get(format!("{console}/events"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let first = events.chunk().await.unwrap().expect("the first event");
+    assert!(String::from_utf8_lossy(&first).contains("event: ready"));
     let (code, out) =
         tokio::task::spawn_blocking(move || ssh_password(port, "erin", "Pa55word", "echo hi"))
             .await
             .unwrap();
     assert_eq!((code, out.trim()), (0, "hi"));
+    let changed = tokio::time::timeout(DEADLINE, async {
+        let mut seen = String::new();
+        while !seen.contains("event: changed") {
+            let chunk = events
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await;
+    assert!(changed.is_ok(), "no changed event after the login");
+    drop(events);
     let page = get_page(&http, &page_url, &cookie).await;
     assert!(
         page.contains("<td>erin</td><td>127.0.0.1</td><td>password</td><td>accepted</td>"),

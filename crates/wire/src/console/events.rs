@@ -54,12 +54,9 @@ pub fn revision(svc: &Service, account: &str) -> u64 {
                     l.failures.hash(&mut h);
                 }
             }
-            if let Ok(logins) = svc.node_logins(account, &p.pool.id, &n.node.id) {
-                logins.len().hash(&mut h);
-                if let Some(newest) = logins.first() {
-                    newest.time.hash(&mut h);
-                    newest.accepted.hash(&mut h);
-                }
+            // The newest login outcome's number: the list itself is not copied.
+            if let Ok(seq) = svc.node_last_login_seq(account, &p.pool.id, &n.node.id) {
+                seq.hash(&mut h);
             }
         }
     }
