@@ -3,7 +3,8 @@
 # 15 (postgresql-15, for scripts/pg.sh's throwaway cluster); for the
 # agent tests a real sshd (openssh-server, never started as a service here: each test runs its own
 # in a namespace), sudo, ip and the shadow tools; the azure-batch venv of tests/sdk, and the
-# az CLI (a cached venv, reused across runs and clones: scripts/setup-az.sh).
+# az CLI (a cached venv, reused across runs and clones: scripts/setup-az.sh); chromium and
+# chromium-driver for the console's browser tests.
 set -euo pipefail
 need=()
 command -v ssh >/dev/null || need+=(openssh-client)
@@ -19,6 +20,10 @@ command -v ssh-keyscan >/dev/null || need+=(openssh-client)
 # PostgreSQL 15 for the PostgreSQL store's tests: scripts/pg.sh runs a throwaway cluster from its
 # binaries (the package's own cluster is never started: policy-rc.d below).
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
+# Debian's Chromium and its driver for the console's browser tests (tests/console: Selenium is
+# pointed at these; it never downloads a browser).
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test of bluebatch: formatting, lints, the Rust suites (unit, HTTP-level, real OpenSSH),
-# then the real azure-batch Python SDK and the real az CLI against the built server.
+# then the real azure-batch Python SDK, the real az CLI and the web console in Debian's headless
+# Chromium against the built server.
 # Needs Rust and Python 3; scripts/setup.sh (run first) installs the OpenSSH client and sshpass,
 # and the az CLI into a cached venv (scripts/setup-az.sh). A missing tool fails the run.
 # Locally, a test whose prerequisite is missing (root, for the per-session uid checks) skips those
@@ -57,4 +58,5 @@ else
 fi
 stage "azure-batch SDK on two PostgreSQL replicas behind a round-robin proxy (tests/sdk, BLUEBATCH_SDK_STORE=postgres)" env BLUEBATCH_SDK_STORE=postgres tests/sdk/run.sh test_user_flow.py test_ssh_login.py test_unserved.py test_early_answers.py
 stage "az CLI (tests/az)" tests/az/run.sh
+stage "web console in headless Chromium (tests/console)" tests/console/run.sh
 echo "-- scripts/test.sh took $((SECONDS - start)) s"
