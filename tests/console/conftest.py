@@ -33,7 +33,14 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
 REPO = Path(__file__).resolve().parents[2]
-SHOTS = REPO / "docs" / "console"
+# Where the screenshots go: BLUEBATCH_CONSOLE_SHOTS=docs/console refreshes the ones docs/console.md
+# shows; by default they go under the temporary directory, so a test run leaves the tree unchanged.
+# (A relative BLUEBATCH_CONSOLE_SHOTS is taken from the repository's top.)
+SHOTS = (
+    REPO / os.environ["BLUEBATCH_CONSOLE_SHOTS"]
+    if os.environ.get("BLUEBATCH_CONSOLE_SHOTS")
+    else Path(os.environ.get("TMPDIR", "/tmp")) / "bluebatch-console-shots"
+)
 STARTUP_SECONDS = 30
 API_VERSION = "2023-11-01.18.0"
 NODE_STEP_MS = 1000
@@ -205,7 +212,7 @@ def browser():
 
 
 def shot(driver, name: str) -> Path:
-    """Saves the viewport as docs/console/<name>.png (overwriting)."""
+    """Saves the viewport as SHOTS/<name>.png (overwriting)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"
     assert driver.save_screenshot(str(path)), path
