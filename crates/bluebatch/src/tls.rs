@@ -253,7 +253,10 @@ pub async fn start(
         tokio::net::TcpListener::from_std(listener).map_err(|e| format!("HTTPS on {addr}: {e}"))?;
 
     println!("bluebatch listening on https://{addr}");
-    println!("console: https://{addr}{}/", bluebatch_wire::console::PREFIX);
+    println!(
+        "console: https://{addr}{}/",
+        bluebatch_wire::console::PREFIX
+    );
     match &ca {
         Some(ca) => {
             let ca = ca.display();
