@@ -24,8 +24,9 @@ use serde_json::{Value, json};
 
 type Answer = Result<Response<Body>, BatchError>;
 
-/// Hashes off the async workers (SHA-512-crypt costs milliseconds).
-async fn hash(password: Option<&str>) -> Result<Option<String>, BatchError> {
+/// Hashes off the async workers (SHA-512-crypt costs milliseconds); the console's user forms
+/// hash through it too.
+pub(crate) async fn hash(password: Option<&str>) -> Result<Option<String>, BatchError> {
     match password {
         None => Ok(None),
         Some(p) => {

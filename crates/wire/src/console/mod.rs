@@ -24,13 +24,13 @@ pub mod events;
 pub mod pages;
 pub mod session;
 
+use crate::handlers::hash;
 use crate::percent::decode;
 use crate::respond::Ctx;
 use crate::server::{App, Unread, read_any_body};
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Response, StatusCode, request::Parts};
 use bluebatch_core::Clock;
-use bluebatch_core::crypt::hash_password;
 use bluebatch_core::error::{BatchError, Code};
 use bluebatch_core::model::Os;
 use bluebatch_core::timefmt::iso;
@@ -472,20 +472,6 @@ fn node_page(
         &f,
         &pages::node(&v, &ep, &users, &logins, form, &s.csrf),
     )
-}
-
-/// Hashes off the async workers (SHA-512-crypt costs milliseconds), as the API's handler does.
-async fn hash(password: Option<&str>) -> Result<Option<String>, BatchError> {
-    match password {
-        None => Ok(None),
-        Some(p) => {
-            let p = p.to_string();
-            tokio::task::spawn_blocking(move || hash_password(&p))
-                .await
-                .map(Some)
-                .map_err(|_| BatchError::new(Code::InternalError))
-        }
-    }
 }
 
 /// The API's body for a user form: empty fields are left out (a password or key left empty is
