@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
@@ -127,6 +128,18 @@ def test_a_pool_made_through_the_api_appears_live_while_it_allocates(server, bro
     shot(browser, "pools")
 
 
+def fresh(act, tries: int = 5):
+    """Runs `act` (find elements, fill, click) again when a live update swapped <main> under it:
+    a stale element is raised before the element is used, so nothing was submitted."""
+    for attempt in range(tries):
+        try:
+            return act()
+        except StaleElementReferenceException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.1)
+
+
 def test_pool_to_node_add_user_ssh_login_and_update_with_empty_password(server, browser, pool):
     pool_id, node_id = pool
     sign_in(browser, server)
@@ -140,10 +153,12 @@ def test_pool_to_node_add_user_ssh_login_and_update_with_empty_password(server, 
         By.XPATH, "//dt[text()='SSH']/following-sibling::dd[1]/code").text.split()[2])
 
     # Add user through the form; the node page shows it stored and applied on the node.
-    form = browser.find_element(By.ID, "add-user")
-    form.find_element(By.NAME, "name").send_keys("erin")
-    form.find_element(By.NAME, "password").send_keys("Pa55word")
-    form.find_element(By.XPATH, ".//button[normalize-space()='Add user']").click()
+    def add_erin():
+        form = browser.find_element(By.ID, "add-user")
+        form.find_element(By.NAME, "name").send_keys("erin")
+        form.find_element(By.NAME, "password").send_keys("Pa55word")
+        form.find_element(By.XPATH, ".//button[normalize-space()='Add user']").click()
+    fresh(add_erin)
     wait(browser, lambda d: user_cell(d, "erin", 2) == "set", message="erin not listed")
     wait(browser, lambda d: user_cell(d, "erin", 8) == "yes",
          message="erin never shown applied on the node")
@@ -160,9 +175,11 @@ def test_pool_to_node_add_user_ssh_login_and_update_with_empty_password(server, 
     shot(browser, "node")
 
     # Update user with the password left empty: the password is gone, its login refused.
-    upd = browser.find_element(By.XPATH, "//form[.//input[@id='erin-password']]")
-    upd.find_element(By.NAME, "password").clear()
-    upd.find_element(By.XPATH, ".//button[normalize-space()='Update user']").click()
+    def update_erin():
+        upd = browser.find_element(By.XPATH, "//form[.//input[@id='erin-password']]")
+        upd.find_element(By.NAME, "password").clear()
+        upd.find_element(By.XPATH, ".//button[normalize-space()='Update user']").click()
+    fresh(update_erin)
     wait(browser, lambda d: user_cell(d, "erin", 2) == "none",
          message="the password still shown set after the update")
     wait(browser, lambda d: user_cell(d, "erin", 8) == "yes")
