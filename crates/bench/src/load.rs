@@ -255,11 +255,14 @@ pub struct Outcome {
     pub scrapes: Vec<u32>,
     /// Bytes of the last scrape's answer.
     pub scrape_bytes: usize,
+    /// Operations per second of each slice merged, in the order measured.
+    pub slices: Vec<f64>,
 }
 
 impl Outcome {
     /// Adds another slice of the same measurement (call [`Outcome::finish`] after the last).
     pub fn merge(&mut self, o: Outcome) {
+        self.slices.push(o.ops_per_sec());
         self.ops += o.ops;
         self.requests += o.requests;
         self.errors += o.errors;
