@@ -58,6 +58,16 @@ impl PoolEntry {
 }
 
 /// User names compare case-sensitively on Linux and case-insensitively on Windows.
+/// A user write stores the user's record alone, not its node's: the account carries the
+/// revision it was written in, and a node's `users_revision` is the highest of its stored one and
+/// its accounts' (a revision that no account carries, a deletion or a reboot, is stored in the
+/// node's record). So reading the records back always gives the revision the writer had.
+pub fn raise_users_revision(node: &mut Node, revision: u64) {
+    if revision > node.users_revision {
+        node.users_revision = revision;
+    }
+}
+
 pub fn user_key(os: Os, name: &str) -> String {
     match os {
         Os::Linux => name.to_string(),
@@ -216,6 +226,7 @@ impl State {
             if let Some(p) = state.pool_mut(&account, &pool) {
                 let os = p.pool.os;
                 if let Some(n) = p.nodes.get_mut(&node) {
+                    raise_users_revision(&mut n.node, user.revision);
                     n.users.insert(user_key(os, &user.name), user);
                 }
             }
@@ -419,7 +430,14 @@ impl State {
                         .push((node_key(account, &p.pool.id, id), host.clone()));
                 }
                 match p.nodes.get_mut(*id) {
-                    Some(e) => e.node = node,
+                    Some(e) => {
+                        // Never behind the accounts it holds (see `raise_users_revision`).
+                        let mut node = node;
+                        for u in e.users.values() {
+                            raise_users_revision(&mut node, u.revision);
+                        }
+                        e.node = node;
+                    }
                     None => {
                         p.nodes.insert(
                             id.to_string(),
@@ -438,8 +456,19 @@ impl State {
                 let user: NodeUser = serde_json::from_slice(v).map_err(bad)?;
                 if let Some(p) = self.pool_mut(account, pkey) {
                     let os = p.pool.os;
+                    let pool_id = p.pool.id.clone();
                     if let Some(n) = p.nodes.get_mut(*id) {
+                        raise_users_revision(&mut n.node, user.revision);
                         n.users.insert(user_key(os, &user.name), user);
+                        // The node's revision moved with it: its agent has something to apply.
+                        if let Some(host) = &n.node.host {
+                            touched
+                                .agent_nodes
+                                .push((node_key(account, &pool_id, id), host.clone()));
+                            touched
+                                .pools
+                                .insert((account.to_string(), pkey.to_string()));
+                        }
                     }
                 }
             }

@@ -148,12 +148,10 @@ impl Service {
             if matches!(acked, crate::Ack::Given) {
                 entry.node.applied_revision = Some(revision);
             }
-            let ops = vec![
-                user_op,
-                put_json(node_record(at.account, &pool_id, at.node), &entry.node),
-            ];
-            // A user write moves no pool's or host's capacity.
-            let pending = self.submit_quiet(ops);
+            // The user's record alone: it carries the node's new revision (see
+            // `state::raise_users_revision`); an embedded node's applied revision is not stored
+            // (it applies again at start-up). A user write moves no pool's or host's capacity.
+            let pending = self.submit_quiet(vec![user_op]);
             (
                 pending,
                 (pool_id, user_name),

@@ -395,6 +395,18 @@ impl Harness {
         Self::start(backend, config, mode, Some(dir)).await
     }
 
+    /// Every record of the store file as it is now, read through a second connection.
+    pub fn records(&self) -> BTreeMap<String, serde_json::Value> {
+        use bluebatch_store::Backend;
+        let dir = self.dir.as_ref().expect("records need a store on disk");
+        let mut b = SqliteBackend::open(&dir.path().join("state.db")).expect("store file");
+        b.load_all()
+            .expect("records")
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::from_slice(&v).expect("JSON records")))
+            .collect()
+    }
+
     /// Adds a pool of `nodes` dedicated nodes and waits until every one is `idle`; their ids.
     pub async fn pool(&self, id: &str, os: Os, nodes: u32) -> Vec<String> {
         let image = match os {
