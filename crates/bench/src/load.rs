@@ -257,12 +257,18 @@ pub struct Outcome {
     pub scrape_bytes: usize,
     /// Operations per second of each slice merged, in the order measured.
     pub slices: Vec<f64>,
+    /// CPU time during the measured slices (scheduler accounts, all threads): the server's and
+    /// this process's (the load generator, or the hash ceiling's threads); 0 when not measured.
+    pub server_cpu_ns: u64,
+    pub client_cpu_ns: u64,
 }
 
 impl Outcome {
     /// Adds another slice of the same measurement (call [`Outcome::finish`] after the last).
     pub fn merge(&mut self, o: Outcome) {
         self.slices.push(o.ops_per_sec());
+        self.server_cpu_ns += o.server_cpu_ns;
+        self.client_cpu_ns += o.client_cpu_ns;
         self.ops += o.ops;
         self.requests += o.requests;
         self.errors += o.errors;
@@ -277,6 +283,13 @@ impl Outcome {
     pub fn finish(&mut self) {
         self.lat_us.sort_unstable();
         self.scrapes.sort_unstable();
+    }
+    /// µs of CPU per operation: (server, load generator), when measured.
+    pub fn cpu_per_op_us(&self) -> Option<(f64, f64)> {
+        (self.server_cpu_ns > 0 && self.ops > 0).then(|| {
+            let n = self.ops as f64 * 1e3;
+            (self.server_cpu_ns as f64 / n, self.client_cpu_ns as f64 / n)
+        })
     }
     pub fn ops_per_sec(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)

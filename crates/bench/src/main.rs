@@ -200,6 +200,11 @@ impl Report {
             "{:<44} {:>5} {:>10.0} {:>10.0} {:>9.2} {:>9.2}  {}",
             r.name, r.conns, r.ops, r.reqs, r.p50, r.p99, r.ratio
         );
+        if let Some((server, client)) = o.cpu_per_op_us() {
+            println!(
+                "  CPU per operation: server {server:.1} µs, load generator {client:.1} µs (all threads, during its slices)"
+            );
+        }
         if o.errors > 0 {
             let e = format!(
                 "{name}: {} failed operations; first: {}",
@@ -315,6 +320,19 @@ async fn phase(
     duration: Duration,
 ) -> Result<Outcome, String> {
     RUN.fetch_add(1, Ordering::Relaxed);
+    let cpu0 = (srv.cpu_ns(), server::own_cpu_ns());
+    let mut o = phase_run(srv, signer, p, duration).await?;
+    o.server_cpu_ns = srv.cpu_ns().saturating_sub(cpu0.0);
+    o.client_cpu_ns = server::own_cpu_ns().saturating_sub(cpu0.1);
+    Ok(o)
+}
+
+async fn phase_run(
+    srv: &Server,
+    signer: &Arc<Signer>,
+    p: &Phase,
+    duration: Duration,
+) -> Result<Outcome, String> {
     match p {
         Phase::Load {
             op,

@@ -165,14 +165,7 @@ impl Server {
     /// account, `/proc/PID/task/*/schedstat`: exact where the 10 ms ticks of `stat` are not).
     /// Threads that have exited are not counted.
     pub fn cpu_ns(&self) -> u64 {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
-            return 0;
-        };
-        tasks
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .sum()
+        cpu_ns(&format!("/proc/{}", self.pid))
     }
 
     pub fn threads(&self) -> u64 {
@@ -192,6 +185,32 @@ impl Server {
             let _ = self.child.kill().await;
         }
     }
+}
+
+/// This process's CPU time so far, every thread (ended ones too), in nanoseconds.
+pub fn own_cpu_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write to; the clock id is a constant.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) } != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// The CPU time of every live thread of the process at `proc_dir` (`/proc/PID`), in
+/// nanoseconds, from `task/*/schedstat`.
+pub fn cpu_ns(proc_dir: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("{proc_dir}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 pub fn rss_kb(pid: u32) -> u64 {
