@@ -415,14 +415,7 @@ fn scrape_verdict(ratio: f64, se: f64, scrape_share: f64) -> bool {
 /// The standard error of the mean of the per-round ratios of [`paired_median`] (0 with fewer
 /// than two rounds).
 fn paired_se(x: &[f64], a: &[f64], b: &[f64]) -> f64 {
-    let r: Vec<f64> = x
-        .iter()
-        .zip(a.iter().zip(b))
-        .filter_map(|(x, (a, b))| {
-            let base = (a + b) / 2.0;
-            (base > 0.0).then(|| x / base)
-        })
-        .collect();
+    let r = paired_ratios(x, a, b);
     if r.len() < 2 {
         return 0.0;
     }
@@ -432,17 +425,21 @@ fn paired_se(x: &[f64], a: &[f64], b: &[f64]) -> f64 {
     (var / n).sqrt()
 }
 
-/// The median over rounds of `x[r]` against the mean of `a[r]` and `b[r]` (the slices of one
-/// round of [`measure_alternating`]); `None` without a complete round.
-fn paired_median(x: &[f64], a: &[f64], b: &[f64]) -> Option<f64> {
-    let mut r: Vec<f64> = x
-        .iter()
+/// Each round's `x[r]` against the mean of `a[r]` and `b[r]` (rounds without a base left out).
+fn paired_ratios(x: &[f64], a: &[f64], b: &[f64]) -> Vec<f64> {
+    x.iter()
         .zip(a.iter().zip(b))
         .filter_map(|(x, (a, b))| {
             let base = (a + b) / 2.0;
             (base > 0.0).then(|| x / base)
         })
-        .collect();
+        .collect()
+}
+
+/// The median over rounds of `x[r]` against the mean of `a[r]` and `b[r]` (the slices of one
+/// round of [`measure_alternating`]); `None` without a complete round.
+fn paired_median(x: &[f64], a: &[f64], b: &[f64]) -> Option<f64> {
+    let mut r = paired_ratios(x, a, b);
     if r.is_empty() {
         return None;
     }

@@ -4,13 +4,12 @@
 
 mod common;
 
+use bluebatch_core::Clock;
 use bluebatch_core::pools::parse_add_pool;
-use bluebatch_core::{Clock, ServiceClock};
-use bluebatch_service::{Config, Service};
-use bluebatch_wire::{Accounts, App, DEV_ACCOUNT, DEV_KEY, WireConfig};
-use common::{DEADLINE, InstantNodes, pool_body, wait_nodes};
+use bluebatch_service::Service;
+use bluebatch_wire::{Accounts, DEV_ACCOUNT, DEV_KEY, WireConfig};
+use common::{DEADLINE, pool_body, wait_nodes};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -20,35 +19,16 @@ const CONSOLE: &str = "/_bluebatch/console";
 
 /// A service with two accounts (the development one and [`OTHER`]) on a loopback port.
 async fn serve() -> (Service, SocketAddr) {
-    let backend = bluebatch_store::SqliteBackend::in_memory().expect("an in-memory store");
-    let svc = Service::start(
-        backend,
-        Arc::new(ServiceClock::new()),
-        Arc::new(InstantNodes),
-        Config {
-            node_step: Duration::from_millis(1),
-            ..Config::default()
-        },
-    )
-    .await
-    .expect("the service starts");
     let accounts = Accounts::dev();
     accounts.add(OTHER, &[OTHER_KEY.to_string()]).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = Arc::new(App {
-        service: svc.clone(),
-        config: WireConfig {
+    common::serve_with(
+        Duration::from_millis(1),
+        WireConfig {
             accounts,
             ..WireConfig::default()
         },
-    });
-    tokio::spawn(bluebatch_wire::serve(
-        listener,
-        app,
-        std::future::pending::<()>(),
-    ));
-    (svc, addr)
+    )
+    .await
 }
 
 struct Answer {

@@ -138,6 +138,11 @@ pub async fn call_full(
 /// A service with [`InstantNodes`] whose nodes move a step every `step`, served on a fresh
 /// loopback port until the test ends.
 pub async fn serve(step: Duration) -> (Service, SocketAddr) {
+    serve_with(step, WireConfig::default()).await
+}
+
+/// [`serve`] with the wire settings `config` (accounts, limits).
+pub async fn serve_with(step: Duration, config: WireConfig) -> (Service, SocketAddr) {
     let backend = bluebatch_store::SqliteBackend::in_memory().expect("an in-memory store");
     let svc = Service::start(
         backend,
@@ -154,7 +159,7 @@ pub async fn serve(step: Duration) -> (Service, SocketAddr) {
     let addr = listener.local_addr().unwrap();
     let app = Arc::new(App {
         service: svc.clone(),
-        config: WireConfig::default(),
+        config,
     });
     tokio::spawn(bluebatch_wire::serve(
         listener,
