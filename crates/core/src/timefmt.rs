@@ -8,6 +8,15 @@ use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 /// `2016-11-27T00:45:48.7320857Z`, `2016-11-22T19:37:28.623369Z`, `2017-08-01T00:00:00Z`.
 pub fn iso(t: OffsetDateTime) -> String {
     let t = t.to_offset(UtcOffset::UTC);
+    match iso_bytes(t) {
+        // Only ASCII was written.
+        Some((b, len)) => b[..len].iter().map(|&c| c as char).collect(),
+        None => iso_general(t),
+    }
+}
+
+/// [`iso`] through the format-description machinery (any year).
+fn iso_general(t: OffsetDateTime) -> String {
     let base = t
         .format(format_description!(
             "[year]-[month]-[day]T[hour]:[minute]:[second]"
@@ -20,6 +29,37 @@ pub fn iso(t: OffsetDateTime) -> String {
         let frac = format!("{ticks:07}");
         format!("{base}.{}Z", frac.trim_end_matches('0'))
     }
+}
+
+/// [`iso`] of a UTC instant of years 0–9999, written by hand (every resource in an answer
+/// carries several dates; the format-description machinery costs more than the rest of a
+/// node's JSON). The bytes and how many of them are the date.
+fn iso_bytes(t: OffsetDateTime) -> Option<([u8; 28], usize)> {
+    let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+    let mut b = *b"YYYY-MM-DDTHH:MM:SS.fffffffZ";
+    two_digits(&mut b[0..2], (year / 100) as u8);
+    two_digits(&mut b[2..4], (year % 100) as u8);
+    two_digits(&mut b[5..7], u8::from(t.month()));
+    two_digits(&mut b[8..10], t.day());
+    two_digits(&mut b[11..13], t.hour());
+    two_digits(&mut b[14..16], t.minute());
+    two_digits(&mut b[17..19], t.second());
+    let mut ticks = t.nanosecond() / 100; // Azure keeps 100 ns ticks
+    if ticks == 0 {
+        b[19] = b'Z';
+        return Some((b, 20));
+    }
+    for i in (20..27).rev() {
+        b[i] = b'0' + (ticks % 10) as u8;
+        ticks /= 10;
+    }
+    // Trailing zeros dropped.
+    let mut end = 27;
+    while b[end - 1] == b'0' {
+        end -= 1;
+    }
+    b[end] = b'Z';
+    Some((b, end + 1))
 }
 
 /// Parses an RFC 3339 date-time with `Z` or an offset and 0–7 fractional digits; converts to UTC.
@@ -137,6 +177,35 @@ mod tests {
             "2016-11-22T19:37:31.4Z",
         ] {
             assert_eq!(iso(parse_iso(s).unwrap()), s);
+        }
+    }
+
+    #[test]
+    fn iso_by_hand_is_the_format_descriptions() {
+        let mut t = time::macros::datetime!(1999-12-25 23:59:59.999 UTC);
+        let mut instants = vec![
+            time::macros::datetime!(0000-01-01 00:00:00 UTC),
+            time::macros::datetime!(0000-01-01 00:00:00.0000001 UTC),
+            time::macros::datetime!(9999-12-31 23:59:59.9999999 UTC),
+            time::macros::datetime!(2024-02-29 12:34:56.1 UTC),
+            time::macros::datetime!(2024-02-29 12:34:56.000000099 UTC),
+            time::macros::datetime!(2024-02-29 12:34:56.100000099 UTC),
+            time::macros::datetime!(2026-11-25 12:00:00.5 +02:00),
+        ];
+        for i in 0..(366 * 40) {
+            instants.push(t);
+            let step = 86_400 + 3_607 * (i % 7) - 11_000;
+            t += time::Duration::new(step, ((i * 7_919_311) % 1_000_000_000) as i32);
+        }
+        for t in instants {
+            let s = iso(t);
+            assert_eq!(s, iso_general(t.to_offset(UtcOffset::UTC)), "{t}");
+            assert_eq!(parse_iso(&s).map(iso), Some(s.clone()));
+        }
+        // Past year 9999: the general formatter.
+        let far = time::macros::datetime!(2026-11-25 12:00:00 UTC).replace_year(10_000);
+        if let Ok(far) = far {
+            assert_eq!(iso(far), iso_general(far));
         }
     }
 

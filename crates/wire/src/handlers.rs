@@ -216,16 +216,11 @@ pub async fn dispatch(
         }
         Endpoint::ComputeNodeGet { pool, node } => {
             let v = svc.get_node(account, &pool, &node)?;
-            let mut o = dto::node_json(&ctx.base, &v, &svc.config().remote_login_ip);
-            select(&mut o, q.select.as_deref());
-            let mut out = serde_json::Map::new();
-            out.insert(
-                "odata.metadata".into(),
-                json!(format!("{}/$metadata#nodes/@Element", ctx.base)),
-            );
-            out.extend(o);
+            let metadata = format!("{}/$metadata#nodes/@Element", ctx.base);
+            let node = dto::NodeJson::new(&ctx.base, &v, &svc.config().remote_login_ip)
+                .element(&metadata, q.select.as_deref());
             Ok(with_resource(
-                json_response(Value::Object(out)),
+                respond::json_of(&node),
                 &v.node.etag,
                 v.node.last_modified,
                 None,

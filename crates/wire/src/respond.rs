@@ -72,7 +72,12 @@ pub fn error(ctx: &Ctx, e: &BatchError) -> Response<Body> {
 }
 
 pub fn json_response(v: Value) -> Response<Body> {
-    let bytes = serde_json::to_vec(&v).expect("JSON values always serialize");
+    json_of(&v)
+}
+
+/// A JSON answer of anything that serializes (typed answers skip building a [`Value`]).
+pub fn json_of<T: serde::Serialize>(v: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(v).expect("answers always serialize");
     let mut r = Response::new(Body::from(bytes));
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
