@@ -8,7 +8,7 @@ use bluebatch_core::Clock;
 use bluebatch_core::pools::parse_add_pool;
 use bluebatch_service::Service;
 use bluebatch_wire::{Accounts, DEV_ACCOUNT, DEV_KEY, WireConfig};
-use common::{DEADLINE, pool_body, wait_nodes};
+use common::{DEADLINE, RawAnswer, exchange, pool_body, wait_nodes};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,21 +31,6 @@ async fn serve() -> (Service, SocketAddr) {
     .await
 }
 
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// One HTTP/1.1 request on its own connection (`Connection: close`), within [`DEADLINE`].
 async fn http(
     addr: SocketAddr,
@@ -53,44 +38,19 @@ async fn http(
     path: &str,
     cookie: Option<&str>,
     form: &str,
-) -> Answer {
-    tokio::time::timeout(DEADLINE, async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(c) = cookie {
-            req.push_str(&format!("Cookie: {c}\r\n"));
-        }
-        if method == "POST" {
-            req.push_str(&format!(
-                "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
-                form.len()
-            ));
-        }
-        req.push_str(&format!("\r\n{form}"));
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.unwrap();
-        let text = String::from_utf8(raw).expect("a UTF-8 answer");
-        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("a status line");
-        let headers = head
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_once(": "))
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
-            .collect();
-        Answer {
-            status,
-            headers,
-            body: body.to_string(),
-        }
-    })
-    .await
-    .expect("the console answered in time")
+) -> RawAnswer {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(c) = cookie {
+        req.push_str(&format!("Cookie: {c}\r\n"));
+    }
+    if method == "POST" {
+        req.push_str(&format!(
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            form.len()
+        ));
+    }
+    req.push_str(&format!("\r\n{form}"));
+    exchange(addr, &req).await
 }
 
 /// Form encoding of one value.

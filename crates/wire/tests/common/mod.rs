@@ -99,37 +99,65 @@ pub async fn call_full(
         DEV_ACCOUNT,
         &key,
     );
+    let mut req = format!(
+        "{method} {path}?{API} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: {auth}\r\n"
+    );
+    for (k, v) in &h {
+        req.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap()));
+    }
+    req.push_str(&format!("\r\n{body}"));
+    let raw = exchange(addr, &req).await;
+    let json = if raw.body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&raw.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", raw.body))
+    };
+    (raw.status, raw.headers, json)
+}
+
+/// An answer as read off the wire.
+pub struct RawAnswer {
+    pub status: u16,
+    /// Header fields in order, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `request` (a whole HTTP/1.1 request with `Connection: close`) on a connection of its
+/// own and reads the answer to its end, within [`DEADLINE`].
+pub async fn exchange(addr: SocketAddr, request: &str) -> RawAnswer {
     tokio::time::timeout(DEADLINE, async {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut req = format!(
-            "{method} {path}?{API} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: {auth}\r\n"
-        );
-        for (k, v) in &h {
-            req.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap()));
-        }
-        req.push_str(&format!("\r\n{body}"));
-        s.write_all(req.as_bytes()).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await.unwrap();
         let text = String::from_utf8(raw).expect("a UTF-8 answer");
-        let (head, rest) = text.split_once("\r\n\r\n").expect("a head and a body");
-        let status: u16 = head
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        let status = head
             .split(' ')
             .nth(1)
             .and_then(|s| s.parse().ok())
             .expect("a status line");
-        let json = if rest.is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_str(rest).unwrap_or_else(|e| panic!("not JSON ({e}): {rest}"))
-        };
         let headers = head
             .lines()
             .skip(1)
             .filter_map(|l| l.split_once(": "))
             .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
             .collect();
-        (status, headers, json)
+        RawAnswer {
+            status,
+            headers,
+            body: body.to_string(),
+        }
     })
     .await
     .expect("the request answered in time")
