@@ -4,7 +4,7 @@ use crate::fabric::SshFabric;
 use bluebatch_core::ServiceClock;
 use bluebatch_node::{SshConfig, SshNodes};
 use bluebatch_service::{Config, Service};
-use bluebatch_store::SqliteBackend;
+use bluebatch_store::{Backend, MemBackend, SqliteBackend};
 use bluebatch_wire::{Accounts, App, DEV_ACCOUNT, DEV_KEY, WireConfig};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -340,8 +340,11 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let shared = shared_store(&args)?;
     let backend = match (&shared, args.in_memory) {
         (Some(_), _) => None,
-        (None, true) => Some(SqliteBackend::in_memory()),
-        (None, false) => Some(SqliteBackend::open(&data_dir.join("state.db"))),
+        (None, true) => Some(Ok(Box::new(MemBackend::new()) as Box<dyn Backend>)),
+        (None, false) => Some(
+            SqliteBackend::open(&data_dir.join("state.db"))
+                .map(|b| Box::new(b) as Box<dyn Backend>),
+        ),
     }
     .transpose()
     .map_err(|e| e.to_string())?;

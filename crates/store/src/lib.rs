@@ -7,11 +7,13 @@
 
 pub mod conformance;
 mod group;
+mod mem;
 mod memshared;
 mod shared;
 mod sqlite;
 
 pub use group::{Done, GroupCommit, Ticket};
+pub use mem::MemBackend;
 pub use memshared::MemShared;
 pub use shared::{BoxFuture, Change, Locked, SharedBackend, Snapshot};
 pub use sqlite::SqliteBackend;
@@ -70,5 +72,27 @@ pub trait Backend: Send + 'static {
     /// failed commit.
     fn maintain(&mut self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// A backend chosen at run time (`serve`: a file, or `--in-memory`).
+impl Backend for Box<dyn Backend> {
+    fn load_all(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
+        (**self).load_all()
+    }
+    fn commit(&mut self, ops: &[Op]) -> Result<()> {
+        (**self).commit(ops)
+    }
+    fn syncs(&self) -> bool {
+        (**self).syncs()
+    }
+    fn maintenance_due(&self) -> bool {
+        (**self).maintenance_due()
+    }
+    fn maintenance_overdue(&self) -> bool {
+        (**self).maintenance_overdue()
+    }
+    fn maintain(&mut self) -> Result<()> {
+        (**self).maintain()
     }
 }

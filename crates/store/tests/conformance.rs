@@ -2,7 +2,7 @@
 //! store and the in-process shared store; group commit.
 
 use bluebatch_store::conformance::{BlockingKv, backend_suite};
-use bluebatch_store::{Backend, GroupCommit, MemShared, Op, SqliteBackend};
+use bluebatch_store::{Backend, GroupCommit, MemBackend, MemShared, Op, SqliteBackend};
 use std::sync::mpsc;
 
 fn put(k: &str, v: &str) -> Op {
@@ -19,6 +19,11 @@ fn keys(b: &mut dyn Backend) -> Vec<String> {
 #[test]
 fn memshared_conforms() {
     backend_suite(&mut BlockingKv::new(|| async { MemShared::new() }));
+}
+
+#[test]
+fn memory_conforms() {
+    backend_suite(&mut MemBackend::new());
 }
 
 #[test]
