@@ -168,6 +168,20 @@ fn parse_rfc1123_canonical(b: &[u8]) -> Option<OffsetDateTime> {
 mod tests {
     use super::*;
 
+    /// `extra`, the first instant of year 0, and every day of 40 years around now at varied times
+    /// of day and fractions of a second.
+    fn instants(extra: &[OffsetDateTime]) -> Vec<OffsetDateTime> {
+        let mut all = extra.to_vec();
+        all.push(time::macros::datetime!(0000-01-01 00:00:00 UTC));
+        let mut t = time::macros::datetime!(1999-12-25 23:59:59.999 UTC);
+        for i in 0..(366 * 40) {
+            all.push(t);
+            let step = 86_400 + 3_607 * (i % 7) - 11_000;
+            t += time::Duration::new(step, ((i * 7_919_311) % 1_000_000_000) as i32);
+        }
+        all
+    }
+
     #[test]
     fn iso_round_trips_azure_examples() {
         for s in [
@@ -182,9 +196,7 @@ mod tests {
 
     #[test]
     fn iso_by_hand_is_the_format_descriptions() {
-        let mut t = time::macros::datetime!(1999-12-25 23:59:59.999 UTC);
-        let mut instants = vec![
-            time::macros::datetime!(0000-01-01 00:00:00 UTC),
+        let ends = [
             time::macros::datetime!(0000-01-01 00:00:00.0000001 UTC),
             time::macros::datetime!(9999-12-31 23:59:59.9999999 UTC),
             time::macros::datetime!(2024-02-29 12:34:56.1 UTC),
@@ -192,12 +204,7 @@ mod tests {
             time::macros::datetime!(2024-02-29 12:34:56.100000099 UTC),
             time::macros::datetime!(2026-11-25 12:00:00.5 +02:00),
         ];
-        for i in 0..(366 * 40) {
-            instants.push(t);
-            let step = 86_400 + 3_607 * (i % 7) - 11_000;
-            t += time::Duration::new(step, ((i * 7_919_311) % 1_000_000_000) as i32);
-        }
-        for t in instants {
+        for t in instants(&ends) {
             let s = iso(t);
             assert_eq!(s, iso_general(t.to_offset(UtcOffset::UTC)), "{t}");
             assert_eq!(parse_iso(&s).map(iso), Some(s.clone()));
@@ -230,19 +237,12 @@ mod tests {
                 .ok()
                 .map(PrimitiveDateTime::assume_utc)
         };
-        // Every day of years around now and the ends of the range, at varied times of day.
-        let mut t = time::macros::datetime!(1999-12-25 23:59:59.999 UTC);
-        let mut instants = vec![
-            time::macros::datetime!(0000-01-01 00:00:00 UTC),
+        let ends = [
             time::macros::datetime!(9999-12-31 23:59:59 UTC),
             time::macros::datetime!(2024-02-29 12:34:56 UTC),
             time::macros::datetime!(2100-02-28 01:02:03 UTC),
         ];
-        for i in 0..(366 * 40) {
-            instants.push(t);
-            t += time::Duration::seconds(86_400 + 3_607 * (i % 7) - 11_000);
-        }
-        for t in instants {
+        for t in instants(&ends) {
             let s = rfc1123(t);
             assert_eq!(s, general(t), "{t}");
             let back = parse_rfc1123(&s).unwrap();
