@@ -284,7 +284,10 @@ print(f"samples: {len(samples)} recorded; {n} kept = {len(keep)} bins of {bin_ms
 rate = None
 for line in open(bench_out, errors="replace"):
     if line.startswith(row):
-        rate = float(line[len(row):].split()[1])  # conns, ops/s, …
+        # ROW may be only the start of the label ("(d) Add User / Delete User" of
+        # "…, alternating"): the figures are the first numbers after it (conns, ops/s, …).
+        m = re.search(r"\s(\d+)\s+(\d+)\s+\d+\s+[\d.]+\s+[\d.]+", line[len(row):])
+        rate = float(m.group(2)) if m else None
         break
 if rate:
     secs = len(keep) * bin_ms / 1000
