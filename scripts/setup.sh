@@ -16,6 +16,9 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v useradd >/dev/null || need+=(passwd)
 command -v pkill >/dev/null || need+=(procps)
+# cargo: the bundled SQLite needs a C compiler, jemalloc (the server's allocator) make too
+command -v make >/dev/null || need+=(make)
+command -v cc >/dev/null || need+=(gcc)
 command -v ssh-keyscan >/dev/null || need+=(openssh-client)
 # PostgreSQL 15 for the PostgreSQL store's tests: scripts/pg.sh runs a throwaway cluster from its
 # binaries (the package's own cluster is never started: policy-rc.d below).
