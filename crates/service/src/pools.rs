@@ -57,7 +57,7 @@ impl PoolWritten {
 pub type Precondition<'a> = &'a (dyn Fn(&Pool) -> Result<()> + Sync);
 
 /// A fresh node in `creating`, with an id in Azure's current form.
-fn new_node(dedicated: bool, now: OffsetDateTime) -> Node {
+pub(crate) fn new_node(dedicated: bool, now: OffsetDateTime) -> Node {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();

@@ -40,7 +40,62 @@ pub struct AccountState {
 
 pub struct PoolEntry {
     pub pool: Pool,
-    pub nodes: BTreeMap<String, NodeEntry>,
+    pub nodes: PoolNodes,
+}
+
+/// A pool's nodes by id, with the count of dedicated ones kept as nodes come and go: Get Pool and
+/// List Pools answer `currentDedicatedNodes` without walking every node (a 10 000-node pool took
+/// about 200 µs a Get Pool). Reads go through `Deref`; the writes are the methods below, and a
+/// node's `is_dedicated` never changes once it is in a pool.
+#[derive(Default)]
+pub struct PoolNodes {
+    map: BTreeMap<String, NodeEntry>,
+    dedicated: usize,
+}
+
+impl std::ops::Deref for PoolNodes {
+    type Target = BTreeMap<String, NodeEntry>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl PoolNodes {
+    pub fn insert(&mut self, id: String, entry: NodeEntry) -> Option<NodeEntry> {
+        self.dedicated += usize::from(entry.node.is_dedicated);
+        let old = self.map.insert(id, entry);
+        self.forget(old)
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<NodeEntry> {
+        let old = self.map.remove(id);
+        self.forget(old)
+    }
+
+    fn forget(&mut self, gone: Option<NodeEntry>) -> Option<NodeEntry> {
+        if gone.as_ref().is_some_and(|e| e.node.is_dedicated) {
+            self.dedicated -= 1;
+        }
+        gone
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut NodeEntry> {
+        self.map.get_mut(id)
+    }
+
+    pub fn values_mut(&mut self) -> std::collections::btree_map::ValuesMut<'_, String, NodeEntry> {
+        self.map.values_mut()
+    }
+
+    /// How many of the nodes are dedicated (the rest are low-priority).
+    pub fn dedicated(&self) -> usize {
+        debug_assert_eq!(
+            self.dedicated,
+            self.map.values().filter(|n| n.node.is_dedicated).count(),
+            "a node's is_dedicated changed while in its pool"
+        );
+        self.dedicated
+    }
 }
 
 pub struct NodeEntry {
@@ -52,7 +107,7 @@ pub struct NodeEntry {
 impl PoolEntry {
     /// (dedicated, low priority) nodes currently in the pool.
     pub fn current_nodes(&self) -> (u32, u32) {
-        let dedicated = self.nodes.values().filter(|n| n.node.is_dedicated).count() as u32;
+        let dedicated = self.nodes.dedicated() as u32;
         (dedicated, self.nodes.len() as u32 - dedicated)
     }
 }
@@ -190,7 +245,7 @@ impl State {
                 pool_key(&pool.id),
                 PoolEntry {
                     pool,
-                    nodes: BTreeMap::new(),
+                    nodes: PoolNodes::default(),
                 },
             );
         }
@@ -348,7 +403,7 @@ impl State {
                     ["user", account, pool, node] => {
                         if let Some(n) = self
                             .pool_mut(account, pool)
-                            .and_then(|p| p.nodes.get_mut(*node))
+                            .and_then(|p| p.nodes.get_mut(node))
                         {
                             n.users.clear();
                         }
@@ -374,7 +429,7 @@ impl State {
                             pkey.to_string(),
                             PoolEntry {
                                 pool,
-                                nodes: BTreeMap::new(),
+                                nodes: PoolNodes::default(),
                             },
                         );
                     }
@@ -429,7 +484,7 @@ impl State {
                         .agent_nodes
                         .push((node_key(account, &p.pool.id, id), host.clone()));
                 }
-                match p.nodes.get_mut(*id) {
+                match p.nodes.get_mut(id) {
                     Some(e) => {
                         // Never behind the accounts it holds (see `raise_users_revision`).
                         let mut node = node;
@@ -457,7 +512,7 @@ impl State {
                 if let Some(p) = self.pool_mut(account, pkey) {
                     let os = p.pool.os;
                     let pool_id = p.pool.id.clone();
-                    if let Some(n) = p.nodes.get_mut(*id) {
+                    if let Some(n) = p.nodes.get_mut(id) {
                         raise_users_revision(&mut n.node, user.revision);
                         n.users.insert(user_key(os, &user.name), user);
                         // The node's revision moved with it: its agent has something to apply.
@@ -535,7 +590,7 @@ impl State {
                 let Some(p) = self.pool_mut(account, pkey) else {
                     return;
                 };
-                if let Some(n) = p.nodes.remove(*id) {
+                if let Some(n) = p.nodes.remove(id) {
                     self.release_slot(&n.node, account, pkey, touched);
                 }
                 touched
@@ -545,7 +600,7 @@ impl State {
             ["user", account, pkey, id, ukey] => {
                 if let Some(n) = self
                     .pool_mut(account, pkey)
-                    .and_then(|p| p.nodes.get_mut(*id))
+                    .and_then(|p| p.nodes.get_mut(id))
                 {
                     n.users.remove(*ukey);
                 }
@@ -606,5 +661,28 @@ mod tests {
             node_users_prefix("acct", "Pool-1", "tvm-1"),
             "user/acct/pool-1/tvm-1/"
         );
+    }
+
+    #[test]
+    fn a_pools_dedicated_count_follows_its_nodes() {
+        let now = time::OffsetDateTime::UNIX_EPOCH;
+        let entry = |dedicated| NodeEntry {
+            node: crate::pools::new_node(dedicated, now),
+            users: BTreeMap::new(),
+        };
+        let mut nodes = PoolNodes::default();
+        nodes.insert("a".into(), entry(true));
+        nodes.insert("b".into(), entry(true));
+        nodes.insert("c".into(), entry(false));
+        assert_eq!((nodes.dedicated(), nodes.len()), (2, 3));
+        // Replacing a node under the same id counts the new one only.
+        nodes.insert("a".into(), entry(false));
+        assert_eq!((nodes.dedicated(), nodes.len()), (1, 3));
+        assert!(nodes.remove("b").is_some());
+        assert!(nodes.remove("b").is_none(), "removing twice counts once");
+        assert_eq!((nodes.dedicated(), nodes.len()), (0, 2));
+        nodes.remove("a");
+        nodes.remove("c");
+        assert_eq!((nodes.dedicated(), nodes.len()), (0, 0));
     }
 }
