@@ -289,15 +289,15 @@ pub(crate) struct ConnCtl {
 }
 
 impl ConnCtl {
-    /// Ends the connection: asks its task to disconnect and kills its processes now (in that
-    /// order, so the disconnect naming the reason usually reaches the client before the
-    /// processes' exit does).
+    /// Ends the connection: asks its task to disconnect and kills its processes now; their exit
+    /// is not reported on their channels, so the disconnect naming the reason is what the
+    /// client gets.
     pub fn terminate(&self) {
         self.killed.store(true, Ordering::SeqCst);
         self.kill.notify_one();
         let leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
         for leader in leaders.iter() {
-            leader.signal(libc::SIGKILL);
+            leader.end();
         }
     }
 
@@ -337,7 +337,7 @@ impl ConnCtl {
         leaders.push(leader);
         if self.is_killed() {
             for leader in leaders.iter() {
-                leader.signal(libc::SIGKILL);
+                leader.end();
             }
         }
     }

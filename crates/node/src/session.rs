@@ -67,6 +67,9 @@ pub(crate) struct SpawnSpec<'a> {
 pub(crate) struct Leader {
     pid: i32,
     alive: AtomicBool,
+    /// The node ended the connection ([`Leader::end`]): the disconnect naming why ends the
+    /// channel, so the process's exit is not reported on it.
+    ended_by_node: AtomicBool,
 }
 
 impl Leader {
@@ -83,6 +86,15 @@ impl Leader {
                 libc::kill(-self.pid, signal);
             }
         }
+    }
+
+    /// Kills the session's process group because the node ends its connection. Its exit is then
+    /// not reported on the channel: an exit-signal and a close sent before the connection's
+    /// disconnect would let the client go without the reason (under load they often came
+    /// first).
+    pub fn end(&self) {
+        self.ended_by_node.store(true, Ordering::SeqCst);
+        self.signal(libc::SIGKILL);
     }
 
     /// The leader exited: hang up what is left of its group, then stop addressing it.
@@ -180,6 +192,7 @@ pub(crate) fn spawn(
     let leader = Arc::new(Leader {
         pid,
         alive: AtomicBool::new(pid > 0),
+        ended_by_node: AtomicBool::new(false),
     });
     let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
     let master = match pty {
@@ -351,7 +364,7 @@ async fn supervise_pipes(
         out_abort.abort();
         err_abort.abort();
     }
-    finish(writer, handle, status).await;
+    finish(writer, handle, status, &leader).await;
 }
 
 async fn supervise_pty(
@@ -374,11 +387,20 @@ async fn supervise_pty(
     if !out.is_finished() && tokio::time::timeout(PTY_DRAIN, &mut out).await.is_err() {
         out.abort();
     }
-    finish(writer, handle, status).await;
+    finish(writer, handle, status, &leader).await;
 }
 
-/// Reports how the process ended, then closes the channel.
-async fn finish(writer: ChannelWriteHalf<Msg>, handle: Handle, status: io::Result<ExitStatus>) {
+/// Reports how the process ended, then closes the channel; unless the node ended the
+/// connection (its disconnect closes everything, with the reason).
+async fn finish(
+    writer: ChannelWriteHalf<Msg>,
+    handle: Handle,
+    status: io::Result<ExitStatus>,
+    leader: &Leader,
+) {
+    if leader.ended_by_node.load(Ordering::SeqCst) {
+        return;
+    }
     let id = writer.id();
     match status {
         Ok(s) if s.code().is_some() => {
