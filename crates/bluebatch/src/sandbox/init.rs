@@ -877,7 +877,10 @@ fn start_agent(args: &InitArgs, server: &str) -> Result<i32, String> {
     if Path::new(JOIN_TOKEN_FILE).exists() {
         cmd.args(["--join-token-file", JOIN_TOKEN_FILE]);
     }
-    cmd.env_clear().env("PATH", PATH).env("LC_ALL", "C");
+    cmd.env_clear()
+        .env("PATH", PATH)
+        .env("LC_ALL", "C")
+        .env(super::SMALL_HEAP.0, super::SMALL_HEAP.1);
     if let Some(filter) = std::env::var_os("BLUEBATCH_LOG") {
         cmd.env("BLUEBATCH_LOG", filter);
     }

@@ -350,6 +350,7 @@ impl Machine {
         cmd.env_clear()
             .env("PATH", super::PATH)
             .env("LC_ALL", "C")
+            .env(super::SMALL_HEAP.0, super::SMALL_HEAP.1)
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
