@@ -8,7 +8,8 @@
 //! revision and `bb_head.rev` is bumped in the same transaction. Readers catch up from
 //! `bb_changes`. Singletons (the migration, the background work) are lease rows in `bb_leases`.
 //! `NOTIFY bb_changes` is only a wake-up, never needed for correctness (and skipped where the
-//! engine has none).
+//! engine has none); so is `NOTIFY bb_acks`, the agents' acknowledgements told to every replica
+//! before they are recorded (see [`AckNotice`]).
 //!
 //! Avoided on purpose: advisory locks, `LOCK TABLE`, sequences, `LISTEN/NOTIFY` for anything but
 //! a wake-up, collation-dependent ordering (keys are ordered in Rust, byte-wise).
@@ -21,7 +22,9 @@ mod tls;
 pub use options::{PgHost, PgOptions, SslMode};
 pub use schema::SCHEMA_VERSION;
 
-use bluebatch_store::{BoxFuture, Change, Locked, Op, Result, SharedBackend, Snapshot, StoreError};
+use bluebatch_store::{
+    AckNotice, BoxFuture, Change, Locked, Op, Result, SharedBackend, Snapshot, StoreError,
+};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
 use rows::Table;
@@ -69,6 +72,8 @@ struct Inner {
     followed: AtomicU64,
     /// What NOTIFY brought since the follower last looked.
     pushed: std::sync::Mutex<Pushed>,
+    /// The acknowledgements replicas announce (`NOTIFY bb_acks`).
+    notices: tokio::sync::broadcast::Sender<std::sync::Arc<AckNotice>>,
     /// This replica's writers queue here (first come, first served) rather than each holding a
     /// pooled connection while waiting for the database's row lock: one waits there at a time,
     /// and reads always find a connection.
@@ -302,6 +307,7 @@ impl PgStore {
                 followed: AtomicU64::new(u64::MAX),
                 local_lock: Arc::new(tokio::sync::Mutex::new(())),
                 pushed: std::sync::Mutex::new(Pushed::default()),
+                notices: tokio::sync::broadcast::channel(1024).0,
             }),
         };
         store.migrate().await?;
@@ -576,7 +582,7 @@ where
         return false;
     };
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let listen = client.batch_execute("LISTEN bb_changes");
+    let listen = client.batch_execute("LISTEN bb_changes; LISTEN bb_acks");
     tokio::pin!(listen);
     let mut listening = false;
     loop {
@@ -592,6 +598,14 @@ where
                 }
             }
             m = messages.next() => match m {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n)))
+                    if n.channel() == ACKS_CHANNEL =>
+                {
+                    let Some(i) = inner.upgrade() else { return true };
+                    if let Some(notice) = parse_notice(n.payload()) {
+                        let _ = i.notices.send(std::sync::Arc::new(notice));
+                    }
+                }
                 Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                     if !wake_with(inner, parse_payload(n.payload())) {
                         return true;
@@ -842,6 +856,27 @@ impl SharedBackend for PgStore {
         let mut p = self.inner.pushed.lock().unwrap_or_else(|e| e.into_inner());
         let p = std::mem::take(&mut *p);
         (!p.incomplete).then_some(p.changes)
+    }
+
+    fn announce_acks<'a>(&'a self, notice: &'a AckNotice) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if !self.inner.notify {
+                return;
+            }
+            let payloads = notice_payloads(notice);
+            if payloads.is_empty() {
+                return;
+            }
+            // Autocommit, outside the write lock: it waits for no other replica.
+            let Ok(c) = self.conn().await else { return };
+            if let Ok(s) = c.prepare_cached(ANNOUNCE_SQL).await {
+                let _ = c.execute(&s, &[&payloads]).await;
+            }
+        })
+    }
+
+    fn ack_notices(&self) -> Option<tokio::sync::broadcast::Receiver<std::sync::Arc<AckNotice>>> {
+        self.inner.notify.then(|| self.inner.notices.subscribe())
     }
 
     fn hosts_seen<'a>(&'a self, hosts: &'a [String]) -> BoxFuture<'a, Result<()>> {
@@ -1106,6 +1141,60 @@ fn parse_payload(payload: &str) -> Option<Vec<Change>> {
         });
     }
     (!out.is_empty()).then_some(out)
+}
+
+const ACKS_CHANNEL: &str = "bb_acks";
+const ANNOUNCE_SQL: &str = "SELECT pg_notify('bb_acks', p) FROM unnest($1::text[]) AS p";
+/// A NOTIFY payload must stay under 8000 bytes; one notice is split into payloads of at most
+/// this many.
+const NOTICE_BYTES: usize = 7000;
+
+/// A notice as NOTIFY payloads: `["replica", [["key", rev], …]]`, each under [`NOTICE_BYTES`].
+fn notice_payloads(notice: &AckNotice) -> Vec<String> {
+    // `["replica",[` … `]]`: the replica quoted plus 6 bytes; each entry plus its comma.
+    let base = serde_json::Value::from(notice.replica.as_str())
+        .to_string()
+        .len()
+        + 6;
+    let mut out = Vec::new();
+    let mut chunk: Vec<serde_json::Value> = Vec::new();
+    let mut size = base;
+    for (key, rev) in &notice.acks {
+        let entry = serde_json::json!([key, rev]);
+        let len = entry.to_string().len() + 1;
+        if base + len > NOTICE_BYTES {
+            continue;
+        }
+        if size + len > NOTICE_BYTES {
+            out.push(serde_json::json!([notice.replica, std::mem::take(&mut chunk)]).to_string());
+            size = base;
+        }
+        size += len;
+        chunk.push(entry);
+    }
+    if !chunk.is_empty() {
+        out.push(serde_json::json!([notice.replica, chunk]).to_string());
+    }
+    out
+}
+
+fn parse_notice(payload: &str) -> Option<AckNotice> {
+    let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+    let [replica, acks] = v.as_array()?.as_slice() else {
+        return None;
+    };
+    let acks = acks
+        .as_array()?
+        .iter()
+        .map(|a| match a.as_array()?.as_slice() {
+            [k, r] => Some((k.as_str()?.to_string(), r.as_u64()?)),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(AckNotice {
+        replica: replica.as_str()?.to_string(),
+        acks,
+    })
 }
 
 /// Changes received with NOTIFY since [`SharedBackend::take_pushed`] last took them, and
@@ -1445,4 +1534,40 @@ async fn commit_on(
         async move { client.batch_execute("COMMIT").await },
     ));
     pipeline(futs).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_notices_split_under_the_payload_limit_and_read_back() {
+        let acks: Vec<(String, u64)> = (0..2000)
+            .map(|i| (format!("acct.pool-{i}.tvm-{i:010}"), u64::MAX - i))
+            .collect();
+        let notice = AckNotice {
+            replica: "replica \"a\"".into(),
+            acks: acks.clone(),
+        };
+        let payloads = notice_payloads(&notice);
+        assert!(payloads.len() > 1);
+        let mut back = Vec::new();
+        for p in &payloads {
+            assert!(p.len() <= NOTICE_BYTES, "{} bytes", p.len());
+            let n = parse_notice(p).expect("a payload reads back");
+            assert_eq!(n.replica, notice.replica);
+            back.extend(n.acks);
+        }
+        assert_eq!(back, acks);
+        // A key too long for any payload is left out, not sent broken.
+        let huge = AckNotice {
+            replica: "r".into(),
+            acks: vec![("k".repeat(NOTICE_BYTES), 1), ("small".into(), 2)],
+        };
+        let p = notice_payloads(&huge);
+        assert_eq!(p.len(), 1);
+        assert_eq!(parse_notice(&p[0]).unwrap().acks, vec![("small".into(), 2)]);
+        assert!(parse_notice("[\"r\", [[\"k\", -1]]]").is_none());
+        assert!(parse_notice("not json").is_none());
+    }
 }

@@ -926,6 +926,53 @@ async fn a_commit_wakes_another_store_waiting_for_changes() {
     .await
 }
 
+/// Acknowledgement notices reach every store on the database, whatever their size (split
+/// under NOTIFY's payload limit), while another store holds the write lock, and without waking
+/// the followers of commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_notices_reach_the_other_stores_while_the_write_lock_is_held() {
+    with_db(60, |db| async move {
+        let (a, b) = (db.store().await, db.store().await);
+        let mut on_b = b.ack_notices().expect("PostgreSQL carries notices");
+        let mut on_a = a.ack_notices().expect("PostgreSQL carries notices");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // (What the listeners' start pushed: "read the log".)
+        let _ = b.take_pushed();
+        let held = b.lock().await.unwrap();
+        let acks: Vec<(String, u64)> = (0..2000)
+            .map(|i| (format!("acct.pool.tvm-{i:08}"), 1_000_000 + i))
+            .collect();
+        let notice = bluebatch_store::AckNotice {
+            replica: "a".into(),
+            acks: acks.clone(),
+        };
+        let t0 = Instant::now();
+        a.announce_acks(&notice).await;
+        let mut got = Vec::new();
+        while got.len() < acks.len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), on_b.recv())
+                .await
+                .expect("the notices arrive")
+                .expect("a notice");
+            assert_eq!(n.replica, "a");
+            got.extend(n.acks.iter().cloned());
+        }
+        assert_eq!(got, acks);
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // The announcer hears its own (the service skips them by replica name).
+        let own = tokio::time::timeout(Duration::from_secs(5), on_a.recv())
+            .await
+            .expect("its own notice")
+            .expect("a notice");
+        assert_eq!(own.replica, "a");
+        drop(held);
+        // A notice is no commit: nothing to follow.
+        assert_eq!(b.head().await.unwrap(), 0);
+        assert_eq!(b.take_pushed(), Some(Vec::new()));
+    })
+    .await
+}
+
 fn write_mode(path: &Path, text: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, text).unwrap();

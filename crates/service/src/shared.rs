@@ -694,6 +694,30 @@ impl Service {
 
     /// Starts following other replicas' commits and competing for the background lease.
     pub(crate) fn start_shared_tasks(&self) {
+        if let Some(mut notices) = self.shared().and_then(|sh| sh.backend.ack_notices()) {
+            let weak = Arc::downgrade(&self.inner);
+            tokio::spawn(async move {
+                loop {
+                    let notice = match notices.recv().await {
+                        Ok(n) => n,
+                        // Missed ones: their commits tell the same.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    };
+                    let Some(inner) = weak.upgrade() else { return };
+                    if inner
+                        .shared
+                        .as_ref()
+                        .is_some_and(|sh| sh.replica == notice.replica)
+                    {
+                        continue;
+                    }
+                    for (key, applied) in &notice.acks {
+                        inner.hub.acked_early(key, *applied);
+                    }
+                }
+            });
+        }
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             loop {

@@ -723,3 +723,78 @@ async fn a_read_does_not_wait_for_a_writer_of_its_replica_queued_for_the_lock() 
     })
     .await
 }
+
+/// Polls `svc` for host `id` until node `key` is asked to enforce a revision above `after`:
+/// that acknowledgement.
+async fn desired_after(svc: &Service, id: &str, key: &str, after: u64) -> NodeAck {
+    loop {
+        let d = svc
+            .desired(id, None, Duration::from_millis(200))
+            .await
+            .expect("poll");
+        if let Some(n) = d.nodes.iter().find(|n| n.key == key && n.revision > after) {
+            return NodeAck {
+                key: n.key.clone(),
+                revision: n.revision,
+                image: n.image,
+                ssh_port: None,
+                failures: Vec::new(),
+            };
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_write_answers_at_the_ack_on_either_replica_before_the_ack_is_recorded() {
+    deadline(async {
+        let store = MemShared::new();
+        let a = replica(&store, "a").await;
+        let b = replica(&store, "b").await;
+        // The host joins through A and polls B; once the pool is idle, this test is its agent.
+        let id = join_sim(&a, 1).await;
+        let agent = poll_and_ack(b.clone(), id.clone(), Duration::from_secs(2), None);
+        add_agents_pool(&a, "p", 1).await;
+        let node = idle_nodes(&b, "p", 1, Duration::from_secs(10))
+            .await
+            .remove(0);
+        agent.abort();
+        let key = format!("{}.p.{node}", ACCOUNT.to_lowercase());
+        let before = |svc: &Service| {
+            svc.get_node(ACCOUNT, "p", &node)
+                .expect("Get Node")
+                .node
+                .users_revision
+        };
+        for (through, name) in [(&a, "dana"), (&b, "erin")] {
+            through.sync().await.unwrap();
+            let was = before(through);
+            let write = {
+                let (svc, node) = (through.clone(), node.clone());
+                tokio::spawn(async move { svc.add_user(at("p", &node), user(name), None).await })
+            };
+            let ack = desired_after(&b, &id, &key, was).await;
+            // Nobody can record anything now: the ack's record waits for this lock.
+            let held = bluebatch_store::SharedBackend::lock(&store)
+                .await
+                .expect("the write lock");
+            let acking = {
+                let (b, id) = (b.clone(), id.clone());
+                tokio::spawn(async move { b.ack(&id, AckRequest { nodes: vec![ack] }).await })
+            };
+            let answered = tokio::time::timeout(Duration::from_secs(3), write)
+                .await
+                .unwrap_or_else(|_| panic!("the write of {name} waited for the ack's record"));
+            answered.expect("task").expect("the write succeeds");
+            assert!(
+                !acking.is_finished(),
+                "the ack's record did not wait for the lock"
+            );
+            drop(held);
+            acking.await.expect("task").expect("the ack is recorded");
+            b.sync().await.unwrap();
+            let n = b.get_node(ACCOUNT, "p", &node).expect("Get Node").node;
+            assert_eq!(n.applied_revision, Some(n.users_revision), "{n:?}");
+        }
+    })
+    .await
+}

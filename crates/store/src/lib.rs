@@ -15,7 +15,7 @@ mod sqlite;
 pub use group::{Done, GroupCommit, Ticket};
 pub use mem::MemBackend;
 pub use memshared::MemShared;
-pub use shared::{BoxFuture, Change, Locked, SharedBackend, Snapshot};
+pub use shared::{AckNotice, BoxFuture, Change, Locked, SharedBackend, Snapshot};
 pub use sqlite::SqliteBackend;
 
 use std::fmt;

@@ -2,7 +2,7 @@
 //! replicas share PostgreSQL (the service's tests of replica behaviour, without a database).
 //! Nothing survives the process.
 
-use crate::shared::{BoxFuture, Change, Locked, SharedBackend, Snapshot};
+use crate::shared::{AckNotice, BoxFuture, Change, Locked, SharedBackend, Snapshot};
 use crate::{Op, Result, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,6 +19,7 @@ struct Inner {
     data: Mutex<Data>,
     write: Arc<tokio::sync::Mutex<()>>,
     changed: Notify,
+    notices: std::sync::OnceLock<tokio::sync::broadcast::Sender<Arc<AckNotice>>>,
 }
 
 #[derive(Default)]
@@ -53,6 +54,12 @@ impl MemShared {
         let mut d = self.data();
         d.log.clear();
         d.pruned_to = d.rev;
+    }
+
+    fn notices(&self) -> &tokio::sync::broadcast::Sender<Arc<AckNotice>> {
+        self.inner
+            .notices
+            .get_or_init(|| tokio::sync::broadcast::channel(1024).0)
     }
 
     fn check(&self) -> Result<()> {
@@ -216,6 +223,18 @@ impl SharedBackend for MemShared {
         Box::pin(async move {
             let _ = tokio::time::timeout(max, self.inner.changed.notified()).await;
         })
+    }
+
+    fn announce_acks<'a>(&'a self, notice: &'a AckNotice) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if self.check().is_ok() {
+                let _ = self.notices().send(Arc::new(notice.clone()));
+            }
+        })
+    }
+
+    fn ack_notices(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<AckNotice>>> {
+        Some(self.notices().subscribe())
     }
 
     fn hosts_seen<'a>(&'a self, hosts: &'a [String]) -> BoxFuture<'a, Result<()>> {

@@ -30,6 +30,17 @@ pub struct Change {
     pub op: Op,
 }
 
+/// Acknowledgements one replica took from its agents (node key, revision the node enforces),
+/// told to the other replicas before they are durable: the writes waiting there for those
+/// nodes answer without waiting for the acknowledgement's commit. A hint only: the commit
+/// follows and says the same; a notice lost changes nothing but how soon they answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckNotice {
+    /// The replica that took them (its own notices come back to it; it skips them).
+    pub replica: String,
+    pub acks: Vec<(String, u64)>,
+}
+
 /// A store shared by replicas. Every backend must pass `tests/shared_conformance.rs`.
 pub trait SharedBackend: Send + Sync + 'static {
     /// Every record at one revision (one consistent read).
@@ -68,6 +79,16 @@ pub trait SharedBackend: Send + Sync + 'static {
     /// came without them (notifications lost, a commit too large to carry): read the log.
     /// Another replica's commits only; the caller checks that they follow its revision.
     fn take_pushed(&self) -> Option<Vec<Change>> {
+        None
+    }
+    /// Tells every replica's [`SharedBackend::ack_notices`] (best effort: an error or a notice
+    /// too large may drop it).
+    fn announce_acks<'a>(&'a self, notice: &'a AckNotice) -> BoxFuture<'a, ()> {
+        let _ = notice;
+        Box::pin(async {})
+    }
+    /// The notices of every replica from now on (`None`: the backend carries none).
+    fn ack_notices(&self) -> Option<tokio::sync::broadcast::Receiver<std::sync::Arc<AckNotice>>> {
         None
     }
     /// Records that these hosts (agents) were seen just now by some replica.

@@ -66,6 +66,21 @@ impl Hub {
         });
     }
 
+    /// An acknowledgement not yet recorded (this replica's before its commit, or another
+    /// replica's notice): moves the applied revision of a node someone here watches (the writes
+    /// waiting for it), creating nothing; its failures are left to the record.
+    pub(crate) fn acked_early(&self, key: &str, applied: u64) {
+        if let Some(tx) = lock(&self.acks).get(key) {
+            tx.send_if_modified(|seen| {
+                let newer = seen.applied.is_none_or(|a| a < applied);
+                if newer {
+                    seen.applied = Some(applied);
+                }
+                newer
+            });
+        }
+    }
+
     pub fn failures(&self, key: &str) -> Vec<UserFailure> {
         lock(&self.acks)
             .get(key)
@@ -125,6 +140,90 @@ impl Service {
     /// revisions never asked for, are refused; older revisions (replays) change nothing.
     pub async fn ack(&self, host: &str, ack: AckRequest) -> Result<AckAnswer> {
         self.mark_seen(host, false).await?;
+        // The writes waiting for these nodes answer now, before the gate (on a shared store it
+        // waits for every replica's commits): the node enforces the revision, which is what
+        // their answer says. The record of it is bookkeeping that follows (if its commit fails,
+        // this call fails and the agent acknowledges again). Other replicas' waiting writes
+        // are told the same, alongside.
+        let early = self.enforced_acks(host, &ack);
+        for (key, applied) in &early {
+            self.inner.hub.acked_early(key, *applied);
+        }
+        let announce = async {
+            if let Some(sh) = self.shared()
+                && !early.is_empty()
+            {
+                let notice = bluebatch_store::AckNotice {
+                    replica: sh.replica.clone(),
+                    acks: early.clone(),
+                };
+                sh.backend.announce_acks(&notice).await;
+            }
+        };
+        let (answer, ()) = tokio::join!(self.record_ack(host, ack), announce);
+        answer
+    }
+
+    /// The acknowledgements of `ack` that say a node of `host` enforces a revision it was
+    /// asked for (no failures, the node's current image), as the cache knows the node now:
+    /// what may wake the writes waiting for it. [`Service::record_ack`] decides the rest.
+    fn enforced_acks(&self, host: &str, ack: &AckRequest) -> Vec<(String, u64)> {
+        let st = self.lock();
+        let Some(h) = st.hub.hosts.get(host) else {
+            return Vec::new();
+        };
+        let refs = self.refs_of(host, h, ack.nodes.iter().map(|a| a.key.as_str()));
+        ack.nodes
+            .iter()
+            .zip(refs)
+            .filter_map(|(a, r)| {
+                let r = r?;
+                let n = st.pool(&r.account, &r.pool)?.nodes.get(&r.node)?;
+                (a.failures.is_empty()
+                    && a.revision <= n.node.users_revision
+                    && a.image == n.node.image
+                    && n.node.applied_revision.is_none_or(|r| r < a.revision))
+                .then(|| (a.key.clone(), a.revision))
+            })
+            .collect()
+    }
+
+    /// Each key's node, found through the slot the poll's view names (one lookup); a key the
+    /// view does not know (an ack to a replica that did not answer the poll) through a map of
+    /// the host's every node, built once. (The fabric key lower-cases the pool id, as the
+    /// slot's pool key is.)
+    fn refs_of<'k>(
+        &self,
+        host: &str,
+        h: &super::capacity::HostEntry,
+        keys: impl Iterator<Item = &'k str>,
+    ) -> Vec<Option<NodeRef>> {
+        let mut by_key: Option<HashMap<String, NodeRef>> = None;
+        keys.map(|key| {
+            let viewed = self
+                .inner
+                .hub
+                .slot_of(host, key)
+                .and_then(|slot| h.slots.get(&slot))
+                .filter(|r| node_key(&r.account, &r.pool, &r.node) == key)
+                .cloned();
+            viewed.or_else(|| {
+                by_key
+                    .get_or_insert_with(|| {
+                        h.slots
+                            .values()
+                            .map(|r| (node_key(&r.account, &r.pool, &r.node), r.clone()))
+                            .collect()
+                    })
+                    .get(key)
+                    .cloned()
+            })
+        })
+        .collect()
+    }
+
+    /// Records the acknowledgements under the gate (durable), and wakes what they concern.
+    async fn record_ack(&self, host: &str, ack: AckRequest) -> Result<AckAnswer> {
         let _gate = self.gate().await?;
         let now = self.now();
         let mut refused = Vec::new();
@@ -137,36 +236,9 @@ impl Service {
                 .hosts
                 .get(host)
                 .ok_or_else(|| auth_failed("The node credential is not valid."))?;
-            // Each key is found through the slot the poll's view names (one lookup); a key the
-            // view does not know (an ack to a replica that did not answer the poll) through a
-            // map of the host's every node, built once. (The fabric key lower-cases the pool
-            // id, as the slot's pool key is.)
-            let mut by_key: Option<HashMap<String, NodeRef>> = None;
-            let found: Vec<(bluebatch_protocol::NodeAck, Option<NodeRef>)> = ack
-                .nodes
-                .into_iter()
-                .map(|a| {
-                    let viewed = self
-                        .inner
-                        .hub
-                        .slot_of(host, &a.key)
-                        .and_then(|slot| h.slots.get(&slot))
-                        .filter(|r| node_key(&r.account, &r.pool, &r.node) == a.key)
-                        .cloned();
-                    let r = viewed.or_else(|| {
-                        by_key
-                            .get_or_insert_with(|| {
-                                h.slots
-                                    .values()
-                                    .map(|r| (node_key(&r.account, &r.pool, &r.node), r.clone()))
-                                    .collect()
-                            })
-                            .get(&a.key)
-                            .cloned()
-                    });
-                    (a, r)
-                })
-                .collect();
+            let refs = self.refs_of(host, h, ack.nodes.iter().map(|a| a.key.as_str()));
+            let found: Vec<(bluebatch_protocol::NodeAck, Option<NodeRef>)> =
+                ack.nodes.into_iter().zip(refs).collect();
             let mut ops = Vec::new();
             for (a, r) in found {
                 let Some(r) = &r else {
@@ -253,11 +325,13 @@ impl Service {
             }
             (!ops.is_empty()).then(|| self.submit(ops))
         };
-        if let Some(p) = pending {
-            p.durable().await?;
-        }
+        // Before the commit, as in [`Service::ack`] (these include the failures, and what the
+        // cache did not know before the gate caught it up).
         for (key, applied, failed) in woken {
             self.inner.hub.acked(&key, applied, failed);
+        }
+        if let Some(p) = pending {
+            p.durable().await?;
         }
         for (account, pkey) in pools {
             self.schedule(&account, &pkey);
