@@ -108,6 +108,19 @@ impl Endpoint {
         }
     }
 
+    /// Whether the operation reads the state only under the gate, which catches up with every
+    /// replica's commits first (so the request needs no catch-up of its own before it):
+    /// Add, Update and Delete User. (With a password, the handler's check that spares the hash
+    /// reads the cache before the gate: it catches up first itself.)
+    pub fn decides_under_the_gate(&self) -> bool {
+        matches!(
+            self,
+            Endpoint::ComputeNodeAddUser { .. }
+                | Endpoint::ComputeNodeUpdateUser { .. }
+                | Endpoint::ComputeNodeDeleteUser { .. }
+        )
+    }
+
     pub fn has_body(&self) -> bool {
         matches!(
             self,

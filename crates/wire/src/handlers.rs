@@ -234,8 +234,10 @@ pub async fn dispatch(
                 node: &node,
                 timeout: Some(q.ack_wait()),
             };
-            // No hash for a request the write would refuse (it checks again).
+            // No hash for a request the write would refuse (it checks again), checked on a
+            // cache that holds what every replica committed before this request.
             if user.password.is_some() {
+                svc.sync().await?;
                 svc.check_user_target(&at, None, &user)?;
             }
             let hash = hash(user.password.as_deref()).await?;
@@ -256,8 +258,10 @@ pub async fn dispatch(
                 node: &node,
                 timeout: Some(q.ack_wait()),
             };
-            // No hash for a request the write would refuse (it checks again).
+            // No hash for a request the write would refuse (it checks again), checked on a
+            // cache that holds what every replica committed before this request.
             if body.password.is_some() {
+                svc.sync().await?;
                 svc.check_user_target(&at, Some(&user), &body)?;
             }
             let hash = hash(body.password.as_deref()).await?;

@@ -314,8 +314,11 @@ async fn process(
     } else {
         Bytes::new()
     };
-    // On a shared store (PostgreSQL), what every replica committed before this request.
-    app.service.sync().await?;
+    // On a shared store (PostgreSQL), what every replica committed before this request (a
+    // write that decides under the gate catches up there, in its lock's round trip).
+    if !endpoint.decides_under_the_gate() {
+        app.service.sync().await?;
+    }
     let ctx: &Ctx = ctx;
     let account = ctx.account.as_deref().unwrap_or_default();
     handlers::dispatch(app, ctx, account, endpoint, &query, &parts.headers, body).await
