@@ -165,7 +165,8 @@ impl Service {
     }
 
     /// The acknowledgements of `ack` that say a node of `host` enforces a revision it was
-    /// asked for (no failures, the node's current image), as the cache knows the node now:
+    /// asked for (no failures, the node's current image, nothing [`Service::record_ack`]
+    /// refuses), as the cache knows the node now:
     /// what may wake the writes waiting for it. [`Service::record_ack`] decides the rest.
     fn enforced_acks(&self, host: &str, ack: &AckRequest) -> Vec<(String, u64)> {
         let st = self.lock();
@@ -182,6 +183,7 @@ impl Service {
                 (a.failures.is_empty()
                     && a.revision <= n.node.users_revision
                     && a.image == n.node.image
+                    && a.ssh_port != Some(0)
                     && n.node.applied_revision.is_none_or(|r| r < a.revision))
                 .then(|| (a.key.clone(), a.revision))
             })
