@@ -387,17 +387,30 @@ async fn reboot_and_reimage_through_the_replica_the_agent_does_not_poll() {
         .send_within(T)
         .await;
     assert_eq!(r.status, 201, "{}", text(&r));
-    let u = a
-        .control("GET", &format!("/pools/p/nodes/{node}/users"))
-        .send_within(T)
-        .await;
-    assert_eq!(u.status, 200, "{}", text(&u));
-    let users = u.json()["users"].as_array().cloned().unwrap_or_default();
-    let after = users
-        .iter()
-        .find(|x| x["name"] == "after")
-        .unwrap_or_else(|| panic!("{}", text(&u)));
-    assert_eq!(after["appliedOnNode"], true, "{}", text(&u));
+    // The 201 came with the node's acknowledgement; its record (what `appliedOnNode` reads)
+    // follows in a commit of its own, milliseconds later.
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let u = a
+            .control("GET", &format!("/pools/p/nodes/{node}/users"))
+            .send_within(T)
+            .await;
+        assert_eq!(u.status, 200, "{}", text(&u));
+        let users = u.json()["users"].as_array().cloned().unwrap_or_default();
+        let after = users
+            .iter()
+            .find(|x| x["name"] == "after")
+            .unwrap_or_else(|| panic!("{}", text(&u)));
+        if after["appliedOnNode"] == true {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "not applied on the node 5 s after its 201: {}",
+            text(&u)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The service clock advanced through A: B's clock follows at once, and a user whose expiry the
