@@ -145,7 +145,13 @@ impl Service {
         // their answer says. The record of it is bookkeeping that follows (if its commit fails,
         // this call fails and the agent acknowledges again). Other replicas' waiting writes
         // are told the same, alongside.
-        let early = self.enforced_acks(host, &ack);
+        // (On a shared store only: there the record waits for every replica's commits. On the
+        // embedded store it commits at once, and the answer keeps following it.)
+        let early = if self.shared().is_some() {
+            self.enforced_acks(host, &ack)
+        } else {
+            Vec::new()
+        };
         for (key, applied) in &early {
             self.inner.hub.acked_early(key, *applied);
         }
@@ -327,13 +333,19 @@ impl Service {
             }
             (!ops.is_empty()).then(|| self.submit(ops))
         };
-        // Before the commit, as in [`Service::ack`] (these include the failures, and what the
-        // cache did not know before the gate caught it up).
-        for (key, applied, failed) in woken {
-            self.inner.hub.acked(&key, applied, failed);
+        // On a shared store before the commit, as in [`Service::ack`] (these include the
+        // failures, and what the cache did not know before the gate caught it up).
+        let shared = self.shared().is_some();
+        if shared {
+            for (key, applied, failed) in woken.drain(..) {
+                self.inner.hub.acked(&key, applied, failed);
+            }
         }
         if let Some(p) = pending {
             p.durable().await?;
+        }
+        for (key, applied, failed) in woken {
+            self.inner.hub.acked(&key, applied, failed);
         }
         for (account, pkey) in pools {
             self.schedule(&account, &pkey);
