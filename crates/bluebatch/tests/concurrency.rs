@@ -36,13 +36,28 @@ fn fingerprint(public_line: &str) -> String {
 }
 
 /// The node's users as the control shows them, by name.
+///
+/// On the replica fleet (`BLUEBATCH_TEST_REPLICAS`) a write answers at its node's
+/// acknowledgement and the acknowledgement's record (what `appliedOnNode` reads) commits just
+/// after: there the read is repeated, for up to 5 s, until every user shows it applied. One
+/// server records it before the answer, so there the first read must already show it.
 async fn node_users(c: &Client, pool: &str, node: &str) -> (Value, HashMap<String, Value>) {
-    let r = c
-        .control("GET", &format!("/pools/{pool}/nodes/{node}/users"))
-        .send_within(REQ)
-        .await;
-    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
-    let v = r.json();
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let v = loop {
+        let r = c
+            .control("GET", &format!("/pools/{pool}/nodes/{node}/users"))
+            .send_within(REQ)
+            .await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        let applied = v["users"]
+            .as_array()
+            .is_some_and(|l| l.iter().all(|u| u["appliedOnNode"] == true));
+        if applied || !common::replicas::replica_mode() || std::time::Instant::now() > until {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let by_name = v["users"]
         .as_array()
         .unwrap()
