@@ -11,7 +11,6 @@ use crate::respond::{self, Ctx, empty, json_response, with_resource, with_writte
 use crate::server::App;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Response, StatusCode};
-use bluebatch_core::crypt::hash_password;
 use bluebatch_core::error::{BatchError, Code};
 use bluebatch_core::model::{Pool, SchedulingState};
 use bluebatch_core::pools::{
@@ -29,13 +28,10 @@ type Answer = Result<Response<Body>, BatchError>;
 pub(crate) async fn hash(password: Option<&str>) -> Result<Option<String>, BatchError> {
     match password {
         None => Ok(None),
-        Some(p) => {
-            let p = p.to_string();
-            tokio::task::spawn_blocking(move || hash_password(&p))
-                .await
-                .map(Some)
-                .map_err(|_| BatchError::new(Code::InternalError))
-        }
+        Some(p) => match crate::hashing::hash_password(p.to_string()).await {
+            Some(h) => Ok(Some(h)),
+            None => Err(BatchError::new(Code::InternalError)),
+        },
     }
 }
 

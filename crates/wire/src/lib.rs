@@ -13,6 +13,7 @@ mod controls;
 pub mod dto;
 pub mod endpoint;
 mod handlers;
+mod hashing;
 pub mod odata;
 pub mod percent;
 pub mod query;
