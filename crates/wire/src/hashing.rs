@@ -8,11 +8,11 @@
 //! a round through the async runtime.
 
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 type Job = (String, tokio::sync::oneshot::Sender<String>);
 
-static QUEUE: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
+static QUEUE: OnceLock<Sender<Job>> = OnceLock::new();
 
 /// Threads hashing at once: four per CPU, 8 to 64. The kernel shares a CPU among runnable
 /// threads alike, and the hashes compete with the runtime's workers, the store's writer and,
@@ -23,36 +23,42 @@ fn threads() -> usize {
     (4 * cpus).clamp(8, 64)
 }
 
-fn queue() -> &'static Mutex<Sender<Job>> {
+fn queue() -> &'static Sender<Job> {
     QUEUE.get_or_init(|| {
         let (tx, rx) = channel::<Job>();
-        let rx: &'static Mutex<Receiver<Job>> = Box::leak(Box::new(Mutex::new(rx)));
+        // Shared by the threads alone: once none is left (none started, or all gone), the
+        // receiver goes with them and a hash answers `None` instead of waiting forever.
+        let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads() {
+            let rx = rx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("bb-hash-{i}"))
-                .spawn(move || {
-                    loop {
-                        // The lock is held only to take one job.
-                        let job = match rx.lock() {
-                            Ok(q) => q.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok((password, answer)) = job else { return };
-                        let _ = answer.send(bluebatch_core::crypt::hash_password(&password));
-                    }
-                });
+                .spawn(move || hash_jobs(&rx));
             if spawned.is_err() {
                 tracing::warn!("could not start a password-hashing thread");
             }
         }
-        Mutex::new(tx)
+        tx
     })
+}
+
+/// One hashing thread: takes a job at a time (the lock is held only to take it) until the
+/// queue closes. A panicking hash fails its own request only (its answer is dropped).
+fn hash_jobs(rx: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok((password, answer)) = job else { return };
+        let hashed = std::panic::catch_unwind(|| bluebatch_core::crypt::hash_password(&password));
+        if let Ok(h) = hashed {
+            let _ = answer.send(h);
+        }
+    }
 }
 
 /// The crypt hash of `password`, computed on a hashing thread; `None` if none is running.
 pub(crate) async fn hash_password(password: String) -> Option<String> {
     let (answer, hashed) = tokio::sync::oneshot::channel();
-    queue().lock().ok()?.send((password, answer)).ok()?;
+    queue().send((password, answer)).ok()?;
     hashed.await.ok()
 }
 
