@@ -8,7 +8,8 @@ import subprocess
 import time
 
 import pytest
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (NoSuchElementException, StaleElementReferenceException,
+                                        WebDriverException)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -18,11 +19,27 @@ from conftest import new_browser, shot
 WAIT = 30  # seconds any one thing in a page may take to show
 
 
+class Swapped(Exception):
+    """An element found was gone from the document when used: a live update swapped <main>."""
+
+
+def stale(exc: WebDriverException) -> bool:
+    # Chromium reports some of these not as a stale element but as an inspector error.
+    return isinstance(exc, StaleElementReferenceException) or \
+        "does not belong to the document" in (exc.msg or "")
+
+
 def wait(driver, what, timeout: float = WAIT, message: str = ""):
     # A live update may swap the page's content between finding an element and reading it.
+    def attempt(d):
+        try:
+            return what(d)
+        except WebDriverException as e:
+            if isinstance(e, NoSuchElementException) or stale(e):
+                raise Swapped() from e
+            raise
     return WebDriverWait(driver, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(NoSuchElementException,
-                                             StaleElementReferenceException)).until(what, message)
+                         ignored_exceptions=(Swapped,)).until(attempt, message)
 
 
 def sign_in(driver, server, key: str | None = None) -> None:
@@ -134,8 +151,8 @@ def fresh(act, tries: int = 5):
     for attempt in range(tries):
         try:
             return act()
-        except StaleElementReferenceException:
-            if attempt == tries - 1:
+        except WebDriverException as e:
+            if not stale(e) or attempt == tries - 1:
                 raise
             time.sleep(0.1)
 
