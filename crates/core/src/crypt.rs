@@ -4,7 +4,7 @@
 
 use rand::RngCore;
 use sha_crypt::{PasswordHasher, PasswordVerifier, ShaCrypt};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 /// Passwords hashed by [`hash_password`] in this process.
 static HASHED: AtomicU64 = AtomicU64::new(0);
@@ -15,10 +15,30 @@ pub fn passwords_hashed() -> u64 {
     HASHED.load(Relaxed)
 }
 
+/// Calls of [`hash_password`] running now.
+static UNDER_WAY: AtomicUsize = AtomicUsize::new(0);
+
+/// How many [`hash_password`] calls are running now in this process: a write whose hash just
+/// ended knows whether other password writes are about to follow it.
+pub fn hashes_under_way() -> usize {
+    UNDER_WAY.load(Relaxed)
+}
+
+/// Counts one hash under way while it lives (a panicking hash too).
+struct UnderWay;
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        UNDER_WAY.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Hashes `password` with a fresh 12-byte (16 crypt-base64 characters) salt.
 /// About 2–3 ms of CPU: call it off the async runtime's worker threads.
 pub fn hash_password(password: &str) -> String {
     HASHED.fetch_add(1, Relaxed);
+    UNDER_WAY.fetch_add(1, Relaxed);
+    let _under_way = UnderWay;
     let mut salt = [0u8; 12];
     rand::rng().fill_bytes(&mut salt);
     ShaCrypt::SHA512
@@ -52,6 +72,22 @@ mod tests {
         assert!(!verify_password("s3cret", &h));
         assert!(!verify_password("s3cret!", "*"));
         assert!(!verify_password("s3cret!", "!$6$x$y"));
+    }
+
+    #[test]
+    fn a_hash_is_counted_under_way_while_it_runs() {
+        // Other tests of this binary may hash at the same time: only that it is counted while
+        // it runs is checked (a hash takes a millisecond or more; this thread reads throughout).
+        let seen = std::thread::scope(|s| {
+            let h = s.spawn(|| hash_password("x"));
+            let mut max = 0;
+            while !h.is_finished() {
+                max = max.max(hashes_under_way());
+            }
+            assert!(verify_password("x", &h.join().unwrap()));
+            max
+        });
+        assert!(seen >= 1, "a running hash was never counted");
     }
 
     #[test]

@@ -303,6 +303,12 @@ impl Service {
     /// [`Service::sandbox_demand`] and [`Service::idle_sandbox_hosts`] read: pools, nodes,
     /// hosts), such as a node user's: the manager is not woken for it.
     fn submit_quiet(&self, ops: Vec<Op>) -> Pending {
+        self.submit_quiet_within(ops, Duration::ZERO)
+    }
+
+    /// [`Service::submit_quiet`] of a change that may wait up to `patience` to share its
+    /// commit with others (see [`bluebatch_store::GroupCommit::enqueue_within`]).
+    fn submit_quiet_within(&self, ops: Vec<Op>, patience: Duration) -> Pending {
         if let Some(sh) = &self.inner.shared {
             return Pending::Shared(sh.submit(Arc::downgrade(&self.inner), ops));
         }
@@ -312,11 +318,12 @@ impl Service {
             .store
             .as_ref()
             .expect("a service has one store")
-            .enqueue(
+            .enqueue_within(
                 ops,
                 Box::new(move |r| {
                     let _ = tx.send(r);
                 }),
+                patience,
             );
         Pending::Local(ticket, rx)
     }

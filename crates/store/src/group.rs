@@ -18,6 +18,11 @@
 //! `fsync` the disk's state is unknown (a later `fsync` may succeed without the earlier pages
 //! having reached the disk), so no later commit could be answered as durable.
 //!
+//! A change may be queued with some patience ([`GroupCommit::enqueue_within`]): a write that
+//! already spent a millisecond of CPU on a password hash, with more such writes hashing behind
+//! it, can wait a fraction of that to share a sync with them. A change queued without patience
+//! commits everything queued at once. Only a backend that syncs waits.
+//!
 //! Maintenance (SQLite's checkpoint, [`Backend::maintenance_due`]) is never run in a change's
 //! commit: the writer thread runs it once the queue is empty (or, under a load that never leaves
 //! it empty, between two batches once it is long overdue), holding the backend like a commit, so
@@ -50,6 +55,10 @@ struct Queue {
     idle_since: Option<Instant>,
     /// How long the last commit took in the backend.
     last_commit: Duration,
+    /// The earliest moment a queued change asked to be committed by (`None`: nothing queued).
+    commit_by: Option<Instant>,
+    /// The writer thread waits for `commit_by` (a change queued without patience wakes it).
+    lingering: bool,
 }
 
 struct Shared {
@@ -145,13 +154,18 @@ impl Shared {
             if q.busy || q.items.is_empty() {
                 return;
             }
-            let idle = q.idle_since.is_none_or(|t| t.elapsed() > q.last_commit * 2);
+            let now = Instant::now();
+            let idle = q
+                .idle_since
+                .is_none_or(|t| now.duration_since(t) > q.last_commit * 2);
+            let waits = q.commit_by.is_some_and(|by| by > now);
             q.busy = true;
-            if self.syncs && !idle {
+            if self.syncs && (!idle || waits) {
                 q.handoff = true;
                 self.wake.notify_one();
                 return;
             }
+            q.commit_by = None;
             std::mem::take(&mut q.items)
         };
         let mut rounds = 0;
@@ -168,6 +182,7 @@ impl Shared {
                 break;
             }
             // Taken only to be committed at once: every change taken is answered.
+            q.commit_by = None;
             batch = std::mem::take(&mut q.items);
         }
         let due = self.backend().maintenance_due();
@@ -220,6 +235,21 @@ impl Shared {
                     }
                     continue;
                 }
+                // Changes queued with patience wait for company up to the first one's limit.
+                if let Some(by) = q.commit_by
+                    && let Some(wait) = by.checked_duration_since(Instant::now())
+                    && !wait.is_zero()
+                {
+                    q.lingering = true;
+                    q = self
+                        .wake
+                        .wait_timeout(q, wait)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    q.lingering = false;
+                    continue;
+                }
+                q.commit_by = None;
                 let batch = std::mem::take(&mut q.items);
                 drop(q);
                 if !self.commit_batch(batch) {
@@ -313,6 +343,13 @@ impl GroupCommit {
     /// runs once they are durable (or not). Call [`Ticket::commit`] where blocking for one
     /// commit is fine (not under a lock others need).
     pub fn enqueue(&self, ops: Vec<Op>, done: Done) -> Ticket {
+        self.enqueue_within(ops, done, Duration::ZERO)
+    }
+
+    /// [`GroupCommit::enqueue`] of a change that may wait up to `patience` for other changes
+    /// to share its commit (the caller expects them; a change queued without patience ends the
+    /// wait). A backend that does not sync never waits.
+    pub fn enqueue_within(&self, ops: Vec<Op>, done: Done, patience: Duration) -> Ticket {
         let mut q = self.shared.lock();
         if let Some(e) = q.failed.clone() {
             drop(q);
@@ -323,6 +360,16 @@ impl GroupCommit {
             drop(q);
             done(Err(StoreError("the store writer has stopped".into())));
             return Ticket { store: None };
+        }
+        let now = Instant::now();
+        let by = if self.shared.syncs {
+            now + patience
+        } else {
+            now
+        };
+        q.commit_by = Some(q.commit_by.map_or(by, |b| b.min(by)));
+        if q.lingering && by <= now {
+            self.shared.wake.notify_one();
         }
         q.items.push((ops, done));
         Ticket {
@@ -457,6 +504,89 @@ mod tests {
         let log = rec.log.lock().unwrap();
         assert_eq!(log.len(), 3);
         assert!(log.iter().all(|(_, t)| *t == thread::current().id()));
+    }
+
+    fn enqueue_patient(
+        g: &GroupCommit,
+        k: &str,
+        patience: Duration,
+    ) -> (Ticket, mpsc::Receiver<Result<()>>) {
+        let (tx, rx) = mpsc::channel();
+        let t = g.enqueue_within(put(k), Box::new(move |r| tx.send(r).unwrap()), patience);
+        (t, rx)
+    }
+
+    const SOON: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn changes_with_patience_share_one_commit_at_the_first_ones_limit() {
+        let rec = Recorder::default();
+        let g = GroupCommit::start(rec.clone());
+        let patience = Duration::from_millis(600);
+        let queued = Instant::now();
+        let rxs: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|k| {
+                let (t, rx) = enqueue_patient(&g, k, patience);
+                t.commit();
+                rx
+            })
+            .collect();
+        // Nothing committed on the caller's thread although the writer was idle.
+        assert_eq!(rxs[0].try_recv(), Err(mpsc::TryRecvError::Empty));
+        for rx in &rxs {
+            assert_eq!(rx.recv_timeout(patience + SOON), Ok(Ok(())));
+        }
+        assert!(queued.elapsed() >= patience - Duration::from_millis(50));
+        assert_eq!(*rec.batches.lock().unwrap(), vec![3]);
+        // No patience: committed at once, on the caller's thread.
+        thread::sleep(Duration::from_millis(5));
+        let (t, rx) = enqueue(&g, "d");
+        t.commit();
+        assert_eq!(rx.try_recv(), Ok(Ok(())));
+        assert_eq!(*rec.batches.lock().unwrap(), vec![3, 1]);
+    }
+
+    #[test]
+    fn a_change_without_patience_commits_the_waiting_ones_at_once_in_order() {
+        let rec = Recorder::default();
+        let g = GroupCommit::start(rec.clone());
+        let patience = Duration::from_secs(30);
+        let mut rxs = Vec::new();
+        for k in ["a", "b", "c"] {
+            let (t, rx) = enqueue_patient(&g, k, patience);
+            t.commit();
+            rxs.push(rx);
+        }
+        let (t, now) = enqueue(&g, "d");
+        drop(t);
+        assert_eq!(now.recv_timeout(SOON), Ok(Ok(())));
+        for rx in &rxs {
+            assert_eq!(rx.recv_timeout(SOON), Ok(Ok(())));
+        }
+        let keys: Vec<String> = rec
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(keys, ["a", "b", "c", "d"]);
+        assert_eq!(*rec.batches.lock().unwrap(), vec![4]);
+    }
+
+    #[test]
+    fn a_backend_that_does_not_sync_never_waits() {
+        let rec = Recorder {
+            memory: true,
+            ..Recorder::default()
+        };
+        let g = GroupCommit::start(rec.clone());
+        for k in ["a", "b", "c"] {
+            let (t, rx) = enqueue_patient(&g, k, Duration::from_secs(30));
+            t.commit();
+            assert_eq!(rx.try_recv(), Ok(Ok(())));
+        }
     }
 
     #[test]
