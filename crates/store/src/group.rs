@@ -446,6 +446,18 @@ mod tests {
         memory: bool,
     }
 
+    impl Recorder {
+        /// The keys committed, in commit order.
+        fn keys(&self) -> Vec<String> {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, _)| k.clone())
+                .collect()
+        }
+    }
+
     impl Backend for Recorder {
         fn load_all(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
             Ok(Vec::new())
@@ -564,13 +576,7 @@ mod tests {
         for rx in &rxs {
             assert_eq!(rx.recv_timeout(SOON), Ok(Ok(())));
         }
-        let keys: Vec<String> = rec
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, _)| k.clone())
-            .collect();
+        let keys = rec.keys();
         assert_eq!(keys, ["a", "b", "c", "d"]);
         assert_eq!(*rec.batches.lock().unwrap(), vec![4]);
     }
@@ -647,13 +653,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let committed: Vec<String> = rec
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, _)| k.clone())
-            .collect();
+        let committed = rec.keys();
         assert_eq!(committed, *order.lock().unwrap());
         let batches = rec.batches.lock().unwrap();
         assert!(
