@@ -32,8 +32,8 @@ pub struct UserAddr<'a> {
 
 /// How long an Add or Update User that carries a new password hash may wait for the password
 /// writes hashing behind it to share its commit's sync (`GroupCommit::enqueue_within`).
-/// Measured with `bluebatch-bench --only update-password`: 2 ms took the row from 0.830 to
-/// 0.848 of the hash ceiling (four rounds each), 3 ms no further (docs/performance.md).
+/// Measured with `bluebatch-bench --only update-password`: 2 ms took the row from 0.83-0.85 to
+/// 0.89-0.91 of the hash ceiling (three rounds each; docs/performance.md, ninth pass).
 const HASHED_WRITE_PATIENCE: Duration = Duration::from_millis(2);
 
 impl Service {
