@@ -98,7 +98,8 @@ pub(crate) async fn handle(
         }
         _ => {
             let (after, wait, delta) = desired_query(parts.uri.query().unwrap_or(""))?;
-            let poll = svc.desired_delta(&host, after.as_deref(), wait, delta);
+            // Synced above, after the request arrived.
+            let poll = svc.desired_delta(&host, after.as_deref(), wait, delta, true);
             let state = match parts.extensions.get::<ConnHandle>() {
                 Some(conn) if !wait.is_zero() => {
                     tokio::select! {
@@ -106,7 +107,7 @@ pub(crate) async fn handle(
                         // Shutting down: answer now with what there is, so that the agent
                         // reconnects (to this server once it is back, or another replica).
                         _ = conn.shutting_down() => {
-                            svc.desired_delta(&host, after.as_deref(), Duration::ZERO, delta)
+                            svc.desired_delta(&host, after.as_deref(), Duration::ZERO, delta, false)
                                 .await?
                         }
                     }

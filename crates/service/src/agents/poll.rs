@@ -344,28 +344,34 @@ impl Service {
         after: Option<&str>,
         wait: Duration,
     ) -> Result<DesiredState> {
-        self.desired_delta(host, after, wait, false).await
+        self.desired_delta(host, after, wait, false, false).await
     }
 
     /// [`Service::desired`] for a poll that takes a delta (`delta`): when `after` is the cursor
     /// this process answered last for the host, the answer holds only the nodes that changed
     /// since and the keys of those removed (`delta: true`); any other `after` (another
-    /// replica's, one from before a restart, none) gets the whole state.
+    /// replica's, one from before a restart, none) gets the whole state. `synced`: the caller
+    /// brought the cache up to the database's head after the request arrived (the HTTP layer
+    /// does, to authenticate the host), so the first answer needs no second round trip.
     pub async fn desired_delta(
         &self,
         host: &str,
         after: Option<&str>,
         wait: Duration,
         delta: bool,
+        synced: bool,
     ) -> Result<DesiredState> {
         let wait = wait.min(Duration::from_secs(MAX_WAIT_SECONDS));
         let deadline = tokio::time::Instant::now() + wait;
         let guard = self.mark_seen(host, true).await?;
         let mut rx = self.inner.hub.subscribe(host);
         rx.borrow_and_update();
+        let mut synced = synced;
         loop {
             // On a shared store, what other replicas committed first.
-            self.sync().await?;
+            if !std::mem::take(&mut synced) {
+                self.sync().await?;
+            }
             let offset = self.inner.clock.offset().whole_seconds();
             let at_deadline = tokio::time::Instant::now() >= deadline;
             let snap = self.host_snapshot(host, after, delta, offset, at_deadline)?;
