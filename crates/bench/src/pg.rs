@@ -1055,6 +1055,10 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
         procs.push(("replica B", Some(b.pid)));
     }
     procs.push(("agent", agent.pid()));
+    let mut replicas = vec![("A", a.addr)];
+    if let Some(b) = &b {
+        replicas.push(("B", b.addr));
+    }
     let result = async {
         let warm = s.warmup.max(Duration::from_millis(500));
         let mut one_rate = None;
@@ -1073,6 +1077,7 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
                 &op,
                 slice_secs,
                 &procs,
+                &replicas,
             )
             .await?;
             let (bench, one) = (&v[0], &v[1]);
@@ -1098,7 +1103,7 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
             let cap_a = capture(&cl, &mut ca, &nodes, 0, 12).await?;
             let cap_b = capture(&cl, &mut cb, &nodes, 1, 12).await?;
             drop(cb);
-            // pgbench, the load split over both replicas, and the load on one of them alone,
+            // pgbench, the load split over both replicas, and the load on each of them alone,
             // alternating: "not slower than one" compares slices of the same minutes.
             let v = versus(
                 s,
@@ -1106,14 +1111,15 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
                 &work,
                 "two",
                 &[&cap_a, &cap_b],
-                &[&[a.addr, b.addr], &[a.addr]],
+                &[&[a.addr, b.addr], &[a.addr], &[b.addr]],
                 &signer,
                 &op,
                 slice_secs,
                 &procs,
+                &replicas,
             )
             .await?;
-            let (bench, two, one) = (&v[0], &v[1], &v[2]);
+            let (bench, two, one, other) = (&v[0], &v[1], &v[2], &v[3]);
             report(
                 rep,
                 "two replicas",
@@ -1133,6 +1139,17 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
                     one_rate.map_or(String::new(), |r| format!(
                         "; one-replica run above: {r:.0}/s"
                     ))
+                ),
+            );
+            // Through B alone, each change reaches the agent's replica and the acknowledgement
+            // comes back by NOTIFY: what writing through a replica the agent does not poll costs.
+            rep.row(
+                "(g) Update User, the other replica alone",
+                s.conns,
+                other,
+                format!(
+                    "{:.3} of the agent's replica alone (the agent polls A; B learns of each acknowledgement by NOTIFY)",
+                    other.ops_per_sec() / one.ops_per_sec()
                 ),
             );
             let r2 = two.ops_per_sec() / bench.ops_per_sec();
@@ -1176,6 +1193,65 @@ pub async fn measure(s: &Settings, rep: &mut Report) -> Result<(), String> {
     result
 }
 
+/// A replica's store commits: how many, the writes they made durable, their time (sums of
+/// `bluebatch_store_commit_batch_size` and `bluebatch_store_commit_duration_seconds`).
+#[derive(Clone, Default)]
+struct Commits {
+    commits: f64,
+    writes: f64,
+    seconds: f64,
+}
+
+impl Commits {
+    /// The totals `addr` serves now (zero if it does not answer: the line then says 0 commits).
+    async fn scrape(addr: std::net::SocketAddr) -> Commits {
+        let mut c = Commits::default();
+        let Ok(signer) = Signer::new("metrics", "AAAA") else {
+            return c;
+        };
+        let Ok(mut conn) = Conn::connect(addr, Arc::new(signer)).await else {
+            return c;
+        };
+        let Ok(a) = conn
+            .send(&Spec::get("/_bluebatch/metrics").unsigned())
+            .await
+        else {
+            return c;
+        };
+        for line in String::from_utf8_lossy(&a.body).lines() {
+            let Some((name, v)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let v: f64 = v.parse().unwrap_or(0.0);
+            match name {
+                "bluebatch_store_commit_batch_size_count" => c.commits = v,
+                "bluebatch_store_commit_batch_size_sum" => c.writes = v,
+                "bluebatch_store_commit_duration_seconds_sum" => c.seconds = v,
+                _ => {}
+            }
+        }
+        c
+    }
+
+    fn add_difference(&mut self, after: &Commits, before: &Commits) {
+        self.commits += after.commits - before.commits;
+        self.writes += after.writes - before.writes;
+        self.seconds += after.seconds - before.seconds;
+    }
+
+    fn describe(&self, name: &str, secs: f64) -> String {
+        if self.commits < 0.5 {
+            return format!("{name} none");
+        }
+        format!(
+            "{name} {:.0}/s of {:.1} writes, {:.2} ms each",
+            self.commits / secs,
+            self.writes / self.commits,
+            self.seconds / self.commits * 1000.0
+        )
+    }
+}
+
 /// Writes the scripts, copies the database for pgbench, and alternates pgbench and the load.
 #[allow(clippy::too_many_arguments)]
 async fn versus(
@@ -1189,6 +1265,7 @@ async fn versus(
     op: &Arc<dyn Op>,
     slice_secs: u64,
     procs: &[(&str, Option<u32>)],
+    replicas: &[(&str, std::net::SocketAddr)],
 ) -> Result<Vec<Outcome>, String> {
     let mut scripts = Vec::new();
     for (i, cap) in caps.iter().enumerate() {
@@ -1220,6 +1297,8 @@ async fn versus(
         v
     };
     let mut spent = vec![vec![0.0; procs.len() + 1]; out.len()];
+    // Each replica's store commits during each load (a difference of two scrapes).
+    let mut commits = vec![vec![Commits::default(); replicas.len()]; loads.len()];
     for _ in 0..s.rounds {
         let c0 = cpu_now();
         out[0].merge(pgbench(cl, &replay, &scripts, s.conns, slice_secs, &logdir).await?);
@@ -1227,12 +1306,20 @@ async fn versus(
             *x += now - was;
         }
         for (i, addrs) in loads.iter().enumerate() {
+            let mut before = Vec::new();
+            for (_, addr) in replicas {
+                before.push(Commits::scrape(*addr).await);
+            }
             let c0 = cpu_now();
             out[i + 1].merge(
                 run_split(addrs, signer, op, s.conns, Duration::from_secs(slice_secs)).await?,
             );
             for (x, (now, was)) in spent[i + 1].iter_mut().zip(cpu_now().iter().zip(&c0)) {
                 *x += now - was;
+            }
+            for (j, (_, addr)) in replicas.iter().enumerate() {
+                let after = Commits::scrape(*addr).await;
+                commits[i][j].add_difference(&after, &before[j]);
             }
         }
     }
@@ -1259,6 +1346,25 @@ async fn versus(
                 .map(|(n, ms)| format!("{n} {:.2} ms", ms / o.ops.max(1) as f64))
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+    }
+    for (i, per) in commits.iter().enumerate() {
+        let names: Vec<&str> = loads[i]
+            .iter()
+            .filter_map(|a| replicas.iter().find(|(_, r)| r == a).map(|(n, _)| *n))
+            .collect();
+        let secs = out[i + 1].elapsed.as_secs_f64().max(1e-9);
+        let total: f64 = per.iter().map(|c| c.commits).sum();
+        println!(
+            "  store commits during Update User through {}: {} ({:.2} commits per Update User; from each replica's /_bluebatch/metrics)",
+            names.join(" + "),
+            replicas
+                .iter()
+                .zip(per)
+                .map(|((n, _), c)| c.describe(n, secs))
+                .collect::<Vec<_>>()
+                .join("; "),
+            total / out[i + 1].ops.max(1) as f64
         );
     }
     let _ = cl.psql(
