@@ -610,8 +610,9 @@ async fn a_replica_behind_a_pruned_change_log_reads_the_snapshot() {
     }
     let g = b.req("GET", "/pools/old0").send_within(T).await;
     assert_eq!(g.status, 200);
-    let pid = rs.replicas[1].child.as_ref().unwrap().id() as i32;
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let pid = rs.replicas[1].child.as_ref().unwrap().id();
+    rs.db.freeze_outside_transaction(pid).await;
+    let pid = pid as i32;
     let r = a.req("DELETE", "/pools/old0").send_within(T).await;
     assert_eq!(r.status, 202, "{}", text(&r));
     for i in 0..3 {
@@ -1330,7 +1331,7 @@ async fn an_account_added_while_a_replica_was_behind_the_log_is_served_after_its
     };
     let key = "YW4gYWNjb3VudCBhZGRlZCB3aGlsZSBhIHJlcGxpY2Egd2FzIGJlaGluZA==";
     let pid = rs.replicas[1].child.as_ref().unwrap().id();
-    signal(pid, libc::SIGSTOP);
+    rs.db.freeze_outside_transaction(pid).await;
     let file = rs.dir.path().join("accounts.json");
     std::fs::write(
         &file,

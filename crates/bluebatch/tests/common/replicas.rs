@@ -172,6 +172,28 @@ impl TestDb {
         psql(&self.url, sql)
     }
 
+    /// Freezes process `pid` (SIGSTOP) at a moment when it holds no transaction open on this
+    /// database (a replica frozen inside one would hold the store-wide write lock, and every
+    /// other replica's writes would wait for the server to end it): stopped, then, if a session
+    /// of the database has sat idle in a transaction for over 300 ms (only a frozen client does),
+    /// resumed and stopped again a moment later.
+    pub async fn freeze_outside_transaction(&self, pid: u32) {
+        for _ in 0..50 {
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            let stuck = self.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND state LIKE 'idle in transaction%' AND now() - state_change > interval '300 ms'",
+            );
+            if stuck == "0" {
+                return;
+            }
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        }
+        panic!("process {pid} was inside a transaction at every one of 50 tries to freeze it");
+    }
+
     /// Who holds lease `name` now (an unexpired row of `bb_leases`), if anyone.
     pub fn lease_holder(&self, name: &str) -> Option<String> {
         let out = try_psql(
