@@ -288,8 +288,8 @@ impl Hist {
     }
 }
 
-/// `bluebatch_node_apply_lag_seconds{kind=…}` of `addr`'s metrics, or `None` if not served.
-async fn scrape_lag(addr: std::net::SocketAddr, kind: &str) -> Option<Hist> {
+/// The text of `addr`'s `GET /_bluebatch/metrics`, or `None` if not served.
+pub async fn metrics_text(addr: std::net::SocketAddr) -> Option<String> {
     let signer = Arc::new(Signer::new("x", "AAAA").ok()?);
     let mut c = Conn::connect(addr, signer).await.ok()?;
     let a = c
@@ -299,7 +299,12 @@ async fn scrape_lag(addr: std::net::SocketAddr, kind: &str) -> Option<Hist> {
     if a.status != 200 {
         return None;
     }
-    let text = String::from_utf8_lossy(&a.body).into_owned();
+    Some(String::from_utf8_lossy(&a.body).into_owned())
+}
+
+/// `bluebatch_node_apply_lag_seconds{kind=…}` of `addr`'s metrics, or `None` if not served.
+async fn scrape_lag(addr: std::net::SocketAddr, kind: &str) -> Option<Hist> {
+    let text = metrics_text(addr).await?;
     let name = "bluebatch_node_apply_lag_seconds";
     let label = format!("kind=\"{kind}\"");
     let mut h = Hist::default();

@@ -359,14 +359,13 @@ impl Service {
         after: Option<&str>,
         wait: Duration,
         delta: bool,
-        synced: bool,
+        mut synced: bool,
     ) -> Result<DesiredState> {
         let wait = wait.min(Duration::from_secs(MAX_WAIT_SECONDS));
         let deadline = tokio::time::Instant::now() + wait;
         let guard = self.mark_seen(host, true).await?;
         let mut rx = self.inner.hub.subscribe(host);
         rx.borrow_and_update();
-        let mut synced = synced;
         loop {
             // On a shared store, what other replicas committed first.
             if !std::mem::take(&mut synced) {
