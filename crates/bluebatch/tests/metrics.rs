@@ -1022,12 +1022,17 @@ async fn postgres_replicas_each_count_their_own_requests_and_commits_and_both_kn
         .send_within(T)
         .await;
     assert_eq!(r.status, 201, "{}", text(&r));
-    let (a1, b1) = (scrape(&a).await, scrape(&b).await);
+    let commits = |s: &Scrape| s.n(&format!("{BATCH}_count"), &[]);
+    let a1 = scrape(&a).await;
+    // The write answers at the acknowledgement; its record's commit on B follows.
+    let b1 = scrape_until(&b, "B to commit the agent's acknowledgement", |s| {
+        commits(s) > commits(&b0)
+    })
+    .await;
     let add = [("operation", "ComputeNode_AddUser"), ("status", "201")];
     assert_eq!(a1.n(REQS, &add) - a0.n(REQS, &add), 1.0, "{}", a1.text);
     assert_eq!(b1.n(REQS, &add) - b0.n(REQS, &add), 0.0, "{}", b1.text);
     // A committed the user; B committed the agent's acknowledgement (the agent polls B).
-    let commits = |s: &Scrape| s.n(&format!("{BATCH}_count"), &[]);
     let writes = |s: &Scrape| s.n(&format!("{BATCH}_sum"), &[]);
     for (name, before, after) in [("A", &a0, &a1), ("B", &b0, &b1)] {
         assert!(
